@@ -1,0 +1,1 @@
+"""geoexplora engine: model, LoRA, objectives, data, trainer, eval."""

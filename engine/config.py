@@ -1,0 +1,486 @@
+"""Typed run configuration: nested dataclasses, YAML presets, dotted CLI overrides, validation.
+
+``load_config(RunConfig, "configs/tiny_cpu.yaml", ["--data.batch_size", "64"])`` reads the YAML,
+applies overrides (``--a.b value`` or ``--a.b=value``; values parsed as YAML scalars, lists also
+as ``a,b,c``), converts every field to its annotated type and runs each section's ``validate()``.
+Every error is a :class:`~engine.errors.UserError` naming the dotted field, e.g.
+``--optim.lr: expected float, got 'fast'``.
+
+Sections are owned by the subsystems that read them; a new field needs a type, a default and a
+docstring (the string literal under it) so that ``describe(RunConfig)`` can document it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from engine.atomic import atomic_write_text
+from engine.errors import UserError
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+@dataclass
+class DataConfig:
+    shards: str = ""
+    """Shard spec: a directory holding manifest.json, a glob, a brace pattern or a list file."""
+    batch_size: int = 32
+    """Per-rank micro-batch size (images)."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank."""
+    shuffle_buffer: int = 1000
+    """Sample shuffle buffer per worker (0 disables sample shuffling)."""
+    resampled: bool = True
+    """Infinite resampled shard stream (training); False = exact epochs (evaluation)."""
+    max_skip_rate: float = 0.05
+    """Abort when more than this fraction of samples is corrupt/undecodable."""
+    bands: Optional[list[int]] = None
+    """Band indices to keep from the shards (None = all)."""
+
+    def validate(self) -> None:
+        _check(self.batch_size > 0, "data.batch_size", "must be > 0")
+        _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        _check(0.0 <= self.max_skip_rate <= 1.0, "data.max_skip_rate", "must be in [0, 1]")
+
+
+@dataclass
+class CropConfig:
+    global_size: int = 224
+    """Global crop side (pixels)."""
+    local_size: int = 96
+    """Local crop side (pixels)."""
+    num_global: int = 2
+    """Number of global crops (DINOv2: 2)."""
+    num_local: int = 8
+    """Number of local crops (0 disables multi-crop)."""
+    global_scale: tuple[float, float] = (0.32, 1.0)
+    """Random-resized-crop area range of global crops."""
+    local_scale: tuple[float, float] = (0.05, 0.32)
+    """Random-resized-crop area range of local crops."""
+
+    def validate(self) -> None:
+        _check(self.global_size > 0 and self.local_size > 0, "crops.global_size", "sizes must be > 0")
+        _check(self.num_global >= 1, "crops.num_global", "must be >= 1")
+        for name in ("global_scale", "local_scale"):
+            lo, hi = getattr(self, name)
+            _check(0 < lo <= hi <= 1, f"crops.{name}", "must satisfy 0 < lo <= hi <= 1")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "vit_small_patch14_dinov2"
+    """timm architecture name (DINOv2 ViT-S/B/L/g patch 14, MAE ViT-B/L/H patch 16) or 'tiny'."""
+    weights: str = ""
+    """Local pre-trained weight file (timm, DINOv2 hub, MAE or geoexplora checkpoint); '' = random init."""
+    img_size: int = 224
+    """Input side the position embedding is built for (interpolated for other sizes)."""
+    in_chans: int = 3
+    """Input bands."""
+    patch_embed: Literal["plain", "group"] = "plain"
+    """'plain' conv patch embed, or 'group' = SatMAE-style group-channel embedding."""
+    band_groups: Optional[list[list[int]]] = None
+    """Band index groups for patch_embed=group (None = Sentinel-2 default after dropping B1,B9,B10)."""
+    grad_checkpointing: bool = False
+    """Recompute each block in backward to save activation memory."""
+    embed_dim: Optional[int] = None
+    """Override the architecture's width (tiny test models)."""
+    depth: Optional[int] = None
+    """Override the number of blocks (tiny test models)."""
+    num_heads: Optional[int] = None
+    """Override the number of heads (tiny test models)."""
+
+    def validate(self) -> None:
+        _check(self.img_size > 0, "model.img_size", "must be > 0")
+        _check(self.in_chans > 0, "model.in_chans", "must be > 0")
+        if self.weights:
+            _check(Path(self.weights).is_file(), "model.weights",
+                   f"file '{self.weights}' not found; give a local .safetensors/.pth file or '' for random init")
+
+
+@dataclass
+class ExploraConfig:
+    unfreeze_blocks: list[int] = field(default_factory=lambda: [-1])
+    """Blocks trained fully (negative = from the end). They get no LoRA."""
+    lora_rank: int = 64
+    """LoRA rank r."""
+    lora_alpha: float = 64.0
+    """LoRA alpha; the update is scaled by alpha / r."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA branch input."""
+    lora_targets: list[str] = field(default_factory=lambda: ["q", "v"])
+    """Linear layers that get LoRA in frozen blocks: any of q, k, v, proj, fc1, fc2."""
+    train_norms: bool = True
+    """Train every LayerNorm (blocks' norm1/norm2 and the final norm)."""
+    train_layerscale: bool = False
+    """Train LayerScale gammas too."""
+    train_patch_embed: bool = False
+    """Unfreeze the patch embedding (always trained when it is newly initialised, e.g. group-channel)."""
+    train_pos_embed: bool = False
+    """Unfreeze the position embedding."""
+    train_tokens: bool = False
+    """Unfreeze the cls/register tokens."""
+
+    def validate(self) -> None:
+        _check(self.lora_rank > 0, "explora.lora_rank", "must be > 0")
+        _check(0.0 <= self.lora_dropout < 1.0, "explora.lora_dropout", "must be in [0, 1)")
+        bad = sorted(set(self.lora_targets) - {"q", "k", "v", "proj", "fc1", "fc2"})
+        _check(not bad, "explora.lora_targets", f"unknown target(s) {bad}; use any of q,k,v,proj,fc1,fc2")
+
+
+@dataclass
+class DinoConfig:
+    head_n_prototypes: int = 65536
+    """DINO head output dimension (prototypes)."""
+    head_hidden_dim: int = 2048
+    """DINO head MLP hidden width."""
+    head_bottleneck_dim: int = 256
+    """DINO head bottleneck width before the weight-normed prototypes."""
+    ibot_separate_head: bool = False
+    """Give iBOT its own head instead of sharing the DINO head."""
+    dino_loss_weight: float = 1.0
+    """Weight of the DINO (cls) loss."""
+    ibot_loss_weight: float = 1.0
+    """Weight of the iBOT masked-patch loss."""
+    koleo_loss_weight: float = 0.1
+    """Weight of the KoLeo regulariser on student cls features."""
+    centering: Literal["sinkhorn_knopp", "centering"] = "sinkhorn_knopp"
+    """Teacher centering: DINOv2's Sinkhorn-Knopp or DINO's running-mean center."""
+    student_temp: float = 0.1
+    """Student softmax temperature."""
+    teacher_temp: float = 0.07
+    """Teacher softmax temperature after warm-up."""
+    warmup_teacher_temp: float = 0.04
+    """Teacher temperature at step 0."""
+    warmup_teacher_temp_steps: int = 0
+    """Steps of linear teacher-temperature warm-up."""
+    momentum_teacher: float = 0.992
+    """EMA momentum at step 0 (cosine schedule to final_momentum_teacher)."""
+    final_momentum_teacher: float = 1.0
+    """EMA momentum at the last step."""
+    mask_ratio: tuple[float, float] = (0.1, 0.5)
+    """iBOT mask ratio range per masked global crop."""
+    mask_probability: float = 0.5
+    """Fraction of global crops that get an iBOT mask."""
+
+    def validate(self) -> None:
+        _check(self.head_n_prototypes > 0, "objective.dino.head_n_prototypes", "must be > 0")
+        _check(0 <= self.momentum_teacher <= 1 and 0 <= self.final_momentum_teacher <= 1,
+               "objective.dino.momentum_teacher", "momentums must be in [0, 1]")
+
+
+@dataclass
+class MAEConfig:
+    mask_ratio: float = 0.75
+    """Fraction of patch tokens hidden from the encoder."""
+    norm_pix_loss: bool = True
+    """Normalise each target patch by its own mean/std (MAE's default for the released models)."""
+    decoder_embed_dim: int = 512
+    """Decoder width."""
+    decoder_depth: int = 8
+    """Decoder blocks."""
+    decoder_num_heads: int = 16
+    """Decoder heads."""
+
+    def validate(self) -> None:
+        _check(0.0 < self.mask_ratio < 1.0, "objective.mae.mask_ratio", "must be in (0, 1)")
+
+
+@dataclass
+class ObjectiveConfig:
+    name: Literal["dino", "mae"] = "dino"
+    """Self-supervised objective: 'dino' (DINOv2: DINO+iBOT+KoLeo) or 'mae'."""
+    dino: DinoConfig = field(default_factory=DinoConfig)
+    """DINOv2 objective settings."""
+    mae: MAEConfig = field(default_factory=MAEConfig)
+    """MAE objective settings."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    """Peak learning rate per 256 images (scaled linearly by the global batch)."""
+    min_lr: float = 1e-6
+    """Final learning rate of the cosine schedule."""
+    warmup_steps: int = 0
+    """Linear warm-up steps."""
+    weight_decay: float = 0.04
+    """Decoupled weight decay at step 0."""
+    weight_decay_end: float = 0.04
+    """Weight decay at the last step (cosine)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    clip_grad: float = 3.0
+    """Gradient-norm clipping (0 disables)."""
+    no_decay_lora_b: bool = True
+    """Exempt LoRA B from weight decay (norms and biases are always exempt)."""
+
+    def validate(self) -> None:
+        _check(self.lr > 0, "optim.lr", "must be > 0")
+        _check(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+
+
+@dataclass
+class ZeroConfig:
+    stage: int = 0
+    """DeepSpeed ZeRO stage 0/1/2/3."""
+    offload_optimizer: bool = False
+    """Offload optimizer state to CPU memory."""
+
+    def validate(self) -> None:
+        _check(self.stage in (0, 1, 2, 3), "zero.stage", "must be 0, 1, 2 or 3")
+
+
+@dataclass
+class KernelConfig:
+    lora: Literal["auto", "triton", "reference"] = "auto"
+    """LoRA linear backend ('auto' never picks a kernel unproven on this device)."""
+    attention: Literal["auto", "triton", "xformers", "sdpa", "reference"] = "auto"
+    """Attention backend."""
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    """Optimizer steps to run."""
+    output_dir: str = "runs/default"
+    """Run directory: resolved config, checkpoints, logs, exports."""
+    resume: str = "auto"
+    """'auto' (newest complete checkpoint in output_dir), a checkpoint path, or 'none'."""
+    seed: int = 0
+    """Base seed (each rank/worker derives its own)."""
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    """Training precision (bf16 recommended on GPU)."""
+    grad_accum_steps: int = 1
+    """Micro-batches per optimizer step."""
+    log_every: int = 10
+    """Steps between log lines / metric records."""
+    save_every: int = 500
+    """Steps between checkpoints (0 = only at the end / on preemption)."""
+    keep_last: int = 3
+    """Checkpoints to keep."""
+    max_bad_steps: int = 5
+    """Halt after this many consecutive non-finite losses."""
+
+    def validate(self) -> None:
+        _check(self.max_steps > 0, "train.max_steps", "must be > 0")
+        _check(self.grad_accum_steps >= 1, "train.grad_accum_steps", "must be >= 1")
+        _check(self.resume in ("auto", "none") or Path(self.resume).exists(), "train.resume",
+               f"'{self.resume}' is neither 'auto', 'none' nor an existing checkpoint")
+
+
+@dataclass
+class RunConfig:
+    """Everything one extended-pre-training run needs."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    crops: CropConfig = field(default_factory=CropConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    explora: ExploraConfig = field(default_factory=ExploraConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
+    kernels: KernelConfig = field(default_factory=KernelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# Machinery
+# --------------------------------------------------------------------------------------------
+def _check(ok: bool, name: str, msg: str) -> None:
+    if not ok:
+        raise UserError(f"--{name}: {msg}")
+
+
+def _convert(value: Any, tp: Any, name: str) -> Any:
+    """Convert a YAML/CLI value to annotation ``tp``; raise UserError naming ``name``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(value, a, name)
+            except UserError as e:
+                errors.append(str(e))
+        raise UserError(errors[0] if errors else f"--{name}: invalid value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise UserError(f"--{name}: expected one of {list(args)}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise UserError(f"--{name}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, prefix=name + ".")
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = [yaml.safe_load(v) for v in value.split(",")] if value else []
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        if origin is tuple:
+            if len(args) == 2 and args[1] is Ellipsis:
+                return tuple(_convert(v, args[0], name) for v in value)
+            if len(value) != len(args):
+                raise UserError(f"--{name}: expected {len(args)} values, got {list(value)!r}")
+            return tuple(_convert(v, a, name) for v, a in zip(value, args))
+        inner = args[0] if args else Any
+        return [_convert(v, inner, name) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"--{name}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise UserError(f"--{name}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise UserError(f"--{name}: expected int, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise UserError(f"--{name}: expected int, got {value!r}") from None
+    if tp is float:
+        if isinstance(value, bool):
+            raise UserError(f"--{name}: expected float, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise UserError(f"--{name}: expected float, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise UserError(f"--{name}: expected a string, got {value!r}")
+        return "" if value is None else str(value)
+    return value
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a (nested) dict, converting and validating every field."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise UserError(f"--{prefix}{unknown[0]}: unknown option; valid: {', '.join(sorted(names))}")
+    kwargs = {k: _convert(v, hints[k], prefix + k) for k, v in data.items()}
+    obj = cls(**kwargs)
+    validate = getattr(obj, "validate", None)
+    if callable(validate):
+        validate()
+    return obj
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain nested dict (tuples become lists) suitable for YAML/JSON."""
+
+    def plain(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(cfg)
+
+
+def parse_overrides(argv: list[str]) -> dict:
+    """``["--a.b", "1", "--c=x", "--flag"]`` -> ``{"a": {"b": 1}, "c": "x", "flag": True}``."""
+    out: dict = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise UserError(f"unexpected argument {arg!r}; options look like --section.field value")
+        key = arg[2:]
+        if "=" in key:
+            key, raw = key.split("=", 1)
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            raw = argv[i + 1]
+            i += 1
+        else:
+            raw = "true"
+        i += 1
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        if isinstance(value, str) and value != raw:
+            value = raw
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise UserError(f"--{key}: conflicts with an earlier --{p}")
+        node[parts[-1]] = value
+    return out
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(cls: type, path: str | None = None, overrides: list[str] | None = None) -> Any:
+    """YAML preset (optional) + dotted CLI overrides -> validated ``cls`` instance."""
+    data: dict = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"--config: file '{path}' not found (presets live in configs/)")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"--config: '{path}' is not valid YAML ({e.__class__.__name__})") from None
+        if not isinstance(data, dict):
+            raise UserError(f"--config: '{path}' must hold a mapping of sections")
+    data = _merge(data, parse_overrides(overrides or []))
+    return from_dict(cls, data)
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically) so a run can be reproduced from it."""
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
+    """``(dotted name, default, docstring)`` for every leaf field, read from the source."""
+    import ast
+    import inspect
+
+    docs: dict[str, str] = {}
+    try:
+        tree = ast.parse(inspect.getsource(cls))
+        body = tree.body[0].body
+        for a, b in zip(body, body[1:]):
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
+                docs[a.target.id] = str(b.value.value)
+    except (OSError, TypeError):
+        pass
+    hints = typing.get_type_hints(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows += describe(tp, prefix + f.name + ".")
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            rows.append((prefix + f.name, repr(default), docs.get(f.name, "")))
+    return rows

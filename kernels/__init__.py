@@ -1,0 +1,1 @@
+"""Triton kernels, pure-torch references, backend dispatch and benchmarks."""

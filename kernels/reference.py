@@ -1,0 +1,67 @@
+"""Pure-torch references: the ground truth every kernel is tested against, and the CPU path.
+
+Shapes: x (M, K) or (..., K); W (N, K); A (S*r, K); B (S*n, r) where S = number of output
+segments that carry an adapter (1 = the whole output, n = N); q, k, v (B, H, N, D).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def lora_linear_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+    dropout_p: float = 0.0,
+    training: bool = False,
+    segments: Optional[Sequence[int]] = None,
+    dropout_mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``y = x W^T + b + scale * (drop(x) A_s^T) B_s^T`` added into output segment s.
+
+    ``segments``: start offsets (along N) of the S adapted output slices, each ``n = B.shape[0] // S``
+    wide; None = one segment covering all of N (plain LoRA). With timm's fused qkv (N = 3*dim) and
+    LoRA on q and v only: ``segments=(0, 2*dim)``, ``A = [A_q; A_v]`` (2r, K), ``B = [B_q; B_v]`` (2*dim, r).
+    ``dropout_mask``: optional explicit keep-mask (same shape as x, values 0/1) so that tests can
+    reproduce a kernel's dropout exactly; scaled by 1/(1-p) here.
+    """
+    y = F.linear(x, weight, bias)
+    if dropout_mask is not None:
+        xd = x * dropout_mask.to(x.dtype) / (1.0 - dropout_p)
+    elif dropout_p > 0.0 and training:
+        xd = F.dropout(x, dropout_p, training=True)
+    else:
+        xd = x
+    h = F.linear(xd, lora_a)  # (..., S*r)
+    if segments is None:
+        return y + scale * F.linear(h, lora_b)
+    S = len(segments)
+    r = lora_a.shape[0] // S
+    n = lora_b.shape[0] // S
+    parts = []
+    prev = 0
+    for s, off in enumerate(segments):
+        if off < prev:
+            raise ValueError(f"segments must be increasing and non-overlapping, got {tuple(segments)}")
+        parts.append(y[..., prev:off])
+        delta = F.linear(h[..., s * r:(s + 1) * r], lora_b[s * n:(s + 1) * n])
+        parts.append(y[..., off:off + n] + scale * delta)
+        prev = off + n
+    parts.append(y[..., prev:])
+    return torch.cat(parts, dim=-1)
+
+
+def attention_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None
+) -> torch.Tensor:
+    """Explicit ``softmax(q k^T * scale) v`` in fp32, cast back to q's dtype. q,k,v: (B, H, N, D)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale  # (B, H, N, N)
+    p = torch.softmax(s, dim=-1)
+    return torch.matmul(p, v.float()).to(q.dtype)

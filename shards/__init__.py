@@ -1,0 +1,1 @@
+"""GeoTIFF/PNG/JPEG archives -> WebDataset tar shards with a manifest."""

@@ -1,0 +1,55 @@
+import pytest
+import yaml
+
+from engine.config import RunConfig, describe, load_config, parse_overrides, save_config, to_dict
+from engine.errors import UserError
+
+
+def test_defaults_and_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump({"data": {"batch_size": 8}, "optim": {"lr": 0.5}}))
+    cfg = load_config(RunConfig, str(p), ["--data.batch_size", "64", "--explora.lora_targets", "q,k,v",
+                                           "--optim.betas=[0.8,0.95]", "--zero.stage", "3",
+                                           "--model.grad_checkpointing"])
+    assert cfg.data.batch_size == 64 and cfg.optim.lr == 0.5
+    assert cfg.explora.lora_targets == ["q", "k", "v"]
+    assert cfg.optim.betas == (0.8, 0.95)
+    assert cfg.zero.stage == 3 and cfg.model.grad_checkpointing is True
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--data.batch_size", "abc"], "--data.batch_size: expected int"),
+    (["--data.batch_size", "0"], "--data.batch_size: must be > 0"),
+    (["--zero.stage", "4"], "--zero.stage"),
+    (["--data.nope", "1"], "--data.nope: unknown option"),
+    (["--objective.name", "simclr"], "--objective.name: expected one of"),
+    (["--explora.lora_targets", "q,x"], "--explora.lora_targets"),
+    (["--model.weights", "/no/such.pth"], "--model.weights"),
+    (["stray"], "unexpected argument"),
+])
+def test_errors_name_the_field(argv, needle):
+    with pytest.raises(UserError) as e:
+        load_config(RunConfig, None, argv)
+    assert needle in str(e.value)
+
+
+def test_missing_preset():
+    with pytest.raises(UserError, match="--config"):
+        load_config(RunConfig, "/no/such.yaml")
+
+
+def test_roundtrip(tmp_path):
+    cfg = load_config(RunConfig, None, ["--train.max_steps", "7", "--crops.local_scale", "0.1,0.2"])
+    save_config(cfg, tmp_path / "r.yaml")
+    again = load_config(RunConfig, str(tmp_path / "r.yaml"))
+    assert to_dict(again) == to_dict(cfg)
+    assert again.crops.local_scale == (0.1, 0.2)
+
+
+def test_parse_overrides_nesting():
+    assert parse_overrides(["--a.b.c", "1", "--a.d=x"]) == {"a": {"b": {"c": 1}, "d": "x"}}
+
+
+def test_every_field_documented():
+    undocumented = [name for name, _, doc in describe(RunConfig) if not doc]
+    assert not undocumented, undocumented
