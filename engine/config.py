@@ -43,11 +43,40 @@ class DataConfig:
     """Abort when more than this fraction of samples is corrupt/undecodable."""
     bands: Optional[list[int]] = None
     """Band indices to keep from the shards (None = all)."""
+    manifest: str = ""
+    """manifest.json to use when the spec has none beside it (e.g. pipe:/https shards); '' = auto."""
+    steps_per_epoch: int = 0
+    """Resampled mode: batches per rank per epoch (0 = total_samples // (world_size * batch_size))."""
+    shuffle_shards: bool = True
+    """Exact mode: permute the shard order every epoch (same permutation on all ranks)."""
+    prefetch_factor: int = 2
+    """Batches each worker prepares ahead."""
+    pin_memory: Optional[bool] = None
+    """Pin host batches for async host->device copies (None = when CUDA is available)."""
+    clip_percentiles: bool = False
+    """Clamp each band to the manifest's p2/p98 before mean/std normalisation."""
+    mean: Optional[list[float]] = None
+    """Per-band means (of the kept bands) overriding the manifest's stats."""
+    std: Optional[list[float]] = None
+    """Per-band standard deviations (of the kept bands) overriding the manifest's stats."""
+    classes: Optional[list[str]] = None
+    """Class names in index order for labelled data (None = the manifest's 'classes')."""
+    eval_crop_pct: float = 0.875
+    """Eval view: centre crop of this fraction of the short side, resized to the model's size."""
 
     def validate(self) -> None:
         _check(self.batch_size > 0, "data.batch_size", "must be > 0")
         _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
         _check(0.0 <= self.max_skip_rate <= 1.0, "data.max_skip_rate", "must be in [0, 1]")
+        _check(self.steps_per_epoch >= 0, "data.steps_per_epoch", "must be >= 0 (0 = derive from the manifest)")
+        _check(self.prefetch_factor >= 1, "data.prefetch_factor", "must be >= 1")
+        _check(0.0 < self.eval_crop_pct <= 1.0, "data.eval_crop_pct", "must be in (0, 1]")
+        _check(self.bands is None or (len(self.bands) > 0 and min(self.bands) >= 0), "data.bands",
+               "must be a non-empty list of band indices >= 0")
+        _check((self.mean is None) == (self.std is None), "data.mean", "give --data.mean and --data.std together")
+        _check(self.mean is None or len(self.mean) == len(self.std or []), "data.std",
+               "needs as many values as --data.mean")
+        _check(self.std is None or min(self.std) > 0, "data.std", "values must be > 0")
 
 
 @dataclass
@@ -64,21 +93,39 @@ class CropConfig:
     """Random-resized-crop area range of global crops."""
     local_scale: tuple[float, float] = (0.05, 0.32)
     """Random-resized-crop area range of local crops."""
+    single_scale: tuple[float, float] = (0.2, 1.0)
+    """Random-resized-crop area range of the single view (MAE pre-training, supervised fine-tuning)."""
+    ratio: tuple[float, float] = (0.75, 1.3333333333333333)
+    """Random-resized-crop aspect-ratio range (width / height)."""
+    dihedral: bool = True
+    """Random flips and 90-degree rotations (overhead imagery has no canonical up)."""
+    rgb_augment: bool = True
+    """DINOv2 colour jitter, grayscale, blur and solarize on 3-band images (never on other band counts)."""
+    blur_all_bands: bool = False
+    """Also apply DINOv2's Gaussian blur (per band, no band mixing) to non-RGB images."""
+    consistent_group_masks: bool = False
+    """Group-channel models: one iBOT spatial mask for all band groups (default: one per group)."""
 
     def validate(self) -> None:
         _check(self.global_size > 0 and self.local_size > 0, "crops.global_size", "sizes must be > 0")
         _check(self.num_global >= 1, "crops.num_global", "must be >= 1")
-        for name in ("global_scale", "local_scale"):
+        _check(self.num_local >= 0, "crops.num_local", "must be >= 0")
+        for name in ("global_scale", "local_scale", "single_scale"):
             lo, hi = getattr(self, name)
             _check(0 < lo <= hi <= 1, f"crops.{name}", "must satisfy 0 < lo <= hi <= 1")
+        _check(0 < self.ratio[0] <= self.ratio[1], "crops.ratio", "must satisfy 0 < lo <= hi")
 
 
 @dataclass
 class ModelConfig:
     name: str = "vit_small_patch14_dinov2"
-    """timm architecture name (DINOv2 ViT-S/B/L/g patch 14, MAE ViT-B/L/H patch 16) or 'tiny'."""
+    """timm architecture: DINOv2 vit_{small,base,large,giant}_patch14[_reg4]_dinov2, MAE vit_{base,large}_patch16_224 / vit_huge_patch14_224 (a '.mae'-style tag is ignored), or 'tiny' / 'tiny_reg4' / 'tiny_mae' (dim 64, depth 2, 2 heads; for tests and demos)."""
     weights: str = ""
-    """Local pre-trained weight file (timm, DINOv2 hub, MAE or geoexplora checkpoint); '' = random init."""
+    """Local pre-trained weight file (timm .safetensors/.pth, DINOv2 hub .pth, MAE .pth, geoexplora merged export or trainer checkpoint dir); '' = random init."""
+    adapter: str = ""
+    """ExPLoRA adapter file (geoexplora .safetensors) merged onto `weights` at build time; '' = none."""
+    patch_embed_adapt: Literal["timm", "mean"] = "timm"
+    """RGB -> in_chans patch-embed weights: 'timm' (cycle RGB kernels, scale 3/C) or 'mean' (every band gets the RGB mean, scaled 3/C)."""
     img_size: int = 224
     """Input side the position embedding is built for (interpolated for other sizes)."""
     in_chans: int = 3
@@ -100,8 +147,15 @@ class ModelConfig:
         _check(self.img_size > 0, "model.img_size", "must be > 0")
         _check(self.in_chans > 0, "model.in_chans", "must be > 0")
         if self.weights:
-            _check(Path(self.weights).is_file(), "model.weights",
+            _check(Path(self.weights).exists(), "model.weights",
                    f"file '{self.weights}' not found; give a local .safetensors/.pth file or '' for random init")
+        if self.adapter:
+            _check(Path(self.adapter).is_file(), "model.adapter", f"file '{self.adapter}' not found")
+        if self.band_groups is not None:
+            _check(all(len(g) > 0 for g in self.band_groups) and len(self.band_groups) > 0, "model.band_groups",
+                   "needs at least one non-empty group of band indices")
+            _check(all(0 <= b < self.in_chans for g in self.band_groups for b in g), "model.band_groups",
+                   f"band indices must lie in [0, model.in_chans={self.in_chans})")
 
 
 @dataclass
@@ -126,9 +180,13 @@ class ExploraConfig:
     """Unfreeze the position embedding."""
     train_tokens: bool = False
     """Unfreeze the cls/register tokens."""
+    train_mask_token: bool = True
+    """Train the iBOT mask token a DINOv2 checkpoint carries (vit.mask_token; only the masked student pass uses it)."""
 
     def validate(self) -> None:
         _check(self.lora_rank > 0, "explora.lora_rank", "must be > 0")
+        _check(len(set(self.unfreeze_blocks)) == len(self.unfreeze_blocks), "explora.unfreeze_blocks",
+               f"lists a block twice: {self.unfreeze_blocks}")
         _check(0.0 <= self.lora_dropout < 1.0, "explora.lora_dropout", "must be in [0, 1)")
         bad = sorted(set(self.lora_targets) - {"q", "k", "v", "proj", "fc1", "fc2"})
         _check(not bad, "explora.lora_targets", f"unknown target(s) {bad}; use any of q,k,v,proj,fc1,fc2")
@@ -168,11 +226,28 @@ class DinoConfig:
     """iBOT mask ratio range per masked global crop."""
     mask_probability: float = 0.5
     """Fraction of global crops that get an iBOT mask."""
+    head_nlayers: int = 3
+    """Linear layers of the head MLP up to the bottleneck (DINOv2: 3)."""
+    center_momentum: float = 0.9
+    """Momentum of the running-mean teacher center (centering='centering' only)."""
+    sinkhorn_iterations: int = 3
+    """Sinkhorn-Knopp normalisation rounds (centering='sinkhorn_knopp')."""
+    momentum_schedule: Literal["cosine", "linear"] = "cosine"
+    """Ramp of the EMA momentum from momentum_teacher to final_momentum_teacher over the run."""
+    freeze_last_layer_steps: int = 0
+    """Steps during which the heads' prototype layer gets no gradient (DINOv2 freezes it one epoch)."""
 
     def validate(self) -> None:
         _check(self.head_n_prototypes > 0, "objective.dino.head_n_prototypes", "must be > 0")
         _check(0 <= self.momentum_teacher <= 1 and 0 <= self.final_momentum_teacher <= 1,
                "objective.dino.momentum_teacher", "momentums must be in [0, 1]")
+        _check(self.head_nlayers >= 1, "objective.dino.head_nlayers", "must be >= 1")
+        _check(self.sinkhorn_iterations >= 1, "objective.dino.sinkhorn_iterations", "must be >= 1")
+        _check(0 <= self.center_momentum < 1, "objective.dino.center_momentum", "must be in [0, 1)")
+        _check(self.student_temp > 0 and self.teacher_temp > 0 and self.warmup_teacher_temp > 0,
+               "objective.dino.teacher_temp", "temperatures must be > 0")
+        _check(min(self.dino_loss_weight, self.ibot_loss_weight, self.koleo_loss_weight) >= 0,
+               "objective.dino.dino_loss_weight", "loss weights must be >= 0")
 
 
 @dataclass
@@ -220,10 +295,21 @@ class OptimConfig:
     """Gradient-norm clipping (0 disables)."""
     no_decay_lora_b: bool = True
     """Exempt LoRA B from weight decay (norms and biases are always exempt)."""
+    lr_scaling: Literal["linear", "sqrt", "none"] = "linear"
+    """Peak lr = lr * (global_batch / 256) ('linear'), * sqrt(global_batch / 256) ('sqrt'), or lr as given ('none')."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    optimizer: Literal["auto", "fused", "apex", "torch"] = "auto"
+    """AdamW implementation: 'auto' = apex or prebuilt DeepSpeed FusedAdam on GPU, else torch AdamW (fused on GPU); 'fused' = DeepSpeed FusedAdam (JIT-compiled if not prebuilt); 'apex'; 'torch'."""
 
     def validate(self) -> None:
         _check(self.lr > 0, "optim.lr", "must be > 0")
+        _check(self.min_lr >= 0, "optim.min_lr", "must be >= 0")
         _check(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        _check(self.weight_decay >= 0 and self.weight_decay_end >= 0, "optim.weight_decay", "must be >= 0")
+        _check(all(0 <= b < 1 for b in self.betas), "optim.betas", "each beta must be in [0, 1)")
+        _check(self.clip_grad >= 0, "optim.clip_grad", "must be >= 0 (0 disables clipping)")
+        _check(self.eps > 0, "optim.eps", "must be > 0")
 
 
 @dataclass
@@ -232,9 +318,18 @@ class ZeroConfig:
     """DeepSpeed ZeRO stage 0/1/2/3."""
     offload_optimizer: bool = False
     """Offload optimizer state to CPU memory."""
+    offload_param: bool = False
+    """Offload partitioned parameters to CPU memory (stage 3 only)."""
+    bucket_size: int = 200_000_000
+    """Elements per gradient-reduce / parameter all-gather bucket."""
 
     def validate(self) -> None:
         _check(self.stage in (0, 1, 2, 3), "zero.stage", "must be 0, 1, 2 or 3")
+        _check(not self.offload_param or self.stage == 3, "zero.offload_param",
+               "parameter offload needs --zero.stage 3")
+        _check(not self.offload_optimizer or self.stage >= 1, "zero.offload_optimizer",
+               "optimizer offload needs --zero.stage 1, 2 or 3")
+        _check(self.bucket_size > 0, "zero.bucket_size", "must be > 0")
 
 
 @dataclass
@@ -267,10 +362,24 @@ class TrainConfig:
     """Checkpoints to keep."""
     max_bad_steps: int = 5
     """Halt after this many consecutive non-finite losses."""
+    amp: Literal["autocast", "cast"] = "autocast"
+    """bf16 style: 'autocast' keeps fp32 weights (exact EMA teacher) and runs matmuls in bf16; 'cast' stores the model in bf16 with fp32 master copies of the trainable tensors only (fp16 always casts, with dynamic loss scaling)."""
+    peak_tflops: float = 0.0
+    """Per-device peak dense TFLOPS for MFU (0 = look the GPU up by name; no MFU on CPU)."""
+    export: bool = True
+    """At the end, write the ExPLoRA adapter file and the merged ViT weights to <output_dir>/export."""
+    tensorboard: bool = True
+    """Write TensorBoard events to <output_dir>/tb (metrics.jsonl is always written)."""
 
     def validate(self) -> None:
         _check(self.max_steps > 0, "train.max_steps", "must be > 0")
         _check(self.grad_accum_steps >= 1, "train.grad_accum_steps", "must be >= 1")
+        _check(self.log_every >= 1, "train.log_every", "must be >= 1")
+        _check(self.save_every >= 0, "train.save_every", "must be >= 0 (0 = only at the end)")
+        _check(self.keep_last >= 1, "train.keep_last", "must be >= 1")
+        _check(self.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1")
+        _check(self.peak_tflops >= 0, "train.peak_tflops", "must be >= 0")
+        _check(bool(self.output_dir), "train.output_dir", "must name a directory")
         _check(self.resume in ("auto", "none") or Path(self.resume).exists(), "train.resume",
                f"'{self.resume}' is neither 'auto', 'none' nor an existing checkpoint")
 

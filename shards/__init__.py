@@ -1,1 +1,3 @@
-"""GeoTIFF/PNG/JPEG archives -> WebDataset tar shards with a manifest."""
+"""GeoTIFF/PNG/JPEG archives -> WebDataset tar shards with a manifest (see shards/convert.py)."""
+
+__version__ = "0.1.0"

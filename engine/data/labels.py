@@ -1,0 +1,57 @@
+"""Class name -> index for supervised fine-tuning and evaluation.
+
+The converter stores each chip's class name in its json (``"label"``) and the sorted list of all
+names in ``manifest["classes"]``; the index of a class is its position in that list. A run may give
+its own list instead (``--data.classes``), e.g. to evaluate a subset with the training set's
+indices. A sample whose label is missing or not in the list is a data error: the loader skips and
+counts it like any corrupt sample (see :mod:`engine.data.skips`).
+"""
+from __future__ import annotations
+
+from typing import Mapping, Optional, Sequence
+
+from engine.data.samples import CorruptSample
+from engine.errors import UserError
+
+
+class ClassIndex:
+    """Maps a sample's metadata to its class index (int in [0, num_classes))."""
+
+    def __init__(self, classes: Sequence[str]):
+        names = [str(c) for c in classes]
+        if not names:
+            raise UserError("--data.classes: the class list is empty")
+        if len(set(names)) != len(names):
+            dup = sorted({n for n in names if names.count(n) > 1})[0]
+            raise UserError(f"--data.classes: class {dup!r} is listed twice")
+        self.classes = names
+        self._index = {n: i for i, n in enumerate(names)}
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @classmethod
+    def from_manifest(cls, manifest: Optional[Mapping], classes: Optional[Sequence[str]] = None,
+                      source: str = "--data.shards") -> "ClassIndex":
+        """``classes`` if given, else ``manifest["classes"]``; UserError when neither exists."""
+        if classes:
+            return cls(classes)
+        listed = (manifest or {}).get("classes")
+        if not listed:
+            raise UserError(f"{source}: the manifest lists no classes (an unlabelled archive?); convert "
+                            "with labels or give --data.classes")
+        return cls(listed)
+
+    def index(self, name: str) -> int:
+        return self._index[name]
+
+    def __call__(self, meta: Mapping) -> int:
+        """Class index of a sample's json metadata; CorruptSample if unlabelled or unknown."""
+        label = meta.get("label")
+        if label is None:
+            raise CorruptSample("sample has no label")
+        try:
+            return self._index[str(label)]
+        except KeyError:
+            raise CorruptSample(f"label {label!r} is not one of the {len(self.classes)} classes") from None

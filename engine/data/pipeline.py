@@ -1,0 +1,314 @@
+"""Sharded sample stream for multi-node training: rank/worker split, shuffling, resampling, batching
+in workers, exact position tracking.
+
+Inside each DataLoader worker (``ShardStream.__iter__``), for logical worker ``w`` of ``nw`` on
+rank ``r`` of ``R``, epoch ``e``:
+
+1. **Shards.** Exact mode: all shards, permuted by ``(seed, e)`` when ``shuffle_shards`` (the same
+   permutation on every rank), then ``[r::R]`` for the rank and ``[w::nw]`` for the worker. With
+   fewer shards than ranks (or a rank's shards fewer than its workers) that level splits *samples*
+   instead (every ``R``-th / ``nw``-th sample of the shared shards): still disjoint and complete,
+   at the cost of reading skipped bytes, and never an idle worker that hangs a collective.
+   Resampled mode: an endless draw of shards with replacement (probability ∝ sample count) from
+   a generator seeded by ``(seed, e, r, w)``; no split is needed and shard count never matters.
+2. **Raw samples** are read sequentially from each shard (:mod:`engine.data.samples`); a shard
+   that fails to open or breaks off is logged, counted and skipped (:mod:`engine.data.skips`).
+3. **Shuffle buffer** of ``shuffle_buffer`` raw (undecoded) samples, seeded by ``(seed, e, r, w)``.
+4. **Decode + view**: zero-copy ``.npy`` decode, then the per-sample view (multi-crop, MAE crop or
+   eval crop) with a generator seeded by ``(seed, e, r, w, batch index)``; a sample that fails is
+   logged, counted and skipped.
+5. **Batching** in the worker (``view.collate``); each batch carries a small ``_position`` record
+   (logical worker, batch index, raw samples consumed, skip counters) that the loader strips.
+
+Resampled epochs have a fixed length: ``steps_per_epoch`` batches per rank, split over workers
+as evenly as possible, so every rank yields the same number of batches and no rank waits at an
+epoch end. See :mod:`engine.data.loader` for position/resume semantics.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional, Sequence
+
+import numpy as np
+from torch.utils.data import IterableDataset, get_worker_info
+
+from engine.data.samples import ShardOpener, decode_image, decode_meta, iter_shard
+from engine.data.skips import SkipCounter, check_skip_rate
+
+log = logging.getLogger(__name__)
+
+POSITION_KEY = "_position"
+_SHARD_STREAM, _SHUFFLE_STREAM, _AUG_STREAM = 0, 1, 2
+
+
+@dataclass
+class StreamPlan:
+    """Everything a worker needs to produce its share of an epoch (picklable, no tensors)."""
+
+    urls: list[str]
+    counts: list[Optional[int]]
+    rank: int = 0
+    world_size: int = 1
+    batch_size: int = 32
+    seed: int = 0
+    resampled: bool = True
+    steps_per_epoch: int = 0
+    shuffle_shards: bool = True
+    shuffle_buffer: int = 1000
+    drop_last: bool = True
+    num_bands: Optional[int] = None
+    max_skip_rate: float = 0.05
+
+
+@dataclass
+class Assignment:
+    """A logical worker's share of an epoch: shard indices in read order, and the sample-level
+    splits ``(offset, stride)`` applied (in order) to the raw samples of those shards."""
+
+    shards: list[int]
+    sample_splits: list[tuple[int, int]]
+
+
+def merge_counts(totals: Sequence[Optional[int]], k: int) -> tuple[list[int], int]:
+    """Consume ``k`` batches from workers in DataLoader order (round-robin, exhausted workers drop
+    out; ``None`` = endless). Returns (batches taken per worker, worker that supplies the next)."""
+    nw = len(totals)
+    taken = [0] * nw
+    remaining = k
+    j = 0
+    while True:
+        live = [w for w in range(nw) if totals[w] is None or totals[w] > j]
+        if not live:
+            return taken, 0
+        for w in live:
+            if remaining == 0:
+                return taken, w
+            taken[w] += 1
+            remaining -= 1
+        j += 1
+
+
+def seed_rng(*entropy: int) -> np.random.Generator:
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(e) for e in entropy])))
+
+
+class ShardStream(IterableDataset):
+    """Per-worker batch stream. ``view(arr, rng) -> item`` and ``view.collate(items, rng) -> dict``
+    (see :mod:`engine.data.multicrop`); ``label_fn(meta) -> int`` adds ``item["label"]``.
+
+    The loader sets ``epoch``, ``resume`` (per logical worker ``(batches, raw)`` already consumed),
+    ``rotation`` (physical worker p plays logical worker (p + rotation) % nw) and ``quotas``
+    (per logical worker batch limit, None = until the data ends) before creating each epoch's
+    DataLoader iterator; the workers get a pickled copy.
+    """
+
+    def __init__(self, plan: StreamPlan, view, label_fn: Optional[Callable[[dict], int]] = None,
+                 opener: Optional[Callable] = None):
+        super().__init__()
+        self.plan, self.view, self.label_fn = plan, view, label_fn
+        self.opener = opener or ShardOpener()
+        self.epoch = 0
+        self.resume: Optional[list[tuple[int, int]]] = None
+        self.rotation = 0
+        self.quotas: Optional[list[Optional[int]]] = None
+
+    # ----------------------------------------------------------------------------------- plan
+    def _order(self, epoch: int) -> list[int]:
+        n = len(self.plan.urls)
+        if self.plan.shuffle_shards:
+            return [int(i) for i in seed_rng(self.plan.seed, epoch, 7).permutation(n)]
+        return list(range(n))
+
+    def _split(self, order: list[int], rank: int, worker: int, num_workers: int) -> Assignment:
+        world = self.plan.world_size
+        splits: list[tuple[int, int]] = []
+        if len(order) >= world:
+            order = order[rank::world]
+        elif world > 1:
+            splits.append((rank, world))
+        if len(order) >= num_workers:
+            order = order[worker::num_workers]
+        elif num_workers > 1:
+            splits.append((worker, num_workers))
+        return Assignment(order, splits)
+
+    def assignment(self, epoch: int, worker: int, num_workers: int, rank: Optional[int] = None) -> Assignment:
+        """Exact-mode share of logical ``worker`` of ``rank`` (default: this rank); module docstring step 1."""
+        return self._split(self._order(epoch), self.plan.rank if rank is None else rank, worker, num_workers)
+
+    def _samples_of(self, a: Assignment) -> Optional[int]:
+        counts = [self.plan.counts[i] for i in a.shards]
+        if any(c is None for c in counts):
+            return None
+        n = int(sum(counts))
+        for offset, stride in a.sample_splits:
+            n = len(range(offset, n, stride))
+        return n
+
+    def expected_samples(self, epoch: int, worker: int, num_workers: int, rank: Optional[int] = None
+                         ) -> Optional[int]:
+        """Samples logical ``worker`` yields in an exact epoch per the manifest (None if unknown)."""
+        return self._samples_of(self.assignment(epoch, worker, num_workers, rank))
+
+    def expected_batches(self, epoch: int, num_workers: int, rank: Optional[int] = None) -> list[Optional[int]]:
+        """Per logical worker batch count of an epoch (resampled: its share of steps_per_epoch)."""
+        p = self.plan
+        if p.resampled:
+            return [p.steps_per_epoch // num_workers + (w < p.steps_per_epoch % num_workers)
+                    for w in range(num_workers)]
+        order = self._order(epoch)
+        rank = p.rank if rank is None else rank
+        out: list[Optional[int]] = []
+        for w in range(num_workers):
+            n = self._samples_of(self._split(order, rank, w, num_workers))
+            out.append(None if n is None else (n // p.batch_size if p.drop_last else -(-n // p.batch_size)))
+        return out
+
+    def min_rank_batches(self, epoch: int, num_workers: int) -> Optional[int]:
+        """Fewest batches any rank yields in an exact epoch (None if counts are unknown)."""
+        order = self._order(epoch)
+        best: Optional[int] = None
+        for r in range(self.plan.world_size):
+            b = 0
+            for w in range(num_workers):
+                n = self._samples_of(self._split(order, r, w, num_workers))
+                if n is None:
+                    return None
+                b += n // self.plan.batch_size if self.plan.drop_last else -(-n // self.plan.batch_size)
+            best = b if best is None else min(best, b)
+        return best
+
+    # ---------------------------------------------------------------------------- streaming
+    def _shard_indices(self, worker: int, num_workers: int) -> tuple[Iterator[int], list[tuple[int, int]]]:
+        p = self.plan
+        if not p.resampled:
+            a = self.assignment(self.epoch, worker, num_workers)
+            return iter(a.shards), a.sample_splits
+        rng = seed_rng(p.seed, self.epoch, p.rank, worker, _SHARD_STREAM)
+        known = all(c is not None for c in p.counts)
+        weights = np.asarray(p.counts, dtype=np.float64) if known else np.ones(len(p.urls))
+        weights = weights / weights.sum() if weights.sum() > 0 else np.full(len(p.urls), 1.0 / len(p.urls))
+
+        def endless() -> Iterator[int]:
+            while True:
+                yield int(rng.choice(len(p.urls), p=weights))
+
+        return endless(), []
+
+    def _raw_samples(self, worker: int, num_workers: int, counter: SkipCounter) -> Iterator[dict]:
+        """Raw samples of this worker's shards after the sample-level splits."""
+        p = self.plan
+        shard_iter, splits = self._shard_indices(worker, num_workers)
+        share = 1
+        for _, stride in splits:
+            share *= stride
+        index = 0
+        for si in shard_iter:
+            url, expected = p.urls[si], p.counts[si]
+            read = 0
+            try:
+                for sample in iter_shard(url, self.opener):
+                    read += 1
+                    keep = True
+                    rel = index
+                    for offset, stride in splits:
+                        if rel % stride != offset:
+                            keep = False
+                            break
+                        rel //= stride
+                    index += 1
+                    if keep:
+                        yield sample
+            except Exception as e:  # noqa: BLE001 - any read failure of a shard is a bad shard
+                lost = (expected - read) if expected is not None and expected > read else 1
+                counter.bad_shard(url, e, -(-lost // share))
+                check_skip_rate(counter.seen, counter.skipped, p.max_skip_rate, f"worker {worker}",
+                                (counter.pending or [""])[-1])
+                continue
+            if expected is not None and read < expected:
+                counter.bad_shard(url, EOFError(f"shard ended after {read} of {expected} samples"),
+                                  -(-(expected - read) // share))
+                check_skip_rate(counter.seen, counter.skipped, p.max_skip_rate, f"worker {worker}",
+                                (counter.pending or [""])[-1])
+
+    def _shuffled(self, samples: Iterator[dict], rng: np.random.Generator) -> Iterator[dict]:
+        size = self.plan.shuffle_buffer
+        if size <= 1:
+            yield from samples
+            return
+        buf: list[dict] = []
+        for s in samples:
+            if len(buf) < size:
+                buf.append(s)
+                continue
+            k = int(rng.integers(size))
+            buf[k], s = s, buf[k]
+            yield s
+        for k in rng.permutation(len(buf)):
+            yield buf[int(k)]
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        phys, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        worker = (phys + self.rotation) % nw
+        yield from self.worker_batches(worker, nw)
+
+    def worker_batches(self, worker: int, num_workers: int) -> Iterator[dict]:
+        """Batches of logical ``worker``, starting after its ``resume`` position."""
+        p = self.plan
+        counter = SkipCounter()
+        batches_done, raw_done = self.resume[worker] if self.resume else (0, 0)
+        quota = self.quotas[worker] if self.quotas else None
+        if quota is not None and batches_done >= quota:
+            return
+        raw = self._shuffled(self._raw_samples(worker, num_workers, counter),
+                             seed_rng(p.seed, self.epoch, p.rank, worker, _SHUFFLE_STREAM))
+        for _ in range(raw_done):  # replay without decoding: reads bytes, skips all transforms
+            if next(raw, None) is None:
+                return
+        counter.drain()  # the replayed part's messages were logged by the original run
+        base = counter.as_tuple()
+        self._reported = base
+        index, raw_pos = batches_done, raw_done
+        items: list[dict] = []
+        rng = seed_rng(p.seed, self.epoch, p.rank, worker, _AUG_STREAM, index)
+        for sample in raw:
+            raw_pos += 1
+            try:
+                arr = decode_image(sample, p.num_bands)
+                item = self.view(arr, rng)
+                if self.label_fn is not None:
+                    item["label"] = self.label_fn(decode_meta(sample))
+            except Exception as e:  # noqa: BLE001 - the handler policy: log, count, skip, bounded rate
+                counter.bad_sample(sample.get("__key__", "?"), sample.get("__url__", "?"), e)
+                check_skip_rate(counter.seen, counter.skipped, p.max_skip_rate, f"worker {worker}",
+                                (counter.pending or [""])[-1])
+                continue
+            counter.ok()
+            items.append(item)
+            if len(items) == p.batch_size:
+                yield self._emit(items, rng, worker, index, raw_pos, counter, base)
+                items = []
+                index += 1
+                if quota is not None and index >= quota:
+                    return
+                rng = seed_rng(p.seed, self.epoch, p.rank, worker, _AUG_STREAM, index)
+        if items and not p.drop_last:
+            yield self._emit(items, rng, worker, index, raw_pos, counter, base)
+        elif counter.as_tuple() != self._reported:
+            # Skips after the last batch (e.g. a shard that broke off at the end) would otherwise
+            # never reach the loader's counters: send them in a data-less trailer it swallows.
+            yield {POSITION_KEY: self._position(worker, index - 1, raw_pos, 0, counter, base, trailer=True)}
+
+    def _position(self, worker, index, raw_pos, size, counter, base, trailer=False) -> dict:
+        self._reported = counter.as_tuple()
+        seen, skipped, bad = self._reported
+        return {"worker": worker, "index": index, "raw": raw_pos, "size": size, "trailer": trailer,
+                "events": counter.drain(),
+                "seen": seen - base[0], "skipped": skipped - base[1], "bad_shards": bad - base[2]}
+
+    def _emit(self, items, rng, worker, index, raw_pos, counter, base) -> dict:
+        batch = self.view.collate(items, rng)
+        batch[POSITION_KEY] = self._position(worker, index, raw_pos, len(items), counter, base)
+        return batch

@@ -1,0 +1,162 @@
+"""MAE objective: random masking, encoder on visible tokens, decoder, loss on masked patches only.
+
+ExPLoRA continues MAE pre-training with the encoder under the recipe (frozen base, LoRA, unfrozen
+blocks) and the decoder trained fully (it is small). With a group-channel patch embedding the
+encoder has G*h*w group-major tokens: masking picks among all of them (a cell can be visible in one
+band group and hidden in another), and the decoder reconstructs every group from its own bands.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Iterator, Optional, Sequence
+
+import torch
+from torch import nn
+
+from engine.config import MAEConfig
+from engine.model.tokens import forward_tokens, num_groups
+from engine.objectives.mae_decoder import MAEDecoder, load_mae_decoder
+from engine.objectives.monitor import CollapseMonitor
+
+log = logging.getLogger(__name__)
+
+
+def random_masking(
+    batch: int, length: int, mask_ratio: float, device: torch.device, generator: Optional[torch.Generator] = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-sample uniform masking of ``length`` tokens, keeping int(length * (1 - ratio)).
+
+    Returns ids_keep (B, L_keep) long, ids_restore (B, L) long (position of each original token in
+    [kept..., masked...]) and mask (B, L) bool, True = hidden from the encoder.
+    """
+    n_keep = max(1, int(length * (1.0 - mask_ratio)))
+    noise = torch.rand(batch, length, device=device, generator=generator)
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    ids_keep = ids_shuffle[:, :n_keep]
+    mask = ids_restore >= n_keep
+    return ids_keep, ids_restore, mask
+
+
+def patchify(images: torch.Tensor, patch_size: int, band_groups: Optional[Sequence[Sequence[int]]] = None) -> list[torch.Tensor]:
+    """images: (B, C, H, W) -> per group (B, h*w, p*p*c_g) in MAE's (p, p, c) value order.
+
+    band_groups: band indices of each group (None = one group of all bands).
+    """
+    B, C, H, W = images.shape
+    p = patch_size
+    h, w = H // p, W // p
+    groups = band_groups or [list(range(C))]
+    out = []
+    for g in groups:
+        x = images[:, list(g), : h * p, : w * p]
+        x = x.reshape(B, len(g), h, p, w, p).permute(0, 2, 4, 3, 5, 1)  # B h w p p c
+        out.append(x.reshape(B, h * w, p * p * len(g)))
+    return out
+
+
+def masked_mse(
+    preds: Sequence[torch.Tensor], targets: Sequence[torch.Tensor], mask: torch.Tensor, norm_pix_loss: bool
+) -> torch.Tensor:
+    """Mean over masked tokens of the per-token mean squared error.
+
+    preds/targets: per group (B, h*w, V_g); mask: (B, G*h*w) bool, group-major. norm_pix_loss:
+    standardise each target token by its own mean and variance (eps 1e-6) first. fp32.
+    """
+    errs = []
+    for pred, tgt in zip(preds, targets):
+        tgt = tgt.float()
+        if norm_pix_loss:
+            mean = tgt.mean(dim=-1, keepdim=True)
+            var = tgt.var(dim=-1, keepdim=True)
+            tgt = (tgt - mean) / (var + 1e-6) ** 0.5
+        errs.append(((pred.float() - tgt) ** 2).mean(dim=-1))  # (B, h*w)
+    err = torch.cat(errs, dim=1)  # (B, G*h*w), group-major like the mask
+    m = mask.to(err.dtype)
+    return (err * m).sum() / m.sum().clamp(min=1.0)
+
+
+def _band_groups(vit: nn.Module, band_groups: Optional[Sequence[Sequence[int]]]) -> Optional[list[list[int]]]:
+    G = num_groups(vit)
+    groups = band_groups if band_groups is not None else getattr(vit.patch_embed, "band_groups", None)
+    if G == 1:
+        return None
+    if groups is None or len(groups) != G:
+        raise ValueError(f"group-channel model with {G} groups needs band_groups "
+                         "(vit.patch_embed.band_groups or the band_groups argument)")
+    return [list(map(int, g)) for g in groups]
+
+
+def _in_chans(vit: nn.Module) -> int:
+    pe = vit.patch_embed
+    if getattr(pe, "in_chans", None):
+        return int(pe.in_chans)
+    return int(pe.proj.weight.shape[1])
+
+
+class MAEObjective(nn.Module):
+    """Encoder (the ExPLoRA ViT) + MAE decoder + masked reconstruction loss.
+
+    vit: timm VisionTransformer (dynamic_img_size), recipe applied. decoder_state: optional MAE
+    state dict holding official decoder keys. band_groups: band indices per group for a
+    group-channel patch embed (default ``vit.patch_embed.band_groups``).
+    """
+
+    def __init__(
+        self,
+        vit: nn.Module,
+        cfg: MAEConfig,
+        decoder_state: Optional[dict] = None,
+        band_groups: Optional[Sequence[Sequence[int]]] = None,
+    ):
+        super().__init__()
+        self.vit = vit
+        self.cfg = cfg
+        self.patch_size = int(vit.patch_embed.patch_size[0])
+        self.band_groups = _band_groups(vit, band_groups)
+        chans = [len(g) for g in self.band_groups] if self.band_groups else [_in_chans(vit)]
+        self.decoder = MAEDecoder(
+            vit.embed_dim, tuple(vit.patch_embed.grid_size), self.patch_size, chans,
+            cfg.decoder_embed_dim, cfg.decoder_depth, cfg.decoder_num_heads,
+            num_prefix_tokens=vit.num_prefix_tokens)
+        self.decoder_loaded = load_mae_decoder(self.decoder, decoder_state)
+        self.monitor = CollapseMonitor()
+
+    def trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """(name, parameter): the encoder's recipe-trainable tensors and the whole decoder."""
+        return ((n, p) for n, p in self.named_parameters() if p.requires_grad)
+
+    def zero_config_overrides(self, stage: int) -> dict:
+        """MAE has no teacher and needs no special ZeRO settings."""
+        return {}
+
+    def on_step_end(self, step: int) -> None:
+        """MAE has no EMA or per-step schedule; kept for the common objective interface."""
+
+    def reconstruct(
+        self, images: torch.Tensor, generator: Optional[torch.Generator] = None
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
+        """images: (B, C, H, W) normalised -> (preds, targets, mask, encoder tokens).
+
+        preds/targets: per group (B, h*w, p*p*c_g); mask: (B, G*h*w) bool, True = masked.
+        """
+        B, _, H, W = images.shape
+        p = self.patch_size
+        h, w = H // p, W // p
+        G = len(self.band_groups) if self.band_groups else 1
+        ids_keep, ids_restore, mask = random_masking(B, G * h * w, self.cfg.mask_ratio, images.device, generator)
+        tok = forward_tokens(self.vit, images, ids_keep=ids_keep)
+        parts = ([tok["cls"].unsqueeze(1)] if self.vit.cls_token is not None else []) + [tok["reg"], tok["patch"]]
+        latent = torch.cat(parts, dim=1)
+        preds = self.decoder(latent, ids_restore, (h, w))
+        targets = patchify(images, p, self.band_groups)
+        return preds, targets, mask, tok
+
+    def forward(self, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """batch: ``images`` (B, C, H, W). Returns (scalar loss, float logs)."""
+        preds, targets, mask, tok = self.reconstruct(batch["images"])
+        loss = masked_mse(preds, targets, mask, self.cfg.norm_pix_loss)
+        vals = torch.stack([loss.detach().float(), mask.float().mean()]).tolist()
+        logs = {"loss": vals[0], "mae": vals[0], "mask_ratio": vals[1]}
+        logs.update(self.monitor(None, encoder=tok["patch"].mean(dim=1)))
+        return loss, logs

@@ -1,0 +1,75 @@
+"""SIGTERM/SIGINT (preemption, scancel, Ctrl-C) -> checkpoint at the next step boundary, then exit.
+
+The handler only raises a flag; the training loop sums the flag over ranks together with the loss
+(one all-reduce per micro-batch, see ``loop.py``) so every rank stops at the same step even when
+only one of them was signalled -- the deepspeed launcher, for one, terminates its children one
+after another, and a preempting scheduler may reach nodes at different times.
+
+Once a stop is requested, torch's SIGCHLD handler is switched off until the guard exits. SLURM,
+Kubernetes and a terminal's Ctrl-C signal every process of the job, DataLoader workers included;
+torch kills a worker on SIGTERM, and its SIGCHLD handler would then raise "DataLoader worker killed"
+inside whatever the main thread is doing -- an all-reduce, an optimizer step, the checkpoint.
+Python runs pending signal handlers in signal-number order, so our SIGTERM (15) / SIGINT (2)
+handler runs before the worker's SIGCHLD (17) is handled. With one micro-batch per step the
+stopping rank needs no further batch; the training loop closes its data iterator (shutting the
+workers down) before the guard restores the handler. (With gradient accumulation a dead worker
+still surfaces at the next fetch: DataLoader workers should ignore SIGTERM/SIGINT themselves.)
+
+A second Ctrl-C while the checkpoint is pending restores the default handler and interrupts at
+once (the operator really means it).
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from types import FrameType
+from typing import Optional
+
+log = logging.getLogger(__name__)
+
+HANDLED = (signal.SIGTERM, signal.SIGINT)
+
+
+class PreemptionGuard:
+    """Context manager that turns SIGTERM/SIGINT into ``requested`` for the duration of a run."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signal_name: Optional[str] = None
+        self._previous: dict[int, object] = {}
+        self._sigchld: Optional[object] = None
+
+    def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
+        name = signal.Signals(signum).name
+        if self.requested and signum == signal.SIGINT:
+            self.restore()
+            raise KeyboardInterrupt
+        self.requested = True
+        self.signal_name = name
+        if self._sigchld is None:
+            self._sigchld = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        log.warning("%s received: saving a checkpoint at the next step boundary, then exiting "
+                    "(Ctrl-C again to abort without saving)", name)
+
+    def install(self) -> "PreemptionGuard":
+        if threading.current_thread() is not threading.main_thread():
+            log.warning("not on the main thread: preemption signals are not handled")
+            return self
+        for s in HANDLED:
+            self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def restore(self) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+        self._previous.clear()
+        if self._sigchld is not None:
+            signal.signal(signal.SIGCHLD, self._sigchld)
+            self._sigchld = None
+
+    def __enter__(self) -> "PreemptionGuard":
+        return self.install()
+
+    def __exit__(self, *exc) -> None:
+        self.restore()

@@ -1,0 +1,42 @@
+"""What produced a run: git revision, package versions, command line, host -- saved in the run dir
+and in every checkpoint so a result can be traced back to the code that made it."""
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def git_revision(root: Path = REPO_ROOT) -> str:
+    """``<sha>`` of HEAD, ``<sha>-dirty`` with uncommitted changes, ``unknown`` outside a git checkout."""
+    try:
+        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{sha}-dirty" if dirty else sha
+
+
+def run_info(world_size: int, argv: list[str] | None = None) -> dict:
+    """Provenance record for run.json."""
+    import deepspeed
+    import timm
+    import torch
+
+    return {
+        "git": git_revision(),
+        "argv": list(sys.argv if argv is None else argv),
+        "host": platform.node(),
+        "world_size": world_size,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "deepspeed": deepspeed.__version__,
+        "timm": timm.__version__,
+    }

@@ -1,0 +1,280 @@
+"""Training-step benchmark: steps/s and images/s of the tiny and a small-image ViT-B DINOv2 config
+under ZeRO-0 / 2 / 3 with N ranks, plus ExPLoRA vs full fine-tuning memory for ViT-B/L.
+
+    python launchers/bench_train.py                       # CPU: 2 ranks, DS_ACCELERATOR=cpu
+    python launchers/bench_train.py --configs tiny --stages 0,3 --steps 8 --out bench.json
+    python launchers/bench_train.py --nproc 8             # on an 8-GPU node
+
+Each (config, stage) is one ``deepspeed --num_gpus N`` run of the real Trainer (DeepSpeed engine,
+objective, schedules, metrics) on synthetic in-memory batches, so the figures are the training
+step alone, without decoding. The first ``--warmup`` steps are excluded. Memory: parameters counted
+on the meta device; bytes = fp32 trainable weights, fp32 gradients, AdamW moments (2 x fp32) per
+trainable parameter, plus the per-rank share of the moments under ZeRO-1/2/3 with ``--zero-ranks``
+ranks. Prints two tables and writes JSON. Not a test.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny_cpu.yaml"
+
+# Bench configs as overrides of the tiny preset. 'vitb': ViT-B/14 at a small image size so a CPU
+# step takes seconds, with a smaller DINO head so the backbone dominates the step.
+CONFIGS = {
+    "tiny": [],
+    "vitb": ["--model.name", "vit_base_patch14_dinov2", "--model.img_size", "56", "--data.batch_size", "4",
+             "--explora.lora_rank", "64", "--explora.lora_alpha", "64",
+             "--objective.dino.head_n_prototypes", "4096", "--objective.dino.head_hidden_dim", "1024",
+             "--objective.dino.head_bottleneck_dim", "256"],
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Worker: one (config, stage) under deepspeed
+# --------------------------------------------------------------------------------------------
+class SyntheticBatches:
+    """Endless DINO batches of uint8 crops + iBOT masks shaped like engine/data's (no decoding)."""
+
+    def __init__(self, cfg, patch: int, seed: int):
+        import torch
+
+        self.cfg, self.patch, self.pos = cfg, patch, 0
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def __iter__(self):
+        import torch
+
+        c, b = self.cfg.crops, self.cfg.data.batch_size
+        grid = (c.global_size // self.patch) ** 2
+        while True:
+            self.pos += 1
+            batch = {"global_crops": torch.randint(0, 256, (c.num_global * b, 3, c.global_size, c.global_size),
+                                                   dtype=torch.uint8, generator=self.gen),
+                     "masks": torch.rand(c.num_global * b, grid, generator=self.gen) < 0.3}
+            if c.num_local:
+                batch["local_crops"] = torch.randint(0, 256, (c.num_local * b, 3, c.local_size, c.local_size),
+                                                     dtype=torch.uint8, generator=self.gen)
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {"pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.pos = int(state["pos"])
+
+
+def _optimizer_state_bytes(engine) -> int:
+    """Bytes of AdamW moments held by this rank (ZeRO partitions them; frozen tensors have none)."""
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    total = 0
+    for state in inner.state.values():
+        total += sum(v.numel() * v.element_size() for v in state.values() if hasattr(v, "numel") and v.dim() > 0)
+    return total
+
+
+def worker(args: argparse.Namespace) -> int:
+    import torch
+    import torch.distributed as dist
+
+    from engine.config import RunConfig, load_config
+    from engine.model.explora import apply_explora
+    from engine.model.vit import build_vit
+    from engine.objectives import build_objective
+    from engine.progress import setup_logging
+    from engine.trainer.collectives import all_reduce_sum
+    from engine.trainer.flops import training_flops_per_sample
+    from engine.trainer.loop import Trainer
+    from engine.trainer.metrics import read_metrics
+    from engine.trainer.process_group import init_distributed, shutdown
+    from engine.trainer.rng import seed_all
+
+    env = init_distributed()
+    setup_logging(env.rank)
+    run_dir = Path(args.run_dir)
+    overrides = CONFIGS[args.config] + [
+        "--zero.stage", str(args.stage), "--train.max_steps", str(args.warmup + args.steps),
+        "--train.output_dir", str(run_dir), "--train.resume", "none", "--train.log_every", "1",
+        "--train.save_every", "0", "--train.export", "false", "--train.tensorboard", "false",
+        "--train.precision", "bf16" if env.device.type == "cuda" else "fp32", "--data.shards", "synthetic"]
+    cfg = load_config(RunConfig, str(TINY), overrides)
+    seed_all(cfg.train.seed)
+    vit = build_vit(cfg.model)
+    apply_explora(vit, cfg.explora)
+    objective = build_objective(cfg, vit, total_steps=cfg.train.max_steps, all_reduce=all_reduce_sum)
+    batches = SyntheticBatches(cfg, vit.patch_embed.patch_size[0], seed=env.rank)
+
+    def prepare(b: dict) -> dict:
+        out = {k: v.to(env.device, non_blocking=True) for k, v in b.items()}
+        for k in ("global_crops", "local_crops"):
+            if k in out:
+                out[k] = (out[k].float() / 255.0 - 0.45) / 0.25
+        return out
+
+    trainer = Trainer(cfg, objective, batches, env, prepare=prepare,
+                      flops_per_image=training_flops_per_sample(cfg, vit))
+    trainer.fit()
+    opt_bytes = torch.tensor([float(_optimizer_state_bytes(trainer.engine))], dtype=torch.float64,
+                             device=env.device)
+    per_rank = [torch.zeros_like(opt_bytes) for _ in range(env.world_size)]
+    dist.all_gather(per_rank, opt_bytes)
+    if env.is_main:
+        rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["step"] > args.warmup]
+        step_s = sum(r["step_time_s"] for r in rows) / len(rows)
+        result = {"config": args.config, "stage": args.stage, "ranks": env.world_size,
+                  "device": str(env.device.type), "global_batch": trainer.global_batch, "timed_steps": len(rows),
+                  "steps_per_s": 1.0 / step_s, "images_per_s": trainer.global_batch / step_s,
+                  "images_per_s_per_device": trainer.global_batch / step_s / env.world_size,
+                  "data_wait_frac": sum(r["data_wait_frac"] for r in rows) / len(rows),
+                  "peak_mem_gb": max(r["peak_mem_gb"] for r in rows),
+                  "optimizer_state_bytes_per_rank": [int(t.item()) for t in per_rank],
+                  "trainable_params": trainer.report.trainable_numel, "frozen_params": trainer.report.frozen_numel,
+                  "mfu": rows[-1].get("mfu")}
+        (run_dir / "bench.json").write_text(json.dumps(result))
+    shutdown()
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# Memory: ExPLoRA vs full fine-tuning (meta device)
+# --------------------------------------------------------------------------------------------
+def memory_rows(models: Sequence[str], zero_ranks: int) -> list[dict]:
+    """Per model and regime: trainable/frozen params and the training-state bytes they imply."""
+    from engine.config import ExploraConfig, ModelConfig
+    from engine.model.explora import apply_explora
+    from engine.model.vit import build_vit
+
+    logging.getLogger("engine.model").setLevel(logging.WARNING)  # no recipe table per model
+    rows = []
+    for name in models:
+        for regime in ("explora", "full"):
+            vit = build_vit(ModelConfig(name=name), device="meta")
+            if regime == "explora":
+                apply_explora(vit, ExploraConfig(unfreeze_blocks=[-1], lora_rank=64, lora_alpha=64.0,
+                                                 lora_targets=["q", "v"], train_norms=True))
+            else:
+                vit.requires_grad_(True)
+            trainable = sum(p.numel() for p in vit.parameters() if p.requires_grad)
+            total = sum(p.numel() for p in vit.parameters())
+            adam = 8 * trainable
+            rows.append({"model": name, "regime": regime, "trainable_params": trainable,
+                         "frozen_params": total - trainable, "trainable_bytes": 4 * trainable,
+                         "grad_bytes": 4 * trainable, "optimizer_state_bytes": adam,
+                         "training_state_bytes": 4 * total + 4 * trainable + adam,
+                         f"optimizer_state_bytes_per_rank_zero1+_{zero_ranks}": adam // zero_ranks})
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Orchestrator
+# --------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_one(config: str, stage: int, args: argparse.Namespace, tmp: Path) -> dict:
+    run_dir = tmp / f"{config}_z{stage}"
+    deepspeed = str(Path(sys.executable).parent / "deepspeed")
+    cmd = [deepspeed, "--num_gpus", str(args.nproc), "--master_port", str(_free_port()), str(Path(__file__).resolve()),
+           "--worker", "--config", config, "--stage", str(stage), "--steps", str(args.steps),
+           "--warmup", str(args.warmup), "--run-dir", str(run_dir)]
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    import torch
+
+    if not torch.cuda.is_available():
+        env["DS_ACCELERATOR"] = "cpu"
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    if proc.returncode != 0 or not (run_dir / "bench.json").is_file():
+        raise SystemExit(f"{config} ZeRO-{stage} failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                         f"{proc.stderr[-3000:]}")
+    result = json.loads((run_dir / "bench.json").read_text())
+    result["launch_wall_s"] = time.perf_counter() - t0
+    return result
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.3f}"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--configs", default="tiny,vitb", help=f"comma list of {', '.join(CONFIGS)}")
+    p.add_argument("--stages", default="0,2,3", help="ZeRO stages to compare")
+    p.add_argument("--nproc", type=int, default=2, help="ranks per run (CPU processes or GPUs)")
+    p.add_argument("--steps", type=int, default=6, help="timed optimizer steps per run")
+    p.add_argument("--warmup", type=int, default=2, help="untimed first steps")
+    p.add_argument("--memory-models", default="vit_base_patch14_dinov2,vit_large_patch14_dinov2")
+    p.add_argument("--zero-ranks", type=int, default=8, help="ranks for the per-rank optimizer-state column")
+    p.add_argument("--out", default="bench_train.json")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--config", help=argparse.SUPPRESS)
+    p.add_argument("--stage", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--run-dir", help=argparse.SUPPRESS)
+    p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        return worker(args)
+
+    import torch
+
+    from engine.progress import setup_logging
+
+    setup_logging()
+    configs = [c for c in args.configs.split(",") if c]
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown:
+        p.error(f"--configs: unknown {unknown}; choose from {list(CONFIGS)}")
+    stages = [int(s) for s in args.stages.split(",") if s]
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
+        for c in configs:
+            for s in stages:
+                print(f"running {c} ZeRO-{s} on {args.nproc} rank(s) ...", flush=True)
+                runs.append(run_one(c, s, args, Path(tmp)))
+    print(f"\nTraining step, {args.nproc} ranks, {device}; {args.steps} timed steps after {args.warmup} warm-up")
+    print(f"{'config':8} {'ZeRO':>4} {'gbatch':>6} {'steps/s':>8} {'img/s':>8} {'img/s/dev':>9} {'vs Z0':>6} "
+          f"{'data%':>6} {'optim MiB/rank':>15}")
+    base = {r["config"]: r["steps_per_s"] for r in runs if r["stage"] == 0}
+    for r in runs:
+        rel = r["steps_per_s"] / base[r["config"]] if r["config"] in base else float("nan")
+        r["ratio_vs_zero0"] = rel
+        opt = max(r["optimizer_state_bytes_per_rank"]) / 2**20
+        print(f"{r['config']:8} {r['stage']:>4} {r['global_batch']:>6} {r['steps_per_s']:>8.3f} "
+              f"{r['images_per_s']:>8.1f} {r['images_per_s_per_device']:>9.1f} {rel:>6.2f} "
+              f"{100 * r['data_wait_frac']:>5.1f}% {opt:>15.3f}")
+    mem = memory_rows([m for m in args.memory_models.split(",") if m], args.zero_ranks)
+    key = f"optimizer_state_bytes_per_rank_zero1+_{args.zero_ranks}"
+    print(f"\nExPLoRA (last block + LoRA r64 q,v + norms) vs full fine-tuning, backbone only (GiB)")
+    print(f"{'model':26} {'regime':8} {'trainable':>12} {'trainable':>9} {'grads':>7} {'AdamW':>7} "
+          f"{'state/copy':>10} {'AdamW/rank@' + str(args.zero_ranks):>14}")
+    for r in mem:
+        print(f"{r['model']:26} {r['regime']:8} {r['trainable_params']:>12,} {_gib(r['trainable_bytes']):>9} "
+              f"{_gib(r['grad_bytes']):>7} {_gib(r['optimizer_state_bytes']):>7} "
+              f"{_gib(r['training_state_bytes']):>10} {_gib(r[key]):>14}")
+    for m in {r["model"] for r in mem}:
+        e, f = (next(r for r in mem if r["model"] == m and r["regime"] == g) for g in ("explora", "full"))
+        print(f"{m}: full fine-tuning needs {f['optimizer_state_bytes'] / e['optimizer_state_bytes']:.1f}x the "
+              f"optimizer state of ExPLoRA")
+    out = {"device": device, "nproc": args.nproc, "steps": args.steps, "warmup": args.warmup, "runs": runs,
+           "memory": mem}
+    Path(args.out).write_text(json.dumps(out, indent=1))
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

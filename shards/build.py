@@ -1,0 +1,180 @@
+"""Worker side: build one planned shard (read -> chip -> filter -> stats -> tar), or re-check a
+finished one on resume. Functions here run in pool processes; they get everything they need as
+arguments (picklable dataclasses) and keep only one open raster handle per process.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+
+from shards.chips import invalid_fraction, pad_value_for, place, plan_windows
+from shards.inputs import chip_key, load_sidecar
+from shards.plan import ShardTask
+from shards.raster import (DatasetCache, SourceInfo, read_rows, read_window, reading_env, resampling_method,
+                           scan_source, window_transform)
+from shards.state import RunState
+from shards.stats import BandStats
+from shards.writer import ShardWriter, file_sha256
+
+log = logging.getLogger(__name__)
+_CACHE = DatasetCache()
+
+
+@dataclass
+class ShardResult:
+    """What a finished shard reports (also its done record)."""
+
+    index: int
+    name: str
+    digest: str
+    count: int = 0
+    bytes: int = 0
+    sha256: str = ""
+    files: int = 0
+    dropped: int = 0
+    read_bytes: int = 0
+    skipped: list = field(default_factory=list)
+    labels: list = field(default_factory=list)
+    kept: bool = False
+
+
+def worker_init() -> None:
+    """Pool initializer: Ctrl-C is the parent's to handle (it terminates the pool and cleans up);
+    a forked worker drops any raster handle inherited from the parent."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _CACHE.close()
+
+
+def close_rasters() -> None:
+    """Close this process's raster handle (after an in-process run)."""
+    _CACHE.close()
+
+
+def scan_one(job: tuple, opts) -> tuple[int, object]:
+    """(index, path, relpath) -> (index, SourceInfo) or (index, reason string) for skipped.jsonl."""
+    index, path, relpath = job
+    try:
+        sidecar = load_sidecar(path) if opts.sidecars else None
+        with reading_env():
+            return index, scan_source(index, path, relpath, opts, sidecar)
+    except Exception as e:  # anything GDAL or the band selection rejects is a skip, not a crash
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return index, f"{e.__class__.__name__}: {msg}" if msg else e.__class__.__name__
+
+
+def iter_chips(ds, info: SourceInfo, windows: list, opts) -> Iterator[tuple[tuple, np.ndarray, int]]:
+    """(window, chip (C, H, W) C-contiguous, padded pixels) for windows of one image, in order.
+
+    Without --resize, each row of windows is one strip read and chips are slices of it; with it,
+    each window is its own resampled read.
+    """
+    if opts.resize is not None:
+        method = resampling_method(opts.resampling)
+        for win in windows:
+            chip, pad = read_window(ds, info, win, opts.resize, method)
+            yield win, chip, pad
+        return
+    fill = pad_value_for(info.dtype, info.nodata)
+    i = 0
+    while i < len(windows):
+        j = i
+        while j < len(windows) and windows[j][1] == windows[i][1]:
+            j += 1
+        row, h = windows[i][1], windows[i][3]
+        c0 = windows[i][0]
+        c1 = min(max(w[0] + w[2] for w in windows[i:j]), info.width)
+        strip = read_rows(ds, info, row, h, c0, c1 - c0)
+        for win in windows[i:j]:
+            col, _, w, _ = win
+            part = strip[:, :, col - c0:col - c0 + w]
+            if part.shape[1:] != (h, w):
+                chip = place(part, (h, w), (0, 0), fill)
+                pad = h * w - part.shape[1] * part.shape[2]
+            else:
+                chip, pad = np.ascontiguousarray(part), 0
+            yield win, chip, pad
+        i = j
+
+
+def _meta(info: SourceInfo, win, out_hw) -> dict:
+    m = dict(info.extra)
+    gsd = info.gsd
+    if gsd is not None and out_hw is not None:
+        gsd = gsd * win[2] / out_hw[1]
+    m.update({"source": info.relpath, "window": list(win), "crs": info.crs,
+              "transform": window_transform(info, win, out_hw), "band_names": list(info.band_names),
+              "nodata": info.nodata, "dtype": info.dtype, "gsd": gsd, "timestamp": info.timestamp,
+              "label": info.label})
+    return m
+
+
+def build_shard(task: ShardTask, opts) -> ShardResult:
+    """Write ``task`` as ``<out>/<name>``, commit its stats + done record, return the result."""
+    with reading_env():
+        return _build(task, opts)
+
+
+def _build(task: ShardTask, opts) -> ShardResult:
+    out = Path(opts.out)
+    res = ShardResult(index=task.index, name=task.name, digest=task.digest)
+    first = task.segments[0].source
+    stats = BandStats(len(first.indexes), first.dtype)
+    whole = opts.chip is None
+    labels = set()
+    # without --fsync a shard torn by a power cut fails its checksum on --resume and is rebuilt
+    with ShardWriter(out, task.name, fsync=opts.fsync, size_hint=task.est_bytes) as writer:
+        for seg in task.segments:
+            info = seg.source
+            windows = plan_windows(info.width, info.height, opts.chip, opts.stride, opts.edge)[seg.start:seg.stop]
+            fill = pad_value_for(info.dtype, info.nodata)
+            done = 0
+            try:
+                ds = _CACHE.get(info.path)
+                for win, chip, pad in iter_chips(ds, info, windows, opts):
+                    done += 1
+                    res.read_bytes += chip.nbytes
+                    if opts.max_nodata < 1.0 and invalid_fraction(chip, info.nodata, pad) > opts.max_nodata:
+                        res.dropped += 1
+                        continue
+                    stats.add(chip, info.nodata, pad, fill)
+                    writer.write(chip_key(info.key, win, whole), chip, _meta(info, win, opts.resize))
+                    if info.label is not None:
+                        labels.add(info.label)
+            except Exception as e:  # unreadable pixels (truncated file, I/O error): record, go on
+                _CACHE.close()
+                at = f" at window {list(windows[done])}" if done < len(windows) else ""
+                kept = f"; {done} earlier window(s) of it kept" if done else ""
+                res.skipped.append({"source": info.relpath, "reason": f"read failed{at}: "
+                                    f"{e.__class__.__name__}: {e}{kept}"})
+                continue
+            res.files += 1
+    res.count, res.bytes, res.sha256 = writer.count, writer.bytes, writer.sha256
+    res.labels = sorted(labels)
+    RunState(out).commit(task.name, asdict(res), stats.to_arrays())
+    return res
+
+
+def check_kept(name: str, digest: str, out_dir: str) -> Optional[ShardResult]:
+    """Resume: the done record of ``name`` if it belongs to this plan and the shard's bytes still
+    hash to it (and its stats load); None means rebuild it."""
+    state = RunState(Path(out_dir))
+    rec = state.done(name)
+    path = Path(out_dir) / name
+    if rec is None or rec.get("digest") != digest or not path.is_file():
+        return None
+    try:
+        if os.path.getsize(path) != rec["bytes"] or file_sha256(path) != rec["sha256"]:
+            log.warning("%s does not match its checksum; rebuilding it", name)
+            return None
+        state.load_stats(name)
+    except (OSError, ValueError, KeyError):
+        return None
+    res = ShardResult(**{k: v for k, v in rec.items() if k in ShardResult.__dataclass_fields__})
+    res.kept = True
+    return res

@@ -1,0 +1,130 @@
+"""geoexplora-convert: GeoTIFF/JPEG/PNG archive -> WebDataset tar shards + manifest.json.
+
+    geoexplora-convert [convert] INPUT... --out DIR [options]     (convert is the default)
+    geoexplora-convert verify DIR [--workers N]
+
+Also ``python -m shards.convert``. Exit codes: 0 ok; 1 verify found problems; 2 bad arguments or
+input (one ``error: ...`` line); 130 interrupted (finished shards are kept: rerun with --resume).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Optional, Sequence
+
+from engine.errors import cli_entry
+from engine.progress import setup_logging
+from shards.chips import parse_band_names, parse_band_tokens, parse_hw
+from shards.inputs import DEFAULT_EXTS
+from shards.manifest import summary_lines
+from shards.options import ConvertOptions, parse_size
+
+log = logging.getLogger("geoexplora.convert")
+
+
+def convert_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="geoexplora-convert",
+        description="Convert a GeoTIFF/JPEG/PNG archive into WebDataset tar shards with a manifest. "
+                    "Subcommand 'verify DIR' re-checks a converted directory.")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="directory (searched recursively), glob ('data/**/*.tif') or list file (one path a line)")
+    p.add_argument("-o", "--out", required=True, help="output directory (new, empty, or a previous run with --resume)")
+    p.add_argument("--prefix", default="shard", help="shard file prefix: <out>/<prefix>-000000.tar (default shard)")
+    p.add_argument("--root", default=None, help="directory that sample sources/keys are relative to "
+                   "(default: the input directory, a glob's fixed prefix, or a list's common parent)")
+    p.add_argument("--ext", default=",".join(DEFAULT_EXTS), help="file extensions to convert (default %(default)s)")
+    g = p.add_argument_group("metadata")
+    g.add_argument("--labels", default=None, help="'folder' (parent folder name), 'folder:N' (N-th ancestor, "
+                   "fMoW: folder:2) or a CSV file with path,label rows")
+    g.add_argument("--no-sidecars", action="store_true", help="ignore per-image JSON sidecars (x.json beside x.tif)")
+    g.add_argument("--band-names", default=None, help="names of ALL source bands in order, or a preset: "
+                   "s2 (B1..B8,B8A,B9..B12), rgb; default: band descriptions, else band1..bandN")
+    g.add_argument("--nodata", type=float, default=None, help="nodata value for files that declare none")
+    g = p.add_argument_group("pixels")
+    g.add_argument("--bands", default=None, help="bands to keep, in output order: 1-based indexes, ranges or "
+                   "names, e.g. 2-4 or B4,B3,B2")
+    g.add_argument("--drop-bands", default=None, help="bands to leave out, e.g. B1,B9,B10")
+    g.add_argument("--chip-size", default=None, help="cut windows of N or HxW pixels (default: whole image)")
+    g.add_argument("--stride", default=None, help="window step, N or HxW (default: the chip size)")
+    g.add_argument("--edge", choices=("drop", "pad"), default="drop",
+                   help="windows crossing the image edge: drop them, or pad with nodata (default drop)")
+    g.add_argument("--max-nodata", type=float, default=1.0,
+                   help="drop chips whose nodata/NaN/padding pixel fraction exceeds this (default 1.0 = keep all)")
+    g.add_argument("--resize", default=None, help="resample every sample to N or HxW pixels")
+    g.add_argument("--resampling", default="bilinear", help="GDAL resampling for --resize (default bilinear)")
+    g = p.add_argument_group("output")
+    g.add_argument("--max-samples-per-shard", type=int, default=10000)
+    g.add_argument("--max-shard-bytes", default="1GiB", help="planned shard size limit (default 1GiB)")
+    g.add_argument("--workers", type=int, default=1, help="parallel processes, one shard each at a time")
+    g.add_argument("--resume", action="store_true", help="continue an interrupted run into the same --out")
+    g.add_argument("--overwrite", action="store_true", help="replace a previous conversion in --out")
+    g.add_argument("--strict", action="store_true", help="stop at the first bad input instead of skipping it")
+    g.add_argument("--fsync", action="store_true", help="fsync every shard before the manifest is written "
+                   "(survives a power cut right after the run; costs a full disk write-back)")
+    return p
+
+
+def options_from_args(a: argparse.Namespace) -> ConvertOptions:
+    chip = parse_hw(a.chip_size, "--chip-size") if a.chip_size else None
+    return ConvertOptions(
+        inputs=list(a.inputs), out=a.out, prefix=a.prefix, root=a.root,
+        exts=tuple(e.strip().lstrip(".").lower() for e in a.ext.split(",") if e.strip()),
+        labels=a.labels, sidecars=not a.no_sidecars, chip=chip,
+        stride=parse_hw(a.stride, "--stride") if a.stride else None, edge=a.edge, max_nodata=a.max_nodata,
+        bands=parse_band_tokens(a.bands), drop_bands=parse_band_tokens(a.drop_bands),
+        band_names=parse_band_names(a.band_names), nodata=a.nodata,
+        resize=parse_hw(a.resize, "--resize") if a.resize else None, resampling=a.resampling,
+        max_samples=a.max_samples_per_shard, max_bytes=parse_size(a.max_shard_bytes, "--max-shard-bytes"),
+        workers=a.workers, resume=a.resume, overwrite=a.overwrite, strict=a.strict, fsync=a.fsync,
+    ).validate()
+
+
+def verify_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="geoexplora-convert verify",
+                                description="Re-read every shard: counts, sha256, decoding; exit 1 on any problem.")
+    p.add_argument("out", metavar="DIR", help="a converted directory (holds manifest.json)")
+    p.add_argument("--workers", type=int, default=1)
+    return p
+
+
+def run_verify(argv: Sequence[str]) -> int:
+    from shards.verify import verify
+
+    a = verify_parser().parse_args(argv)
+    rep = verify(a.out, workers=max(1, a.workers))
+    for prob in rep.problems:
+        print(f"problem: {prob}", file=sys.stderr)
+    status = "OK" if rep.ok else f"{len(rep.problems)} problem(s)"
+    print(f"verify: {rep.shards} shards, {rep.samples} samples: {status}")
+    return 0 if rep.ok else 1
+
+
+def run_convert(argv: Sequence[str]) -> int:
+    from shards.pipeline import convert
+
+    opts = options_from_args(convert_parser().parse_args(argv))
+    summary = convert(opts)
+    if summary.manifest is not None:
+        for line in summary_lines(summary.manifest):
+            log.info("%s", line)
+    print(summary.line())
+    return 0
+
+
+@cli_entry
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    setup_logging()
+    # GDAL's own complaints about a bad file arrive as rasterio INFO lines; skipped.jsonl has them
+    logging.getLogger("rasterio").setLevel(logging.WARNING)
+    if argv and argv[0] == "verify":
+        return run_verify(argv[1:])
+    if argv and argv[0] == "convert":
+        argv = argv[1:]
+    return run_convert(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

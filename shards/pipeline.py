@@ -1,0 +1,266 @@
+"""One conversion, end to end: list -> scan headers -> plan shards -> build (or keep) -> manifest.
+
+Parallelism is over whole shards (``--workers`` spawned processes, one raster handle each);
+the main process only plans, collects small results and writes the manifest. Output does not
+depend on the worker count. Interrupted (Ctrl-C, kill), the output directory holds finished
+shards plus their done records and no partial file with a shard name; ``--resume`` keeps every
+finished shard whose bytes still match its checksum and builds the rest.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import multiprocessing as mp
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from engine.atomic import atomic_write_text
+from engine.errors import UserError
+from engine.progress import progress
+from shards.build import ShardResult, build_shard, check_kept, close_rasters, scan_one, worker_init
+from shards.inputs import assign_keys, label_for, list_inputs, parse_label_spec
+from shards.manifest import NAME as MANIFEST_NAME, build_manifest, read_manifest, write_manifest
+from shards.options import ConvertOptions
+from shards.plan import filter_signature, make_plan, plan_digest
+from shards.state import SKIPPED, RunState, prepare_out_dir, remove_temps, remove_unplanned_shards
+from shards.stats import BandStats
+from shards.writer import publish_mode
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Summary:
+    files: int
+    chips: int
+    shards: int
+    kept: int
+    skipped: int
+    dropped: int
+    read_bytes: int
+    written_bytes: int
+    seconds: float
+    manifest: Optional[dict] = None
+    already_complete: bool = False
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.read_bytes / 1e6 / max(self.seconds, 1e-9)
+
+    def line(self) -> str:
+        if self.already_complete:
+            return f"done: already complete, {self.chips} samples in {self.shards} shards; nothing to do"
+        kept = f" ({self.kept} kept from the interrupted run)" if self.kept else ""
+        dropped = f", {self.dropped} chips dropped (--max-nodata)" if self.dropped else ""
+        return (f"done: {self.files} files -> {self.chips} chips in {self.shards} shards{kept}, "
+                f"{self.skipped} skipped{dropped}; read {self.read_bytes / 1e6:.1f} MB in "
+                f"{self.seconds:.1f} s = {self.mb_per_s:.1f} MB/s")
+
+
+def _context():
+    """fork where it is safe (no other Python threads; the parent holds no open raster, see
+    worker_init): workers start in milliseconds instead of re-importing numpy and rasterio
+    (~1 s each on a loaded 2-core machine). Otherwise spawn."""
+    if "fork" in mp.get_all_start_methods() and threading.active_count() == 1:
+        return mp.get_context("fork")
+    return mp.get_context("spawn")
+
+
+class _Runner:
+    """map/imap over the pool, or in-process when --workers 1 (no pickling, easy debugging)."""
+
+    def __init__(self, workers: int):
+        self.pool = _context().Pool(workers, initializer=worker_init) if workers > 1 else None
+
+    def imap(self, fn, items, ordered=True, chunksize=1):
+        if self.pool is None:
+            return map(fn, items)
+        method = self.pool.imap if ordered else self.pool.imap_unordered
+        return method(fn, items, chunksize=chunksize)
+
+    def close(self, abort: bool) -> None:
+        if self.pool is not None:
+            self.pool.terminate() if abort else self.pool.close()
+            self.pool.join()
+
+
+def convert(opts: ConvertOptions, on_shard: Optional[Callable[[ShardResult], None]] = None) -> Summary:
+    """Run one conversion (see module docstring). ``on_shard`` is called in the main process
+    after each shard is finished (tests use it to interrupt a run at a known point)."""
+    t0 = time.monotonic()
+    out = Path(opts.out)
+    fingerprint = opts.fingerprint()
+    files = list_inputs(opts.inputs, opts.exts, opts.root, exclude=str(out))
+    label_kind, label_arg = parse_label_spec(opts.labels)
+    prepare_out_dir(out, opts.prefix, opts.resume, opts.overwrite)
+    state = RunState(out)
+    if opts.resume:
+        done = _already_complete(out, state, fingerprint, t0)
+        if done is not None:
+            return done
+    runner = _Runner(opts.workers)
+    try:
+        summary = _run(opts, files, label_kind, label_arg, fingerprint, out, state, runner, on_shard, t0)
+    except BaseException:
+        runner.close(abort=True)
+        remove_temps(out)
+        raise
+    finally:
+        close_rasters()
+    runner.close(abort=False)
+    return summary
+
+
+def _already_complete(out: Path, state: RunState, fingerprint: dict, t0: float) -> Optional[Summary]:
+    """--resume on a finished conversion: nothing to do when the settings match."""
+    if state.dir.exists() or not (out / MANIFEST_NAME).exists():
+        return None
+    m = read_manifest(out, "--resume")
+    prev = dict(m["converter"]["args"])
+    prev.pop("workers", None)
+    if prev != fingerprint:
+        raise UserError(f"--resume: '{out}' holds a finished conversion made with other settings "
+                        f"({_diff(prev, fingerprint)}); use --overwrite or another --out")
+    log.info("'%s' is already complete; run 'geoexplora-convert verify %s' to check it", out, out)
+    return Summary(files=0, chips=m["total_samples"], shards=len(m["shards"]), kept=len(m["shards"]),
+                   skipped=0, dropped=0, read_bytes=0, written_bytes=0, seconds=time.monotonic() - t0, manifest=m,
+                   already_complete=True)
+
+
+def _diff(a: dict, b: dict) -> str:
+    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    return "differs: " + ", ".join(keys) if keys else "same settings"
+
+
+def _strict_fail(entry: dict) -> UserError:
+    return UserError(f"input '{entry['source']}': {entry['reason']} (--strict stops at the first bad input)")
+
+
+def _run(opts, files, label_kind, label_arg, fingerprint, out, state, runner, on_shard, t0) -> Summary:
+    keys = assign_keys([f.relpath for f in files])
+    jobs = [(i, f.path, f.relpath) for i, f in enumerate(files)]
+    chunk = max(1, min(64, len(jobs) // (8 * opts.workers)))
+    skipped: list[dict] = []
+    sources = []
+    scan = runner.imap(functools.partial(scan_one, opts=opts), jobs, chunksize=chunk)
+    for index, got in progress(scan, total=len(jobs), desc="scan", unit="file"):
+        if isinstance(got, str):
+            entry = {"source": files[index].relpath, "reason": got}
+            if opts.strict:
+                raise _strict_fail(entry)
+            skipped.append(entry)
+            continue
+        got.key = keys[index]
+        got.label = label_for(files[index], label_kind, label_arg)
+        sources.append(got)
+    sources, mismatched = filter_signature(sources)
+    skipped += mismatched
+    if label_kind == "csv":
+        missing = [s.relpath for s in sources if s.label is None]
+        if missing:
+            log.warning("%d file(s) have no row in the labels CSV (e.g. '%s'); their label is null",
+                        len(missing), missing[0])
+    tasks, windowless = make_plan(sources, opts, fingerprint)
+    skipped += windowless
+    if opts.strict and skipped:
+        raise _strict_fail(skipped[0])
+    if not tasks:
+        _write_skipped(out, skipped)
+        raise UserError(f"input: nothing to convert, all {len(files)} file(s) were skipped; "
+                        f"see '{out / SKIPPED}'")
+
+    prev = state.read_plan() if opts.resume else None
+    if prev is not None and prev.get("fingerprint") != fingerprint:
+        raise UserError(f"--resume: settings differ from the interrupted run ({_diff(prev['fingerprint'], fingerprint)}); "
+                        "rerun with the original arguments or use --overwrite")
+    if not opts.resume:
+        state.remove()
+    state.write_plan({"fingerprint": fingerprint, "plan": plan_digest(tasks), "shards": len(tasks)})
+    remove_temps(out)
+
+    results: dict[int, ShardResult] = {}
+    if opts.resume:
+        check = runner.imap(functools.partial(_check, out_dir=str(out)), [(t.name, t.digest) for t in tasks])
+        for t, res in zip(tasks, progress(check, total=len(tasks), desc="check finished shards", unit="shard")):
+            if res is not None:
+                results[t.index] = res
+        log.info("resume: keeping %d of %d shards", len(results), len(tasks))
+    for t in tasks:
+        if t.index not in results:
+            state.forget(t.name)
+    remove_unplanned_shards(out, opts.prefix, {tasks[i].name for i in results})
+    _check_strict(opts, results.values())
+
+    todo = [t for t in tasks if t.index not in results]
+    read = 0
+    t_build = time.monotonic()
+    bar = progress(total=len(todo), desc="convert", unit="shard")
+    for res in runner.imap(functools.partial(build_shard, opts=opts), todo, ordered=False):
+        results[res.index] = res
+        read += res.read_bytes
+        bar.update(1)
+        bar.set_postfix_str(f"{read / 1e6 / max(time.monotonic() - t_build, 1e-9):.0f} MB/s")
+        _check_strict(opts, [res])
+        if on_shard is not None:
+            on_shard(res)
+    bar.close()
+    return _finish(opts, tasks, sources, results, skipped, fingerprint, label_kind, out, state, t0)
+
+
+def _check(item, out_dir):
+    return check_kept(item[0], item[1], out_dir)
+
+
+def _check_strict(opts, results) -> None:
+    if opts.strict:
+        for r in results:
+            if r.skipped:
+                raise _strict_fail(r.skipped[0])
+
+
+def _write_skipped(out: Path, skipped: list[dict]) -> None:
+    atomic_write_text(out / SKIPPED, "".join(json.dumps(e, sort_keys=True) + "\n" for e in skipped))
+    publish_mode(out / SKIPPED)
+
+
+def _finish(opts, tasks, sources, results, skipped, fingerprint, label_kind, out, state, t0) -> Summary:
+    ordered = [results[t.index] for t in tasks]
+    worker_skips = [e for r in ordered for e in r.skipped]
+    failed = {e["source"] for e in worker_skips}
+    written = [s for s in sources if s.relpath not in failed] or list(sources)
+    ref = written[0]
+    stats = BandStats(len(ref.indexes), ref.dtype)
+    for r in ordered:  # fixed shard order: float statistics come out identical on every run
+        stats.merge_arrays(state.load_stats(r.name))
+    for attr in ("band_names", "nodata"):
+        odd = [s.relpath for s in written if getattr(s, attr) != getattr(ref, attr)
+               and not (attr == "nodata" and s.nodata != s.nodata and ref.nodata != ref.nodata)]
+        if odd:
+            log.warning("%d file(s) have other %s than '%s' (e.g. '%s'); the manifest lists the first file's, "
+                        "each sample's json its own", len(odd), attr, ref.relpath, odd[0])
+    skipped = sorted(skipped + worker_skips, key=lambda e: e["source"])
+    total = sum(r.count for r in ordered)
+    if total == 0:
+        _write_skipped(out, skipped)
+        raise UserError("input: no sample passed the filters (every chip exceeded --max-nodata or every file "
+                        f"was skipped); see '{out / SKIPPED}' or raise --max-nodata")
+    classes = sorted({lab for r in ordered for lab in r.labels}) if label_kind != "none" else None
+    args = dict(fingerprint, workers=opts.workers)
+    manifest = build_manifest(args, [vars(r) for r in ordered], ref.band_names, ref.dtype, ref.nodata,
+                              classes, stats.result())
+    _write_skipped(out, skipped)
+    write_manifest(out, manifest)
+    state.remove()
+    planned = {seg.source.relpath for t in tasks for seg in t.segments}
+    built = [r for r in ordered if not r.kept]
+    summary = Summary(files=len(planned - failed), chips=total, shards=len(tasks), kept=len(ordered) - len(built),
+                      skipped=len(skipped), dropped=sum(r.dropped for r in ordered),
+                      read_bytes=sum(r.read_bytes for r in built), written_bytes=sum(r.bytes for r in built),
+                      seconds=time.monotonic() - t0, manifest=manifest)
+    if skipped:
+        log.warning("%d input(s) skipped; reasons in '%s'", len(skipped), out / SKIPPED)
+    return summary

@@ -1,0 +1,160 @@
+"""One tar shard, written once: hashed while writing, published by rename only when complete.
+
+Members per sample: ``<key>.img.npy`` (the C x H x W array as an ``.npy`` file, source dtype) and
+``<key>.json``. Tar headers carry mtime 0, uid/gid 0 and empty owner names so that the same samples
+always give byte-identical shards (and the same sha256) on any machine, in any worker.
+
+The array bytes go from the numpy buffer straight into the file and the hash (no ``tobytes``, no
+BytesIO, no second read of the finished file to checksum it).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from engine.atomic import TMP_PREFIX, fsync_dir
+
+BLOCK = tarfile.BLOCKSIZE            # 512
+RECORD = tarfile.RECORDSIZE          # 10240: tar files are padded to whole records
+IMAGE_EXT = "img.npy"
+META_EXT = "json"
+_BUFFER = 1 << 20
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_umask()
+
+
+def publish_mode(path) -> None:
+    """Give a finished output file the mode a plain open() would (temp files are made 0600)."""
+    with contextlib.suppress(OSError):
+        os.chmod(path, FILE_MODE)
+
+
+def npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
+    """The ``.npy`` v1.0 header for a C-order array (``np.load`` reads header + raw bytes)."""
+    d = "{'descr': %r, 'fortran_order': False, 'shape': %r, }" % (
+        np.lib.format.dtype_to_descr(np.dtype(dtype)), tuple(int(s) for s in shape))
+    # magic(6) + version(2) + len(2) + dict + padding + '\n', total a multiple of 64
+    pad = -(10 + len(d) + 1) % 64
+    body = (d + " " * pad + "\n").encode("latin1")
+    return b"\x93NUMPY\x01\x00" + len(body).to_bytes(2, "little") + body
+
+
+def tar_header(name: str, size: int) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape")
+
+
+def sample_bytes_estimate(key_len: int, nbytes: int, ndim: int = 3, json_bytes: int = 1024) -> int:
+    """Upper-bound-ish size of one sample in a shard: two headers (+ GNU long-name blocks), the
+    128-byte-class npy header, the pixels, the json, block padding."""
+    name = key_len + 8
+    hdr = BLOCK + (2 * BLOCK + name if name > 99 else 0)
+    pad = lambda n: n + (-n % BLOCK)  # noqa: E731
+    return 2 * hdr + pad(128 + 16 * ndim + nbytes) + pad(json_bytes)
+
+
+class ShardWriter:
+    """Write samples to ``.tmp-<name>.*`` in ``out_dir``; ``close()`` publishes ``<name>``.
+
+    Use as a context manager: an exception (Ctrl-C included) deletes the temp file, so no partial
+    shard ever carries a shard name. After close: ``count``, ``bytes``, ``sha256``.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, name: str, fsync: bool = True, size_hint: int = 0):
+        self.final = Path(out_dir) / name
+        fd, self.tmp = tempfile.mkstemp(prefix=TMP_PREFIX + name + ".", dir=self.final.parent)
+        os.fchmod(fd, FILE_MODE)  # mkstemp makes 0600; a published shard gets the usual umask mode
+        if size_hint > 0 and hasattr(os, "posix_fallocate"):
+            # reserving the planned size up front: ext4 then maps the file in a few extents instead
+            # of allocating as pages arrive (6.8 MB writes: 1.9 ms instead of 2.7 ms); close()
+            # trims the file to what was written
+            with contextlib.suppress(OSError):
+                os.posix_fallocate(fd, 0, size_hint)
+        self._f = os.fdopen(fd, "wb", buffering=_BUFFER)
+        self._sha = hashlib.sha256()
+        self._fsync = fsync
+        self.count = 0
+        self.bytes = 0
+        self.sha256: Optional[str] = None
+
+    def _put(self, data) -> None:
+        self._f.write(data)
+        self._sha.update(data)
+        self.bytes += len(data) if isinstance(data, bytes) else memoryview(data).nbytes
+
+    def write(self, key: str, image: np.ndarray, meta: dict) -> None:
+        """image: (C, H, W) C-contiguous array, written in its own dtype; meta: the sample json."""
+        if not image.flags.c_contiguous:
+            image = np.ascontiguousarray(image)
+        head = npy_header(image.dtype, image.shape)
+        size = len(head) + image.nbytes
+        self._put(tar_header(f"{key}.{IMAGE_EXT}", size) + head)
+        if image.nbytes:
+            self._put(memoryview(image).cast("B"))
+        js = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
+        self._put(b"\0" * (-size % BLOCK) + tar_header(f"{key}.{META_EXT}", len(js)) + js
+                  + b"\0" * (-len(js) % BLOCK))
+        self.count += 1
+
+    def close(self) -> None:
+        end = 2 * BLOCK
+        end += -(self.bytes + end) % RECORD
+        self._put(b"\0" * end)
+        self._f.flush()
+        os.ftruncate(self._f.fileno(), self.bytes)
+        if self._fsync:
+            os.fsync(self._f.fileno())
+        self._f.close()
+        os.replace(self.tmp, self.final)
+        if self._fsync:  # a directory fsync commits the journal: only when durability was asked for
+            fsync_dir(self.final.parent)
+        self.sha256 = self._sha.hexdigest()
+
+    def abort(self) -> None:
+        with contextlib.suppress(Exception):
+            self._f.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.tmp)
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """sha256 of a file, read in 4 MiB chunks (resume and verify)."""
+    h = hashlib.sha256()
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            n = f.readinto(view)
+            if not n:
+                break
+            h.update(view[:n])
+    return h.hexdigest()

@@ -1,0 +1,43 @@
+"""Tiny ViTs and weight files for the engine/model tests (width 64, depth 2-3, 28-56 px)."""
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from engine.config import ModelConfig
+from engine.model.vit import build_vit
+
+
+def tiny_cfg(**kw) -> ModelConfig:
+    base = dict(name="tiny", img_size=56)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def perturb_trainable(vit: torch.nn.Module, seed: int = 1, std: float = 0.05) -> None:
+    """Move every trainable tensor away from its init (as training would), deterministically."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(vit.named_parameters(), key=lambda kv: kv[0]):
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * std)
+
+
+@pytest.fixture
+def tiny_weights(tmp_path):
+    """Factory: (ModelConfig kwargs) -> (path of a timm .safetensors file of that arch, its state dict)."""
+
+    def make(seed: int = 0, **kw):
+        torch.manual_seed(seed)
+        vit = build_vit(tiny_cfg(**kw))
+        sd = {k: v.contiguous() for k, v in vit.state_dict().items()}
+        path = tmp_path / f"base_{seed}_{abs(hash(tuple(sorted(kw.items())))) % 10**8}.safetensors"
+        save_file(sd, str(path))
+        return str(path), sd
+
+    return make
+
+
+@pytest.fixture
+def images():
+    torch.manual_seed(123)
+    return torch.randn(2, 3, 56, 56)
