@@ -2,6 +2,8 @@
 
 A crash or Ctrl-C at any point leaves either the old file/dir or the new one, never a partial one.
 Temp names start with ``.tmp-`` so readers and resumers can recognise and delete leftovers.
+The result gets the permissions a plain ``open()`` / ``mkdir()`` would give (``0o666`` / ``0o777``
+masked by the umask), not ``tempfile``'s private ``0o600`` / ``0o700``.
 """
 from __future__ import annotations
 
@@ -13,6 +15,30 @@ from pathlib import Path
 from typing import IO, Iterator
 
 TMP_PREFIX = ".tmp-"
+
+
+def _read_umask() -> int:
+    # os.umask can only be read by setting it; done once here, at import (normally single-threaded),
+    # because swapping it later could hand another thread's new file a umask of 0.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_IMPORT_UMASK = _read_umask()
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it: Linux reports it in /proc/self/status (so a
+    later ``os.umask`` call is honoured); elsewhere the value at import time."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return _IMPORT_UMASK
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -37,6 +63,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent)
     try:
         with os.fdopen(fd, mode) as f:
+            os.chmod(tmp, 0o666 & ~current_umask())
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -65,6 +92,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         raise FileExistsError(f"{path} already exists")
     tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent))
     try:
+        os.chmod(tmp, 0o777 & ~current_umask())
         yield tmp
         for root, _, files in os.walk(tmp):
             for name in files:

@@ -83,7 +83,8 @@ def resolve(op: str, device: torch.device) -> str:
         else:
             name = "reference"
     key = (op, device.type, name)
-    if key not in _logged:
+    # Logging inside a region torch.compile traces is a graph break; the first eager call logs.
+    if key not in _logged and not torch.compiler.is_compiling():
         _logged.add(key)
         log.info("kernels: %s on %s uses the %s backend", op, device.type, name)
     return name

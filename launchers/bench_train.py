@@ -18,7 +18,6 @@ import argparse
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -178,16 +177,12 @@ def memory_rows(models: Sequence[str], zero_ranks: int) -> list[dict]:
 # --------------------------------------------------------------------------------------------
 # Orchestrator
 # --------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_one(config: str, stage: int, args: argparse.Namespace, tmp: Path) -> dict:
+    from engine.trainer.process_group import free_port
+
     run_dir = tmp / f"{config}_z{stage}"
     deepspeed = str(Path(sys.executable).parent / "deepspeed")
-    cmd = [deepspeed, "--num_gpus", str(args.nproc), "--master_port", str(_free_port()), str(Path(__file__).resolve()),
+    cmd = [deepspeed, "--num_gpus", str(args.nproc), "--master_port", str(free_port()), str(Path(__file__).resolve()),
            "--worker", "--config", config, "--stage", str(stage), "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--run-dir", str(run_dir)]
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))

@@ -1,6 +1,6 @@
 """ExPLoRA extended pre-training: config -> ViT + recipe -> objective -> data -> Trainer.fit -> export.
 
-    deepspeed launchers/pretrain.py --num_gpus 8 --config configs/explora_dinov2_vitl14_fmow_rgb.yaml \\
+    deepspeed --num_gpus 8 launchers/pretrain.py --config configs/explora_dinov2_vitl14_fmow_rgb.yaml \\
         --data.shards /data/fmow/shards --train.output_dir runs/vitl_fmow
     torchrun --nproc_per_node 8 launchers/pretrain.py --config ...
     python launchers/pretrain.py --config configs/tiny_cpu.yaml --data.shards /tmp/synthetic
@@ -13,40 +13,17 @@ checkpoint was saved; rerun the same command to resume), 1 halted on NaN/inf, 2 
 """
 from __future__ import annotations
 
-import gc
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
 from engine.atomic import atomic_write_text
-from engine.config import RunConfig, load_config, save_config
+from engine.config import RunConfig, save_config
 from engine.errors import UserError, cli_entry
-from engine.progress import setup_logging
+from engine.trainer.launch import exit_fast, run_cli
 
 log = logging.getLogger("geoexplora.pretrain")
-
-
-def split_config_arg(argv: Sequence[str]) -> tuple[Optional[str], list[str]]:
-    """``[--config PATH] [--a.b v ...]`` -> (PATH, overrides)."""
-    rest, path = [], None
-    it = iter(range(len(argv)))
-    for i in it:
-        a = argv[i]
-        if a == "--config":
-            if i + 1 >= len(argv):
-                raise UserError("--config: needs a YAML preset path (see configs/)")
-            path = argv[i + 1]
-            next(it)
-        elif a.startswith("--config="):
-            path = a.split("=", 1)[1]
-        elif a in ("-h", "--help"):
-            print(__doc__)
-            sys.exit(0)
-        else:
-            rest.append(a)
-    return path, rest
 
 
 def check_inputs(cfg: RunConfig) -> None:
@@ -100,35 +77,8 @@ def run(cfg: RunConfig, env) -> int:
 
 @cli_entry
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from engine.trainer.loop import NonFiniteLoss
-    from engine.trainer.process_group import init_distributed, launcher_rank, shutdown, strip_launcher_args
-
-    argv = strip_launcher_args(list(sys.argv[1:] if argv is None else argv))
-    rank = launcher_rank()
-    setup_logging(rank)
-    try:
-        path, overrides = split_config_arg(argv)
-        cfg = load_config(RunConfig, path, overrides)
-        check_inputs(cfg)
-    except UserError:
-        if rank != 0:  # every rank found the same problem; rank 0 prints it
-            sys.exit(2)
-        raise
-    env = init_distributed()
-    setup_logging(env.rank)
-    try:
-        return run(cfg, env)
-    except NonFiniteLoss as e:
-        log.error("%s", e)
-        return 1
-    finally:
-        shutdown()
+    return run_cli(RunConfig, argv, run, check_inputs, __doc__)
 
 
 if __name__ == "__main__":
-    code = main()
-    # Everything is written and closed. Interpreter shutdown would now run full garbage-collection
-    # passes over the millions of objects torch/deepspeed (inductor, sympy) import: 4-7 s per rank,
-    # measured. Frozen objects are skipped by those passes; refcounted cleanup still happens.
-    gc.freeze()
-    sys.exit(code)
+    exit_fast(main())

@@ -14,7 +14,7 @@ from typing import Iterator, Optional
 import numpy as np
 
 from shards.chips import invalid_fraction, pad_value_for, place, plan_windows
-from shards.inputs import chip_key, load_sidecar
+from shards.inputs import chip_key, label_names, load_sidecar
 from shards.plan import ShardTask
 from shards.raster import (DatasetCache, SourceInfo, read_rows, read_window, reading_env, resampling_method,
                            scan_source, window_transform)
@@ -111,6 +111,9 @@ def _meta(info: SourceInfo, win, out_hw) -> dict:
               "transform": window_transform(info, win, out_hw), "band_names": list(info.band_names),
               "nodata": info.nodata, "dtype": info.dtype, "gsd": gsd, "timestamp": info.timestamp,
               "label": info.label})
+    names = label_names(info.label)
+    if len(names) > 1:  # multi-label CSV cell: "label" keeps the cell string, "labels" the names
+        m["labels"] = names
     return m
 
 

@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_EXTS = ("tif", "tiff", "png", "jpg", "jpeg")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_\-]+")
+# separates the class names of a multi-label CSV cell (BigEarthNet: "Pastures;Sea and ocean")
+LABEL_SEP = ";"
 
 
 @dataclass
@@ -150,7 +152,8 @@ def parse_label_spec(spec: Optional[str]) -> tuple[str, object]:
 
 
 def read_label_csv(path: str) -> dict[str, str]:
-    """CSV rows ``path,label`` (header optional) -> {path as written: label}."""
+    """CSV rows ``path,label`` (header optional) -> {path as written: label}; a label cell may hold
+    several class names separated by ``;`` (multi-label, see :func:`canonical_label`)."""
     table: dict[str, str] = {}
     with open(path, newline="") as f:
         for i, row in enumerate(csv.reader(f)):
@@ -160,10 +163,29 @@ def read_label_csv(path: str) -> dict[str, str]:
                 raise UserError(f"--labels '{path}' line {i + 1}: expected 'path,label'")
             if i == 0 and row[0].strip().lower() in ("path", "file", "filename", "image"):
                 continue
-            table[row[0].strip()] = row[1].strip()
+            table[row[0].strip()] = canonical_label(row[1])
     if not table:
         raise UserError(f"--labels '{path}': no path,label rows")
     return table
+
+
+def canonical_label(cell: str) -> str:
+    """A CSV label cell, stripped; a multi-label cell ``"a; b;a"`` -> ``"a;b"`` (names stripped,
+    empties and repeats dropped, first order kept) so equal label sets give equal strings."""
+    cell = cell.strip()
+    if LABEL_SEP not in cell:
+        return cell
+    return LABEL_SEP.join(dict.fromkeys(n.strip() for n in cell.split(LABEL_SEP) if n.strip()))
+
+
+def label_names(label: Optional[str]) -> list[str]:
+    """The class names of one sample's label string: ``"a;b"`` -> ``["a", "b"]``, ``"a"`` -> ``["a"]``,
+    None -> []. A label with no separator is one name as is (folder names, single-label CSVs)."""
+    if label is None:
+        return []
+    if LABEL_SEP not in label:
+        return [label]
+    return [n for n in label.split(LABEL_SEP) if n]
 
 
 def label_for(f: InputFile, kind: str, arg) -> Optional[str]:

@@ -7,7 +7,10 @@ Layout (format ``geoexplora-shards/1``)::
      "num_bands", "band_names", "dtype", "nodata", "classes",
      "stats": {"count", "mean", "std", "min", "max", "p2", "p98"}}   # one entry per band
 
-``classes`` is the sorted list of labels present (class index = position) or null.
+``classes`` is the sorted list of labels present (class index = position) or null. When a sample
+has several class names (CSV cell ``"a;b"``), ``classes`` lists the individual names and the
+manifest adds ``"multilabel": true``; such a sample's json has ``"labels": ["a", "b"]`` beside
+``"label": "a;b"``.
 """
 from __future__ import annotations
 
@@ -31,8 +34,10 @@ def converter_version() -> str:
 
 
 def build_manifest(args: dict, shards: Sequence[dict], band_names: list[str], dtype: str,
-                   nodata: Optional[float], classes: Optional[list[str]], stats: dict) -> dict:
-    """shards: [{"name", "count", "bytes", "sha256"}] in shard order."""
+                   nodata: Optional[float], classes: Optional[list[str]], stats: dict,
+                   multilabel: bool = False) -> dict:
+    """shards: [{"name", "count", "bytes", "sha256"}] in shard order; multilabel: some sample has
+    several class names (adds ``"multilabel": true``)."""
     rows = [{"name": s["name"], "count": int(s["count"]), "bytes": int(s["bytes"]), "sha256": s["sha256"]}
             for s in shards]
     return {
@@ -46,7 +51,7 @@ def build_manifest(args: dict, shards: Sequence[dict], band_names: list[str], dt
         "nodata": nodata,
         "classes": sorted(classes) if classes else None,
         "stats": stats,
-    }
+    } | ({"multilabel": True} if multilabel else {})
 
 
 def write_manifest(out: Path, manifest: dict) -> Path:

@@ -22,7 +22,7 @@ from engine.atomic import atomic_write_text
 from engine.errors import UserError
 from engine.progress import progress
 from shards.build import ShardResult, build_shard, check_kept, close_rasters, scan_one, worker_init
-from shards.inputs import assign_keys, label_for, list_inputs, parse_label_spec
+from shards.inputs import assign_keys, label_for, label_names, list_inputs, parse_label_spec
 from shards.manifest import NAME as MANIFEST_NAME, build_manifest, read_manifest, write_manifest
 from shards.options import ConvertOptions
 from shards.plan import filter_signature, make_plan, plan_digest
@@ -248,10 +248,12 @@ def _finish(opts, tasks, sources, results, skipped, fingerprint, label_kind, out
         _write_skipped(out, skipped)
         raise UserError("input: no sample passed the filters (every chip exceeded --max-nodata or every file "
                         f"was skipped); see '{out / SKIPPED}' or raise --max-nodata")
-    classes = sorted({lab for r in ordered for lab in r.labels}) if label_kind != "none" else None
+    # r.labels holds each shard's distinct label strings; classes are the individual names in them
+    names = [label_names(lab) for r in ordered for lab in r.labels] if label_kind != "none" else []
+    classes = sorted({n for ns in names for n in ns}) if label_kind != "none" else None
     args = dict(fingerprint, workers=opts.workers)
     manifest = build_manifest(args, [vars(r) for r in ordered], ref.band_names, ref.dtype, ref.nodata,
-                              classes, stats.result())
+                              classes, stats.result(), multilabel=any(len(ns) > 1 for ns in names))
     _write_skipped(out, skipped)
     write_manifest(out, manifest)
     state.remove()

@@ -19,3 +19,21 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def single_rank_env():
+    """A one-rank gloo process group (what plain `python launchers/X.py` joins), left at module end
+    with the launcher variables restored."""
+    import torch.distributed as dist
+
+    from engine.trainer.process_group import init_distributed, shutdown
+
+    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    saved = {k: os.environ.pop(k, None) for k in keys}
+    env = init_distributed()
+    yield env
+    shutdown()
+    for k, v in saved.items():
+        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    assert not dist.is_initialized()

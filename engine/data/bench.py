@@ -96,22 +96,23 @@ def _view(mode: str, size: int):
     return EvalView(size, crop_pct=1.0) if mode == "decode" else SingleCrop(224, (0.2, 1.0))
 
 
-def _consume(batches, normalizer: Optional[Normalizer]) -> int:
+def _consume(batches, normalizer: Optional[Normalizer]) -> tuple[int, float]:
+    """(samples, seconds) to iterate ``batches`` to the end (worker start-up included, as a training
+    epoch pays it), normalising each batch in this process when ``normalizer`` is given."""
+    t = time.perf_counter()
     n = 0
     for b in batches:
         if normalizer is not None:
             b = to_device(b, "cpu", normalizer)
         n += int(b["images"].shape[0])
-    return n
+    return n, time.perf_counter() - t
 
 
 def run_naive(paths, view, normalizer, workers, batch, latency_s) -> tuple[int, float]:
     ds = NaiveGeoTiffDataset(paths, view, latency_s)
     dl = DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, collate_fn=_Collate(view),
                     drop_last=False)
-    t = time.perf_counter()
-    n = _consume(dl, normalizer)
-    return n, time.perf_counter() - t
+    return _consume(dl, normalizer)
 
 
 def run_stream(shards, view, normalizer, workers, batch, latency_s, buffer) -> tuple[int, float]:
@@ -119,9 +120,7 @@ def run_stream(shards, view, normalizer, workers, batch, latency_s, buffer) -> t
                       shuffle_buffer=buffer, drop_last=False, num_bands=(shards.manifest or {}).get("num_bands"),
                       max_skip_rate=0.0)
     loader = ShardLoader(ShardStream(plan, view, opener=ShardOpener(latency_s)), workers)
-    t = time.perf_counter()
-    n = _consume(loader, normalizer)
-    return n, time.perf_counter() - t
+    return _consume(loader, normalizer)
 
 
 def multicrop_cost(shards, n: int = 40) -> dict:

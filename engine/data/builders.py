@@ -7,8 +7,9 @@
 
 Each returned loader has ``.normalizer`` (manifest stats of the kept bands, see
 :mod:`engine.data.normalize`), ``.manifest`` and, for labelled loaders, ``.classes``
-(:class:`~engine.data.labels.ClassIndex`). The trainer moves a batch with
-``to_device(batch, device, loader.normalizer)``.
+(:class:`~engine.data.labels.ClassIndex`, or :class:`~engine.data.labels.MultiLabelIndex` when
+``.multilabel``: labels are then (B, C) float32 multi-hot instead of (B,) long). The trainer moves
+a batch with ``to_device(batch, device, loader.normalizer)``.
 
 Rank and world size come from the arguments, else ``torch.distributed`` when initialised, else
 the ``RANK``/``WORLD_SIZE`` environment variables, else a single process.
@@ -22,7 +23,7 @@ from typing import Any, Callable, Literal, Optional, Sequence
 
 import numpy as np
 
-from engine.data.labels import ClassIndex
+from engine.data.labels import ClassIndex, MultiLabelIndex
 from engine.data.loader import ShardLoader
 from engine.data.multicrop import DinoMultiCrop, EvalView, SingleCrop
 from engine.data.normalize import Normalizer
@@ -165,42 +166,56 @@ def _labelled_shards(data_cfg: Any, split: Optional[str], shards: Any) -> ShardS
     return resolve_shards(spec, data_cfg.manifest if shards is None and not split else "")
 
 
+def _label_index(data_cfg: Any, manifest: Optional[dict], multilabel: Optional[bool]) -> ClassIndex:
+    """ClassIndex, or MultiLabelIndex when ``multilabel`` (None = the manifest's "multilabel")."""
+    if multilabel is None:
+        multilabel = bool((manifest or {}).get("multilabel", False))
+    return (MultiLabelIndex if multilabel else ClassIndex).from_manifest(manifest, data_cfg.classes)
+
+
 def build_finetune_loader(data_cfg: Any, crops_cfg: Any, img_size: int, *, split: Optional[str] = None,
                           shards: Any = None, rank: Optional[int] = None, world_size: Optional[int] = None,
-                          seed: int = 0, opener: Optional[Callable] = None) -> ShardLoader:
+                          seed: int = 0, opener: Optional[Callable] = None,
+                          multilabel: Optional[bool] = None) -> ShardLoader:
     """Supervised training loader: {images (B, C, S, S) source dtype, labels (B,) long}.
 
     Random-resized crop (crops.single_scale) + D4 element, resampled per ``data.resampled``.
     split: sub-directory of data.shards (e.g. 'train'); shards: an explicit spec instead.
+    multilabel: labels (B, num_classes) float32 multi-hot; None = the manifest's "multilabel".
     """
     ss = _labelled_shards(data_cfg, split, shards)
-    classes = ClassIndex.from_manifest(ss.manifest, data_cfg.classes)
+    classes = _label_index(data_cfg, ss.manifest, multilabel)
     rank, world = rank_and_world(rank, world_size)
     view = SingleCrop(img_size, crops_cfg.single_scale, crops_cfg.ratio, crops_cfg.dihedral, data_cfg.bands)
     plan = _plan(data_cfg, ss, rank=rank, world=world, seed=seed, resampled=data_cfg.resampled,
                  batch_size=data_cfg.batch_size, drop_last=True, shuffle=True)
     loader = _loader(data_cfg, ss, view, plan, classes, equalize=True, opener=opener)
     loader.classes = classes
+    loader.multilabel = isinstance(classes, MultiLabelIndex)
     return loader
 
 
 def build_eval_loader(data_cfg: Any, img_size: int, *, split: Optional[str] = None, shards: Any = None,
                       labels: bool = True, batch_size: Optional[int] = None, rank: Optional[int] = None,
-                      world_size: Optional[int] = None, opener: Optional[Callable] = None) -> ShardLoader:
+                      world_size: Optional[int] = None, opener: Optional[Callable] = None,
+                      multilabel: Optional[bool] = None) -> ShardLoader:
     """Deterministic loader: {images (B, C, S, S) source dtype[, labels (B,) long]}.
+
+    multilabel: labels (B, num_classes) float32 multi-hot; None = the manifest's "multilabel".
 
     Every sample exactly once per epoch across ranks, in the same order on every pass (shards in
     spec order, split [rank::world] then [worker::num_workers], no shuffling, last batch partial).
     Ranks may get different numbers of samples (``loader.num_samples``); gather with sizes.
     """
     ss = _labelled_shards(data_cfg, split, shards)
-    classes = ClassIndex.from_manifest(ss.manifest, data_cfg.classes) if labels else None
+    classes = _label_index(data_cfg, ss.manifest, multilabel) if labels else None
     rank, world = rank_and_world(rank, world_size)
     view = EvalView(img_size, data_cfg.eval_crop_pct, data_cfg.bands)
     plan = _plan(data_cfg, ss, rank=rank, world=world, seed=0, resampled=False,
                  batch_size=batch_size or data_cfg.batch_size, drop_last=False, shuffle=False)
     loader = _loader(data_cfg, ss, view, plan, classes, equalize=False, opener=opener)
     loader.classes = classes
+    loader.multilabel = isinstance(classes, MultiLabelIndex)
     nw = max(1, data_cfg.num_workers)
     per_worker = [loader.dataset.expected_samples(0, w, nw) for w in range(nw)]
     loader.num_samples = None if any(n is None for n in per_worker) else int(sum(per_worker))

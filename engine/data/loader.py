@@ -27,6 +27,7 @@ Position / resume semantics (``state_dict()`` / ``load_state_dict()``):
 from __future__ import annotations
 
 import logging
+import signal
 from typing import Iterator, Optional
 
 import torch
@@ -39,6 +40,20 @@ from engine.errors import UserError
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: workers ignore SIGINT and SIGTERM.
+
+    Ctrl-C and schedulers (SLURM, Kubernetes) signal every process of the job; a worker killed
+    mid-batch makes the main process raise "DataLoader worker killed" while the trainer's
+    PreemptionGuard is checkpointing. Ignoring them leaves the stop to the main process, which shuts
+    the workers down through the DataLoader's queues (no signal involved); a worker whose main
+    process died exits on its own (torch's parent watchdog). Trade-off: torch's last-resort
+    ``terminate()`` of a worker that does not answer its shutdown request no longer kills it.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _batches(dl: DataLoader) -> Iterator[dict]:
@@ -132,7 +147,8 @@ class ShardLoader:
                 return
         kwargs = {}
         if self.num_workers > 0:
-            kwargs = {"prefetch_factor": self.prefetch_factor, "persistent_workers": False}
+            kwargs = {"prefetch_factor": self.prefetch_factor, "persistent_workers": False,
+                      "worker_init_fn": ignore_stop_signals}
         dl = DataLoader(ds, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory, **kwargs)
         last_seen = [(0, 0, 0)] * self.logical_workers
         max_rate = ds.plan.max_skip_rate

@@ -9,7 +9,8 @@ array and ``view.collate(items, rng) -> batch`` on a micro-batch; images stay in
   (n_global*B, G*(Hg/p)*(Wg/p)) bool iBOT masks;
 - :class:`SingleCrop`: ``images`` (B, C, S, S) (MAE pre-training; supervised fine-tuning);
 - :class:`EvalView`: ``images`` (B, C, S, S), deterministic centre crop;
-- with labels (the pipeline adds ``item["label"]``): also ``labels`` (B,) long.
+- with labels (the pipeline adds ``item["label"]``): also ``labels`` (B,) long, or (B, C) float32
+  multi-hot when the label function returns arrays (:class:`~engine.data.labels.MultiLabelIndex`).
 
 Photometric augmentation follows DINOv2 per crop but only on 3-band crops; other band counts get
 crops, resizes, flips and 90° rotations only (optionally the per-band blur).
@@ -41,7 +42,10 @@ def stack(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 def _stack_labels(items: list[dict], batch: dict) -> dict:
     if items and "label" in items[0]:
-        batch["labels"] = torch.tensor([it["label"] for it in items], dtype=torch.long)
+        if isinstance(items[0]["label"], np.ndarray):  # multi-hot float32 (C,) -> (B, C)
+            batch["labels"] = stack([torch.from_numpy(it["label"]) for it in items])
+        else:
+            batch["labels"] = torch.tensor([it["label"] for it in items], dtype=torch.long)
     return batch
 
 

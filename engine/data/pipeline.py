@@ -95,7 +95,8 @@ def seed_rng(*entropy: int) -> np.random.Generator:
 
 class ShardStream(IterableDataset):
     """Per-worker batch stream. ``view(arr, rng) -> item`` and ``view.collate(items, rng) -> dict``
-    (see :mod:`engine.data.multicrop`); ``label_fn(meta) -> int`` adds ``item["label"]``.
+    (see :mod:`engine.data.multicrop`); ``label_fn(meta) -> int`` (or a float32 (C,) multi-hot
+    array) adds ``item["label"]``.
 
     The loader sets ``epoch``, ``resume`` (per logical worker ``(batches, raw)`` already consumed),
     ``rotation`` (physical worker p plays logical worker (p + rotation) % nw) and ``quotas``

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from engine.eval.metrics import topk_accuracy
+from engine.eval.metrics import mean_average_precision, topk_accuracy
 
 
 @torch.no_grad()
@@ -19,9 +19,11 @@ def knn_scores(
 ) -> torch.Tensor:
     """Class votes (N_test, C): each of the k most cosine-similar train samples votes exp(sim / T).
 
-    train_feats: (N_train, D), train_labels: (N_train,) long, test_feats: (N_test, D).
+    train_feats: (N_train, D), train_labels: (N_train,) long, or (N_train, C) multi-hot (each
+    neighbour then votes for all its classes), test_feats: (N_test, D).
     Chunked over test samples so memory stays O(chunk * N_train).
     """
+    multilabel = train_labels.ndim == 2
     train = F.normalize(train_feats.float(), dim=1)
     test = F.normalize(test_feats.float(), dim=1)
     k = min(k, train.shape[0])
@@ -30,9 +32,12 @@ def knn_scores(
         sim = test[s:s + chunk] @ train.T  # (n, N_train)
         top_sim, top_idx = sim.topk(k, dim=1)
         weights = (top_sim / temperature).exp()
-        votes = torch.zeros(sim.shape[0], num_classes)
-        votes.scatter_add_(1, train_labels[top_idx], weights)
-        out[s:s + chunk] = votes
+        if multilabel:
+            out[s:s + chunk] = torch.einsum("nk,nkc->nc", weights, train_labels[top_idx].float())
+        else:
+            votes = torch.zeros(sim.shape[0], num_classes)
+            votes.scatter_add_(1, train_labels[top_idx], weights)
+            out[s:s + chunk] = votes
     return out
 
 
@@ -45,6 +50,8 @@ def knn_eval(
     k: int = 20,
     temperature: float = 0.07,
 ) -> dict[str, float]:
-    """Top-1/top-5 accuracy (%) of the weighted kNN classifier."""
+    """Top-1/top-5 accuracy (%) of the weighted kNN classifier; mAP (%) for multi-hot labels."""
     scores = knn_scores(train_feats, train_labels, test_feats, num_classes, k, temperature)
+    if train_labels.ndim == 2:
+        return {"mAP": mean_average_precision(scores, test_labels)}
     return topk_accuracy(scores, test_labels)

@@ -126,8 +126,11 @@ def read_checkpoint(path: str | Path, flag: str = "--model.weights") -> tuple[di
     for prefix in ("teacher.backbone.", "backbone.", "vit."):
         if any(k.startswith(prefix) for k in sd):
             inner = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-            if prefix == "vit.":  # our MAE objective keeps its decoder beside the encoder
-                inner.update({k[len("decoder."):]: v for k, v in sd.items() if k.startswith("decoder.decoder_")})
+            if prefix == "vit.":  # our MAE objective keeps its decoder (official MAE names) beside the encoder
+                # ``decoder.mask_token`` becomes the MAE layout's ``mask_token`` (overriding an encoder's
+                # DINOv2 mask token, which the MAE objective does not use)
+                inner.update({k[len("decoder."):]: v for k, v in sd.items()
+                              if k.startswith("decoder.decoder_") or k == "decoder.mask_token"})
             sd = inner
             break
     if any(re.match(r"blocks\.\d+\.\d+\.", k) for k in sd):  # DINOv2 chunked (FSDP) blocks

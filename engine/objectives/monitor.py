@@ -38,8 +38,9 @@ def feature_std(x: torch.Tensor) -> torch.Tensor:
 
 
 class CollapseMonitor:
-    """Computes the monitor values and warns (at most every ``warn_every`` calls) when they cross
-    the collapse thresholds."""
+    """Computes the monitor values and warns (on every ``warn_every``-th call, so never on the first
+    steps: a freshly initialised ViT's cls token is input-independent by construction) when they
+    cross the collapse thresholds."""
 
     def __init__(self, min_mean_entropy: float = 0.1, min_feature_std: float = 0.05, warn_every: int = 100):
         self.min_mean_entropy = min_mean_entropy
@@ -62,7 +63,7 @@ class CollapseMonitor:
         # one host transfer for all values
         out = dict(zip(vals, torch.stack(list(vals.values())).tolist())) if vals else {}
         self._calls += 1
-        if self._calls % self.warn_every == 1 or self.warn_every == 1:
+        if self._calls % self.warn_every == 0:
             self._warn(out)
         return out
 

@@ -6,7 +6,9 @@ up the same values.
 """
 from __future__ import annotations
 
-import math
+# The half-cosine ramp is the same math as the trainer's lr / weight-decay cosine; that module is
+# pure (no torch.distributed / deepspeed), so the objective may share it.
+from engine.trainer.schedules import cosine
 
 
 def cosine_schedule(step: int, total_steps: int, start: float, end: float) -> float:
@@ -14,10 +16,7 @@ def cosine_schedule(step: int, total_steps: int, start: float, end: float) -> fl
 
     This is DINO's momentum ramp: m(s) = end - (end - start) * (cos(pi s / T) + 1) / 2.
     """
-    if total_steps <= 0 or step >= total_steps:
-        return float(end)
-    t = max(step, 0) / total_steps
-    return float(end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * t)))
+    return cosine(step, total_steps, start, end)
 
 
 def linear_schedule(step: int, total_steps: int, start: float, end: float) -> float:

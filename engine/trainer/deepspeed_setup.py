@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 from torch import nn
@@ -38,15 +38,17 @@ def is_no_decay(name: str, p: nn.Parameter, no_decay_lora_b: bool) -> bool:
     return no_decay_lora_b and parts[-1] == "lora_b"
 
 
-def param_groups(named: Iterable[tuple[str, nn.Parameter]], no_decay_lora_b: bool = True) -> list[dict]:
+def param_groups(named: Iterable[tuple[str, nn.Parameter]], no_decay_lora_b: bool = True,
+                 lr_mult: Optional[Callable[[str], float]] = None) -> list[dict]:
     """AdamW param groups over the given (trainable) parameters: 'decay' (wd_mult 1) and
     'no_decay' (wd_mult 0); empty groups are dropped (ZeRO cannot partition an empty group).
+    lr_mult: name -> lr multiplier (layer-wise lr decay); tensors are grouped by (decay, multiplier)
+    and each group's ``lr_mult`` scales the scheduled lr.
 
     Every group carries ``names`` (parallel to ``params``) for reports; ``lr``/``weight_decay``
     are set per step by ``OptimSchedule.apply``.
     """
-    decay: list = []
-    no_decay: list = []
+    buckets: dict[tuple[bool, float], list] = {}
     seen: set[int] = set()
     for name, p in named:
         if not p.requires_grad:
@@ -54,12 +56,15 @@ def param_groups(named: Iterable[tuple[str, nn.Parameter]], no_decay_lora_b: boo
         if id(p) in seen:
             continue
         seen.add(id(p))
-        (no_decay if is_no_decay(name, p, no_decay_lora_b) else decay).append((name, p))
+        key = (is_no_decay(name, p, no_decay_lora_b), float(lr_mult(name)) if lr_mult else 1.0)
+        buckets.setdefault(key, []).append((name, p))
     groups = []
-    for tag, members, mult in (("decay", decay, 1.0), ("no_decay", no_decay, 0.0)):
-        if members:
-            groups.append({"params": [p for _, p in members], "names": [n for n, _ in members],
-                           "group": tag, "wd_mult": mult, "weight_decay": 0.0, "lr": 0.0})
+    for (no_decay, mult), members in sorted(buckets.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
+        tag = "no_decay" if no_decay else "decay"
+        if mult != 1.0:
+            tag += f"@lr_x{mult:.4g}"
+        groups.append({"params": [p for _, p in members], "names": [n for n, _ in members], "group": tag,
+                       "wd_mult": 0.0 if no_decay else 1.0, "lr_mult": mult, "weight_decay": 0.0, "lr": 0.0})
     return groups
 
 
@@ -183,7 +188,7 @@ def initialize(objective: nn.Module, cfg: RunConfig, world_size: int, device_typ
     named = list(objective.trainable_parameters())
     if not named:
         raise UserError("--explora.*: the recipe left no trainable parameters; check unfreeze_blocks/lora_targets")
-    groups = param_groups(named, cfg.optim.no_decay_lora_b)
+    groups = param_groups(named, cfg.optim.no_decay_lora_b, getattr(objective, "lr_multiplier", None))
     optimizer, impl = build_optimizer(groups, cfg.optim, device_type, offload=cfg.zero.offload_optimizer)
     overrides = {}
     if hasattr(objective, "zero_config_overrides"):

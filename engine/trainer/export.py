@@ -32,7 +32,7 @@ from engine.config import RunConfig
 log = logging.getLogger(__name__)
 
 
-def _gathered(params: list[nn.Parameter]):
+def gathered_params(params: list[nn.Parameter]):
     """Context in which ZeRO-3-partitioned ``params`` hold their full values (no-op otherwise)."""
     if not any(hasattr(p, "ds_id") for p in params):
         return contextlib.nullcontext()
@@ -51,7 +51,7 @@ def gather_state_dict(module: nn.Module, is_main: bool) -> Optional[dict[str, to
     for mod_name, mod in module.named_modules():
         params = list(mod.named_parameters(recurse=False))
         prefix = f"{mod_name}." if mod_name else ""
-        with _gathered([p for _, p in params]):
+        with gathered_params([p for _, p in params]):
             if is_main:
                 for n, p in params:
                     out[prefix + n] = p.detach().to("cpu", torch.float32).clone()

@@ -61,6 +61,8 @@ class FitResult:
     """The last checkpoint written or resumed from."""
     last: dict = field(default_factory=dict)
     """The last metrics record."""
+    evals: list = field(default_factory=list)
+    """Records of the ``evaluate`` callback, with their step (fine-tuning's validations)."""
 
 
 def _all_reduce_sum(t: torch.Tensor, group=None) -> torch.Tensor:
@@ -73,16 +75,21 @@ class Trainer:
     """Runs ``objective`` on ``loader`` under DeepSpeed for ``cfg.train.max_steps`` optimizer steps.
 
     objective: nn.Module with ``forward(batch, step) -> (loss, logs)``, ``trainable_parameters()``,
-    ``on_step_end(step)`` (and optionally ``zero_config_overrides(stage)``). loader: iterable of
+    ``on_step_end(step)`` (and optionally ``zero_config_overrides(stage)``, ``lr_multiplier(name)``
+    for layer-wise lr decay). loader: iterable of
     host batches with ``state_dict()``/``load_state_dict()`` (its position). prepare: host batch
     -> device batch (dtype conversion + normalisation on ``env.device``). flops_per_image: model
-    FLOPs per training image for MFU (0 = none).
+    FLOPs per training image for MFU (0 = none). evaluate: called on every rank with the step
+    count every ``eval_every`` optimizer steps and after the last one, model in eval mode; its
+    record goes to the metrics as ``val/...`` (fine-tuning's validation and best-checkpoint keeping).
     """
 
     def __init__(self, cfg: RunConfig, objective: nn.Module, loader: Iterable, env: DistEnv, *,
-                 prepare: Callable[[dict], dict] = lambda b: b, flops_per_image: float = 0.0):
+                 prepare: Callable[[dict], dict] = lambda b: b, flops_per_image: float = 0.0,
+                 evaluate: Optional[Callable[[int], dict]] = None, eval_every: int = 0):
         self.cfg, self.objective, self.loader, self.env = cfg, objective, loader, env
         self.prepare, self.flops_per_image = prepare, flops_per_image
+        self.evaluate, self.eval_every = evaluate, int(eval_every)
         self.output_dir = Path(cfg.train.output_dir)
         self.global_batch = cfg.data.batch_size * cfg.train.grad_accum_steps * env.world_size
         self.engine = None
@@ -191,7 +198,7 @@ class Trainer:
         result = FitResult(step=step, checkpoint=self.resumed_from)
         last_saved = step if self.resumed_from is not None else None
         self._it = iter(self.loader)
-        with PreemptionGuard() as guard, progress(total=t.max_steps - start, desc=f"pretrain from step {start}",
+        with PreemptionGuard() as guard, progress(total=t.max_steps - start, desc=f"train from step {start}",
                                                   unit="step", disable=not env.is_main) as bar:
             # logged once the guard is installed: from this line on, SIGTERM/SIGINT mean "checkpoint and stop"
             log.info("training steps %d -> %d: global batch %d (%d/rank x %d accumulation x %d ranks), "
@@ -219,12 +226,25 @@ class Trainer:
                     self.metrics.write(step, result.last)
                     if env.is_main:
                         bar.set_postfix_str(format_line(step, t.max_steps, result.last))
+                if self.evaluate is not None and (step == t.max_steps or
+                                                  (self.eval_every and step % self.eval_every == 0)):
+                    self._validate(step, result)
                 if (step == t.max_steps or (t.save_every and step % t.save_every == 0)) and last_saved != step:
                     result.checkpoint, last_saved = self.save(step), step
             self._close_data()  # before the guard restores the SIGCHLD handler (see preemption.py)
         result.step = step
         self.metrics.close()
         return result
+
+    def _validate(self, step: int, result: FitResult) -> None:
+        self.engine.eval()
+        try:
+            with torch.no_grad():
+                record = self.evaluate(step)
+        finally:
+            self.engine.train()
+        result.evals.append({"step": step, **record})
+        self.metrics.write(step, {"split": "val", **record}, prefix="val/")
 
     def _optimizer_step(self, step: int, guard: PreemptionGuard, meter: ThroughputMeter,
                         last_checkpoint: Optional[Path]) -> tuple[bool, dict]:

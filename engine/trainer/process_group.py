@@ -11,6 +11,7 @@ import datetime
 import logging
 import os
 import socket
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -39,24 +40,31 @@ def launcher_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+# Runner options that reach the script when written after it (``deepspeed x.py --num_gpus 8``): the
+# runner then used every visible GPU, and the script has nothing to do with them.
+RUNNER_OPTIONS = ("--num_gpus", "--num_nodes", "--num-gpus", "--num-nodes")
+
+
 def strip_launcher_args(argv: list[str]) -> list[str]:
     """Drop ``--local_rank N`` / ``--local_rank=N``, which the deepspeed launcher appends (LOCAL_RANK
-    in the environment carries the same information)."""
+    in the environment carries the same information), and deepspeed runner options written after
+    the script (``--num_gpus 8``; see :data:`RUNNER_OPTIONS`)."""
     out, skip = [], False
     for i, a in enumerate(argv):
         if skip:
             skip = False
             continue
-        if a in ("--local_rank", "--local-rank"):
+        if a in ("--local_rank", "--local-rank") + RUNNER_OPTIONS:
             skip = i + 1 < len(argv) and not argv[i + 1].startswith("--")
             continue
-        if a.startswith(("--local_rank=", "--local-rank=")):
+        if a.startswith(tuple(f"{o}=" for o in ("--local_rank", "--local-rank") + RUNNER_OPTIONS)):
             continue
         out.append(a)
     return out
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this host now (a rendezvous / master port)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -67,7 +75,7 @@ def _single_process_env() -> None:
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
 
 
 def _skip_cpu_shm_op() -> None:
@@ -118,7 +126,24 @@ def init_distributed(timeout_minutes: int = 30) -> DistEnv:
     return env
 
 
+def _forget_deepspeed_groups() -> None:
+    """Drop the sub-groups DeepSpeed caches at module level (``deepspeed.utils.groups``): they die
+    with the process group, and a later group in the same process (tests, notebooks) must not meet
+    them again ("Group ... is not registered")."""
+    groups = sys.modules.get("deepspeed.utils.groups")
+    if groups is None:
+        return
+    for name, value in list(vars(groups).items()):
+        if name.startswith("_") and name.endswith("_GROUP") and name.isupper():
+            setattr(groups, name, {} if isinstance(value, dict) else None)
+        elif name.endswith("_GROUP_RANKS") and isinstance(value, dict):
+            value.clear()
+    if hasattr(groups, "mesh_device"):
+        groups.mesh_device = None
+
+
 def shutdown() -> None:
     """Leave the process group (all ranks) so the launcher sees a clean exit."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _forget_deepspeed_groups()

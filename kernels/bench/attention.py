@@ -29,8 +29,6 @@ import argparse
 import json
 import logging
 import os
-import platform
-import statistics
 import time
 from typing import Callable, Optional
 
@@ -39,6 +37,8 @@ import torch
 from engine.atomic import atomic_write_text
 from engine.errors import UserError, cli_entry
 from engine.progress import setup_logging
+from kernels.bench.measure import (PeakMemory, default_iterations, device_label, failure_text, median_ms,
+                                   peak_memory_method, pin_mmap_threshold)
 from kernels.reference import attention_reference
 
 log = logging.getLogger(__name__)
@@ -100,76 +100,6 @@ def attention_flops(B: int, H: int, N: int, D: int, mode: str) -> float:
     return fwd if mode == "fwd" else 3.5 * fwd
 
 
-def _fixed_mmap_threshold(nbytes: int = 64 * 1024) -> bool:
-    """CPU peak-RSS fidelity: glibc's adaptive mmap threshold keeps freed multi-MB blocks resident, so
-    a later provider's scores matrix would not show in RSS. A fixed threshold maps (and unmaps) every
-    block above ``nbytes``. Returns whether it could be set (glibc only)."""
-    try:
-        import ctypes
-
-        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, nbytes))  # -3 = M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        return False
-
-
-class _Peak:
-    """Peak memory above the level at entry, in bytes (None where it cannot be measured)."""
-
-    def __init__(self, device: str):
-        self.device = device
-        self.bytes: Optional[int] = None
-
-    @staticmethod
-    def _rss_kb(field: str) -> Optional[int]:
-        try:
-            with open("/proc/self/status") as f:
-                return next((int(line.split()[1]) for line in f if line.startswith(field)), None)
-        except OSError:
-            return None
-
-    def __enter__(self):
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self._base = torch.cuda.memory_allocated()
-        else:
-            try:  # "5" resets VmHWM (peak RSS) to the current RSS (Linux >= 4.0)
-                with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")
-                self._base = self._rss_kb("VmRSS:")
-            except OSError:
-                self._base = None
-        return self
-
-    def __exit__(self, *exc):
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-            self.bytes = torch.cuda.max_memory_allocated() - self._base
-        elif self._base is not None:
-            hwm = self._rss_kb("VmHWM:")
-            self.bytes = None if hwm is None else max(0, hwm - self._base) * 1024
-        return False
-
-
-def _time_ms(fn: Callable[[], None], device: str, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
 def bench_case(name: str, attn: Attn, shape: tuple[int, int, int, int], dtype: torch.dtype, mode: str,
                device: str, warmup: int, iters: int, ref: torch.Tensor) -> dict:
     B, H, N, D = shape
@@ -191,11 +121,11 @@ def bench_case(name: str, attn: Attn, shape: tuple[int, int, int, int], dtype: t
         with torch.no_grad() if mode == "fwd" else torch.enable_grad():
             err = (attn(q, k, v, scale).float() - ref).abs().max().item()
             step()  # first call pays one-off costs (autograd threads, workspaces) outside the peak
-            with _Peak(device) as peak:
+            with PeakMemory(device) as peak:
                 step()
-            ms = _time_ms(step, device, warmup, iters)
+            ms = median_ms(step, device, warmup, iters)
     except Exception as e:  # noqa: BLE001 - a backend refusing a case is a result, not a crash
-        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        row["error"] = failure_text(e)
         return row
     row.update(ms=ms, tflops=attention_flops(B, H, N, D, mode) / (ms * 1e-3) / 1e12,
                peak_mb=None if peak.bytes is None else peak.bytes / 2**20, max_abs_err=err)
@@ -363,10 +293,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         raise UserError(f"--modes {args.modes!r}: use fwd, fwd_bwd or both (comma separated)")
     table = providers(device, args.providers.split(",") if args.providers else None)
     baseline = args.baseline or ("sdpa-flash" if device == "cuda" else "reference")
-    warmup = args.warmup if args.warmup is not None else (10 if device == "cuda" else 1)
-    iters = args.iters if args.iters is not None else (50 if device == "cuda" else 5)
+    warmup, iters = default_iterations(device, args.warmup, args.iters)
 
-    rss_exact = device == "cpu" and _fixed_mmap_threshold()
+    rss_exact = device == "cpu" and pin_mmap_threshold()
     rows = []
     for shape in shapes:
         ref = _reference_out(shape, dtype, device)
@@ -382,12 +311,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     for r in rows:
         if "max_abs_grad_err" in r:
             print(f"{r['provider']}: max |dq,dk,dv - reference| = {r['max_abs_grad_err']:.2e}")
-    meta = {"device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({platform.processor() or 'unknown'}, "
-                                                                             f"{torch.get_num_threads()} threads)",
+    meta = {"device": device_label(device),
             "torch": torch.__version__, "dtype": str(dtype), "baseline": baseline, "warmup": warmup, "iters": iters,
             "flops_convention": "fwd 4*B*H*N^2*D; fwd_bwd 3.5x fwd",
-            "peak_memory": "cuda max_memory_allocated" if device == "cuda" else
-            f"peak RSS increase (fixed mmap threshold: {rss_exact})"}
+            "peak_memory": peak_memory_method(device, rss_exact)}
     meta["triton"] = _triton_version()
     if args.out:
         atomic_write_text(args.out, json.dumps({"meta": meta, "rows": rows}, indent=2))

@@ -24,8 +24,6 @@ import argparse
 import json
 import logging
 import os
-import platform
-import statistics
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
@@ -38,6 +36,8 @@ if not torch.cuda.is_available():
 from engine.atomic import atomic_write_text  # noqa: E402
 from engine.errors import UserError, cli_entry  # noqa: E402
 from engine.progress import setup_logging  # noqa: E402
+from kernels.bench.measure import (PeakMemory, default_iterations, device_label, failure_text,  # noqa: E402
+                                   median_ms, peak_memory_method, pin_mmap_threshold)
 from kernels.reference import lora_linear_reference  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -141,74 +141,6 @@ def peft_available() -> bool:
     return True
 
 
-class PeakMemory:
-    """Peak bytes above the level at entry (None where it cannot be measured)."""
-
-    def __init__(self, device: str):
-        self.device, self.bytes, self._base = device, None, None
-
-    @staticmethod
-    def _kb(field: str) -> Optional[int]:
-        try:
-            with open("/proc/self/status") as f:
-                return next((int(line.split()[1]) for line in f if line.startswith(field)), None)
-        except OSError:
-            return None
-
-    def __enter__(self):
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self._base = torch.cuda.memory_allocated()
-        else:
-            try:  # "5" resets the peak RSS (VmHWM) to the current RSS (Linux >= 4.0)
-                with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")
-                self._base = self._kb("VmRSS:")
-            except OSError:
-                self._base = None
-        return self
-
-    def __exit__(self, *exc):
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-            self.bytes = torch.cuda.max_memory_allocated() - self._base
-        elif self._base is not None:
-            hwm = self._kb("VmHWM:")
-            self.bytes = None if hwm is None else max(0, hwm - self._base) * 1024
-        return False
-
-
-def pin_mmap_threshold(nbytes: int = 64 * 1024) -> bool:
-    """CPU: make glibc map/unmap every block above ``nbytes`` (M_MMAP_THRESHOLD = -3). Its adaptive
-    threshold otherwise keeps freed multi-MB tensors resident, hiding a later provider's peak in RSS."""
-    try:
-        import ctypes
-
-        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, nbytes))
-    except (OSError, AttributeError):
-        return False
-
-
-def median_ms(fn: Callable[[], None], device: str, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
 def bench_case(name: str, case: Case, dtype: torch.dtype, mode: str, device: str, args) -> dict:
     row = {"provider": name, **asdict(case), "dtype": str(dtype).replace("torch.", ""), "mode": mode,
            "device": device, "dropout": args.dropout}
@@ -233,7 +165,7 @@ def bench_case(name: str, case: Case, dtype: torch.dtype, mode: str, device: str
                 step()
             ms = median_ms(step, device, args.warmup, args.iters)
     except Exception as e:  # noqa: BLE001 - a provider refusing a case is a result, not a crash
-        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        row["error"] = failure_text(e)
         return row
     row.update(ms=ms, tflops=case.flops(mode) / (ms * 1e-3) / 1e12,
                peak_mb=None if peak.bytes is None else peak.bytes / 2**20)
@@ -344,8 +276,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise UserError(f"--providers: {', '.join(bad)} not usable here (usable: {', '.join(names)}; "
                             "triton needs CUDA, peft needs `pip install peft`)")
         names = wanted
-    args.warmup = args.warmup if args.warmup is not None else (10 if device == "cuda" else 1)
-    args.iters = args.iters if args.iters is not None else (50 if device == "cuda" else 5)
+    args.warmup, args.iters = default_iterations(device, args.warmup, args.iters)
 
     rss_exact = device == "cpu" and pin_mmap_threshold()
     rows = []
@@ -361,13 +292,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     for r in rows:
         if "max_abs_grad_err" in r:
             print(f"{r['provider']}: max |dx, dA, dB - reference| = {r['max_abs_grad_err']:.2e}")
-    meta = {"device": torch.cuda.get_device_name() if device == "cuda"
-            else f"cpu ({platform.processor() or 'unknown'}, {torch.get_num_threads()} threads)",
+    meta = {"device": device_label(device),
             "torch": torch.__version__, "dtype": str(dtype), "baseline": args.baseline, "warmup": args.warmup,
             "iters": args.iters, "scale": 2.0, "peft": has_peft,
             "flops": "fwd 2MNK + 2M(K*S*r + S*n*r); fwd_bwd 4MNK + 3*(rank-r part)",
-            "peak_memory": "cuda max_memory_allocated" if device == "cuda"
-            else f"peak RSS increase (fixed mmap threshold: {rss_exact})"}
+            "peak_memory": peak_memory_method(device, rss_exact)}
     if args.out:
         atomic_write_text(args.out, json.dumps({"meta": meta, "rows": rows}, indent=2))
         print(f"wrote {args.out}")

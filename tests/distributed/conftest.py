@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import tarfile
@@ -17,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from engine.trainer.process_group import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 LAUNCHER = REPO / "launchers" / "pretrain.py"
@@ -83,16 +84,10 @@ def tiny_weights(tmp_path_factory) -> Path:
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def pretrain_command(*args: str) -> list[str]:
     """``deepspeed --num_gpus 2 launchers/pretrain.py --config configs/tiny_cpu.yaml <args>``."""
     deepspeed = str(Path(sys.executable).parent / "deepspeed")
-    return [deepspeed, "--num_gpus", "2", "--master_port", str(_free_port()), str(LAUNCHER),
+    return [deepspeed, "--num_gpus", "2", "--master_port", str(free_port()), str(LAUNCHER),
             "--config", str(TINY), "--data.num_workers", "0", "--train.tensorboard", "false",
             "--objective.dino.warmup_teacher_temp_steps", "0", "--train.log_every", "1", *args]
 

@@ -1,20 +1,15 @@
 """Two gloo ranks: the objectives' cross-rank statistics equal the single-process computation over
 the concatenated batch (Sinkhorn-Knopp, running centers, and the DINO/iBOT losses and gradients)."""
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from engine.trainer.process_group import free_port
+
 WORLD = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _tiny_objective(all_reduce, centering: str):
@@ -101,4 +96,4 @@ def _worker(rank: int, port: int) -> None:
 
 @pytest.mark.distributed
 def test_cross_rank_statistics_match_single_process():
-    mp.spawn(_worker, args=(_free_port(),), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(),), nprocs=WORLD, join=True)

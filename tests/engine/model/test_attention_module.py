@@ -38,6 +38,20 @@ def _outputs_and_grads(model, x):
     return out.detach(), x.grad.clone(), grads
 
 
+def _assert_matches_timm(ref, x, tol: float, grad_rtol: float):
+    """A deep copy of timm ViT ``ref`` with DispatchAttention gives ref's features, input gradient
+    and every parameter gradient (atol ``tol``; rtol ``tol``, ``grad_rtol`` for parameters)."""
+    ours = copy.deepcopy(ref)
+    use_dispatch_attention(ours)
+    o_ref, gx_ref, g_ref = _outputs_and_grads(ref, x)
+    o, gx, g = _outputs_and_grads(ours, x)
+    torch.testing.assert_close(o, o_ref, atol=tol, rtol=tol)
+    torch.testing.assert_close(gx, gx_ref, atol=tol, rtol=tol)
+    assert g.keys() == g_ref.keys()
+    for key in g_ref:
+        torch.testing.assert_close(g[key], g_ref[key], atol=tol, rtol=grad_rtol, msg=key)
+
+
 def test_swap_keeps_state_dict_and_counts():
     vit = _tiny_vit()
     before = {k: v.clone() for k, v in vit.state_dict().items()}
@@ -61,32 +75,13 @@ def test_swap_keeps_state_dict_and_counts():
 @pytest.mark.parametrize("qk_norm", [False, True])
 def test_outputs_and_grads_match_timm(backend, name, qk_norm):
     backend(name)
-    ref = _tiny_vit(qk_norm=qk_norm)
-    ours = copy.deepcopy(ref)
-    use_dispatch_attention(ours)
-    x = torch.randn(2, 3, 32, 32)
-    o_ref, gx_ref, g_ref = _outputs_and_grads(ref, x)
-    o, gx, g = _outputs_and_grads(ours, x)
-    torch.testing.assert_close(o, o_ref, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(gx, gx_ref, atol=1e-5, rtol=1e-5)
-    assert g.keys() == g_ref.keys()
-    for key in g_ref:
-        torch.testing.assert_close(g[key], g_ref[key], atol=1e-5, rtol=1e-4, msg=key)
+    _assert_matches_timm(_tiny_vit(qk_norm=qk_norm), torch.randn(2, 3, 32, 32), tol=1e-5, grad_rtol=1e-4)
 
 
 def test_triton_backend_in_vit_matches_timm(backend):
     """The Triton kernel (interpreted on CPU) as a ViT's attention: 17 tokens, head dim 16."""
     backend("triton")
-    ref = _tiny_vit(depth=1)
-    ours = copy.deepcopy(ref)
-    use_dispatch_attention(ours)
-    x = torch.randn(1, 3, 32, 32)
-    o_ref, gx_ref, g_ref = _outputs_and_grads(ref, x)
-    o, gx, g = _outputs_and_grads(ours, x)
-    torch.testing.assert_close(o, o_ref, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(gx, gx_ref, atol=1e-4, rtol=1e-4)
-    for key in g_ref:
-        torch.testing.assert_close(g[key], g_ref[key], atol=1e-4, rtol=1e-3, msg=key)
+    _assert_matches_timm(_tiny_vit(depth=1), torch.randn(1, 3, 32, 32), tol=1e-4, grad_rtol=1e-3)
 
 
 def test_attention_dropout_in_training_uses_sdpa_dropout(backend, monkeypatch):

@@ -137,3 +137,22 @@ def test_geoexplora_trainer_checkpoint_merges_lora(tiny_weights, tmp_path, image
     assert again.base_info.format == "geoexplora"
     assert not any(k.endswith("lora_a") for k in again.state_dict())
     torch.testing.assert_close(_out(again, images), trained, atol=1e-5, rtol=1e-5)
+
+
+def test_mae_objective_checkpoint_keeps_the_decoder_mask_token(tiny_weights, tmp_path):
+    """Our MAE objective saves ``vit.*`` + ``decoder.*`` (official MAE names under ``decoder.``): the
+    decoder's mask token comes back as ``mask_token`` beside the ``decoder_*`` tensors."""
+    images = torch.randn(2, 3, 64, 48)
+    path, sd = tiny_weights(name="tiny_mae", img_size=64)
+    dec = {"mask_token": torch.randn(1, 1, 32), "decoder_embed.weight": torch.randn(32, 64),
+           "decoder_pos_embed": torch.randn(1, 17, 32), "decoder_norm.weight": torch.ones(32)}
+    module = {"vit." + k: v for k, v in sd.items()}
+    module.update({"decoder." + k: v for k, v in dec.items()})
+    f = tmp_path / "mae_run_consolidated.pth"
+    torch.save({"module": module}, f)
+    vit = build_vit(tiny_cfg(name="tiny_mae", img_size=64, weights=str(f)))
+    assert vit.base_info.format == "mae" and not hasattr(vit, "mask_token")
+    state = mae_decoder_state(vit)
+    assert set(state) == set(dec)
+    assert torch.equal(state["mask_token"], dec["mask_token"])
+    assert torch.equal(_out(vit, images), _out(build_vit(tiny_cfg(name="tiny_mae", img_size=64, weights=path)), images))

@@ -1,6 +1,13 @@
-"""Tiny timm ViTs with an ExPLoRA-like freeze (last block + norms train), shared by the objective tests."""
+"""Shared by the objective tests: tiny timm ViTs with an ExPLoRA-like freeze (last block + norms
+train), an optimisation loop, and the CLS output of the token-level forward as a module."""
+from typing import Callable, Union
+
 import pytest
 import timm
+import torch
+from torch import nn
+
+from engine.model.tokens import forward_tokens
 
 
 def make_vit(kind: str = "dino", img_size: int = 42, dim: int = 64, depth: int = 2, recipe: bool = True):
@@ -22,3 +29,30 @@ def make_vit(kind: str = "dino", img_size: int = 42, dim: int = 64, depth: int =
 @pytest.fixture
 def tiny_vit():
     return make_vit
+
+
+def train_steps(obj, batch: Union[dict, Callable[[int], dict]], steps: int, lr: float) -> list[dict]:
+    """AdamW on ``obj.trainable_parameters()`` for ``steps`` steps (forward, backward, step,
+    ``on_step_end``); ``batch`` is one batch for every step or ``step -> batch``. Returns each step's logs."""
+    opt = torch.optim.AdamW([p for _, p in obj.trainable_parameters()], lr=lr)
+    hist = []
+    for step in range(steps):
+        loss, logs = obj(batch(step) if callable(batch) else batch, step)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        obj.on_step_end(step)
+        hist.append(logs)
+    return hist
+
+
+class ClsToken(nn.Module):
+    """vit -> the CLS token (B, D) of ``forward_tokens``, as a module so ``torch.func.functional_call``
+    can run it with EMA parameters substituted (the reference a teacher forward must match)."""
+
+    def __init__(self, vit):
+        super().__init__()
+        self.vit = vit
+
+    def forward(self, x):
+        return forward_tokens(self.vit, x)["cls"]

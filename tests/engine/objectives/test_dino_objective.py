@@ -4,6 +4,7 @@ import torch
 
 from engine.config import DinoConfig
 from engine.objectives.dino import DinoObjective
+from tests.engine.objectives.conftest import train_steps
 
 B = 4
 
@@ -73,16 +74,7 @@ def test_on_step_end_moves_the_ema_of_trainable_tensors_only(tiny_vit):
 
 def test_optimisation_reduces_the_loss(tiny_vit):
     obj = _objective(tiny_vit, momentum_teacher=0.9)
-    batch = _batch(3)
-    opt = torch.optim.AdamW([p for _, p in obj.trainable_parameters()], lr=2e-3)
-    hist = []
-    for step in range(6):
-        loss, logs = obj(batch, step)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        obj.on_step_end(step)
-        hist.append(logs)
+    hist = train_steps(obj, _batch(3), steps=6, lr=2e-3)
     assert hist[-1]["loss"] < 0.9 * hist[0]["loss"]
     assert hist[-1]["dino_global"] < hist[0]["dino_global"]
     assert hist[-1]["ibot"] < hist[0]["ibot"]

@@ -8,6 +8,7 @@ from engine.config import MAEConfig
 from engine.errors import UserError
 from engine.objectives.mae import MAEObjective, masked_mse, patchify, random_masking
 from engine.objectives.mae_decoder import MAEDecoder, sincos_pos_embed_2d
+from tests.engine.objectives.conftest import train_steps
 
 CFG = dict(decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4)
 
@@ -163,16 +164,12 @@ def test_optimisation_reduces_the_loss(tiny_vit):
     names = {n for n, _ in obj.trainable_parameters()}
     assert any(n.startswith("decoder.") for n in names) and "vit.patch_embed.proj.weight" not in names
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    opt = torch.optim.AdamW([p for _, p in obj.trainable_parameters()], lr=2e-3)
-    first = last = None
-    for step in range(8):
+
+    def batch(step: int) -> dict:
         torch.manual_seed(100 + step % 2)  # masks alternate between two draws
-        loss, logs = obj({"images": x}, step)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        obj.on_step_end(step)
-        first = logs["loss"] if first is None else first
-        last = logs["loss"]
-    assert isinstance(last, float) and logs["mask_ratio"] == pytest.approx(0.75)
+        return {"images": x}
+
+    hist = train_steps(obj, batch, steps=8, lr=2e-3)
+    first, last = hist[0]["loss"], hist[-1]["loss"]
+    assert isinstance(last, float) and hist[-1]["mask_ratio"] == pytest.approx(0.75)
     assert last < 0.95 * first

@@ -7,6 +7,7 @@ from engine.errors import UserError
 from engine.model.tokens import forward_tokens
 from engine.objectives.dino_head import DINOHead
 from engine.objectives.teacher import EMATeacher, eval_mode, teacher_memory
+from tests.engine.objectives.conftest import ClsToken
 
 
 def _setup(tiny_vit):
@@ -88,21 +89,12 @@ def test_teacher_pass_equals_functional_call_with_ema_values(tiny_vit):
     ema = {n: e for n, e in zip(teacher.names, teacher.ema)}
     head_over = {n[len("head."):]: v for n, v in ema.items() if n.startswith("head.")}
     with torch.no_grad(), eval_mode([vit, head]):
-        cls = torch.func.functional_call(_TokenCls(vit), {n: v for n, v in ema.items() if n.startswith("vit.")}, (x,))
+        cls = torch.func.functional_call(ClsToken(vit), {n: v for n, v in ema.items() if n.startswith("vit.")}, (x,))
         ref = torch.func.functional_call(head, head_over, (cls,))
     torch.testing.assert_close(got, ref)
     # and it differs from the student
     with torch.no_grad():
         assert not torch.allclose(got, head(forward_tokens(vit, x)["cls"]))
-
-
-class _TokenCls(nn.Module):
-    def __init__(self, vit):
-        super().__init__()
-        self.vit = vit
-
-    def forward(self, x):
-        return forward_tokens(self.vit, x)["cls"]
 
 
 def test_teacher_mode_is_deterministic_and_restores_train_flags(tiny_vit):

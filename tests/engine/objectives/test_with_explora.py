@@ -1,7 +1,6 @@
 """The objectives on engine/model's real pieces: build_vit, apply_explora (LoRA), group-channel embed."""
 import pytest
 import torch
-from torch import nn
 
 from engine.config import DinoConfig, ExploraConfig, MAEConfig, ModelConfig, RunConfig
 from engine.model.explora import apply_explora
@@ -11,6 +10,7 @@ from engine.model.vit import build_vit
 from engine.objectives import DinoObjective, MAEObjective
 from engine.objectives.teacher import eval_mode
 from engine.objectives.teacher_memory import format_table, memory_row
+from tests.engine.objectives.conftest import ClsToken, train_steps
 
 B = 2
 HEAD = dict(head_n_prototypes=32, head_hidden_dim=16, head_bottleneck_dim=8)
@@ -28,15 +28,6 @@ def _dino_batch(seed: int) -> dict:
     return {"global_crops": torch.randn(2 * B, 3, 28, 28, generator=g),
             "local_crops": torch.randn(2 * B, 3, 14, 14, generator=g),
             "masks": torch.rand(2 * B, 4, generator=g) < 0.5}
-
-
-class _Cls(nn.Module):
-    def __init__(self, vit):
-        super().__init__()
-        self.vit = vit
-
-    def forward(self, x):
-        return forward_tokens(self.vit, x)["cls"]
 
 
 def test_teacher_tracks_lora_and_shares_the_frozen_base():
@@ -67,7 +58,7 @@ def test_teacher_tracks_lora_and_shares_the_frozen_base():
         got = forward_tokens(vit, x)["cls"]
     ema_vit = {n: e for n, e in zip(t.names, t.ema) if n.startswith("vit.")}
     with torch.no_grad(), eval_mode([vit]):
-        ref = torch.func.functional_call(_Cls(vit), ema_vit, (x,))
+        ref = torch.func.functional_call(ClsToken(vit), ema_vit, (x,))
     torch.testing.assert_close(got, ref)
 
 
@@ -82,16 +73,7 @@ def test_merged_lora_is_refused_by_the_teacher():
 def test_dino_with_explora_reduces_the_loss():
     vit, _ = _explora_vit(img_size=28)
     obj = DinoObjective(vit, DinoConfig(**HEAD, momentum_teacher=0.9), total_steps=100)
-    batch = _dino_batch(2)
-    opt = torch.optim.AdamW([p for _, p in obj.trainable_parameters()], lr=3e-3)
-    hist = []
-    for step in range(6):
-        loss, logs = obj(batch, step)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        obj.on_step_end(step)
-        hist.append(logs["loss"])
+    hist = [logs["loss"] for logs in train_steps(obj, _dino_batch(2), steps=6, lr=3e-3)]
     assert hist[-1] < 0.9 * hist[0], hist
 
 

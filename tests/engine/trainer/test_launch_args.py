@@ -4,7 +4,7 @@ import pytest
 
 from engine.errors import UserError
 from engine.trainer.process_group import strip_launcher_args
-from launchers.pretrain import split_config_arg
+from engine.trainer.launch import split_config_arg
 
 TINY = str(Path(__file__).resolve().parents[3] / "configs" / "tiny_cpu.yaml")
 
@@ -38,3 +38,9 @@ def test_bad_inputs_fail_before_any_process_group(extra, needle, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0]
     assert not (dist.is_available() and dist.is_initialized())
+
+
+def test_runner_options_after_the_script_are_dropped():
+    # `deepspeed launchers/pretrain.py --num_gpus 8 ...` hands --num_gpus to the script
+    assert strip_launcher_args(["--num_gpus", "8", "--zero.stage", "3"]) == ["--zero.stage", "3"]
+    assert strip_launcher_args(["--num_nodes=2", "--train.max_steps", "5"]) == ["--train.max_steps", "5"]

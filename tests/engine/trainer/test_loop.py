@@ -16,20 +16,8 @@ from engine.trainer.schedules import OptimSchedule
 
 
 @pytest.fixture(scope="module")
-def env():
-    import torch.distributed as dist
-
-    from engine.trainer.process_group import init_distributed, shutdown
-
-    saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    for k in saved:
-        os.environ.pop(k, None)
-    e = init_distributed()
-    yield e
-    shutdown()
-    for k, v in saved.items():
-        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
-    assert not dist.is_initialized()
+def env(single_rank_env):
+    return single_rank_env
 
 
 class ToyObjective(nn.Module):
