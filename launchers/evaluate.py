@@ -37,11 +37,7 @@ def check_inputs(cfg: EvalRunConfig) -> None:
 def run(cfg: EvalRunConfig, env) -> int:
     from engine.eval.frozen import evaluate_frozen
 
-    results = evaluate_frozen(cfg, env)
-    if env.is_main:
-        from engine.eval.frozen import format_table
-
-        print(format_table(results))
+    evaluate_frozen(cfg, env)  # logs the results table and writes results.json / results.txt
     return 0
 
 

@@ -14,7 +14,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -22,6 +22,7 @@ from torch import nn
 
 from engine.atomic import atomic_write
 from engine.data import to_device
+from engine.errors import UserError
 from engine.model.tokens import forward_tokens
 from engine.progress import progress
 
@@ -53,6 +54,33 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None and device.type == "cuda")
 
 
+def lockstep(loader: Iterable, device: torch.device) -> Iterator[tuple[dict, bool]]:
+    """Yield (batch, real) so that every rank makes the same number of model calls.
+
+    Eval splits give ranks different numbers of batches; under ZeRO-3 every forward all-gathers
+    parameters, so a rank that stops early would leave the others waiting forever. A rank that has
+    run out repeats its last batch with ``real=False`` (outputs to be discarded) until all are done.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        for b in loader:
+            yield b, True
+        return
+    it, last = iter(loader), None
+    flag = torch.zeros(1, device=device)
+    while True:
+        b = next(it, None)
+        flag.fill_(0.0 if b is None else 1.0)
+        dist.all_reduce(flag)
+        if flag.item() == 0:
+            return
+        if b is None and last is None:
+            raise UserError(f"the eval split has fewer samples than ranks ({dist.get_world_size()}); "
+                            "evaluate it on fewer ranks")
+        if b is not None:
+            last = b
+        yield (last, b is not None)
+
+
 @torch.no_grad()
 def run_over(loader: Iterable, device: torch.device, fn: Callable[[torch.Tensor], dict[str, torch.Tensor]],
              normalizer=None, precision: str = "fp32", desc: str = "eval", total: Optional[int] = None,
@@ -61,11 +89,13 @@ def run_over(loader: Iterable, device: torch.device, fn: Callable[[torch.Tensor]
     labels (N, ...)) over all ranks. input_dtype: cast the normalised images (a model stored in 16 bits)."""
     outs: dict[str, list[torch.Tensor]] = {}
     labels: list[torch.Tensor] = []
-    for batch in progress(loader, total=total, desc=desc, unit="batch"):
+    for batch, real in progress(lockstep(loader, device), total=total, desc=desc, unit="batch"):
         b = to_device(batch, device, normalizer)
         x = b["images"] if input_dtype is None else b["images"].to(input_dtype)
         with _autocast(device, precision):
             res = fn(x)
+        if not real:
+            continue
         for k, v in res.items():
             outs.setdefault(k, []).append(v.float().cpu())
         if "labels" in b:

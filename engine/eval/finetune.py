@@ -33,13 +33,14 @@ log = logging.getLogger(__name__)
 
 def validate(model: Classifier, loader, device: torch.device, multilabel: bool,
              input_dtype: Optional[torch.dtype] = None) -> dict[str, float]:
-    """Top-1/top-5 (%) or mAP (%) of ``model`` over the whole val split (every rank gets the same)."""
+    """Top-1/top-5 (%) or mAP (%) of ``model`` over the whole val split, and the number of samples
+    scored (every rank gets the same)."""
     out, labels = run_over(loader, device, lambda x: {"logits": model.logits(x)}, loader.normalizer,
                            desc="validate", total=len(loader) if hasattr(loader, "__len__") else None,
                            input_dtype=input_dtype)
-    if multilabel:
-        return {"mAP": mean_average_precision(out["logits"], labels)}
-    return topk_accuracy(out["logits"], labels)
+    scores = ({"mAP": mean_average_precision(out["logits"], labels)} if multilabel
+              else topk_accuracy(out["logits"], labels))
+    return {**scores, "samples": int(labels.shape[0])}
 
 
 def _gathered_trainable(model: nn.Module, is_main: bool) -> Optional[dict[str, torch.Tensor]]:
@@ -145,7 +146,7 @@ def run_finetune(cfg: FinetuneRunConfig, env) -> dict:
         improved = keeper.update(engine.module, step, record)
         if env.is_main:
             log.info("step %d (epoch %.2f): val %s%s", step, record["epoch"],
-                     ", ".join(f"{k} {v:.2f}" for k, v in record.items() if k != "epoch"),
+                     ", ".join(f"{k} {v:.2f}" for k, v in record.items() if k not in ("epoch", "samples")),
                      " (best so far, saved)" if improved else "")
         return record
 

@@ -24,6 +24,7 @@ def test_finetune_learns_and_keeps_best(labelled_shards, tmp_path, single_rank_e
     res = run_finetune(cfg, single_rank_env)
     # 48 train samples / batch 8 = 6 steps an epoch -> validated at 6, 12, 18, 24
     assert [v["step"] for v in res["validations"]] == [6, 12, 18, 24]
+    assert all(v["samples"] == 24 for v in res["validations"])
     assert res["best"]["top1"] > 75.0, res["validations"]  # chance is 50%
     saved = json.loads((out / "results.json").read_text())
     assert saved["best"] == res["best"] and saved["trainable_params"] == res["trainable_params"]
