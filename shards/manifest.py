@@ -21,7 +21,6 @@ from typing import Optional, Sequence
 
 from engine.atomic import atomic_write_text
 from engine.errors import UserError
-from shards.writer import publish_mode
 
 FORMAT = "geoexplora-shards/1"
 NAME = "manifest.json"
@@ -57,7 +56,6 @@ def build_manifest(args: dict, shards: Sequence[dict], band_names: list[str], dt
 def write_manifest(out: Path, manifest: dict) -> Path:
     path = Path(out) / NAME
     atomic_write_text(path, json.dumps(manifest, indent=1, sort_keys=False) + "\n")
-    publish_mode(path)
     return path
 
 

@@ -28,7 +28,6 @@ from shards.options import ConvertOptions
 from shards.plan import filter_signature, make_plan, plan_digest
 from shards.state import SKIPPED, RunState, prepare_out_dir, remove_temps, remove_unplanned_shards
 from shards.stats import BandStats
-from shards.writer import publish_mode
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +223,6 @@ def _check_strict(opts, results) -> None:
 
 def _write_skipped(out: Path, skipped: list[dict]) -> None:
     atomic_write_text(out / SKIPPED, "".join(json.dumps(e, sort_keys=True) + "\n" for e in skipped))
-    publish_mode(out / SKIPPED)
 
 
 def _finish(opts, tasks, sources, results, skipped, fingerprint, label_kind, out, state, t0) -> Summary:

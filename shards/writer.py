@@ -20,28 +20,13 @@ from typing import Optional
 
 import numpy as np
 
-from engine.atomic import TMP_PREFIX, fsync_dir
+from engine.atomic import TMP_PREFIX, current_umask, fsync_dir
 
 BLOCK = tarfile.BLOCKSIZE            # 512
 RECORD = tarfile.RECORDSIZE          # 10240: tar files are padded to whole records
 IMAGE_EXT = "img.npy"
 META_EXT = "json"
 _BUFFER = 1 << 20
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-FILE_MODE = 0o666 & ~_umask()
-
-
-def publish_mode(path) -> None:
-    """Give a finished output file the mode a plain open() would (temp files are made 0600)."""
-    with contextlib.suppress(OSError):
-        os.chmod(path, FILE_MODE)
 
 
 def npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
@@ -83,7 +68,7 @@ class ShardWriter:
     def __init__(self, out_dir: str | os.PathLike, name: str, fsync: bool = True, size_hint: int = 0):
         self.final = Path(out_dir) / name
         fd, self.tmp = tempfile.mkstemp(prefix=TMP_PREFIX + name + ".", dir=self.final.parent)
-        os.fchmod(fd, FILE_MODE)  # mkstemp makes 0600; a published shard gets the usual umask mode
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; a shard gets the usual umask mode
         if size_hint > 0 and hasattr(os, "posix_fallocate"):
             # reserving the planned size up front: ext4 then maps the file in a few extents instead
             # of allocating as pages arrive (6.8 MB writes: 1.9 ms instead of 2.7 ms); close()
