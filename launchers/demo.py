@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from engine.atomic import atomic_write_text
-from engine.config import EvalRunConfig, FinetuneRunConfig, RunConfig, load_config
+from engine.config import RunConfig, load_config
+from engine.eval.config import EvalRunConfig, FinetuneRunConfig
 from engine.errors import UserError, cli_entry
 from engine.progress import setup_logging
 from engine.trainer.launch import exit_fast

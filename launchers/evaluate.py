@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Sequence
 
-from engine.config import EvalRunConfig
+from engine.eval.config import EvalRunConfig
 from engine.errors import UserError, cli_entry
 from engine.trainer.launch import exit_fast, run_cli
 

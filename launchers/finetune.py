@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from engine.config import FinetuneRunConfig
+from engine.eval.config import FinetuneRunConfig
 from engine.errors import UserError, cli_entry
 from engine.trainer.launch import exit_fast, run_cli
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.config import FinetuneConfig, FinetuneRunConfig
+from engine.eval.config import FinetuneConfig, FinetuneRunConfig
 from engine.eval.features import pool_tokens
 from engine.model.explora import ParamReport, apply_explora, param_report
 from engine.model.tokens import forward_tokens

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from engine.atomic import atomic_write_text
-from engine.config import FinetuneRunConfig, save_config
+from engine.config import save_config
+from engine.eval.config import FinetuneRunConfig
 from engine.errors import UserError
 from engine.eval.classifier import Classifier, build_classifier
 from engine.eval.features import run_over

@@ -6,28 +6,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from engine.trainer.process_group import free_port
 from tests.distributed.conftest import REPO, launch_env
-
-
-def _pixels(rng, class_index, c, h, w):
-    return (60.0 + 120.0 * class_index) + 15.0 * rng.standard_normal((c, h, w)).astype(np.float32)
+from tests.engine.eval.conftest import write_labelled_splits
 
 
 @pytest.fixture(scope="module")
 def split_shards(tmp_path_factory):
-    from shards.convert import run_convert
-    from shards.synthetic import generate_archive
-
-    root = tmp_path_factory.mktemp("splits")
-    for split, n, seed in (("train", 32, 1), ("val", 21, 2)):
-        generate_archive(root / "src" / split, n, 32, classes=["dark", "bright"], pixel_fn=_pixels, seed=seed)
-        run_convert([str(root / "src" / split), "-o", str(root / "shards" / split), "--labels", "folder",
-                     "--max-samples-per-shard", "8"])
-    return root / "shards"
+    # an odd-sized val split split over shards of 8: the ranks get different numbers of batches
+    return write_labelled_splits(tmp_path_factory.mktemp("splits"), {"train": 32, "val": 21}, per_shard=8)
 
 
 def _launch(script: str, *args: str) -> subprocess.CompletedProcess:

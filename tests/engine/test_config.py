@@ -51,5 +51,8 @@ def test_parse_overrides_nesting():
 
 
 def test_every_field_documented():
-    undocumented = [name for name, _, doc in describe(RunConfig) if not doc]
+    from engine.eval.config import EvalRunConfig, FinetuneRunConfig
+
+    undocumented = [name for cls in (RunConfig, FinetuneRunConfig, EvalRunConfig)
+                    for name, _, doc in describe(cls) if not doc]
     assert not undocumented, undocumented

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from engine.config import FinetuneRunConfig, load_config
+from engine.config import load_config
+from engine.eval.config import FinetuneRunConfig
 from engine.eval.classifier import build_classifier
 from engine.trainer.deepspeed_setup import param_groups
 

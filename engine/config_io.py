@@ -1,0 +1,215 @@
+"""Config machinery for the typed run configs (``engine/config.py``, ``engine/eval/config.py``):
+YAML presets, dotted CLI overrides, type conversion, validation, saving and self-description.
+
+``load_config(RunConfig, "configs/tiny_cpu.yaml", ["--data.batch_size", "64"])`` reads the YAML,
+applies overrides (``--a.b value`` or ``--a.b=value``; values parsed as YAML scalars, lists also
+as ``a,b,c``), converts every field to its annotated type and runs each section's ``validate()``.
+Every error is a :class:`~engine.errors.UserError` naming the dotted field, e.g.
+``--optim.lr: expected float, got 'fast'``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from engine.atomic import atomic_write_text
+from engine.errors import UserError
+
+
+def check_field(ok: bool, name: str, msg: str) -> None:
+    """Raise UserError('--<name>: <msg>') unless ``ok`` (for the sections' ``validate()``)."""
+    if not ok:
+        raise UserError(f"--{name}: {msg}")
+
+
+def _convert(value: Any, tp: Any, name: str) -> Any:
+    """Convert a YAML/CLI value to annotation ``tp``; raise UserError naming ``name``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(value, a, name)
+            except UserError as e:
+                errors.append(str(e))
+        raise UserError(errors[0] if errors else f"--{name}: invalid value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise UserError(f"--{name}: expected one of {list(args)}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise UserError(f"--{name}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, prefix=name + ".")
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = [yaml.safe_load(v) for v in value.split(",")] if value else []
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        if origin is tuple:
+            if len(args) == 2 and args[1] is Ellipsis:
+                return tuple(_convert(v, args[0], name) for v in value)
+            if len(value) != len(args):
+                raise UserError(f"--{name}: expected {len(args)} values, got {list(value)!r}")
+            return tuple(_convert(v, a, name) for v, a in zip(value, args))
+        inner = args[0] if args else Any
+        return [_convert(v, inner, name) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"--{name}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise UserError(f"--{name}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise UserError(f"--{name}: expected int, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise UserError(f"--{name}: expected int, got {value!r}") from None
+    if tp is float:
+        if isinstance(value, bool):
+            raise UserError(f"--{name}: expected float, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise UserError(f"--{name}: expected float, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise UserError(f"--{name}: expected a string, got {value!r}")
+        return "" if value is None else str(value)
+    return value
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a (nested) dict, converting and validating every field."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise UserError(f"--{prefix}{unknown[0]}: unknown option; valid: {', '.join(sorted(names))}")
+    kwargs = {k: _convert(v, hints[k], prefix + k) for k, v in data.items()}
+    obj = cls(**kwargs)
+    validate = getattr(obj, "validate", None)
+    if callable(validate):
+        validate()
+    return obj
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain nested dict (tuples become lists) suitable for YAML/JSON."""
+
+    def plain(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(cfg)
+
+
+def parse_overrides(argv: list[str]) -> dict:
+    """``["--a.b", "1", "--c=x", "--flag"]`` -> ``{"a": {"b": 1}, "c": "x", "flag": True}``."""
+    out: dict = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise UserError(f"unexpected argument {arg!r}; options look like --section.field value")
+        key = arg[2:]
+        if "=" in key:
+            key, raw = key.split("=", 1)
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            raw = argv[i + 1]
+            i += 1
+        else:
+            raw = "true"
+        i += 1
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        if isinstance(value, str) and value != raw:
+            value = raw
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise UserError(f"--{key}: conflicts with an earlier --{p}")
+        node[parts[-1]] = value
+    return out
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(cls: type, path: str | None = None, overrides: list[str] | None = None) -> Any:
+    """YAML preset (optional) + dotted CLI overrides -> validated ``cls`` instance."""
+    data: dict = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"--config: file '{path}' not found (presets live in configs/)")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"--config: '{path}' is not valid YAML ({e.__class__.__name__})") from None
+        if not isinstance(data, dict):
+            raise UserError(f"--config: '{path}' must hold a mapping of sections")
+    data = _merge(data, parse_overrides(overrides or []))
+    return from_dict(cls, data)
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically) so a run can be reproduced from it."""
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
+    """``(dotted name, default, docstring)`` for every leaf field, read from the source."""
+    import ast
+    import inspect
+
+    docs: dict[str, str] = {}
+    try:
+        tree = ast.parse(inspect.getsource(cls))
+        body = tree.body[0].body
+        for a, b in zip(body, body[1:]):
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
+                docs[a.target.id] = str(b.value.value)
+    except (OSError, TypeError):
+        pass
+    hints = typing.get_type_hints(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows += describe(tp, prefix + f.name + ".")
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            rows.append((prefix + f.name, repr(default), docs.get(f.name, "")))
+    return rows
