@@ -76,3 +76,36 @@ class RunningCenter(nn.Module):
         keep = torch.where(count > 0, self.momentum, 1.0)
         new = self.center.float() * keep + (1.0 - keep) * total / count.clamp(min=1.0)
         self.center.copy_(new)
+
+
+class TeacherTargetLoss(nn.Module):
+    """Base of the DINO and iBOT losses: the student temperature and the teacher targets,
+    Sinkhorn-Knopp (DINOv2) or softmax around a running-mean center (DINO).
+
+    out_dim: K prototypes. centering: 'sinkhorn_knopp' | 'centering'. The running center exists in
+    both modes so checkpoints have one layout (state key ``center.center``).
+    """
+
+    def __init__(self, out_dim: int, student_temp: float = 0.1, centering: str = "sinkhorn_knopp",
+                 center_momentum: float = 0.9, sinkhorn_iterations: int = 3):
+        super().__init__()
+        if centering not in ("sinkhorn_knopp", "centering"):
+            raise ValueError(f"centering must be 'sinkhorn_knopp' or 'centering', got {centering!r}")
+        self.student_temp = student_temp
+        self.centering = centering
+        self.sinkhorn_iterations = sinkhorn_iterations
+        self.center = RunningCenter(out_dim, center_momentum)
+
+    @torch.no_grad()
+    def teacher_targets(self, teacher_logits: torch.Tensor, teacher_temp: float,
+                        all_reduce: AllReduce = identity_all_reduce) -> torch.Tensor:
+        """teacher_logits: (N, K) teacher scores of this rank -> target distributions (N, K) fp32.
+
+        Sinkhorn-Knopp equipartitions over the rows of ALL ranks (N may be 0 on a rank). With
+        'centering' the center is updated with this batch AFTER computing the targets.
+        """
+        if self.centering == "sinkhorn_knopp":
+            return sinkhorn_knopp(teacher_logits, teacher_temp, all_reduce, self.sinkhorn_iterations)
+        probs = self.center.targets(teacher_logits, teacher_temp)
+        self.center.update(teacher_logits, all_reduce)
+        return probs

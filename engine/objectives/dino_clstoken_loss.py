@@ -11,47 +11,16 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from engine.objectives.centering import AllReduce, RunningCenter, identity_all_reduce, sinkhorn_knopp
+from engine.objectives.centering import TeacherTargetLoss
 
 
-class DINOClsLoss(nn.Module):
-    """Teacher targets (Sinkhorn-Knopp or running-mean centering) and the multi-crop cross-entropy.
+class DINOClsLoss(TeacherTargetLoss):
+    """Multi-crop cross-entropy of the student's cls scores against the teacher targets
+    (:meth:`teacher_targets`: N = global crops of this rank).
 
     out_dim: K prototypes. centering: 'sinkhorn_knopp' | 'centering'.
     """
-
-    def __init__(
-        self,
-        out_dim: int,
-        student_temp: float = 0.1,
-        centering: str = "sinkhorn_knopp",
-        center_momentum: float = 0.9,
-        sinkhorn_iterations: int = 3,
-    ):
-        super().__init__()
-        if centering not in ("sinkhorn_knopp", "centering"):
-            raise ValueError(f"centering must be 'sinkhorn_knopp' or 'centering', got {centering!r}")
-        self.student_temp = student_temp
-        self.centering = centering
-        self.sinkhorn_iterations = sinkhorn_iterations
-        # the running center is kept in both modes so checkpoints have one layout
-        self.center = RunningCenter(out_dim, center_momentum)
-
-    @torch.no_grad()
-    def teacher_targets(
-        self, teacher_logits: torch.Tensor, teacher_temp: float, all_reduce: AllReduce = identity_all_reduce
-    ) -> torch.Tensor:
-        """teacher_logits: (N, K) for all global crops of this rank -> target distributions (N, K) fp32.
-
-        With 'centering' the center is updated with this batch AFTER computing the targets.
-        """
-        if self.centering == "sinkhorn_knopp":
-            return sinkhorn_knopp(teacher_logits, teacher_temp, all_reduce, self.sinkhorn_iterations)
-        probs = self.center.targets(teacher_logits, teacher_temp)
-        self.center.update(teacher_logits, all_reduce)
-        return probs
 
     def forward(
         self,

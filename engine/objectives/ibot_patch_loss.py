@@ -10,48 +10,17 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from engine.objectives.centering import AllReduce, RunningCenter, identity_all_reduce, sinkhorn_knopp
+from engine.objectives.centering import TeacherTargetLoss
 
 
-class IBOTPatchLoss(nn.Module):
-    """Teacher targets for masked patches and the weighted masked-patch cross-entropy.
+class IBOTPatchLoss(TeacherTargetLoss):
+    """Weighted masked-patch cross-entropy against the teacher targets (:meth:`teacher_targets`:
+    N = this rank's masked positions, image-major; DINOv2 also averages zero padding rows into the
+    running center, we do not pad).
 
     out_dim: K prototypes. centering: 'sinkhorn_knopp' | 'centering'.
     """
-
-    def __init__(
-        self,
-        out_dim: int,
-        student_temp: float = 0.1,
-        centering: str = "sinkhorn_knopp",
-        center_momentum: float = 0.9,
-        sinkhorn_iterations: int = 3,
-    ):
-        super().__init__()
-        if centering not in ("sinkhorn_knopp", "centering"):
-            raise ValueError(f"centering must be 'sinkhorn_knopp' or 'centering', got {centering!r}")
-        self.student_temp = student_temp
-        self.centering = centering
-        self.sinkhorn_iterations = sinkhorn_iterations
-        self.center = RunningCenter(out_dim, center_momentum)
-
-    @torch.no_grad()
-    def teacher_targets(
-        self, teacher_logits: torch.Tensor, teacher_temp: float, all_reduce: AllReduce = identity_all_reduce
-    ) -> torch.Tensor:
-        """teacher_logits: (M, K) teacher scores at this rank's M masked positions -> (M, K) fp32.
-
-        Sinkhorn-Knopp equipartitions over the masked patches of ALL ranks (M may be 0 here).
-        With 'centering' the patch center is the running mean of the masked teacher scores
-        (DINOv2 also averages its zero padding rows in; we do not pad).
-        """
-        if self.centering == "sinkhorn_knopp":
-            return sinkhorn_knopp(teacher_logits, teacher_temp, all_reduce, self.sinkhorn_iterations)
-        probs = self.center.targets(teacher_logits, teacher_temp)
-        self.center.update(teacher_logits, all_reduce)
-        return probs
 
     def forward(self, student_logits: torch.Tensor, teacher_probs: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """Weighted masked-patch cross-entropy.
