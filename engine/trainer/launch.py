@@ -41,6 +41,17 @@ def split_config_arg(argv: Sequence[str], doc: str = "") -> tuple[Optional[str],
     return path, rest
 
 
+def apply_kernel_config(cfg) -> None:
+    """Hand ``cfg.kernels`` (``--kernels.lora``, ``--kernels.attention``) to ``kernels.dispatch``;
+    the GEOEXPLORA_KERNELS / GEOEXPLORA_ATTENTION environment variables still take precedence."""
+    from kernels import dispatch
+
+    k = getattr(cfg, "kernels", None)
+    if k is not None:
+        dispatch.set_backend("lora_linear", k.lora)
+        dispatch.set_backend("attention", k.attention)
+
+
 def run_cli(config_cls: type, argv: Optional[Sequence[str]], run: Callable, check: Callable = lambda cfg: None,
             doc: str = "") -> int:
     """Parse, check, join the process group, ``run(cfg, env) -> exit code``, leave the group."""
@@ -64,6 +75,7 @@ def run_cli(config_cls: type, argv: Optional[Sequence[str]], run: Callable, chec
         if rank != 0:  # every rank found the same problem; rank 0 prints it
             sys.exit(2)
         raise
+    apply_kernel_config(cfg)
     env = init_distributed()
     setup_logging(env.rank)
     try:
