@@ -28,10 +28,13 @@ _NO_DS_PRINTS = 2**31 - 1
 
 def is_no_decay(name: str, p: nn.Parameter, no_decay_lora_b: bool) -> bool:
     """True for tensors trained without weight decay: biases, norms, LayerScale gammas, any 0/1-D
-    tensor (mask token), and LoRA B when ``no_decay_lora_b`` (decay on B would pull the adapter
-    update BA towards zero independently of A)."""
+    tensor, the position embedding and cls/register/mask tokens (as timm's ``no_weight_decay``),
+    and LoRA B when ``no_decay_lora_b`` (decay on B would pull the adapter update BA towards zero
+    independently of A)."""
     parts = name.lower().split(".")
     if p.ndim <= 1 or parts[-1] == "bias" or "gamma" in parts[-1]:
+        return True
+    if parts[-1] in ("pos_embed", "cls_token", "reg_token", "mask_token"):
         return True
     if any("norm" in part for part in parts):
         return True

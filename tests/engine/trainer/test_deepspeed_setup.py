@@ -39,6 +39,9 @@ def test_no_decay_rules():
     assert not is_no_decay("blocks.0.attn.qkv.lora_b", w, False)
     assert not is_no_decay("blocks.0.attn.qkv.lora_a", w, True)
     assert is_no_decay("mask_token", nn.Parameter(torch.zeros(3)), True)
+    tokens = nn.Parameter(torch.zeros(1, 5, 3))
+    assert is_no_decay("vit.pos_embed", tokens, True) and is_no_decay("cls_token", tokens, True)
+    assert not is_no_decay("vit.patch_embed.proj.weight", nn.Parameter(torch.zeros(4, 3, 2, 2)), True)
 
 
 def test_optimizer_on_cpu_is_torch_adamw_without_frozen_state():
