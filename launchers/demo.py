@@ -139,18 +139,17 @@ def finetune(env, target: Path, run_dir: Path, weights: str, adapter: str, steps
 
 
 def table(rows: list[dict]) -> str:
-    cols = [("backbone", "name", "{:<34}"), ("pretrain params", "pretrain_trainable_params", "{:>15,}"),
-            ("pretrain s", "pretrain_wall_s", "{:>10.1f}"), ("LP top-1", "linear_probe_top1", "{:>8.1f}"),
-            ("kNN top-1", "knn_top1", "{:>9.1f}"), ("FT top-1", "finetune_top1", "{:>8.1f}"),
-            ("FT params", "finetune_trainable_params", "{:>9,}")]
-    head = " ".join([f"{cols[0][0]:<34}"] + [f"{h:>{max(len(h), 8)}}" for h, _, _ in cols[1:]])
+    """One line per backbone; each column right-aligned to its header (at least 8 wide)."""
+    cols = [("pretrain params", "pretrain_trainable_params", ","), ("pretrain s", "pretrain_wall_s", ".1f"),
+            ("LP top-1", "linear_probe_top1", ".1f"), ("kNN top-1", "knn_top1", ".1f"),
+            ("FT top-1", "finetune_top1", ".1f"), ("FT params", "finetune_trainable_params", ",")]
+    head = " ".join([f"{'backbone':<34}"] + [f"{h:>8}" for h, _, _ in cols])
     lines = [head, "-" * len(head)]
     for r in rows:
         cells = [f"{r['name']:<34}"]
-        for h, key, fmt in cols[1:]:
-            w = max(len(h), 8)
+        for h, key, spec in cols:
             v = r.get(key)
-            cells.append(f"{'-':>{w}}" if v is None else f"{fmt.format(v).strip():>{w}}")
+            cells.append(f"{'-' if v is None else format(v, spec):>{max(len(h), 8)}}")
         lines.append(" ".join(cells))
     return "\n".join(lines)
 

@@ -17,9 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.eval.config import FinetuneConfig, FinetuneRunConfig
-from engine.eval.features import pool_tokens
 from engine.model.explora import ParamReport, apply_explora, param_report
-from engine.model.tokens import forward_tokens
+from engine.model.tokens import forward_tokens, pool_tokens
 from engine.model.vit import build_vit
 
 log = logging.getLogger(__name__)

@@ -23,13 +23,10 @@ from torch import nn
 from engine.atomic import atomic_write
 from engine.data import to_device
 from engine.errors import UserError
-from engine.model.tokens import forward_tokens
+from engine.model.tokens import forward_tokens, pool_tokens
 from engine.progress import progress
 
 log = logging.getLogger(__name__)
-
-POOLS = ("cls", "cls_avgpool")
-
 
 def gather_rows(t: torch.Tensor) -> torch.Tensor:
     """Concatenate each rank's (n_r, ...) CPU tensor in rank order (identity without a process group)."""
@@ -38,15 +35,6 @@ def gather_rows(t: torch.Tensor) -> torch.Tensor:
     parts: list = [None] * dist.get_world_size()
     dist.all_gather_object(parts, t.cpu())
     return torch.cat(parts, dim=0)
-
-
-def pool_tokens(tokens: dict[str, torch.Tensor], pool: str) -> torch.Tensor:
-    """(B, D) cls token, or (B, 2D) cls concatenated with the mean patch token ('cls_avgpool')."""
-    if pool == "cls":
-        return tokens["cls"]
-    if pool == "cls_avgpool":
-        return torch.cat([tokens["cls"], tokens["patch"].mean(dim=1)], dim=-1)
-    raise ValueError(f"unknown pool {pool!r}; use one of {POOLS}")
 
 
 def _autocast(device: torch.device, precision: str):

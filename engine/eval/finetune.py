@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from engine.atomic import atomic_write_text
+from engine.atomic import atomic_write, atomic_write_text
 from engine.config import save_config
 from engine.eval.config import FinetuneRunConfig
 from engine.errors import UserError
@@ -74,8 +74,6 @@ class BestKeeper:
         self.best = {"step": step, **record}
         if self.is_main:
             from safetensors.torch import save
-
-            from engine.atomic import atomic_write
 
             self.dir.mkdir(parents=True, exist_ok=True)
             meta = {k: json.dumps(v) for k, v in {**self.meta, **self.best}.items()}
@@ -136,15 +134,12 @@ def run_finetune(cfg: FinetuneRunConfig, env) -> dict:
     keeper = BestKeeper(out, metric, env.is_main, {"classes": classes, "multilabel": multilabel,
                                                   "model": cfg.model.name, "mode": ft.mode})
     steps_per_epoch = max(1, len(train) // cfg.train.grad_accum_steps)
-    holder: dict = {}
 
-    def evaluate(step: int) -> dict:
-        engine = holder["trainer"].engine
-        dtype = next(p.dtype for p in engine.module.head.parameters())
-        record = validate(engine.module, val, env.device, multilabel,
-                          input_dtype=dtype if dtype != torch.float32 else None)
+    def evaluate(step: int, module: Classifier) -> dict:
+        dtype = module.head.weight.dtype  # bf16/fp16 when the engine stores the model in 16 bits
+        record = validate(module, val, env.device, multilabel, input_dtype=dtype if dtype != torch.float32 else None)
         record["epoch"] = step / steps_per_epoch
-        improved = keeper.update(engine.module, step, record)
+        improved = keeper.update(module, step, record)
         if env.is_main:
             log.info("step %d (epoch %.2f): val %s%s", step, record["epoch"],
                      ", ".join(f"{k} {v:.2f}" for k, v in record.items() if k not in ("epoch", "samples")),
@@ -153,7 +148,6 @@ def run_finetune(cfg: FinetuneRunConfig, env) -> dict:
 
     trainer = Trainer(cfg, model, train, env, prepare=lambda b: to_device(b, env.device, train.normalizer),
                       evaluate=evaluate, eval_every=ft.eval_every or steps_per_epoch)
-    holder["trainer"] = trainer
     fit = trainer.fit()
     head = sum(p.numel() for p in model.head.parameters())
     results = {"mode": ft.mode, "classes": classes, "multilabel": multilabel, "metric": metric,

@@ -109,9 +109,19 @@ def forward_tokens(
     return {"cls": cls, "reg": out[:, n_cls:P], "patch": out[:, P:], "prenorm": t}
 
 
+POOLS = ("cls", "cls_avgpool")
+
+
+def pool_tokens(tokens: dict[str, torch.Tensor], pool: str) -> torch.Tensor:
+    """Embedding of :func:`forward_tokens` output for probes, kNN and classification heads:
+    'cls' (B, D), or 'cls_avgpool' (B, 2D) = cls concatenated with the mean patch token (DINOv2)."""
+    if pool == "cls":
+        return tokens["cls"]
+    if pool == "cls_avgpool":
+        return torch.cat([tokens["cls"], tokens["patch"].mean(dim=1)], dim=-1)
+    raise ValueError(f"unknown pool {pool!r}; use one of {POOLS}")
+
+
 def pooled_features(vit: nn.Module, x: torch.Tensor, avgpool: bool = False) -> torch.Tensor:
-    """Frozen-feature embedding for linear probes / kNN: cls (B, D), or [cls, mean patch] (B, 2D)."""
-    tok = forward_tokens(vit, x)
-    if avgpool:
-        return torch.cat([tok["cls"], tok["patch"].mean(dim=1)], dim=-1)
-    return tok["cls"]
+    """Frozen-feature embedding of images ``x``: cls (B, D), or [cls, mean patch] (B, 2D)."""
+    return pool_tokens(forward_tokens(vit, x), "cls_avgpool" if avgpool else "cls")

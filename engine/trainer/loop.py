@@ -80,13 +80,14 @@ class Trainer:
     host batches with ``state_dict()``/``load_state_dict()`` (its position). prepare: host batch
     -> device batch (dtype conversion + normalisation on ``env.device``). flops_per_image: model
     FLOPs per training image for MFU (0 = none). evaluate: called on every rank with the step
-    count every ``eval_every`` optimizer steps and after the last one, model in eval mode; its
+    count and the engine's module (the objective, possibly ZeRO-3 partitioned) every ``eval_every``
+    optimizer steps and after the last one, in eval mode under no_grad; its
     record goes to the metrics as ``val/...`` (fine-tuning's validation and best-checkpoint keeping).
     """
 
     def __init__(self, cfg: RunConfig, objective: nn.Module, loader: Iterable, env: DistEnv, *,
                  prepare: Callable[[dict], dict] = lambda b: b, flops_per_image: float = 0.0,
-                 evaluate: Optional[Callable[[int], dict]] = None, eval_every: int = 0):
+                 evaluate: Optional[Callable[[int, nn.Module], dict]] = None, eval_every: int = 0):
         self.cfg, self.objective, self.loader, self.env = cfg, objective, loader, env
         self.prepare, self.flops_per_image = prepare, flops_per_image
         self.evaluate, self.eval_every = evaluate, int(eval_every)
@@ -240,7 +241,7 @@ class Trainer:
         self.engine.eval()
         try:
             with torch.no_grad():
-                record = self.evaluate(step)
+                record = self.evaluate(step, self.engine.module)
         finally:
             self.engine.train()
         result.evals.append({"step": step, **record})
