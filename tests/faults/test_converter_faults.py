@@ -11,7 +11,6 @@ import errno
 import json
 import logging
 import math
-import multiprocessing as mp
 import os
 import shutil
 import signal
@@ -23,14 +22,12 @@ import numpy as np
 import pytest
 import rasterio
 
-import shards.workers as workers
 from shards.build import ShardWriter
 from shards.convert import main
 from shards.inputs import list_inputs, not_regular
 from shards.synthetic import generate_archive
 from shards.verify import verify
-from shards.workers import Crash, WorkerPool
-from tests.shards.conftest import read_samples, run as run_convert
+from tests.shards.conftest import deadline, fork_workers, read_samples, run as run_convert  # noqa: F401 (fixtures)
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
@@ -114,25 +111,6 @@ def _own_logging():
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
-
-
-@pytest.fixture
-def deadline():
-    """In-process runs that use the pool fail after 60 s instead of hanging the suite."""
-    def hang(signum, frame):
-        raise TimeoutError("converter test exceeded 60 s: a hang")
-
-    old = signal.signal(signal.SIGALRM, hang)
-    signal.setitimer(signal.ITIMER_REAL, 60)
-    yield
-    signal.setitimer(signal.ITIMER_REAL, 0)
-    signal.signal(signal.SIGALRM, old)
-
-
-@pytest.fixture
-def fork_workers(monkeypatch):
-    """Workers forked from this process, so they inherit this test's monkeypatches."""
-    monkeypatch.setattr(workers, "_context", lambda: mp.get_context("fork"))
 
 
 @pytest.fixture
@@ -458,30 +436,6 @@ def test_worker_crash_with_strict_or_outside_any_input_stops(archive, monkeypatc
     assert rc == 1
     line = _error_line(capsys.readouterr().err)
     assert "died from SIGSEGV" in line and "while building shard-000001.tar, not while reading an input" in line
-
-
-def _pool_item(x):
-    if x == 3:
-        os._exit(7)
-    if x == 5:
-        os.kill(os.getpid(), signal.SIGSEGV)
-    if x == 8:
-        raise ValueError("bad item 8")
-    return x * x
-
-
-def test_pool_blames_exactly_the_item_a_worker_died_on(deadline, fork_workers):
-    pool = WorkerPool(2)
-    try:
-        got = dict(pool.run(_pool_item, [0, 1, 2, 3, 4, 5, 6, 7], chunk=3))
-        assert {i: v for i, v in got.items() if not isinstance(v, Crash)} == {i: i * i for i in (0, 1, 2, 4, 6, 7)}
-        assert got[3].exitcode == 7 and got[3].how() == "exited with code 7 without finishing"
-        assert got[5].how().startswith("died from SIGSEGV")
-        with pytest.raises(ValueError, match="bad item 8") as e:
-            list(pool.run(_pool_item, [8]))
-        assert "Traceback" in str(e.value.__cause__)
-    finally:
-        pool.close(abort=True)
 
 
 # ---- item 11: one-line errors, reasons summarized ----------------------------------------------
