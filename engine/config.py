@@ -1,6 +1,6 @@
 """Typed run configuration of extended pre-training: one dataclass section per subsystem.
 
-``load_config(RunConfig, "configs/tiny_cpu.yaml", ["--data.batch_size", "64"])`` (machinery in
+``load_config(RunConfig, "tiny_cpu", ["--data.batch_size", "64"])`` (machinery in
 :mod:`engine.config_io`, re-exported here) reads a YAML preset plus dotted CLI overrides into these
 sections and validates them; errors name the dotted field. The fine-tuning and evaluation runs
 reuse these sections (``engine/eval/config.py``).

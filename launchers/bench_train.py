@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "configs" / "tiny_cpu.yaml"
+TINY = REPO / "engine" / "presets" / "tiny_cpu.yaml"
 
 # Bench configs as overrides of the tiny preset. 'vitb': ViT-B/14 at a small image size so a CPU
 # step takes seconds, with a smaller DINO head so the backbone dominates the step.
