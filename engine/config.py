@@ -18,8 +18,8 @@ from engine.config_io import check_field as _check
 from engine.config_io import describe, from_dict, load_config, parse_overrides, save_config, to_dict
 
 __all__ = ["DataConfig", "CropConfig", "ModelConfig", "ExploraConfig", "DinoConfig", "MAEConfig", "ObjectiveConfig",
-           "OptimConfig", "ZeroConfig", "KernelConfig", "TrainConfig", "RunConfig", "describe", "from_dict",
-           "load_config", "parse_overrides", "save_config", "to_dict"]
+           "OptimConfig", "ZeroConfig", "DeepSpeedFileConfig", "KernelConfig", "TrainConfig", "RunConfig", "describe",
+           "from_dict", "load_config", "parse_overrides", "save_config", "to_dict"]
 
 # --------------------------------------------------------------------------------------------
 # Sections
@@ -330,6 +330,16 @@ class ZeroConfig:
 
 
 @dataclass
+class DeepSpeedFileConfig:
+    config: str = ""
+    """DeepSpeed JSON/YAML file merged over the generated DeepSpeed config (e.g. comms_logger, flops_profiler, extra zero_optimization keys); keys that other flags set are refused; '' = none."""
+
+    def validate(self) -> None:
+        _check(not self.config or Path(self.config).is_file(), "deepspeed.config",
+               f"file '{self.config}' not found")
+
+
+@dataclass
 class KernelConfig:
     lora: Literal["auto", "triton", "reference"] = "auto"
     """LoRA linear backend ('auto' never picks a kernel unproven on this device)."""
@@ -392,5 +402,6 @@ class RunConfig:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     zero: ZeroConfig = field(default_factory=ZeroConfig)
+    deepspeed: DeepSpeedFileConfig = field(default_factory=DeepSpeedFileConfig)
     kernels: KernelConfig = field(default_factory=KernelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

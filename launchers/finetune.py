@@ -29,6 +29,7 @@ def check_inputs(cfg: FinetuneRunConfig) -> None:
     from engine.data import resolve_shards
     from engine.eval.finetune import check_splits
     from engine.model.vit import resolve_arch
+    from engine.trainer.ds_user_config import check_user_config
 
     resolve_arch(cfg.model.name)
     check_splits(cfg)
@@ -36,6 +37,7 @@ def check_inputs(cfg: FinetuneRunConfig) -> None:
         resolve_shards(f"{cfg.data.shards}/{split}", "")
     if cfg.train.max_steps <= 0:
         raise UserError("--train.max_steps: must be > 0")
+    check_user_config(cfg)  # --deepspeed.config FILE
 
 
 def run(cfg: FinetuneRunConfig, env) -> int:

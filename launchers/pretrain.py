@@ -29,6 +29,7 @@ def check_inputs(cfg: RunConfig) -> None:
     """Fail fast, before any process group: unknown model, missing shards, unwritable run dir."""
     from engine.data import resolve_shards
     from engine.model.vit import resolve_arch
+    from engine.trainer.ds_user_config import check_user_config
 
     resolve_arch(cfg.model.name)
     if not cfg.data.shards:
@@ -37,6 +38,7 @@ def check_inputs(cfg: RunConfig) -> None:
     out = Path(cfg.train.output_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"--train.output_dir '{out}' exists and is not a directory")
+    check_user_config(cfg)  # --deepspeed.config FILE
 
 
 def run(cfg: RunConfig, env) -> int:

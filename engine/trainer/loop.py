@@ -114,6 +114,7 @@ class Trainer:
             self._flags = dist.new_group(backend="gloo")
         if env.is_main:
             atomic_write_text(self.output_dir / "optimizer.json", json.dumps(self.report.to_dict(), indent=1))
+            atomic_write_text(self.output_dir / "deepspeed_config.json", json.dumps(self.report.ds_config, indent=1))
         seed_all(cfg.train.seed + 1000 * env.rank)
         self.ckpt.remove_temp()
         found = [str(p) if (p := resolve_resume(cfg.train.resume, self.output_dir)) else None]
