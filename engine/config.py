@@ -10,6 +10,8 @@ docstring (the string literal under it) so that ``describe(RunConfig)`` can docu
 """
 from __future__ import annotations
 
+import importlib.util
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
@@ -20,6 +22,13 @@ from engine.config_io import describe, from_dict, load_config, parse_overrides, 
 __all__ = ["DataConfig", "CropConfig", "ModelConfig", "ExploraConfig", "DinoConfig", "MAEConfig", "ObjectiveConfig",
            "OptimConfig", "ZeroConfig", "DeepSpeedFileConfig", "KernelConfig", "TrainConfig", "RunConfig", "describe",
            "from_dict", "load_config", "parse_overrides", "save_config", "to_dict"]
+
+def _importable(package: str) -> bool:
+    """Whether ``import package`` can work, without importing it (slow for wandb/mlflow)."""
+    if package in sys.modules:
+        return sys.modules[package] is not None
+    return importlib.util.find_spec(package) is not None
+
 
 # --------------------------------------------------------------------------------------------
 # Sections
@@ -375,8 +384,8 @@ class TrainConfig:
     """Per-device peak dense TFLOPS for MFU (0 = look the GPU up by name; no MFU on CPU)."""
     export: bool = True
     """At the end, write the ExPLoRA adapter file and the merged ViT weights to <output_dir>/export."""
-    tensorboard: bool = True
-    """Write TensorBoard events to <output_dir>/tb (metrics.jsonl is always written)."""
+    logger: list[Literal["tensorboard", "wandb", "mlflow"]] = field(default_factory=lambda: ["tensorboard"])
+    """Experiment loggers besides metrics.jsonl (always written), e.g. tensorboard,wandb; '' = none. Offline by default: TensorBoard to <output_dir>/tb, W&B in offline mode unless WANDB_MODE is set, MLflow to <output_dir>/mlruns unless MLFLOW_TRACKING_URI is set."""
 
     def validate(self) -> None:
         _check(self.max_steps > 0, "train.max_steps", "must be > 0")
@@ -389,6 +398,10 @@ class TrainConfig:
         _check(bool(self.output_dir), "train.output_dir", "must name a directory")
         _check(self.resume in ("auto", "none") or Path(self.resume).exists(), "train.resume",
                f"'{self.resume}' is neither 'auto', 'none' nor an existing checkpoint")
+        _check(len(set(self.logger)) == len(self.logger), "train.logger", f"names a logger twice: {self.logger}")
+        for name in self.logger:
+            _check(_importable(name), "train.logger", f"{name}: the {name} package is not installed; "
+                   f"pip install {name} (or geoexplora[{name}]), or leave it out")
 
 
 @dataclass

@@ -104,7 +104,7 @@ def worker(args: argparse.Namespace) -> int:
     overrides = CONFIGS[args.config] + [
         "--zero.stage", str(args.stage), "--train.max_steps", str(args.warmup + args.steps),
         "--train.output_dir", str(run_dir), "--train.resume", "none", "--train.log_every", "1",
-        "--train.save_every", "0", "--train.export", "false", "--train.tensorboard", "false",
+        "--train.save_every", "0", "--train.export", "false", "--train.logger", "",
         "--train.precision", "bf16" if env.device.type == "cuda" else "fp32", "--data.shards", "synthetic"]
     cfg = load_config(RunConfig, str(TINY), overrides)
     seed_all(cfg.train.seed)

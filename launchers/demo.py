@@ -97,7 +97,7 @@ def pretrain(env, shards: Path, run_dir: Path, steps: int, weights: str, full: b
     from launchers.pretrain import run
 
     over = ["--data.shards", str(shards), "--train.output_dir", str(run_dir), "--train.max_steps", str(steps),
-            "--train.save_every", "0", "--train.resume", "none", "--train.tensorboard", "false",
+            "--train.save_every", "0", "--train.resume", "none", "--train.logger", "",
             "--optim.warmup_steps", str(max(1, steps // 10)), "--model.weights", weights]
     if full:  # from scratch, every tensor trains: a lower lr than the preset's (LoRA-sized) one
         over += ["--optim.lr", "0.003", "--explora.unfreeze_blocks", "0,1", "--explora.lora_targets", "", "--explora.train_patch_embed",
@@ -130,7 +130,7 @@ def finetune(env, target: Path, run_dir: Path, weights: str, adapter: str, steps
     cfg = load_config(FinetuneRunConfig, "finetune_tiny_cpu", [
         "--data.shards", str(target), "--model.weights", weights, "--model.adapter", adapter,
         "--train.output_dir", str(run_dir), "--train.max_steps", str(steps), "--train.resume", "none",
-        "--train.tensorboard", "false", "--optim.warmup_steps", str(max(1, steps // 10))])
+        "--train.logger", "", "--optim.warmup_steps", str(max(1, steps // 10))])
     res = run_finetune(cfg, env)
     # the table reports the last validation: the best one is picked on the same val split (kept in JSON)
     return {"finetune_top1": res["final"]["top1"], "finetune_best_top1": res["best"]["top1"],

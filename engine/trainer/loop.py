@@ -97,7 +97,8 @@ class Trainer:
         self.report: Optional[deepspeed_setup.OptimizerReport] = None
         self.resumed_from: Optional[Path] = None
         self.ckpt = CheckpointManager(self.output_dir, env.rank, env.world_size, cfg.train.keep_last)
-        self.metrics = MetricsWriter(self.output_dir, enabled=env.is_main, tensorboard=cfg.train.tensorboard)
+        self.metrics = MetricsWriter(self.output_dir, enabled=env.is_main, loggers=cfg.train.logger,
+                                     config=to_dict(cfg) if env.is_main else None)
         self._git = git_revision() if env.is_main else ""
         self._flags = None  # process group of the stop-flag all-reduce (None = the default group)
         self._it = None

@@ -88,7 +88,7 @@ def pretrain_command(*args: str) -> list[str]:
     """``deepspeed --num_gpus 2 launchers/pretrain.py --config tiny_cpu <args>``."""
     deepspeed = str(Path(sys.executable).parent / "deepspeed")
     return [deepspeed, "--num_gpus", "2", "--master_port", str(free_port()), str(LAUNCHER),
-            "--config", str(TINY), "--data.num_workers", "0", "--train.tensorboard", "false",
+            "--config", str(TINY), "--data.num_workers", "0", "--train.logger", "",
             "--objective.dino.warmup_teacher_temp_steps", "0", "--train.log_every", "1", *args]
 
 
