@@ -37,7 +37,7 @@ from engine.progress import progress
 from engine.trainer import deepspeed_setup
 from engine.trainer.checkpoint import CheckpointManager, extra_state, load_extra_state, resolve_resume
 from engine.trainer.flops import device_peak_flops
-from engine.trainer.metrics import MetricsWriter, ThroughputMeter, format_line
+from engine.trainer.metrics import MetricsWriter, ThroughputMeter, format_metrics
 from engine.trainer.preemption import PreemptionGuard
 from engine.trainer.process_group import DistEnv
 from engine.trainer.provenance import git_revision
@@ -201,8 +201,8 @@ class Trainer:
         result = FitResult(step=step, checkpoint=self.resumed_from)
         last_saved = step if self.resumed_from is not None else None
         self._it = iter(self.loader)
-        with PreemptionGuard() as guard, progress(total=t.max_steps - start, desc=f"train from step {start}",
-                                                  unit="step", disable=not env.is_main) as bar:
+        with PreemptionGuard() as guard, progress(total=t.max_steps, initial=start, desc="train", unit="step",
+                                                  every=t.log_every, disable=not env.is_main) as bar:
             # logged once the guard is installed: from this line on, SIGTERM/SIGINT mean "checkpoint and stop"
             log.info("training steps %d -> %d: global batch %d (%d/rank x %d accumulation x %d ranks), "
                      "peak lr %.3g", step, t.max_steps, self.global_batch, cfg.data.batch_size,
@@ -223,12 +223,12 @@ class Trainer:
                 self.objective.on_step_end(step)
                 step += 1
                 meter.step_done()
-                bar.update(1)
                 if step % t.log_every == 0 or step == t.max_steps:
                     result.last = self._record(logs, lr, wd, meter)
                     self.metrics.write(step, result.last)
                     if env.is_main:
-                        bar.set_postfix_str(format_line(step, t.max_steps, result.last))
+                        bar.set_postfix_str(format_metrics(result.last))
+                bar.update(1)  # a log line on log_every steps without a TTY (with the metrics above)
                 if self.evaluate is not None and (step == t.max_steps or
                                                   (self.eval_every and step % self.eval_every == 0)):
                     self._validate(step, result)

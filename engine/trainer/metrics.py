@@ -140,12 +140,8 @@ def read_metrics(path: Path) -> list[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def format_line(step: int, max_steps: int, record: dict, keys: Optional[list[str]] = None) -> str:
-    """Compact human line: ``step 120/1000 loss 3.21 lr 1.2e-04 ... 850 img/s``."""
+def format_metrics(record: dict, keys: Optional[list[str]] = None) -> str:
+    """Compact human line: ``loss 3.21 lr 0.00012 ... images_per_s 850``."""
     keys = keys or ["loss", "lr", "grad_norm", "images_per_s", "data_wait_frac", "mfu", "peak_mem_gb"]
-    parts = [f"step {step}/{max_steps}"]
-    for k in keys:
-        v = record.get(k)
-        if isinstance(v, float):
-            parts.append(f"{k} {v:.3g}")
-    return " ".join(parts)
+    return " ".join(f"{k} {record[k]:.3g}" for k in keys if isinstance(record.get(k), float))
+
