@@ -104,7 +104,8 @@ def format_default(value: Any) -> str:
 def help_text(config_cls: type, doc: str = "") -> str:
     """The launcher's docstring, the general options, then every config field by section."""
     width = min(max(shutil.get_terminal_size((100, 24)).columns, 60), 120)
-    wrap = textwrap.TextWrapper(width=width, initial_indent=" " * 6, subsequent_indent=" " * 6)
+    wrap = textwrap.TextWrapper(width=width, initial_indent=" " * 6, subsequent_indent=" " * 6,
+                                break_on_hyphens=False)
     out = [doc.strip(), ""] if doc.strip() else []
     presets = ", ".join(preset_names())
     out += ["general options:",
