@@ -34,7 +34,7 @@ setup(
         "bench": ["peft"],
         # Experiment loggers besides TensorBoard (--train.logger wandb,mlflow).
         "wandb": ["wandb"],
-        "mlflow": ["mlflow-skinny"],
+        "mlflow": ["mlflow-skinny", "sqlalchemy", "alembic"],  # the SQLite store in the run directory
     },
     entry_points={
         "console_scripts": [

@@ -385,7 +385,7 @@ class TrainConfig:
     export: bool = True
     """At the end, write the ExPLoRA adapter file and the merged ViT weights to <output_dir>/export."""
     logger: list[Literal["tensorboard", "wandb", "mlflow"]] = field(default_factory=lambda: ["tensorboard"])
-    """Experiment loggers besides metrics.jsonl (always written), e.g. tensorboard,wandb; '' = none. Offline by default: TensorBoard to <output_dir>/tb, W&B in offline mode unless WANDB_MODE is set, MLflow to <output_dir>/mlruns unless MLFLOW_TRACKING_URI is set."""
+    """Experiment loggers besides metrics.jsonl (always written), e.g. tensorboard,wandb; '' = none. Offline by default: TensorBoard to <output_dir>/tb, W&B in offline mode unless WANDB_MODE is set, MLflow to <output_dir>/mlflow.db unless MLFLOW_TRACKING_URI is set."""
 
     def validate(self) -> None:
         _check(self.max_steps > 0, "train.max_steps", "must be > 0")

@@ -5,7 +5,7 @@ metrics.jsonl is always written (``metrics.MetricsWriter``); each logger named i
 its optimizer step. Each lives in its own module and imports its package only when chosen (the
 config refuses a logger whose package is not installed). All of them work offline: TensorBoard
 writes files, W&B runs in offline mode unless WANDB_MODE says otherwise, and MLflow writes a
-local file store in the run directory unless MLFLOW_TRACKING_URI names another.
+SQLite store in the run directory unless MLFLOW_TRACKING_URI names another.
 """
 from __future__ import annotations
 

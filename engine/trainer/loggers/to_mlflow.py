@@ -1,5 +1,6 @@
-"""Metrics to MLflow: a local file store ``<output_dir>/mlruns`` unless MLFLOW_TRACKING_URI names
-another store or server (``mlflow ui --backend-store-uri <output_dir>/mlruns`` shows it).
+"""Metrics to MLflow: a SQLite store ``<output_dir>/mlflow.db`` unless MLFLOW_TRACKING_URI names
+another store or server (``mlflow ui --backend-store-uri sqlite:///<output_dir>/mlflow.db`` shows it;
+MLflow 3 refuses its old ./mlruns file store by default).
 
 Experiment: MLFLOW_EXPERIMENT_NAME or ``geoexplora``; run name: the run directory's name. The
 resolved config is logged once as dotted params (``optim.lr``); the MLflow run id is kept in
@@ -34,7 +35,8 @@ class MlflowLogger:
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or (Path(output_dir) / "mlruns").resolve().as_uri()
+        out = Path(output_dir).resolve()
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{out / 'mlflow.db'}"
         self.client = MlflowClient(tracking_uri=uri)
         rid = saved_run_id(output_dir, "mlflow")
         if rid is not None:  # a resumed run: continue it (its params are already logged)
@@ -43,7 +45,8 @@ class MlflowLogger:
             return
         name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or "geoexplora"
         exp = self.client.get_experiment_by_name(name)
-        exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(name)
+        exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(
+            name, artifact_location=(out / "mlartifacts").as_uri())
         self.run_id = self.client.create_run(exp_id, run_name=Path(output_dir).name).info.run_id
         save_run_id(output_dir, "mlflow", self.run_id)
         params = [Param(k, v) for k, v in flat_params(config).items()]

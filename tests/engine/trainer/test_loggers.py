@@ -39,7 +39,8 @@ class FakeMlflowClient:
         self.calls.append(("get_experiment", name))
         return None
 
-    def create_experiment(self, name):
+    def create_experiment(self, name, artifact_location):
+        self.calls.append(("create_experiment", name, artifact_location))
         return "7"
 
     def create_run(self, experiment_id, run_name):
@@ -94,7 +95,8 @@ def test_every_logger_gets_the_metrics_and_a_resume_continues_the_run(single_ran
     assert init["id"] == (tmp_path / "wandb_run_id").read_text().strip() and init["config"]["train"]["max_steps"] == 2
     assert [(s, d["train/mse"], d["train/lr"]) for s, d in wandb.logged] == [(r["step"], r["mse"], r["lr"]) for r in rows]
     assert wandb.finished == 1
-    assert client.calls[0] == ("client", (tmp_path / "mlruns").resolve().as_uri())
+    assert client.calls[0] == ("client", f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}")
+    assert ("create_experiment", "geoexplora", (tmp_path / "mlartifacts").resolve().as_uri()) in client.calls
     assert ("create_run", "7", tmp_path.name) in client.calls and client.calls[-1] == ("terminated", "run-abc")
     assert client.params["optim.lr"] == "0.05" and client.params["train.logger"] == "['tensorboard', 'wandb', 'mlflow']"
     assert [(s, v) for s, k, v in client.metrics if k == "train/mse"] == [(r["step"], r["mse"]) for r in rows]
