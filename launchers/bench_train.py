@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "configs" / "tiny_cpu.yaml"
+TINY = REPO / "engine" / "presets" / "tiny_cpu.yaml"
 
 # Bench configs as overrides of the tiny preset. 'vitb': ViT-B/14 at a small image size so a CPU
 # step takes seconds, with a smaller DINO head so the backbone dominates the step.
@@ -104,7 +104,7 @@ def worker(args: argparse.Namespace) -> int:
     overrides = CONFIGS[args.config] + [
         "--zero.stage", str(args.stage), "--train.max_steps", str(args.warmup + args.steps),
         "--train.output_dir", str(run_dir), "--train.resume", "none", "--train.log_every", "1",
-        "--train.save_every", "0", "--train.export", "false", "--train.tensorboard", "false",
+        "--train.save_every", "0", "--train.export", "false", "--train.logger", "",
         "--train.precision", "bf16" if env.device.type == "cuda" else "fp32", "--data.shards", "synthetic"]
     cfg = load_config(RunConfig, str(TINY), overrides)
     seed_all(cfg.train.seed)

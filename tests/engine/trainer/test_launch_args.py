@@ -4,9 +4,9 @@ import pytest
 
 from engine.errors import UserError
 from engine.trainer.process_group import strip_launcher_args
-from engine.trainer.launch import split_config_arg
+from engine.config_cli import split_config_arg
 
-TINY = str(Path(__file__).resolve().parents[3] / "configs" / "tiny_cpu.yaml")
+TINY = str(Path(__file__).resolve().parents[3] / "engine" / "presets" / "tiny_cpu.yaml")
 
 
 def test_deepspeed_local_rank_is_dropped():
