@@ -14,20 +14,21 @@ import logging
 import multiprocessing as mp
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from engine.atomic import atomic_write_text
 from engine.errors import UserError
 from engine.progress import progress
-from shards.build import ShardResult, build_shard, check_kept, close_rasters, scan_one, worker_init
-from shards.inputs import assign_keys, label_for, label_names, list_inputs, parse_label_spec
-from shards.manifest import NAME as MANIFEST_NAME, build_manifest, read_manifest, write_manifest
+from shards.assemble import assemble, fold_stats, write_skipped
+from shards.band_files import group_band_files, input_exts
+from shards.build import ShardResult, build_shard, check_kept, close_rasters, scan_one, task_dir, worker_init
+from shards.inputs import assign_keys, label_for, list_inputs, parse_label_spec
+from shards.manifest import NAME as MANIFEST_NAME, read_manifest
 from shards.options import ConvertOptions
-from shards.plan import filter_signature, make_plan, plan_digest
-from shards.state import SKIPPED, RunState, prepare_out_dir, remove_temps, remove_unplanned_shards
-from shards.stats import BandStats
+from shards.parts import part_manifest_entry, write_part
+from shards.plan import filter_signature, make_plan, part_range, plan_digest, repacked
+from shards.state import SKIPPED, RunState, chunk_dir, prepare_out_dir, remove_temps, remove_unplanned_shards
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ def convert(opts: ConvertOptions, on_shard: Optional[Callable[[ShardResult], Non
     t0 = time.monotonic()
     out = Path(opts.out)
     fingerprint = opts.fingerprint()
-    files = list_inputs(opts.inputs, opts.exts, opts.root, exclude=str(out))
+    files = list_inputs(opts.inputs, input_exts(opts), opts.root, exclude=str(out))
     label_kind, label_arg = parse_label_spec(opts.labels)
     prepare_out_dir(out, opts.prefix, opts.resume, opts.overwrite)
     state = RunState(out)
@@ -140,10 +141,12 @@ def _strict_fail(entry: dict) -> UserError:
 
 
 def _run(opts, files, label_kind, label_arg, fingerprint, out, state, runner, on_shard, t0) -> Summary:
-    keys = assign_keys([f.relpath for f in files])
-    jobs = [(i, f.path, f.relpath) for i, f in enumerate(files)]
-    chunk = max(1, min(64, len(jobs) // (8 * opts.workers)))
     skipped: list[dict] = []
+    if opts.band_files is not None:  # one file per band: each scene becomes one input
+        files, skipped = group_band_files(files, opts)
+    keys = assign_keys([f.relpath for f in files])
+    jobs = [(i, f.path, f.relpath, f.bands) for i, f in enumerate(files)]
+    chunk = max(1, min(64, len(jobs) // (8 * opts.workers)))
     sources = []
     scan = runner.imap(functools.partial(scan_one, opts=opts), jobs, chunksize=chunk)
     for index, got in progress(scan, total=len(jobs), desc="scan", unit="file"):
@@ -168,7 +171,7 @@ def _run(opts, files, label_kind, label_arg, fingerprint, out, state, runner, on
     if opts.strict and skipped:
         raise _strict_fail(skipped[0])
     if not tasks:
-        _write_skipped(out, skipped)
+        write_skipped(out, skipped)
         raise UserError(f"input: nothing to convert, all {len(files)} file(s) were skipped; "
                         f"see '{out / SKIPPED}'")
 
@@ -181,20 +184,27 @@ def _run(opts, files, label_kind, label_arg, fingerprint, out, state, runner, on
     state.write_plan({"fingerprint": fingerprint, "plan": plan_digest(tasks), "shards": len(tasks)})
     remove_temps(out)
 
+    mine = [tasks[i] for i in part_range(len(tasks), opts.part)]  # all of them, or this --part's range
     results: dict[int, ShardResult] = {}
     if opts.resume:
-        check = runner.imap(functools.partial(_check, out_dir=str(out)), [(t.name, t.digest) for t in tasks])
-        for t, res in zip(tasks, progress(check, total=len(tasks), desc="check finished shards", unit="shard")):
+        check = runner.imap(functools.partial(_check, out_dir=str(out)),
+                            [(t.name, t.digest, str(task_dir(t, out))) for t in mine])
+        for t, res in zip(mine, progress(check, total=len(mine), desc="check finished shards", unit="shard")):
             if res is not None:
                 results[t.index] = res
-        log.info("resume: keeping %d of %d shards", len(results), len(tasks))
-    for t in tasks:
+        log.info("resume: keeping %d of %d shards", len(results), len(mine))
+    for t in mine:
         if t.index not in results:
             state.forget(t.name)
-    remove_unplanned_shards(out, opts.prefix, {tasks[i].name for i in results})
+    keep = {tasks[i].name for i in results}
+    chunked = any(t.chunk for t in tasks)
+    remove_unplanned_shards(out, opts.prefix, set() if chunked else keep)  # repacked shards are cut anew
+    if chunked:
+        chunk_dir(out).mkdir(parents=True, exist_ok=True)
+        remove_unplanned_shards(chunk_dir(out), opts.prefix, keep)
     _check_strict(opts, results.values())
 
-    todo = [t for t in tasks if t.index not in results]
+    todo = [t for t in mine if t.index not in results]
     read = 0
     t_build = time.monotonic()
     bar = progress(total=len(todo), desc="convert", unit="shard")
@@ -207,11 +217,11 @@ def _run(opts, files, label_kind, label_arg, fingerprint, out, state, runner, on
         if on_shard is not None:
             on_shard(res)
     bar.close()
-    return _finish(opts, tasks, sources, results, skipped, fingerprint, label_kind, out, state, t0)
+    return _finish(opts, tasks, mine, sources, results, skipped, fingerprint, label_kind, out, state, t0, runner)
 
 
 def _check(item, out_dir):
-    return check_kept(item[0], item[1], out_dir)
+    return check_kept(item[0], item[1], item[2], out_dir)
 
 
 def _check_strict(opts, results) -> None:
@@ -221,46 +231,47 @@ def _check_strict(opts, results) -> None:
                 raise _strict_fail(r.skipped[0])
 
 
-def _write_skipped(out: Path, skipped: list[dict]) -> None:
-    atomic_write_text(out / SKIPPED, "".join(json.dumps(e, sort_keys=True) + "\n" for e in skipped))
+def _finish(opts, tasks, mine, sources, results, skipped, fingerprint, label_kind, out, state, t0,
+            runner) -> Summary:
+    ordered = [results[t.index] for t in mine]
+    records = [asdict(r) for r in ordered]
+    failed = {e["source"] for r in ordered for e in r.skipped}
+    _warn_mixed(sources, failed)
+    ref = sources[0]
+    fallback = {"band_names": list(ref.band_names), "nodata": ref.nodata, "dtype": ref.dtype}
+    args = dict(fingerprint, workers=opts.workers)
+
+    def load(i: int) -> dict:
+        return state.load_stats(ordered[i].name)
+
+    stats = fold_stats(records, load, len(ref.indexes), ref.dtype)  # plan order: float stats identical on every run
+    if opts.part is not None:
+        write_part(out, opts.part, args, plan_digest(tasks), len(tasks), records, load, stats, skipped, fallback)
+        manifest = assemble(out, records, stats, skipped, args, label_kind != "none", "built", [], fallback, opts,
+                            extra=part_manifest_entry(opts.part, len(tasks)), allow_empty=True)
+    else:
+        how = "repack" if repacked(opts) else "built"
+        manifest = assemble(out, records, stats, skipped, args, label_kind != "none", how,
+                            [task_dir(t, out) for t in mine], fallback, opts, imap=runner.imap)
+    state.remove()
+    planned = {seg.source.relpath for t in mine for seg in t.segments}
+    built = [r for r in ordered if not r.kept]
+    all_skipped = len(skipped) + sum(len(r.skipped) for r in ordered)
+    summary = Summary(files=len(planned - failed), chips=manifest["total_samples"], shards=len(manifest["shards"]),
+                      kept=len(ordered) - len(built), skipped=all_skipped, dropped=sum(r.dropped for r in ordered),
+                      read_bytes=sum(r.read_bytes for r in built), written_bytes=sum(r.bytes for r in built),
+                      seconds=time.monotonic() - t0, manifest=manifest)
+    if all_skipped:
+        log.warning("%d input(s) skipped; reasons in '%s'", all_skipped, out / SKIPPED)
+    return summary
 
 
-def _finish(opts, tasks, sources, results, skipped, fingerprint, label_kind, out, state, t0) -> Summary:
-    ordered = [results[t.index] for t in tasks]
-    worker_skips = [e for r in ordered for e in r.skipped]
-    failed = {e["source"] for e in worker_skips}
+def _warn_mixed(sources, failed: set) -> None:
     written = [s for s in sources if s.relpath not in failed] or list(sources)
     ref = written[0]
-    stats = BandStats(len(ref.indexes), ref.dtype)
-    for r in ordered:  # fixed shard order: float statistics come out identical on every run
-        stats.merge_arrays(state.load_stats(r.name))
     for attr in ("band_names", "nodata"):
         odd = [s.relpath for s in written if getattr(s, attr) != getattr(ref, attr)
                and not (attr == "nodata" and s.nodata != s.nodata and ref.nodata != ref.nodata)]
         if odd:
             log.warning("%d file(s) have other %s than '%s' (e.g. '%s'); the manifest lists the first file's, "
                         "each sample's json its own", len(odd), attr, ref.relpath, odd[0])
-    skipped = sorted(skipped + worker_skips, key=lambda e: e["source"])
-    total = sum(r.count for r in ordered)
-    if total == 0:
-        _write_skipped(out, skipped)
-        raise UserError("input: no sample passed the filters (every chip exceeded --max-nodata or every file "
-                        f"was skipped); see '{out / SKIPPED}' or raise --max-nodata")
-    # r.labels holds each shard's distinct label strings; classes are the individual names in them
-    names = [label_names(lab) for r in ordered for lab in r.labels] if label_kind != "none" else []
-    classes = sorted({n for ns in names for n in ns}) if label_kind != "none" else None
-    args = dict(fingerprint, workers=opts.workers)
-    manifest = build_manifest(args, [vars(r) for r in ordered], ref.band_names, ref.dtype, ref.nodata,
-                              classes, stats.result(), multilabel=any(len(ns) > 1 for ns in names))
-    _write_skipped(out, skipped)
-    write_manifest(out, manifest)
-    state.remove()
-    planned = {seg.source.relpath for t in tasks for seg in t.segments}
-    built = [r for r in ordered if not r.kept]
-    summary = Summary(files=len(planned - failed), chips=total, shards=len(tasks), kept=len(ordered) - len(built),
-                      skipped=len(skipped), dropped=sum(r.dropped for r in ordered),
-                      read_bytes=sum(r.read_bytes for r in built), written_bytes=sum(r.bytes for r in built),
-                      seconds=time.monotonic() - t0, manifest=manifest)
-    if skipped:
-        log.warning("%d input(s) skipped; reasons in '%s'", len(skipped), out / SKIPPED)
-    return summary

@@ -62,7 +62,8 @@ class ShardWriter:
     """Write samples to ``.tmp-<name>.*`` in ``out_dir``; ``close()`` publishes ``<name>``.
 
     Use as a context manager: an exception (Ctrl-C included) deletes the temp file, so no partial
-    shard ever carries a shard name. After close: ``count``, ``bytes``, ``sha256``.
+    shard ever carries a shard name. After close: ``count``, ``bytes``, ``sha256`` and ``offsets``
+    (each sample's first byte, then the end of the last sample: what ``shards.repack`` cuts at).
     """
 
     def __init__(self, out_dir: str | os.PathLike, name: str, fsync: bool = True, size_hint: int = 0):
@@ -80,6 +81,7 @@ class ShardWriter:
         self._fsync = fsync
         self.count = 0
         self.bytes = 0
+        self.offsets: list[int] = []
         self.sha256: Optional[str] = None
 
     def _put(self, data) -> None:
@@ -93,6 +95,7 @@ class ShardWriter:
             image = np.ascontiguousarray(image)
         head = npy_header(image.dtype, image.shape)
         size = len(head) + image.nbytes
+        self.offsets.append(self.bytes)
         self._put(tar_header(f"{key}.{IMAGE_EXT}", size) + head)
         if image.nbytes:
             self._put(memoryview(image).cast("B"))
@@ -101,10 +104,15 @@ class ShardWriter:
                   + b"\0" * (-len(js) % BLOCK))
         self.count += 1
 
+    def append(self, data, samples: int) -> None:
+        """Whole samples already in shard layout (tar members, block-padded; shards.repack). They
+        get no entry in ``offsets``."""
+        self._put(data)
+        self.count += samples
+
     def close(self) -> None:
-        end = 2 * BLOCK
-        end += -(self.bytes + end) % RECORD
-        self._put(b"\0" * end)
+        self.offsets.append(self.bytes)
+        self._put(end_of_archive(self.bytes))
         self._f.flush()
         os.ftruncate(self._f.fileno(), self.bytes)
         if self._fsync:
@@ -129,6 +137,12 @@ class ShardWriter:
             self.close()
         else:
             self.abort()
+
+
+def end_of_archive(data_bytes: int) -> bytes:
+    """What follows the last member: two zero blocks, then zeros up to a whole tar record."""
+    end = 2 * BLOCK
+    return b"\0" * (end + -(data_bytes + end) % RECORD)
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
