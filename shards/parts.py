@@ -49,7 +49,7 @@ def write_part(out: Path, part: tuple[int, int], args: dict, plan: str, num_task
     atomic_write_text(Path(out) / RECORD, json.dumps({
         "format": FORMAT, "part": list(part), "args": args, "plan": plan, "tasks": num_tasks,
         "range": [span.start, span.stop], "records": records, "skipped": scan_skipped,
-        "fallback": fallback, "num_bands": stats.num_bands}, sort_keys=True) + "\n")
+        "fallback": fallback, "num_bands": stats.num_bands}) + "\n")  # args keep their order: the manifest's
 
 
 def part_manifest_entry(part: tuple[int, int], num_tasks: int) -> dict:

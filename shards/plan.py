@@ -130,8 +130,10 @@ def make_plan(sources: Sequence[SourceInfo], opts, fingerprint: dict) -> tuple[l
 
 
 def task_digest(task: ShardTask, fingerprint: dict) -> str:
-    """Identity of a shard's planned content: its sources, windows, keys, labels and settings."""
-    h = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode())
+    """Identity of a shard's planned content: its sources, windows, keys, labels and settings (which
+    ``--part`` builds it is no part of its content)."""
+    settings = {k: v for k, v in fingerprint.items() if k != "part"}
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
     for seg in task.segments:
         s = seg.source
         h.update(json.dumps([s.relpath, s.key, s.label, seg.start, seg.stop, s.indexes, s.width, s.height,

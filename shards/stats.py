@@ -241,10 +241,9 @@ def undeclared_nodata_warning(records) -> Optional[str]:
         return None
     pixels = sum(per[s][0] for s in hit)
     zeros = sum(float(per[s][1].min()) for s in hit)
-    more = f" and {len(hit) - 1} more file(s)" if len(hit) > 1 else ""
-    return (f"'{hit[0]}'{more} declare no nodata value, yet {100 * zeros / pixels:.1f} % of their pixels are 0 in "
-            f"each band ({100 * share[hit[0]]:.1f} % in '{hit[0]}'): a scene border? The stats count those zeros "
-            "as data; if 0 marks missing pixels, rerun with --nodata 0")
+    return (f"{len(hit)} file(s) declare no nodata value, yet {100 * zeros / pixels:.1f} % of their pixels are 0 in "
+            f"every band (e.g. '{hit[0]}': {100 * share[hit[0]]:.1f} %): a scene border? The stats count those "
+            "zeros as data; if 0 marks missing pixels, rerun with --nodata 0")
 
 
 def _empty_row() -> dict:
