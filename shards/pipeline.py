@@ -9,7 +9,6 @@ finished shard whose bytes still match its checksum and builds the rest.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import multiprocessing as mp
 import threading
