@@ -19,27 +19,22 @@ same command again completes it.
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
 import shutil
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from engine.atomic import TMP_PREFIX, atomic_write_text
+from engine.atomic import TMP_PREFIX
 from engine.errors import UserError
 from shards.inputs import label_names
 from shards.manifest import build_manifest, write_manifest
 from shards.repack import chunk_files, plan_repack, write_repacked
-from shards.state import SKIPPED
+from shards.skips import write_skipped
 from shards.stats import BandStats, undeclared_nodata_warning
 from shards.writer import file_sha256
 
 log = logging.getLogger(__name__)
-
-
-def write_skipped(out: Path, skipped: Sequence[dict]) -> None:
-    atomic_write_text(Path(out) / SKIPPED, "".join(json.dumps(e, sort_keys=True) + "\n" for e in skipped))
 
 
 def fold_stats(records: Sequence[dict], load: Callable[[int], dict], num_bands: int, dtype: str) -> BandStats:
@@ -52,7 +47,7 @@ def fold_stats(records: Sequence[dict], load: Callable[[int], dict], num_bands: 
 
 def assemble(out: Path, records: Sequence[dict], stats: BandStats, scan_skipped: Sequence[dict], args: dict,
              labelled: bool, how: str, dirs: Sequence[Path], fallback: dict, opts, imap=map,
-             extra: Optional[dict] = None, allow_empty: bool = False) -> dict:
+             extra: Optional[dict] = None) -> dict:
     """Write the shards (per ``how``), skipped.jsonl and manifest.json into ``out``; return the manifest.
 
     dirs: the folder of each record's shard file (used by "link" and "repack"); fallback: band_names,
@@ -60,11 +55,6 @@ def assemble(out: Path, records: Sequence[dict], stats: BandStats, scan_skipped:
     imap: a map over the worker pool for "repack"; extra: keys added to the manifest (a part's)."""
     first = next((r["first"] for r in records if r.get("first")), None) or fallback
     skipped = sorted(list(scan_skipped) + [e for r in records for e in r["skipped"]], key=lambda e: e["source"])
-    total = sum(int(r["count"]) for r in records)
-    if total == 0 and not allow_empty:
-        write_skipped(out, skipped)
-        raise UserError("input: no sample passed the filters (every chip exceeded --max-nodata or every file "
-                        f"was skipped); see '{Path(out) / SKIPPED}' or raise --max-nodata")
     names = [label_names(lab) for r in records for lab in r["labels"]] if labelled else []
     classes = sorted({n for ns in names for n in ns}) if labelled else None
     if how == "repack":

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
@@ -15,12 +14,14 @@ import numpy as np
 
 from shards.boxes import sample_key_meta, sample_windows
 from shards.chips import invalid_fraction, pad_value_for, place
-from shards.inputs import label_names, load_sidecar
+from shards.inputs import label_names, load_sidecar, not_regular
+from shards.manifest import json_number
 from shards.plan import ShardTask
 from shards.raster import (DatasetCache, SourceInfo, read_rows, read_window, reading_env, resampling_method,
                            scan_source, window_transform)
 from shards.state import RunState, chunk_dir
 from shards.stats import BandStats
+from shards.workers import note
 from shards.writer import ShardWriter, file_sha256
 
 log = logging.getLogger(__name__)
@@ -49,9 +50,8 @@ class ShardResult:
 
 
 def worker_init() -> None:
-    """Pool initializer: Ctrl-C is the parent's to handle (it terminates the pool and cleans up);
-    a forked worker drops any raster handle inherited from the parent."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """Pool initializer: a forked worker drops any raster handle inherited from the parent (signals
+    are the pool's business, see shards/workers.py)."""
     _CACHE.close()
 
 
@@ -64,6 +64,10 @@ def scan_one(job: tuple, opts) -> tuple[int, object]:
     """(index, path, relpath, bands) -> (index, SourceInfo) or (index, reason string) for
     skipped.jsonl; ``bands`` is a --band-files scene's {band: files}, else None."""
     index, path, relpath, bands = job
+    for p, rel in ([pr for cands in bands.values() for pr in cands] if bands else [(path, None)]):
+        odd = not_regular(p)
+        if odd:  # GDAL would block forever opening a FIFO, or read a device without end
+            return index, odd if rel is None else f"'{rel}': {odd}"
     try:
         if bands:
             from shards.band_stack import scan_scene
@@ -119,7 +123,7 @@ def _meta(info: SourceInfo, win, out_hw) -> dict:
         gsd = gsd * win[2] / out_hw[1]
     m.update({"source": info.relpath, "window": list(win), "crs": info.crs,
               "transform": window_transform(info, win, out_hw), "band_names": list(info.band_names),
-              "nodata": info.nodata, "dtype": info.dtype, "gsd": gsd, "timestamp": info.timestamp,
+              "nodata": json_number(info.nodata), "dtype": info.dtype, "gsd": gsd, "timestamp": info.timestamp,
               "label": info.label})
     names = label_names(info.label)
     if len(names) > 1:  # multi-label CSV cell: "label" keeps the cell string, "labels" the names
@@ -127,13 +131,15 @@ def _meta(info: SourceInfo, win, out_hw) -> dict:
     return m
 
 
-def build_shard(task: ShardTask, opts) -> ShardResult:
-    """Write ``task`` as ``<out>/<name>``, commit its stats + done record, return the result."""
+def build_shard(task: ShardTask, opts, dead: Optional[dict] = None) -> ShardResult:
+    """Write ``task`` as ``<out>/<name>``, commit its stats + done record, return the result.
+    ``dead``: {task index: {source relpath: reason}}, inputs that killed a worker building this
+    shard before; they are recorded as skipped and not read again."""
     with reading_env():
-        return _build(task, opts)
+        return _build(task, opts, (dead or {}).get(task.index, {}))
 
 
-def _build(task: ShardTask, opts) -> ShardResult:
+def _build(task: ShardTask, opts, dead: dict) -> ShardResult:
     out = Path(opts.out)
     res = ShardResult(index=task.index, name=task.name, digest=task.digest)
     first = task.segments[0].source
@@ -143,40 +149,70 @@ def _build(task: ShardTask, opts) -> ShardResult:
     with ShardWriter(task_dir(task, out), task.name, fsync=opts.fsync, size_hint=task.est_bytes) as writer:
         for seg in task.segments:
             info = seg.source
+            if info.relpath in dead:
+                res.skipped.append({"source": info.relpath, "reason": dead[info.relpath]})
+                continue
             windows = sample_windows(info, opts)[seg.start:seg.stop]
             fill = pad_value_for(info.dtype, info.nodata)
-            done = pixels = 0
+            note(info.relpath)  # a worker that dies from here on is blamed on this input
+            chips = _read_chips(info, windows, opts)
+            written = pixels = 0
             zeros = stats.zero_counts() if info.nodata is None else None
-            try:
-                ds = _CACHE.get(info, opts.resampling)
-                for win, chip, pad in iter_chips(ds, info, windows, opts):
-                    done += 1
-                    res.read_bytes += chip.nbytes
-                    if opts.max_nodata < 1.0 and invalid_fraction(chip, info.nodata, pad) > opts.max_nodata:
-                        res.dropped += 1
-                        continue
-                    stats.add(chip, info.nodata, pad, fill)
-                    pixels += chip.shape[1] * chip.shape[2] - pad
-                    key, meta = sample_key_meta(info, seg.start + done - 1, win, opts, _meta(info, win, opts.resize))
-                    writer.write(key, chip, meta)
-                    if res.first is None:
-                        res.first = {"band_names": list(info.band_names), "nodata": info.nodata, "dtype": info.dtype}
-                    if info.label is not None:
-                        labels.add(info.label)
-            except Exception as e:  # unreadable pixels (truncated file, I/O error): record, go on
-                _CACHE.close()
-                at = f" at window {list(windows[done])}" if done < len(windows) else ""
-                kept = f"; {done} earlier window(s) of it kept" if done else ""
-                res.skipped.append({"source": info.relpath, "reason": f"read failed{at}: "
-                                    f"{e.__class__.__name__}: {e}{kept}"})
-                continue
-            res.files += 1
+            for done, got in enumerate(chips):
+                if isinstance(got, _Failed):  # this input fails from window ``done`` on: record, go on
+                    at = f" at window {list(windows[done])}" if done < len(windows) else ""
+                    kept = f"; {written} earlier window(s) of it kept" if written else ""
+                    res.skipped.append({"source": info.relpath, "reason": f"{got.head}{at}{got.tail}{kept}"})
+                    break
+                win, chip, pad = got
+                res.read_bytes += chip.nbytes
+                if opts.max_nodata < 1.0 and invalid_fraction(chip, info.nodata, pad) > opts.max_nodata:
+                    res.dropped += 1
+                    continue
+                # stats and the written samples move together: a write error ends the whole shard
+                stats.add(chip, info.nodata, pad, fill)
+                key, meta = sample_key_meta(info, seg.start + done, win, opts, _meta(info, win, opts.resize))
+                writer.write(key, chip, meta)
+                written += 1
+                pixels += chip.shape[1] * chip.shape[2] - pad
+                if res.first is None:
+                    res.first = {"band_names": list(info.band_names), "nodata": info.nodata, "dtype": info.dtype}
+                if info.label is not None:
+                    labels.add(info.label)
+            else:
+                res.files += 1
             if zeros is not None and pixels:
                 res.zeros.append([info.relpath, pixels, (stats.zero_counts() - zeros).tolist()])
+        note(None)
     res.count, res.bytes, res.sha256, res.offsets = writer.count, writer.bytes, writer.sha256, writer.offsets
     res.labels = sorted(labels)
     RunState(out).commit(task.name, asdict(res), stats.to_arrays())
     return res
+
+
+@dataclass
+class _Failed:
+    """Why an input's remaining windows cannot be used: ``head + " at window [..]" + tail``."""
+
+    head: str
+    tail: str
+
+
+def _read_chips(info: SourceInfo, windows: list, opts) -> Iterator:
+    """iter_chips of one input, but a failure ends it with a :class:`_Failed` instead of raising:
+    unreadable pixels (truncated file, I/O error) and +-inf pixels skip the rest of the input, never
+    the shard. Only reads happen here, so a write error (disk full) still propagates."""
+    try:
+        for win, chip, pad in iter_chips(_CACHE.get(info, opts.resampling), info, windows, opts):
+            if chip.dtype.kind == "f" and np.isinf(chip).any():
+                # inf is not a value the statistics or a model can use (NaN counts as nodata)
+                yield _Failed("+-inf pixel values", ": not usable as data; set them to NaN or the "
+                              "nodata value in the source")
+                return
+            yield win, chip, pad
+    except Exception as e:
+        _CACHE.close()
+        yield _Failed("read failed", f": {e.__class__.__name__}: {e}")
 
 
 def task_dir(task: ShardTask, out: Path) -> Path:

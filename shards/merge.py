@@ -22,14 +22,15 @@ from typing import Sequence
 from engine.errors import UserError
 from shards.assemble import assemble
 from shards.manifest import summary_lines
+from shards.options import OneLineParser
 from shards.parts import read_parts
-from shards.state import MANIFEST, classify
+from shards.state import MANIFEST, SKIPPED, classify
 
 log = logging.getLogger("geoexplora.convert")
 
 
 def merge_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="geoexplora-convert merge",
+    p = OneLineParser(prog="geoexplora-convert merge",
                                 description="Join the output folders of 'geoexplora-convert ... --part K/N' runs "
                                             "into one archive, identical to a single-node conversion.")
     p.add_argument("parts", nargs="+", metavar="PART_DIR", help="the --out folder of every part, 1/N .. N/N")
@@ -61,6 +62,9 @@ def merge(part_dirs: Sequence[str], out: str, workers: int = 1, fsync: bool = Fa
     if any(out_dir.resolve() == d.resolve() for d in parts.dirs):
         raise UserError(f"--out '{out_dir}' is one of the parts; merge into a new directory")
     out_dir.mkdir(parents=True, exist_ok=True)
+    if not any(r["count"] for r in parts.records):
+        raise UserError("merge: the parts hold no sample (every chip exceeded --max-nodata or every file was "
+                        f"skipped); see the parts' {SKIPPED}")
     repack = float(parts.args["max_nodata"]) < 1.0
     opts = _Opts(parts.args, fsync)
     pool = cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) if repack and workers > 1 else None
@@ -79,7 +83,12 @@ def run_merge(argv: Sequence[str]) -> int:
     if a.workers < 1:
         raise UserError(f"--workers {a.workers}: must be >= 1")
     t0 = time.monotonic()
-    m = merge(a.parts, a.out, workers=a.workers, fsync=a.fsync)
+    try:
+        m = merge(a.parts, a.out, workers=a.workers, fsync=a.fsync)
+    except OSError as e:  # a full or read-only --out, a part folder that vanished
+        from shards.convert import os_error_line
+
+        raise UserError(os_error_line(e, a.out)) from None
     for line in summary_lines(m):
         log.info("%s", line)
     print(f"done: merged {len(a.parts)} parts -> {m['total_samples']} samples in {len(m['shards'])} shards "

@@ -5,6 +5,7 @@ continue a run whose fingerprint differs (worker count, --strict and the like ma
 """
 from __future__ import annotations
 
+import argparse
 import re
 from dataclasses import asdict, dataclass
 from typing import Optional
@@ -14,6 +15,15 @@ from engine.errors import UserError
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
           "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose complaints are one ``error: ...`` line (a UserError, exit 2 via cli_entry)
+    instead of the usage block followed by the message; ``--help`` still prints the usage."""
+
+    def error(self, message: str):
+        msg = message[len("argument "):] if message.startswith("argument ") else message
+        raise UserError(f"{msg}; see '{self.prog} --help'")
 
 
 def parse_size(text: str, flag: str) -> int:
@@ -75,6 +85,11 @@ class ConvertOptions:
             raise UserError(f"--max-samples-per-shard {self.max_samples}: must be >= 1")
         if self.workers < 1:
             raise UserError(f"--workers {self.workers}: must be >= 1")
+        if self.bands and self.drop_bands:
+            # --bands lists every band kept, in order; a drop list beside it is redundant at best and
+            # contradicts it at worst (--bands 1,2 --drop-bands 2), so the two never combine
+            raise UserError("--bands and --drop-bands: give one of them (--bands already lists every "
+                            "band to keep, in order)")
         if self.resume and self.overwrite:
             raise UserError("--resume and --overwrite contradict each other; pick one")
         self._validate_sources()

@@ -1,17 +1,18 @@
 """One conversion, end to end: list -> scan headers -> plan shards -> build (or keep) -> manifest.
 
-Parallelism is over whole shards (``--workers`` spawned processes, one raster handle each);
-the main process only plans, collects small results and writes the manifest. Output does not
-depend on the worker count. Interrupted (Ctrl-C, kill), the output directory holds finished
-shards plus their done records and no partial file with a shard name; ``--resume`` keeps every
-finished shard whose bytes still match its checksum and builds the rest.
+Parallelism is over whole shards (``--workers`` processes, one raster handle each, see
+shards/workers.py); the main process only plans, collects small results and writes the manifest.
+Output does not depend on the worker count. Interrupted (Ctrl-C, kill), the output directory holds
+finished shards plus their done records and no partial file with a shard name; ``--resume`` keeps
+every finished shard whose bytes still match its checksum and builds the rest.
+
+An input whose reading kills a worker (a GDAL segfault, the OOM killer) is recorded in
+skipped.jsonl like any unreadable input; its shard is rebuilt without it and the run goes on.
 """
 from __future__ import annotations
 
 import functools
 import logging
-import multiprocessing as mp
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Callable, Optional
 
 from engine.errors import UserError
 from engine.progress import progress
-from shards.assemble import assemble, fold_stats, write_skipped
+from shards.assemble import assemble, fold_stats
 from shards.band_files import group_band_files, input_exts
 from shards.build import ShardResult, build_shard, check_kept, close_rasters, scan_one, task_dir, worker_init
 from shards.inputs import assign_keys, label_for, list_inputs, parse_label_spec
@@ -27,7 +28,9 @@ from shards.manifest import NAME as MANIFEST_NAME, read_manifest
 from shards.options import ConvertOptions
 from shards.parts import part_manifest_entry, write_part
 from shards.plan import filter_signature, make_plan, part_range, plan_digest, repacked
+from shards.skips import summary_lines as skip_lines, write_skipped
 from shards.state import SKIPPED, RunState, chunk_dir, prepare_out_dir, remove_temps, remove_unplanned_shards
+from shards.workers import Crash, WorkerCrashed, WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -60,33 +63,6 @@ class Summary:
                 f"{self.seconds:.1f} s = {self.mb_per_s:.1f} MB/s")
 
 
-def _context():
-    """fork where it is safe (no other Python threads; the parent holds no open raster, see
-    worker_init): workers start in milliseconds instead of re-importing numpy and rasterio
-    (~1 s each on a loaded 2-core machine). Otherwise spawn."""
-    if "fork" in mp.get_all_start_methods() and threading.active_count() == 1:
-        return mp.get_context("fork")
-    return mp.get_context("spawn")
-
-
-class _Runner:
-    """map/imap over the pool, or in-process when --workers 1 (no pickling, easy debugging)."""
-
-    def __init__(self, workers: int):
-        self.pool = _context().Pool(workers, initializer=worker_init) if workers > 1 else None
-
-    def imap(self, fn, items, ordered=True, chunksize=1):
-        if self.pool is None:
-            return map(fn, items)
-        method = self.pool.imap if ordered else self.pool.imap_unordered
-        return method(fn, items, chunksize=chunksize)
-
-    def close(self, abort: bool) -> None:
-        if self.pool is not None:
-            self.pool.terminate() if abort else self.pool.close()
-            self.pool.join()
-
-
 def convert(opts: ConvertOptions, on_shard: Optional[Callable[[ShardResult], None]] = None) -> Summary:
     """Run one conversion (see module docstring). ``on_shard`` is called in the main process
     after each shard is finished (tests use it to interrupt a run at a known point)."""
@@ -101,16 +77,16 @@ def convert(opts: ConvertOptions, on_shard: Optional[Callable[[ShardResult], Non
         done = _already_complete(out, state, fingerprint, t0)
         if done is not None:
             return done
-    runner = _Runner(opts.workers)
+    pool = WorkerPool(opts.workers, initializer=worker_init)
     try:
-        summary = _run(opts, files, label_kind, label_arg, fingerprint, out, state, runner, on_shard, t0)
+        summary = _run(opts, files, label_kind, label_arg, fingerprint, out, state, pool, on_shard, t0)
     except BaseException:
-        runner.close(abort=True)
+        pool.close(abort=True)
         remove_temps(out)
         raise
     finally:
         close_rasters()
-    runner.close(abort=False)
+    pool.close()
     return summary
 
 
@@ -139,7 +115,20 @@ def _strict_fail(entry: dict) -> UserError:
     return UserError(f"input '{entry['source']}': {entry['reason']} (--strict stops at the first bad input)")
 
 
-def _run(opts, files, label_kind, label_arg, fingerprint, out, state, runner, on_shard, t0) -> Summary:
+def _all_skipped(out: Path, skipped: list[dict], what: str) -> UserError:
+    """Write skipped.jsonl, log a line per kind of reason, and the one-line error to raise."""
+    write_skipped(out, skipped)
+    for line in skip_lines(skipped):
+        log.warning("skipped: %s", line)
+    first = f"; first: '{skipped[0]['source']}': {skipped[0]['reason']}" if skipped else ""
+    return UserError(f"input: {what}{first}; see '{out / SKIPPED}'")
+
+
+def _crash_reason(crash: Crash, doing: str) -> str:
+    return f"the converter worker {doing} {crash.how()}"
+
+
+def _run(opts, files, label_kind, label_arg, fingerprint, out, state, pool, on_shard, t0) -> Summary:
     skipped: list[dict] = []
     if opts.band_files is not None:  # one file per band: each scene becomes one input
         files, skipped = group_band_files(files, opts)
@@ -147,8 +136,13 @@ def _run(opts, files, label_kind, label_arg, fingerprint, out, state, runner, on
     jobs = [(i, f.path, f.relpath, f.bands) for i, f in enumerate(files)]
     chunk = max(1, min(64, len(jobs) // (8 * opts.workers)))
     sources = []
-    scan = runner.imap(functools.partial(scan_one, opts=opts), jobs, chunksize=chunk)
-    for index, got in progress(scan, total=len(jobs), desc="scan", unit="file"):
+    scanned: list = [None] * len(jobs)
+    bar = progress(total=len(jobs), desc="scan", unit="file")
+    for i, got in pool.run(functools.partial(scan_one, opts=opts), jobs, chunk=chunk):
+        scanned[i] = got if not isinstance(got, Crash) else (i, _crash_reason(got, "reading its header"))
+        bar.update(1)
+    bar.close()
+    for index, got in scanned:  # input order, whatever order the workers finished in
         if isinstance(got, str):
             entry = {"source": files[index].relpath, "reason": got}
             if opts.strict:
@@ -170,9 +164,7 @@ def _run(opts, files, label_kind, label_arg, fingerprint, out, state, runner, on
     if opts.strict and skipped:
         raise _strict_fail(skipped[0])
     if not tasks:
-        write_skipped(out, skipped)
-        raise UserError(f"input: nothing to convert, all {len(files)} file(s) were skipped; "
-                        f"see '{out / SKIPPED}'")
+        raise _all_skipped(out, skipped, f"nothing to convert, all {len(files)} file(s) were skipped")
 
     prev = state.read_plan() if opts.resume else None
     if prev is not None and prev.get("fingerprint") != fingerprint:
@@ -186,11 +178,11 @@ def _run(opts, files, label_kind, label_arg, fingerprint, out, state, runner, on
     mine = [tasks[i] for i in part_range(len(tasks), opts.part)]  # all of them, or this --part's range
     results: dict[int, ShardResult] = {}
     if opts.resume:
-        check = runner.imap(functools.partial(_check, out_dir=str(out)),
-                            [(t.name, t.digest, str(task_dir(t, out))) for t in mine])
-        for t, res in zip(mine, progress(check, total=len(mine), desc="check finished shards", unit="shard")):
-            if res is not None:
-                results[t.index] = res
+        check = pool.run(functools.partial(_check, out_dir=str(out)),
+                         [(t.name, t.digest, str(task_dir(t, out))) for t in mine])
+        for i, res in progress(check, total=len(mine), desc="check finished shards", unit="shard"):
+            if res is not None and not isinstance(res, Crash):  # a crash while hashing: rebuild it
+                results[mine[i].index] = res
         log.info("resume: keeping %d of %d shards", len(results), len(mine))
     for t in mine:
         if t.index not in results:
@@ -207,16 +199,37 @@ def _run(opts, files, label_kind, label_arg, fingerprint, out, state, runner, on
     read = 0
     t_build = time.monotonic()
     bar = progress(total=len(todo), desc="convert", unit="shard")
-    for res in runner.imap(functools.partial(build_shard, opts=opts), todo, ordered=False):
-        results[res.index] = res
-        read += res.read_bytes
-        bar.update(1)
-        bar.set_postfix_str(f"{read / 1e6 / max(time.monotonic() - t_build, 1e-9):.0f} MB/s")
-        _check_strict(opts, [res])
-        if on_shard is not None:
-            on_shard(res)
+    dead: dict[int, dict[str, str]] = {}  # task index -> {input: reason} of inputs that killed a worker
+    while todo:  # a shard whose worker died is built again without the input it was reading
+        retry = []
+        for i, res in pool.run(functools.partial(build_shard, opts=opts, dead=dead), todo):
+            if isinstance(res, Crash):
+                retry.append(todo[i])
+                _blame(todo[i], res, dead, opts)
+                continue
+            results[res.index] = res
+            read += res.read_bytes
+            bar.update(1)
+            bar.set_postfix_str(f"{read / 1e6 / max(time.monotonic() - t_build, 1e-9):.0f} MB/s")
+            _check_strict(opts, [res])
+            if on_shard is not None:
+                on_shard(res)
+        todo = retry
     bar.close()
-    return _finish(opts, tasks, mine, sources, results, skipped, fingerprint, label_kind, out, state, t0, runner)
+    return _finish(opts, tasks, mine, sources, results, skipped, fingerprint, label_kind, out, state, t0, pool)
+
+
+def _blame(task, crash: Crash, dead: dict, opts) -> None:
+    """Record the input a worker died reading; a death outside any input read stops the run."""
+    seen = dead.setdefault(task.index, {})
+    if crash.note is None or crash.note in seen:
+        raise WorkerCrashed(f"a converter worker {crash.how()} while building {task.name}, not while reading "
+                            "an input; rerun with --resume (finished shards are kept)")
+    seen[crash.note] = _crash_reason(crash, "reading it")
+    if opts.strict:
+        raise _strict_fail({"source": crash.note, "reason": seen[crash.note]})
+    log.warning("'%s': the worker reading it %s; skipping it, rebuilding %s without it",
+                crash.note, crash.how(), task.name)
 
 
 def _check(item, out_dir):
@@ -231,38 +244,65 @@ def _check_strict(opts, results) -> None:
 
 
 def _finish(opts, tasks, mine, sources, results, skipped, fingerprint, label_kind, out, state, t0,
-            runner) -> Summary:
+            pool) -> Summary:
     ordered = [results[t.index] for t in mine]
     records = [asdict(r) for r in ordered]
     failed = {e["source"] for r in ordered for e in r.skipped}
     _warn_mixed(sources, failed)
+    if opts.part is None and sum(r.count for r in ordered) == 0:
+        raise _all_skipped(out, sorted(skipped + [e for r in ordered for e in r.skipped], key=lambda e: e["source"]),
+                           "no sample passed the filters (every chip exceeded --max-nodata or every file was "
+                           "skipped; raise --max-nodata?)")
     ref = sources[0]
     fallback = {"band_names": list(ref.band_names), "nodata": ref.nodata, "dtype": ref.dtype}
-    args = dict(fingerprint, workers=opts.workers)
 
     def load(i: int) -> dict:
         return state.load_stats(ordered[i].name)
 
     stats = fold_stats(records, load, len(ref.indexes), ref.dtype)  # plan order: float stats identical on every run
+    remove_temps(out)  # a worker that died mid-shard left its temp file
+    # manifest args: only the settings that decide the output (a --resume with other --workers
+    # writes the same file)
     if opts.part is not None:
-        write_part(out, opts.part, args, plan_digest(tasks), len(tasks), records, load, stats, skipped, fallback)
-        manifest = assemble(out, records, stats, skipped, args, label_kind != "none", "built", [], fallback, opts,
-                            extra=part_manifest_entry(opts.part, len(tasks)), allow_empty=True)
+        write_part(out, opts.part, fingerprint, plan_digest(tasks), len(tasks), records, load, stats, skipped,
+                   fallback)
+        manifest = assemble(out, records, stats, skipped, fingerprint, label_kind != "none", "built", [], fallback,
+                            opts, extra=part_manifest_entry(opts.part, len(tasks)))
     else:
         how = "repack" if repacked(opts) else "built"
-        manifest = assemble(out, records, stats, skipped, args, label_kind != "none", how,
-                            [task_dir(t, out) for t in mine], fallback, opts, imap=runner.imap)
+        manifest = assemble(out, records, stats, skipped, fingerprint, label_kind != "none", how,
+                            [task_dir(t, out) for t in mine], fallback, opts, imap=_Ordered(pool))
     state.remove()
     planned = {seg.source.relpath for t in mine for seg in t.segments}
     built = [r for r in ordered if not r.kept]
-    all_skipped = len(skipped) + sum(len(r.skipped) for r in ordered)
+    all_skipped = sorted(skipped + [e for r in ordered for e in r.skipped], key=lambda e: e["source"])
     summary = Summary(files=len(planned - failed), chips=manifest["total_samples"], shards=len(manifest["shards"]),
-                      kept=len(ordered) - len(built), skipped=all_skipped, dropped=sum(r.dropped for r in ordered),
+                      kept=len(ordered) - len(built), skipped=len(all_skipped),
+                      dropped=sum(r.dropped for r in ordered),
                       read_bytes=sum(r.read_bytes for r in built), written_bytes=sum(r.bytes for r in built),
                       seconds=time.monotonic() - t0, manifest=manifest)
     if all_skipped:
-        log.warning("%d input(s) skipped; reasons in '%s'", all_skipped, out / SKIPPED)
+        log.warning("%d input(s) skipped; reasons in '%s':", len(all_skipped), out / SKIPPED)
+        for line in skip_lines(all_skipped):
+            log.warning("  %s", line)
     return summary
+
+
+class _Ordered:
+    """``map(fn, items)`` over the worker pool, results in item order (shards.repack's cutting)."""
+
+    def __init__(self, pool: WorkerPool):
+        self.pool = pool
+
+    def __call__(self, fn, items) -> list:
+        items = list(items)
+        out: list = [None] * len(items)
+        for i, res in self.pool.run(fn, items):
+            if isinstance(res, Crash):
+                raise WorkerCrashed(f"a converter worker {res.how()} while cutting shards; rerun with --resume "
+                                    "(the built shards are kept)")
+            out[i] = res
+        return out
 
 
 def _warn_mixed(sources, failed: set) -> None:

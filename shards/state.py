@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -65,6 +66,14 @@ def prepare_out_dir(out: Path, prefix: str, resume: bool, overwrite: bool) -> No
             p = out / name
             shutil.rmtree(p) if p.is_dir() else p.unlink()
     out.mkdir(parents=True, exist_ok=True)
+    # a read-only or full --out fails here, before the scan, not at the first shard: a real write
+    # (os.access misses full disks and some mounts), left to the caller's OSError handling
+    try:
+        fd, probe = tempfile.mkstemp(prefix=TMP_PREFIX + "probe.", dir=out)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(out)) from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 class RunState:

@@ -176,13 +176,16 @@ class BandStats:
     # ---- results --------------------------------------------------------------------------------
     def result(self) -> dict[str, list]:
         """{"count", "mean", "std", "min", "max", "p2", "p98"}: one entry per band (None when no
-        valid pixel). Std is the population std (ddof=0), like ``np.std``."""
+        valid pixel). Std is the population std (ddof=0), like ``np.std``. Every value is finite
+        or None (a float64 overflow, e.g. the squares of 1e200 values, gives None, never inf/NaN:
+        the manifest is strict JSON and verify flags a None beside a non-zero count)."""
         keys = ("count", "mean", "std", "min", "max", "p2", "p98")
         out: dict[str, list] = {k: [] for k in keys}
         for b in range(self.num_bands):
             row = self._exact_band(b) if self.exact else self._float_band(b)
             for k in keys:
-                out[k].append(row[k])
+                v = row[k]
+                out[k].append(None if isinstance(v, float) and not math.isfinite(v) else v)
         return out
 
     def _exact_band(self, b: int) -> dict:

@@ -157,7 +157,7 @@ def test_float_archive_with_nan_nodata_and_padding(tmp_path, run_convert, read_s
             dst.write(data)
     run_convert(tmp_path / "in", tmp_path / "out", "--chip-size", "16", "--edge", "pad")
     samples, m = read_shards(tmp_path / "out")
-    assert m["dtype"] == "float32" and len(samples) == 8 and np.isnan(m["nodata"])
+    assert m["dtype"] == "float32" and len(samples) == 8 and m["nodata"] == "nan"  # strict JSON: STAC convention
     assert all(meta["gsd"] is None for _, meta in samples.values())  # degrees: no metric gsd
     valid = [np.concatenate([a[b].ravel() for a, _ in samples.values()]).astype(np.float64) for b in range(4)]
     valid = [v[~np.isnan(v)] for v in valid]  # NaN nodata and NaN edge padding
