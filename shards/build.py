@@ -170,9 +170,11 @@ def _build(task: ShardTask, opts, dead: dict) -> ShardResult:
                     res.dropped += 1
                     continue
                 # stats and the written samples move together: a write error ends the whole shard
-                stats.add(chip, info.nodata, pad, fill)
                 key, meta = sample_key_meta(info, seg.start + done, win, opts, _meta(info, win, opts.resize))
-                writer.write(key, chip, meta)
+                adder = stats.band_adder(info.nodata, pad, fill)
+                if adder is None:
+                    stats.add(chip, info.nodata, pad, fill)
+                writer.write(key, chip, meta, visit=adder)
                 written += 1
                 pixels += chip.shape[1] * chip.shape[2] - pad
                 if res.first is None:

@@ -81,6 +81,14 @@ class BandStats:
             else:
                 self._add_float(b, band, nodata)
 
+    def band_adder(self, nodata: Optional[float] = None, pad_pixels: int = 0, pad_value: Optional[float] = None):
+        """For 8/16-bit data: ``fn(b, band)`` that folds band ``b`` (1-D) of one chip in, as ``add``
+        does for the whole chip (``ShardWriter.write(visit=...)`` calls it band by band); None for
+        other dtypes (use ``add``)."""
+        if not self.exact:
+            return None
+        return lambda b, band: self._add_exact(b, band, nodata, int(pad_pixels), pad_value)
+
     def _add_exact(self, b: int, band: np.ndarray, nodata, pad: int, pad_value) -> None:
         h = self.hist[b]
         nd = int(nodata) + self.offset if nodata is not None and self._in_range(nodata) else None
