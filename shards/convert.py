@@ -2,6 +2,7 @@
 
     geoexplora-convert [convert] INPUT... --out DIR [options]     (convert is the default)
     geoexplora-convert verify DIR [--workers N]
+    geoexplora-convert merge PART_DIR... --out DIR [--workers N]   (join --part K/N runs)
 
 Also ``python -m shards.convert``. Exit codes: 0 ok; 1 verify found problems, or converter workers
 died where no input could be blamed; 2 bad arguments, input or output (one ``error: ...`` line: a
@@ -24,7 +25,7 @@ from engine.progress import setup_logging
 from shards.chips import parse_band_names, parse_band_tokens, parse_hw
 from shards.inputs import DEFAULT_EXTS
 from shards.manifest import summary_lines
-from shards.options import ConvertOptions, OneLineParser, parse_size
+from shards.options import ConvertOptions, OneLineParser, parse_box_context, parse_part, parse_size
 
 log = logging.getLogger("geoexplora.convert")
 
@@ -60,7 +61,21 @@ def convert_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-nodata", type=float, default=1.0,
                    help="drop chips whose nodata/NaN/padding pixel fraction exceeds this (default 1.0 = keep all)")
     g.add_argument("--resize", default=None, help="resample every sample to N or HxW pixels")
-    g.add_argument("--resampling", default="bilinear", help="GDAL resampling for --resize (default bilinear)")
+    g.add_argument("--resampling", default="bilinear", help="GDAL resampling for --resize and for --band-files "
+                   "bands resampled to the reference grid (default bilinear)")
+    g = p.add_argument_group("per-band files, fMoW boxes, parts")
+    g.add_argument("--band-files", default=None, metavar="PATTERN", help="one file per band: group files into "
+                   "scenes by a pattern with {scene} and {band} fields, matched against each file's path, e.g. "
+                   "'{scene}_{band}.TIF' ('*' matches within a name), or 'safe' for Sentinel-2 .SAFE folders; "
+                   "--bands lists the bands to stack, in order")
+    g.add_argument("--resolution", type=float, default=None, help="pixel size of the stacked scene in CRS units "
+                   "(metres), e.g. 10; default: the finest band's grid")
+    g.add_argument("--crop-boxes", action="store_true", help="one sample per sidecar bounding box "
+                   "(fMoW 'bounding_boxes'), cropped with a context margin")
+    g.add_argument("--box-context", default=None, help="margin around each box: fmow (the fMoW baseline's "
+                   "size-dependent margin, default) or a fraction of the box size, e.g. 0.15")
+    g.add_argument("--part", default=None, metavar="K/N", help="convert part K of N (one node each; join them "
+                   "with 'geoexplora-convert merge')")
     g = p.add_argument_group("output")
     g.add_argument("--max-samples-per-shard", type=int, default=10000)
     g.add_argument("--max-shard-bytes", default="1GiB", help="planned shard size limit (default 1GiB)")
@@ -85,6 +100,8 @@ def options_from_args(a: argparse.Namespace) -> ConvertOptions:
         resize=parse_hw(a.resize, "--resize") if a.resize else None, resampling=a.resampling,
         max_samples=a.max_samples_per_shard, max_bytes=parse_size(a.max_shard_bytes, "--max-shard-bytes"),
         workers=a.workers, resume=a.resume, overwrite=a.overwrite, strict=a.strict, fsync=a.fsync,
+        band_files=a.band_files, resolution=a.resolution, crop_boxes=a.crop_boxes,
+        box_context=parse_box_context(a.box_context), part=parse_part(a.part),
     ).validate()
 
 
@@ -182,6 +199,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.getLogger("rasterio").setLevel(logging.WARNING)
     if argv and argv[0] == "verify":
         return run_verify(argv[1:])
+    if argv and argv[0] == "merge":
+        from shards.merge import run_merge
+
+        return run_merge(argv[1:])
     if argv and argv[0] == "convert":
         argv = argv[1:]
     from shards.workers import WorkerCrashed

@@ -32,6 +32,8 @@ LABEL_SEP = ";"
 class InputFile:
     path: str        # as given/found (absolute or relative to the cwd)
     relpath: str     # relative to the input root, '/'-separated: recorded as "source"
+    # --band-files scenes only: band token -> [(path, relpath)] of the files that match it
+    bands: Optional[dict[str, list[tuple[str, str]]]] = None
 
 
 def _is_glob(s: str) -> bool:

@@ -14,20 +14,22 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 from engine.errors import UserError
 from engine.progress import progress
-from shards.build import ShardResult, build_shard, check_kept, close_rasters, scan_one, worker_init
-from shards.inputs import assign_keys, label_for, label_names, list_inputs, parse_label_spec
-from shards.manifest import NAME as MANIFEST_NAME, build_manifest, read_manifest, write_manifest
+from shards.assemble import assemble, fold_stats
+from shards.band_files import group_band_files, input_exts
+from shards.build import ShardResult, build_shard, check_kept, close_rasters, scan_one, task_dir, worker_init
+from shards.inputs import assign_keys, label_for, list_inputs, parse_label_spec
+from shards.manifest import NAME as MANIFEST_NAME, read_manifest
 from shards.options import ConvertOptions
-from shards.plan import filter_signature, make_plan, plan_digest
+from shards.parts import part_manifest_entry, write_part
+from shards.plan import filter_signature, make_plan, part_range, plan_digest, repacked
 from shards.skips import summary_lines as skip_lines, write_skipped
-from shards.state import SKIPPED, RunState, prepare_out_dir, remove_temps, remove_unplanned_shards
-from shards.stats import BandStats
+from shards.state import SKIPPED, RunState, chunk_dir, prepare_out_dir, remove_temps, remove_unplanned_shards
 from shards.workers import Crash, WorkerCrashed, WorkerPool
 
 log = logging.getLogger(__name__)
@@ -67,7 +69,7 @@ def convert(opts: ConvertOptions, on_shard: Optional[Callable[[ShardResult], Non
     t0 = time.monotonic()
     out = Path(opts.out)
     fingerprint = opts.fingerprint()
-    files = list_inputs(opts.inputs, opts.exts, opts.root, exclude=str(out))
+    files = list_inputs(opts.inputs, input_exts(opts), opts.root, exclude=str(out))
     label_kind, label_arg = parse_label_spec(opts.labels)
     prepare_out_dir(out, opts.prefix, opts.resume, opts.overwrite)
     state = RunState(out)
@@ -127,10 +129,12 @@ def _crash_reason(crash: Crash, doing: str) -> str:
 
 
 def _run(opts, files, label_kind, label_arg, fingerprint, out, state, pool, on_shard, t0) -> Summary:
-    keys = assign_keys([f.relpath for f in files])
-    jobs = [(i, f.path, f.relpath) for i, f in enumerate(files)]
-    chunk = max(1, min(64, len(jobs) // (8 * opts.workers)))
     skipped: list[dict] = []
+    if opts.band_files is not None:  # one file per band: each scene becomes one input
+        files, skipped = group_band_files(files, opts)
+    keys = assign_keys([f.relpath for f in files])
+    jobs = [(i, f.path, f.relpath, f.bands) for i, f in enumerate(files)]
+    chunk = max(1, min(64, len(jobs) // (8 * opts.workers)))
     sources = []
     scanned: list = [None] * len(jobs)
     bar = progress(total=len(jobs), desc="scan", unit="file")
@@ -171,20 +175,27 @@ def _run(opts, files, label_kind, label_arg, fingerprint, out, state, pool, on_s
     state.write_plan({"fingerprint": fingerprint, "plan": plan_digest(tasks), "shards": len(tasks)})
     remove_temps(out)
 
+    mine = [tasks[i] for i in part_range(len(tasks), opts.part)]  # all of them, or this --part's range
     results: dict[int, ShardResult] = {}
     if opts.resume:
-        check = pool.run(functools.partial(_check, out_dir=str(out)), [(t.name, t.digest) for t in tasks])
-        for i, res in progress(check, total=len(tasks), desc="check finished shards", unit="shard"):
+        check = pool.run(functools.partial(_check, out_dir=str(out)),
+                         [(t.name, t.digest, str(task_dir(t, out))) for t in mine])
+        for i, res in progress(check, total=len(mine), desc="check finished shards", unit="shard"):
             if res is not None and not isinstance(res, Crash):  # a crash while hashing: rebuild it
-                results[tasks[i].index] = res
-        log.info("resume: keeping %d of %d shards", len(results), len(tasks))
-    for t in tasks:
+                results[mine[i].index] = res
+        log.info("resume: keeping %d of %d shards", len(results), len(mine))
+    for t in mine:
         if t.index not in results:
             state.forget(t.name)
-    remove_unplanned_shards(out, opts.prefix, {tasks[i].name for i in results})
+    keep = {tasks[i].name for i in results}
+    chunked = any(t.chunk for t in tasks)
+    remove_unplanned_shards(out, opts.prefix, set() if chunked else keep)  # repacked shards are cut anew
+    if chunked:
+        chunk_dir(out).mkdir(parents=True, exist_ok=True)
+        remove_unplanned_shards(chunk_dir(out), opts.prefix, keep)
     _check_strict(opts, results.values())
 
-    todo = [t for t in tasks if t.index not in results]
+    todo = [t for t in mine if t.index not in results]
     read = 0
     t_build = time.monotonic()
     bar = progress(total=len(todo), desc="convert", unit="shard")
@@ -205,7 +216,7 @@ def _run(opts, files, label_kind, label_arg, fingerprint, out, state, pool, on_s
                 on_shard(res)
         todo = retry
     bar.close()
-    return _finish(opts, tasks, sources, results, skipped, fingerprint, label_kind, out, state, t0)
+    return _finish(opts, tasks, mine, sources, results, skipped, fingerprint, label_kind, out, state, t0, pool)
 
 
 def _blame(task, crash: Crash, dead: dict, opts) -> None:
@@ -222,7 +233,7 @@ def _blame(task, crash: Crash, dead: dict, opts) -> None:
 
 
 def _check(item, out_dir):
-    return check_kept(item[0], item[1], out_dir)
+    return check_kept(item[0], item[1], item[2], out_dir)
 
 
 def _check_strict(opts, results) -> None:
@@ -232,44 +243,74 @@ def _check_strict(opts, results) -> None:
                 raise _strict_fail(r.skipped[0])
 
 
-def _finish(opts, tasks, sources, results, skipped, fingerprint, label_kind, out, state, t0) -> Summary:
-    ordered = [results[t.index] for t in tasks]
-    worker_skips = [e for r in ordered for e in r.skipped]
-    failed = {e["source"] for e in worker_skips}
+def _finish(opts, tasks, mine, sources, results, skipped, fingerprint, label_kind, out, state, t0,
+            pool) -> Summary:
+    ordered = [results[t.index] for t in mine]
+    records = [asdict(r) for r in ordered]
+    failed = {e["source"] for r in ordered for e in r.skipped}
+    _warn_mixed(sources, failed)
+    if opts.part is None and sum(r.count for r in ordered) == 0:
+        raise _all_skipped(out, sorted(skipped + [e for r in ordered for e in r.skipped], key=lambda e: e["source"]),
+                           "no sample passed the filters (every chip exceeded --max-nodata or every file was "
+                           "skipped; raise --max-nodata?)")
+    ref = sources[0]
+    fallback = {"band_names": list(ref.band_names), "nodata": ref.nodata, "dtype": ref.dtype}
+
+    def load(i: int) -> dict:
+        return state.load_stats(ordered[i].name)
+
+    stats = fold_stats(records, load, len(ref.indexes), ref.dtype)  # plan order: float stats identical on every run
+    remove_temps(out)  # a worker that died mid-shard left its temp file
+    # manifest args: only the settings that decide the output (a --resume with other --workers
+    # writes the same file)
+    if opts.part is not None:
+        write_part(out, opts.part, fingerprint, plan_digest(tasks), len(tasks), records, load, stats, skipped,
+                   fallback)
+        manifest = assemble(out, records, stats, skipped, fingerprint, label_kind != "none", "built", [], fallback,
+                            opts, extra=part_manifest_entry(opts.part, len(tasks)))
+    else:
+        how = "repack" if repacked(opts) else "built"
+        manifest = assemble(out, records, stats, skipped, fingerprint, label_kind != "none", how,
+                            [task_dir(t, out) for t in mine], fallback, opts, imap=_Ordered(pool))
+    state.remove()
+    planned = {seg.source.relpath for t in mine for seg in t.segments}
+    built = [r for r in ordered if not r.kept]
+    all_skipped = sorted(skipped + [e for r in ordered for e in r.skipped], key=lambda e: e["source"])
+    summary = Summary(files=len(planned - failed), chips=manifest["total_samples"], shards=len(manifest["shards"]),
+                      kept=len(ordered) - len(built), skipped=len(all_skipped),
+                      dropped=sum(r.dropped for r in ordered),
+                      read_bytes=sum(r.read_bytes for r in built), written_bytes=sum(r.bytes for r in built),
+                      seconds=time.monotonic() - t0, manifest=manifest)
+    if all_skipped:
+        log.warning("%d input(s) skipped; reasons in '%s':", len(all_skipped), out / SKIPPED)
+        for line in skip_lines(all_skipped):
+            log.warning("  %s", line)
+    return summary
+
+
+class _Ordered:
+    """``map(fn, items)`` over the worker pool, results in item order (shards.repack's cutting)."""
+
+    def __init__(self, pool: WorkerPool):
+        self.pool = pool
+
+    def __call__(self, fn, items) -> list:
+        items = list(items)
+        out: list = [None] * len(items)
+        for i, res in self.pool.run(fn, items):
+            if isinstance(res, Crash):
+                raise WorkerCrashed(f"a converter worker {res.how()} while cutting shards; rerun with --resume "
+                                    "(the built shards are kept)")
+            out[i] = res
+        return out
+
+
+def _warn_mixed(sources, failed: set) -> None:
     written = [s for s in sources if s.relpath not in failed] or list(sources)
     ref = written[0]
-    stats = BandStats(len(ref.indexes), ref.dtype)
-    for r in ordered:  # fixed shard order: float statistics come out identical on every run
-        stats.merge_arrays(state.load_stats(r.name))
     for attr in ("band_names", "nodata"):
         odd = [s.relpath for s in written if getattr(s, attr) != getattr(ref, attr)
                and not (attr == "nodata" and s.nodata != s.nodata and ref.nodata != ref.nodata)]
         if odd:
             log.warning("%d file(s) have other %s than '%s' (e.g. '%s'); the manifest lists the first file's, "
                         "each sample's json its own", len(odd), attr, ref.relpath, odd[0])
-    skipped = sorted(skipped + worker_skips, key=lambda e: e["source"])
-    total = sum(r.count for r in ordered)
-    if total == 0:
-        raise _all_skipped(out, skipped, "no sample passed the filters (every chip exceeded --max-nodata or "
-                           "every file was skipped; raise --max-nodata?)")
-    # r.labels holds each shard's distinct label strings; classes are the individual names in them
-    names = [label_names(lab) for r in ordered for lab in r.labels] if label_kind != "none" else []
-    classes = sorted({n for ns in names for n in ns}) if label_kind != "none" else None
-    # only the settings that decide the output: a --resume with other --workers writes the same file
-    manifest = build_manifest(fingerprint, [vars(r) for r in ordered], ref.band_names, ref.dtype, ref.nodata,
-                              classes, stats.result(), multilabel=any(len(ns) > 1 for ns in names))
-    remove_temps(out)  # a worker that died mid-shard left its temp file
-    write_skipped(out, skipped)
-    write_manifest(out, manifest)
-    state.remove()
-    planned = {seg.source.relpath for t in tasks for seg in t.segments}
-    built = [r for r in ordered if not r.kept]
-    summary = Summary(files=len(planned - failed), chips=total, shards=len(tasks), kept=len(ordered) - len(built),
-                      skipped=len(skipped), dropped=sum(r.dropped for r in ordered),
-                      read_bytes=sum(r.read_bytes for r in built), written_bytes=sum(r.bytes for r in built),
-                      seconds=time.monotonic() - t0, manifest=manifest)
-    if skipped:
-        log.warning("%d input(s) skipped; reasons in '%s':", len(skipped), out / SKIPPED)
-        for line in skip_lines(skipped):
-            log.warning("  %s", line)
-    return summary

@@ -42,8 +42,8 @@ from shards.writer import ShardWriter
 fault, shard = os.environ["FAULT"], os.environ.get("FAULT_SHARD", "shard-000002.tar")
 if fault == "kill9":  # SIGKILL the whole process group half-way through writing a shard
     write = ShardWriter.write
-    def patched(self, key, image, meta):
-        write(self, key, image, meta)
+    def patched(self, key, image, meta, **kw):
+        write(self, key, image, meta, **kw)
         if self.final.name == shard:
             os.killpg(0, signal.SIGKILL)
     ShardWriter.write = patched
