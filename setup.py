@@ -34,6 +34,7 @@ setup(
     entry_points={
         "console_scripts": [
             "geoexplora-convert=shards.convert:main",
+            "geoexplora-verify-kernels=kernels.verify:main",
         ]
     },
 )
