@@ -10,6 +10,7 @@ import triton
 
 import kernels.lora_linear as lora_kernel
 from kernels.lora_linear import fused_lora_linear, lora_dropout_mask
+from kernels.lora_torch import lora_linear_torch
 from kernels.reference import lora_linear_reference
 from kernels.triton_launch import recording_launches
 
@@ -147,15 +148,17 @@ def test_dropout_off_in_eval_and_seed_from_torch_generator():
     assert torch.equal(y1, y2) and not torch.allclose(y1, ref)
 
 
-def test_dropout_replays_under_activation_checkpointing():
-    """Grad checkpointing re-runs the forward in backward: the seed comes from torch's RNG, whose
-    state checkpoint restores, so the recomputed mask and the gradients are the same as without it."""
+@pytest.mark.parametrize("fn", [fused_lora_linear, lora_linear_torch], ids=["triton", "torch"])
+def test_dropout_replays_under_activation_checkpointing(fn):
+    """Grad checkpointing re-runs the forward in backward: both backends draw their dropout from
+    torch's RNG (a seed, or the mask itself), whose state checkpoint restores, so the recomputed mask
+    and the gradients are the same as without it."""
     x, w, b, a, bb = _inputs((40,), 32, 24, 4, torch.float32)
-    fn = lambda t: fused_lora_linear(t, w, b, a, bb, 1.0, 0.3, training=True)  # noqa: E731
+    step = lambda t: fn(t, w, b, a, bb, 1.0, 0.3, True)  # noqa: E731
     torch.manual_seed(11)
-    g_plain = torch.autograd.grad(fn(x).square().sum(), [x, a, bb])
+    g_plain = torch.autograd.grad(step(x).square().sum(), [x, a, bb])
     torch.manual_seed(11)
-    y = torch.utils.checkpoint.checkpoint(fn, x, use_reentrant=False)
+    y = torch.utils.checkpoint.checkpoint(step, x, use_reentrant=False)
     g_ckpt = torch.autograd.grad(y.square().sum(), [x, a, bb])
     for g1, g2 in zip(g_plain, g_ckpt):
         torch.testing.assert_close(g1, g2, atol=0, rtol=0)
