@@ -202,8 +202,8 @@ def _dropout_mask_kernel(SEED, OUT, M, K, p_drop, BLOCK_M: tl.constexpr, BLOCK_K
 
 # ------------------------------------------------------------------------------------------------
 # Tile choice: a pure function of the shape, dtype and GPU model, never timed at run time, so every
-# rank of a run (and every rerun) launches the same tiles and gets bit-identical results. (Autotuning
-# picked per process could differ between ranks.) UNTUNED for speed: no GPU was available; the tiles
+# rank of a run (and every rerun) launches the same tiles, hence the same summation order. (Autotuning
+# picks per process, so ranks could differ.) UNTUNED for speed: no GPU was available; the tiles
 # are the usual Triton matmul starting points, checked statically with `python -m kernels.bench.ptxas`
 # (sm_80/sm_90 compile: shared memory, registers, spills; figures in the README).
 # ------------------------------------------------------------------------------------------------
