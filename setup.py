@@ -44,6 +44,7 @@ setup(
             "geoexplora-evaluate=launchers.evaluate:console",
             "geoexplora-params=launchers.params:main",
             "geoexplora-demo=launchers.demo:console",
+            "geoexplora-verify-kernels=kernels.verify:main",
         ]
     },
 )

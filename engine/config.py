@@ -350,10 +350,10 @@ class DeepSpeedFileConfig:
 
 @dataclass
 class KernelConfig:
-    lora: Literal["auto", "triton", "reference"] = "auto"
-    """LoRA linear backend ('auto' never picks a kernel unproven on this device)."""
+    lora: Literal["auto", "torch", "triton", "reference"] = "auto"
+    """LoRA linear backend: 'auto' takes the Triton kernel only where this machine's kernel record (python -m kernels.verify) says it passed and was faster, else 'torch' (the fast pure-torch path); 'reference' is the unfused ground truth."""
     attention: Literal["auto", "triton", "xformers", "sdpa", "reference"] = "auto"
-    """Attention backend."""
+    """Attention backend: 'auto' takes the Triton kernel only where this machine's kernel record says it passed and was faster, else 'sdpa'."""
 
 
 @dataclass
