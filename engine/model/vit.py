@@ -109,7 +109,7 @@ def set_drop_path(vit: nn.Module, rate: float, uniform: bool = True) -> list[flo
     DropPath is active in train mode only, so the EMA teacher (run in eval mode) never drops.
     """
     depth = len(vit.blocks)
-    rates = [float(rate)] * depth if uniform else torch.linspace(0, float(rate), depth).tolist()
+    rates = [float(rate)] * depth if uniform else torch.linspace(0, float(rate), depth, dtype=torch.float64).tolist()
     for blk, r in zip(vit.blocks, rates):
         for attr in ("drop_path1", "drop_path2"):
             if hasattr(blk, attr):

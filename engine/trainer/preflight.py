@@ -179,7 +179,7 @@ def run_step(cfg, env, objective: nn.Module, batch: dict, flops_per_image: float
     before = {n: _home(p).clone() for n, p in named if n in trainable}
     prints = {n: fingerprint(_home(p)) for n, p in named if n not in trainable}
     t = cfg.train
-    low = torch.float16 if t.precision == "fp16" else torch.bfloat16 if t.precision == "bf16" and t.amp == "cast" else None
+    low = {"fp16": torch.float16, "bf16": torch.bfloat16 if t.amp == "cast" else None}.get(t.precision)
     if low is not None:  # the model itself is stored in 16 bits: feed it 16-bit images, as the Trainer does
         batch = {k: v.to(low) if v.is_floating_point() else v for k, v in batch.items()}
     sched = OptimSchedule.from_config(cfg.optim, run_batch, cfg.train.max_steps)
@@ -215,7 +215,8 @@ def print_report(r: StepReport, title: str, param_table: str = "") -> None:
     """The human-readable report, then the JSON line (main rank only)."""
     total = r.trainable_numel + r.frozen_numel
     lines = [f"preflight: {title}",
-             f"  ranks            {r.world_size} on {r.device}, {r.samples_per_rank} sample(s) per rank, one optimizer step",
+             f"  ranks            {r.world_size} on {r.device}, {r.samples_per_rank} sample(s) per rank, "
+             "one optimizer step",
              f"  parameters       trainable {r.trainable_numel:,}, frozen {r.frozen_numel:,} "
              f"({100.0 * r.trainable_numel / max(total, 1):.2f} % train, heads/decoder included)"]
     if param_table:
@@ -229,7 +230,8 @@ def print_report(r: StepReport, title: str, param_table: str = "") -> None:
               f"{_summary(r.unchanged)}",
               f"  frozen changed   {_summary(r.frozen_changed)}"]
     if r.frozen_until:
-        lines.append(f"  lr 0 for now     {_summary(sorted(r.frozen_until))} (first {max(r.frozen_until.values())} steps)")
+        lines.append(f"  lr 0 for now     {_summary(sorted(r.frozen_until))} "
+                     f"(first {max(r.frozen_until.values())} steps)")
     print("\n".join(lines), flush=True)
     print(json.dumps(r.as_dict()), flush=True)
 

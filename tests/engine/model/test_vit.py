@@ -48,3 +48,24 @@ def test_grad_checkpointing_flag_gives_same_gradients():
     assert grads[0].keys() == grads[1].keys()
     for n in grads[0]:
         torch.testing.assert_close(grads[0][n], grads[1][n], msg=n)
+
+
+def test_drop_path_uniform_like_dinov2_and_off_in_eval(images):
+    from timm.layers import DropPath
+
+    from engine.model.vit import set_drop_path
+
+    vit = build_vit(tiny_cfg(depth=3, drop_path_rate=0.4))
+    rates = [b.drop_path1.drop_prob for b in vit.blocks] + [b.drop_path2.drop_prob for b in vit.blocks]
+    assert rates == [0.4] * 6  # DINOv2's drop_path_uniform
+    assert set_drop_path(vit, 0.4, uniform=False) == pytest.approx([0.0, 0.2, 0.4])
+    assert not isinstance(vit.blocks[0].drop_path1, DropPath) and vit.blocks[2].drop_path2.drop_prob == 0.4
+    set_drop_path(vit, 0.4)
+    vit.train()
+    torch.manual_seed(0)
+    a = forward_tokens(vit, images)["cls"]
+    b = forward_tokens(vit, images)["cls"]
+    assert not torch.equal(a, b)  # the student drops paths
+    vit.eval()  # the EMA teacher runs in eval mode: deterministic
+    assert torch.equal(forward_tokens(vit, images)["cls"], forward_tokens(vit, images)["cls"])
+    assert all(isinstance(b.drop_path1, torch.nn.Identity) for b in build_vit(tiny_cfg(depth=3)).blocks)
