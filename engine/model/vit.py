@@ -29,6 +29,7 @@ from engine.config import ModelConfig, to_dict
 from engine.errors import UserError
 from engine.model.attention import use_dispatch_attention
 from engine.model.patch_embed import use_group_channel_embed
+from engine.model.tokens import TokenAssembly
 from engine.model.weights import file_sha256, load_weights
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,7 @@ def create_vit(cfg: ModelConfig, device: Union[str, torch.device, None] = None) 
         raise UserError(f"--model.img_size {cfg.img_size} is not a multiple of {arch}'s patch size "
                         f"{vit.patch_embed.patch_size[0]}")
     set_drop_path(vit, cfg.drop_path_rate, cfg.drop_path_uniform)
+    vit.token_assembly = TokenAssembly()  # no parameters: the timm state dict is unchanged
     vit.geoexplora_name = arch
     return vit
 

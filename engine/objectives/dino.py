@@ -129,9 +129,6 @@ class DinoObjective(nn.Module):
         self.teacher.load_state_dict(state["teacher"])
 
     # ------------------------------------------------------------------ forward
-    def _mask_token(self) -> torch.Tensor:
-        return self.mask_token if self.mask_token is not None else self.vit.mask_token.reshape(-1)
-
     def _ibot_head(self) -> DINOHead:
         return self.ibot_head if self.ibot_head is not None else self.dino_head
 
@@ -169,7 +166,8 @@ class DinoObjective(nn.Module):
             t_patch_probs = self.ibot_loss.teacher_targets(t_patch_logits, temp, self.all_reduce)
 
         # 3. student
-        s_g = forward_tokens(self.vit, g, mask=masks, mask_token=self._mask_token() if do_ibot else None)
+        # mask_token None = the ViT's own (a DINOv2 checkpoint's), read inside the ViT's token assembly
+        s_g = forward_tokens(self.vit, g, mask=masks, mask_token=self.mask_token)
         s_l = forward_tokens(self.vit, local) if n_l else None
         head_in = ([s_l["cls"]] if n_l else []) + [s_g["cls"]]
         if do_ibot:

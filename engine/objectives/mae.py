@@ -197,7 +197,7 @@ class MAEObjective(nn.Module):
         G = len(self.band_groups) if self.band_groups else 1
         ids_keep, ids_restore, mask = random_masking(B, G * h * w, self.cfg.mask_ratio, images.device, generator)
         tok = forward_tokens(self.vit, images, ids_keep=ids_keep)
-        parts = ([tok["cls"].unsqueeze(1)] if self.vit.cls_token is not None else []) + [tok["reg"], tok["patch"]]
+        parts = ([tok["cls"].unsqueeze(1)] if self.vit.has_class_token else []) + [tok["reg"], tok["patch"]]
         latent = torch.cat(parts, dim=1)
         preds = self.decoder(latent, ids_restore, (h, w))
         targets = patchify(images, p, self.band_groups)

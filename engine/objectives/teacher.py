@@ -17,13 +17,12 @@ skip them), and would need full, unpartitioned EMA copies gathered with DeepSpee
 ZeRO-3 correctness needs every trainable parameter to be released (``p.data`` empty) outside its
 submodule's forward, so that no gathered copy survives across the swap: no prefetching, no reuse
 across the teacher/student passes, no persistent small parameters. ``ZERO3_REQUIREMENTS`` lists the
-DeepSpeed settings. Parameters that live directly on the ViT (cls/register tokens, position
-embedding, mask token) are used outside any submodule forward: DeepSpeed gathers them on access
-and keeps them gathered until the objective's forward ends, i.e. across the swap. The swap
-therefore releases such a gathered copy (``p.partition()``, which frees the full tensor and keeps
-the shard) before and after the teacher pass, so the next access gathers the values now in the
-shard. It then checks that nothing is left gathered and raises instead of silently running the
-student with teacher weights (or the reverse).
+DeepSpeed settings. The tensors that live on the ViT itself (cls/register/mask tokens, position
+embedding) are read inside ``engine.model.tokens.TokenAssembly``'s forward, never from the
+objective's, so DeepSpeed gathers and releases them around that call too (read from the
+objective's forward they would stay gathered until it ends, across the swap). The swap checks the
+condition before and after the teacher pass and raises instead of silently running the student
+with teacher weights (or the reverse).
 """
 from __future__ import annotations
 
@@ -47,15 +46,6 @@ def _home(p: torch.Tensor) -> torch.Tensor:
     """The tensor that holds ``p``'s values between forwards: its ZeRO-3 local shard, else p.data."""
     ds = getattr(p, "ds_tensor", None)
     return p.data if ds is None else ds.data
-
-
-def _release_gathered(p: torch.Tensor) -> None:
-    """Drop a ZeRO-3 parameter's gathered full copy (a root-level tensor DeepSpeed gathered on
-    access); its shard ``ds_tensor`` is kept and is the value the next access gathers."""
-    if getattr(p, "ds_tensor", None) is None or p.data.numel() == 0:
-        return
-    if getattr(getattr(p, "ds_status", None), "name", "") == "AVAILABLE" and callable(getattr(p, "partition", None)):
-        p.partition()
 
 
 @contextlib.contextmanager
@@ -166,8 +156,6 @@ class EMATeacher:
         trainable set), so the restore is exact.
         """
         self.ensure_initialized()
-        for p in self.params:
-            _release_gathered(p)
         self._check_swappable("before the teacher pass")
         with torch.no_grad():
             homes = [_home(p) for p in self.params]
@@ -178,8 +166,6 @@ class EMATeacher:
             yield
         finally:
             with torch.no_grad():
-                for p in self.params:
-                    _release_gathered(p)
                 for h, b in zip(homes, backup):
                     h.copy_(b)
         self._check_swappable("after the teacher pass")
