@@ -12,7 +12,8 @@ fine-tune with a linear head; top-1/top-5 on the val split every epoch; the best
 (``--finetune.mode full``, ``--finetune.mixup 0.8 --finetune.cutmix 1.0``, ``--finetune.layer_decay 0.65``,
 ``--zero.stage 2``, ``--train.resume auto``). The run directory receives the trainer's files plus
 ``best/classifier.safetensors`` (trainable tensors of the best validation) and ``results.json``.
-Exit codes: 0 done (or preempted after a checkpoint), 1 halted on NaN/inf, 2 bad config/path.
+Exit codes: 0 done, 143 (SIGTERM) / 130 (SIGINT) stopped after saving a checkpoint (rerun to resume),
+1 halted on NaN/inf, 2 bad config/path or a run directory that cannot be written.
 """
 from __future__ import annotations
 
@@ -38,9 +39,9 @@ def check_inputs(cfg: FinetuneRunConfig) -> None:
 
 def run(cfg: FinetuneRunConfig, env) -> int:
     from engine.eval.finetune import run_finetune
+    from engine.trainer.preemption import stop_exit_code
 
-    run_finetune(cfg, env)
-    return 0
+    return stop_exit_code(run_finetune(cfg, env)["preempted"])
 
 
 @cli_entry

@@ -8,8 +8,9 @@
 
 Any config field is an override: ``--train.max_steps 100``, ``--zero.stage 3``,
 ``--train.resume auto|none|PATH``. The run directory ``train.output_dir`` receives config.yaml,
-run.json, metrics.jsonl, tb/, checkpoints/ and export/. Exit codes: 0 done, 0 preempted (a
-checkpoint was saved; rerun the same command to resume), 1 halted on NaN/inf, 2 bad config/path.
+run.json, metrics.jsonl, tb/, checkpoints/ and export/. Exit codes: 0 done, 143 (SIGTERM) / 130
+(SIGINT) stopped after saving a checkpoint (rerun the same command to resume), 1 halted on NaN/inf,
+2 bad config/path or a run directory that cannot be written.
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ log = logging.getLogger("geoexplora.pretrain")
 
 
 def check_inputs(cfg: RunConfig) -> None:
-    """Fail fast, before any process group: unknown model, missing shards, unwritable run dir."""
+    """Fail fast, before any process group: unknown model, missing shards (the run directory and
+    model files are checked by ``run_cli`` for every launcher)."""
     from engine.data import resolve_shards
     from engine.model.vit import resolve_arch
 
@@ -35,9 +37,6 @@ def check_inputs(cfg: RunConfig) -> None:
     if not cfg.data.shards:
         raise UserError("--data.shards: not set; give the shard directory written by geoexplora-convert")
     resolve_shards(cfg.data.shards, cfg.data.manifest)
-    out = Path(cfg.train.output_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--train.output_dir '{out}' exists and is not a directory")
 
 
 def run(cfg: RunConfig, env) -> int:
@@ -72,7 +71,7 @@ def run(cfg: RunConfig, env) -> int:
     result = trainer.fit()
     if result.preempted is None and cfg.train.export:
         export_run(vit, objective, cfg, env.is_main)
-    return 0
+    return result.exit_code
 
 
 @cli_entry

@@ -70,7 +70,7 @@ def runs(tmp_path_factory, tiny_shards, tiny_weights):
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert rc == 0, log.read_text()[-3000:]
+    assert rc == 143, log.read_text()[-3000:]  # 128 + SIGTERM: stopped after a checkpoint (launch.py passes it on)
     stopped = complete_checkpoints(root / "z2" / "checkpoints")
     exported_early = (root / "z2" / "export").exists()
     run_pretrain(*common, "--zero.stage", "2", "--train.output_dir", str(root / "z2"), "--train.resume", "auto")
