@@ -238,7 +238,7 @@ class CheckpointManager:
     def _user_error(self, err: BaseException, tag: str) -> UserError:
         """``err`` of a checkpoint write as a CheckpointWriteError, or ``err`` itself re-raised when it is
         not the file system's fault."""
-        user = fs_user_error(err, self.dir, self.flag, f"writing checkpoint {tag}")
+        user = fs_user_error(err, self.dir.parent, self.flag, f"writing checkpoint {tag}")
         if user is None:
             raise err
         return CheckpointWriteError(f"{user}; {self._kept()}")

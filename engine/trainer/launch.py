@@ -63,22 +63,17 @@ def output_dir_of(cfg) -> Optional[tuple[str, str]]:
     return None
 
 
-def check_paths(cfg) -> None:
-    """Before any process group: the run directory can take files (created if missing; a path below a
-    regular file, a read-only or full file system fails here) and the model files named exist."""
+def check_output_dir(cfg) -> None:
+    """Before any process group: the run directory can take files (created if missing), so a path
+    below a regular file or on a read-only or full file system fails here, on every rank alike."""
     found = output_dir_of(cfg)
-    if found is not None:
-        out, flag = found
-        cause = probe_writable(out)
-        if cause is not None:
-            raise fs_user_error(cause, out, flag, "creating the run directory") or UserError(
-                f"{flag} '{out}': cannot write there ({cause.strerror}); choose another directory")
-    model = getattr(cfg, "model", None)
-    for field in ("weights", "adapter"):
-        path = getattr(model, field, "") if model is not None else ""
-        if path and not Path(path).exists():
-            raise UserError(f"--model.{field} '{path}': no such file or directory; give a local file "
-                            "(nothing is downloaded)")
+    if found is None:
+        return
+    out, flag = found
+    cause = probe_writable(out)
+    if cause is not None:
+        raise fs_user_error(cause, out, flag, "creating the run directory") or UserError(
+            f"{flag} '{out}': cannot write there ({cause.strerror}); choose another directory")
 
 
 def _run_dir_error(err: OSError, cfg) -> Optional[UserError]:
@@ -120,7 +115,7 @@ def run_cli(config_cls: type, argv: Optional[Sequence[str]], run: Callable, chec
         path, overrides = split_config_arg(argv, doc)
         cfg = load_config(config_cls, path, overrides)
         check(cfg)
-        check_paths(cfg)
+        check_output_dir(cfg)
     except UserError:
         report_exit(2)
         if rank != 0:  # every rank found the same problem; rank 0 prints it
