@@ -210,13 +210,13 @@ def build_from_adapter(path: str | Path, weights: Optional[str] = None, seed: Op
         hint = f"seed={base['seed']} (the run's train.seed)" if base.get("seed") is not None else "seed=<train.seed>"
         raise UserError(f"build_from_adapter: '{path}' was trained on a random-init base, which the file does not "
                         f"hold; pass {hint} to rebuild that base, or weights= a file holding it")
-    with torch.random.fork_rng(devices=[]):
+    if seed is not None and base.get("frozen_sha256") is None:
+        log.warning("%s records no base fingerprint: the base rebuilt with seed %d cannot be verified", path, seed)
+    with torch.random.fork_rng(devices=[]):  # the caller's random stream is left as it was
         if seed is not None:
             torch.manual_seed(seed)
         vit = build_vit(from_dict(ModelConfig, model, prefix="model."))
-    if seed is not None and base.get("frozen_sha256") is None:
-        log.warning("%s records no base fingerprint: the base rebuilt with seed %d cannot be verified", path, seed)
-    load_adapter(vit, path, flag="build_from_adapter")
+        load_adapter(vit, path, flag="build_from_adapter")
     return vit.to(device) if device is not None else vit
 
 
