@@ -155,6 +155,17 @@ def test_only_trainable_tensors_in_optimizer(runs):
         assert report["trainable_numel"] <= flat < report["trainable_numel"] + report["frozen_numel"] // 2, run
 
 
+def test_zero3_checkpoint_as_weights_is_refused_with_a_hint(runs):
+    """README: ZeRO-3 checkpoints are refused as --model.weights, pointing to export/ or zero_to_fp32.py."""
+    from engine.config import RunConfig, load_config
+    from engine.errors import UserError
+    from engine.model.vit import build_vit
+
+    cfg = load_config(RunConfig, str(TINY), ["--model.weights", str(_step(runs[0], "z3"))])
+    with pytest.raises(UserError, match="ZeRO-3 checkpoint.*zero_to_fp32.py"):
+        build_vit(cfg.model)
+
+
 def _features(vit, x):
     from engine.model.tokens import pooled_features
 
