@@ -76,16 +76,20 @@ def check_output_dir(cfg) -> None:
             f"{flag} '{out}': cannot write there ({cause.strerror}); choose another directory")
 
 
-def _run_dir_error(err: OSError, cfg) -> Optional[UserError]:
-    """A write error inside the run directory (disk full, read-only, ...) as one line, else None."""
+def _run_dir_error(err: Exception, cfg) -> Optional[UserError]:
+    """A write error inside the run directory (disk full, read-only, ...) as one line, else None.
+
+    An OSError that names a file counts when the file is inside the run directory. One that names
+    none (a write on an open file), or a RuntimeError (torch.save's zip writer reports a full disk
+    so), counts when the run directory itself no longer takes a new file."""
     found = output_dir_of(cfg)
     if found is None:
         return None
     out, flag = found
-    if err.filename is not None:
+    if isinstance(err, OSError) and err.filename is not None:
         inside = Path(os.path.abspath(err.filename)).is_relative_to(os.path.abspath(out))
         return fs_user_error(err, out, flag, "writing the run directory") if inside else None
-    cause = probe_writable(out)  # no file name (a write on an open file): does the run dir still take one?
+    cause = probe_writable(out)
     return None if cause is None else fs_user_error(cause, out, flag, "writing the run directory")
 
 
@@ -136,7 +140,7 @@ def run_cli(config_cls: type, argv: Optional[Sequence[str]], run: Callable, chec
         if getattr(e, "all_ranks", False) and not env.is_main:
             sys.exit(2)  # the same message on every rank (e.g. a checkpoint write): rank 0 prints it
         raise
-    except OSError as e:
+    except (OSError, RuntimeError) as e:
         user = _run_dir_error(e, cfg)
         if user is None:
             raise
