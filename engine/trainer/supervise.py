@@ -156,6 +156,8 @@ class Supervisor:
                 from engine.errors import UserError
 
                 raise UserError(f"cannot start {self.command[0]!r}: {e.strerror}") from None
+            if self.signum:  # stopped before the command existed: pass it on now
+                self._forward(self.signum, None)
             rc = self.proc.wait()
             self._reap_rest()
             reported = self.dir / EXIT_FILE

@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,7 +82,19 @@ def start_cli(args: Sequence[str], log: Path, env: Optional[dict] = None, prefix
 
 
 def kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILL everything in ``proc``'s session, if anything is left."""
+    """SIGKILL whatever is left of ``proc``: its descendants (also those in sessions of their own,
+    such as a supervised launcher's) and its process group."""
+    import psutil
+
+    try:
+        left = psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []
+    except psutil.Error:
+        left = []
+    for p in left:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
@@ -117,8 +130,9 @@ def namespace_prefix() -> Optional[list[str]]:
     if exe is None:
         return None
     try:
-        ok = subprocess.run([exe, "-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt && true"],
-                            capture_output=True, timeout=20).returncode == 0
+        with tempfile.TemporaryDirectory() as d:
+            ok = subprocess.run([exe, "-rm", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {d} && touch {d}/x"],
+                                capture_output=True, timeout=20).returncode == 0
     except (OSError, subprocess.SubprocessError):
         return None
     return [exe, "-rm"] if ok else None
