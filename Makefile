@@ -1,5 +1,6 @@
 # The two commands of the README: `make demo` and `make test`.
-# Both create .venv (Python 3.10+) and install the package with its pinned dependencies once.
+# Both create .venv (Python 3.10+) and install the package once, with the exact dependency set
+# it was tested with (constraints.txt; setup.py itself only asks for compatible ranges).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -9,10 +10,10 @@ STAMP := $(VENV)/.geoexplora-installed
 
 install: $(STAMP)
 
-$(STAMP): setup.py
+$(STAMP): setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
 demo: $(STAMP)

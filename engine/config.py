@@ -1,6 +1,6 @@
 """Typed run configuration of extended pre-training: one dataclass section per subsystem.
 
-``load_config(RunConfig, "configs/tiny_cpu.yaml", ["--data.batch_size", "64"])`` (machinery in
+``load_config(RunConfig, "tiny_cpu", ["--data.batch_size", "64"])`` (machinery in
 :mod:`engine.config_io`, re-exported here) reads a YAML preset plus dotted CLI overrides into these
 sections and validates them; errors name the dotted field. The fine-tuning and evaluation runs
 reuse these sections (``engine/eval/config.py``).
@@ -10,6 +10,8 @@ docstring (the string literal under it) so that ``describe(RunConfig)`` can docu
 """
 from __future__ import annotations
 
+import importlib.util
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
@@ -18,8 +20,15 @@ from engine.config_io import check_field as _check
 from engine.config_io import describe, from_dict, load_config, parse_overrides, save_config, to_dict
 
 __all__ = ["DataConfig", "CropConfig", "ModelConfig", "ExploraConfig", "DinoConfig", "MAEConfig", "ObjectiveConfig",
-           "OptimConfig", "ZeroConfig", "KernelConfig", "TrainConfig", "RunConfig", "describe", "from_dict",
-           "load_config", "parse_overrides", "save_config", "to_dict"]
+           "OptimConfig", "ZeroConfig", "DeepSpeedFileConfig", "KernelConfig", "TrainConfig", "RunConfig", "describe",
+           "from_dict", "load_config", "parse_overrides", "save_config", "to_dict"]
+
+def _importable(package: str) -> bool:
+    """Whether ``import package`` can work, without importing it (slow for wandb/mlflow)."""
+    if package in sys.modules:
+        return sys.modules[package] is not None
+    return importlib.util.find_spec(package) is not None
+
 
 # --------------------------------------------------------------------------------------------
 # Sections
@@ -330,11 +339,21 @@ class ZeroConfig:
 
 
 @dataclass
+class DeepSpeedFileConfig:
+    config: str = ""
+    """DeepSpeed JSON/YAML file merged over the generated DeepSpeed config (e.g. comms_logger, flops_profiler, extra zero_optimization keys); keys that other flags set are refused; '' = none."""
+
+    def validate(self) -> None:
+        _check(not self.config or Path(self.config).is_file(), "deepspeed.config",
+               f"file '{self.config}' not found")
+
+
+@dataclass
 class KernelConfig:
-    lora: Literal["auto", "triton", "reference"] = "auto"
-    """LoRA linear backend ('auto' never picks a kernel unproven on this device)."""
+    lora: Literal["auto", "torch", "triton", "reference"] = "auto"
+    """LoRA linear backend: 'auto' takes the Triton kernel only where this machine's kernel record (python -m kernels.verify) says it passed and was faster, else 'torch' (the fast pure-torch path); 'reference' is the unfused ground truth."""
     attention: Literal["auto", "triton", "xformers", "sdpa", "reference"] = "auto"
-    """Attention backend."""
+    """Attention backend: 'auto' takes the Triton kernel only where this machine's kernel record says it passed and was faster, else 'sdpa'."""
 
 
 @dataclass
@@ -365,8 +384,8 @@ class TrainConfig:
     """Per-device peak dense TFLOPS for MFU (0 = look the GPU up by name; no MFU on CPU)."""
     export: bool = True
     """At the end, write the ExPLoRA adapter file and the merged ViT weights to <output_dir>/export."""
-    tensorboard: bool = True
-    """Write TensorBoard events to <output_dir>/tb (metrics.jsonl is always written)."""
+    logger: list[Literal["tensorboard", "wandb", "mlflow"]] = field(default_factory=lambda: ["tensorboard"])
+    """Experiment loggers besides metrics.jsonl (always written), e.g. tensorboard,wandb; '' = none. Offline by default: TensorBoard to <output_dir>/tb, W&B in offline mode unless WANDB_MODE is set, MLflow to <output_dir>/mlflow.db unless MLFLOW_TRACKING_URI is set."""
 
     def validate(self) -> None:
         _check(self.max_steps > 0, "train.max_steps", "must be > 0")
@@ -379,6 +398,10 @@ class TrainConfig:
         _check(bool(self.output_dir), "train.output_dir", "must name a directory")
         _check(self.resume in ("auto", "none") or Path(self.resume).exists(), "train.resume",
                f"'{self.resume}' is neither 'auto', 'none' nor an existing checkpoint")
+        _check(len(set(self.logger)) == len(self.logger), "train.logger", f"names a logger twice: {self.logger}")
+        for name in self.logger:
+            _check(_importable(name), "train.logger", f"{name}: the {name} package is not installed; "
+                   f"pip install {name} (or geoexplora[{name}]), or leave it out")
 
 
 @dataclass
@@ -392,5 +415,6 @@ class RunConfig:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     zero: ZeroConfig = field(default_factory=ZeroConfig)
+    deepspeed: DeepSpeedFileConfig = field(default_factory=DeepSpeedFileConfig)
     kernels: KernelConfig = field(default_factory=KernelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

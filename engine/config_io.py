@@ -1,11 +1,11 @@
 """Config machinery for the typed run configs (``engine/config.py``, ``engine/eval/config.py``):
 YAML presets, dotted CLI overrides, type conversion, validation, saving and self-description.
 
-``load_config(RunConfig, "configs/tiny_cpu.yaml", ["--data.batch_size", "64"])`` reads the YAML,
-applies overrides (``--a.b value`` or ``--a.b=value``; values parsed as YAML scalars, lists also
-as ``a,b,c``), converts every field to its annotated type and runs each section's ``validate()``.
-Every error is a :class:`~engine.errors.UserError` naming the dotted field, e.g.
-``--optim.lr: expected float, got 'fast'``.
+``load_config(RunConfig, "tiny_cpu", ["--data.batch_size", "64"])`` reads the YAML (the name of a
+preset in ``engine/presets`` or a path), applies overrides (``--a.b value`` or ``--a.b=value``;
+values parsed as YAML scalars, lists also as ``a,b,c``), converts every field to its annotated type
+and runs each section's ``validate()``. Every error is a :class:`~engine.errors.UserError` naming
+the dotted field, e.g. ``--optim.lr: expected float, got 'fast'``.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import yaml
 
 from engine.atomic import atomic_write_text
 from engine.errors import UserError
+from engine.presets import resolve_preset
 
 
 def check_field(ok: bool, name: str, msg: str) -> None:
@@ -34,7 +35,7 @@ def _convert(value: Any, tp: Any, name: str) -> Any:
     if tp is Any:
         return value
     if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
+        if type(None) in args and (value is None or (isinstance(value, str) and value.lower() in ("none", "null"))):
             return None
         errors = []
         for a in args:
@@ -172,12 +173,11 @@ def _merge(base: dict, over: dict, prefix: str = "") -> dict:
 
 
 def load_config(cls: type, path: str | None = None, overrides: list[str] | None = None) -> Any:
-    """YAML preset (optional) + dotted CLI overrides -> validated ``cls`` instance."""
+    """YAML preset (optional; a shipped preset's name or a path) + dotted CLI overrides -> validated
+    ``cls`` instance."""
     data: dict = {}
     if path:
-        p = Path(path)
-        if not p.is_file():
-            raise UserError(f"--config: file '{path}' not found (presets live in configs/)")
+        p = resolve_preset(path)
         try:
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
@@ -193,27 +193,52 @@ def save_config(cfg: Any, path: str | Path) -> None:
     atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
-    """``(dotted name, default, docstring)`` for every leaf field, read from the source."""
+@dataclasses.dataclass
+class FieldDoc:
+    """One config field as ``--help`` shows it."""
+
+    name: str
+    """Dotted name, e.g. 'data.batch_size'."""
+    type: Any
+    """The annotation (resolved)."""
+    default: Any
+    """The default value."""
+    doc: str
+    """The docstring under the field ('' when it has none)."""
+
+
+def _attribute_docs(cls: type) -> dict[str, str]:
+    """``{field: docstring}`` read from the string literal under each annotated field of ``cls``."""
     import ast
     import inspect
 
     docs: dict[str, str] = {}
     try:
-        tree = ast.parse(inspect.getsource(cls))
-        body = tree.body[0].body
-        for a, b in zip(body, body[1:]):
-            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
-                docs[a.target.id] = str(b.value.value)
+        body = ast.parse(inspect.getsource(cls)).body[0].body
     except (OSError, TypeError):
-        pass
+        return docs
+    for a, b in zip(body, body[1:]):
+        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
+            docs[a.target.id] = " ".join(str(b.value.value).split())
+    return docs
+
+
+def sections(cls: type, prefix: str = "", doc: str = "") -> list[tuple[str, str, list[FieldDoc]]]:
+    """``(dotted section, its docstring, its leaf fields)`` of config class ``cls``, depth first."""
+    docs = _attribute_docs(cls)
     hints = typing.get_type_hints(cls)
-    rows = []
+    leaves: list[FieldDoc] = []
+    nested: list[tuple[str, str, list[FieldDoc]]] = []
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
-            rows += describe(tp, prefix + f.name + ".")
+            nested += sections(tp, prefix + f.name + ".", docs.get(f.name, ""))
         else:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            rows.append((prefix + f.name, repr(default), docs.get(f.name, "")))
-    return rows
+            leaves.append(FieldDoc(prefix + f.name, tp, default, docs.get(f.name, "")))
+    return ([(prefix.rstrip("."), doc, leaves)] if leaves else []) + nested
+
+
+def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
+    """``(dotted name, default, docstring)`` for every leaf field, read from the source."""
+    return [(prefix + f.name, repr(f.default), f.doc) for _, _, fields in sections(cls) for f in fields]

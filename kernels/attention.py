@@ -3,7 +3,8 @@
 ``flash_attention(q, k, v, scale)`` computes ``softmax(q k^T * scale) v`` for q: (B, H, Nq, D),
 k, v: (B, H, Nk, D) without materializing the (Nq, Nk) score matrix (memory O(N * D) per head):
 
-* forward: one program per (query block, batch*head); keys/values stream through in blocks with an
+* forward: one program per (query block, batch*head), flattened into grid dimension 0 (CUDA caps the
+  other two at 65535, fewer than 4096 local crops x 16 heads); keys/values stream through in blocks with an
   online softmax (running max ``m`` and sum ``l``, base-2 exponentials with ``log2(e)`` folded into
   the scale); it stores O and the per-row log-sum-exp ``lse = m + log2(l)`` (fp32, base 2).
 * backward (recompute, no saved probabilities): ``delta = rowsum(dO * O)`` in a small preprocess
@@ -23,23 +24,22 @@ callers with a mask or attention dropout use SDPA (see engine.model.attention).
 
 Registered as ``torch.library`` custom ops (``geoexplora::flash_attn_fwd`` / ``flash_attn_bwd``)
 with fake implementations and autograd, so it traces under ``torch.compile``. On CPU it runs only
-under ``TRITON_INTERPRET=1`` (the tests); ``kernels.dispatch`` decides when it is used at all.
+under ``TRITON_INTERPRET=1`` (the tests); ``kernels.dispatch`` decides when it is used at all and
+asks :func:`unsupported_reason` first, so inputs the kernel cannot take (D > 128, fp64, CPU) go to
+SDPA; called directly, the kernel raises ``ValueError`` for them.
 """
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from engine.errors import UserError
+from kernels.triton_launch import SUPPORTED_DTYPES, dot_precision, launch, runnable_on
 
 MAX_HEAD_DIM = 128
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634
 
 
@@ -47,11 +47,13 @@ _LOG2E = 1.4426950408889634
 def _attn_fwd_kernel(
     Q, K, V, O, LSE,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
-    H, NQ, NK, D, qk_scale,
+    H, NQ, NK, D, qk_scale, NUM_BLOCKS,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    # One flat grid dimension (CUDA caps dimensions 1-2 at 65535; 4096 crops x 16 heads is more);
+    # the query blocks of one head are neighbours, so its K and V stay in L2 while they stream.
+    pid_m = tl.program_id(0) % NUM_BLOCKS
+    bh = tl.program_id(0) // NUM_BLOCKS
     # int64 offsets: b * stride passes 2^31 for large batches (B=1024, N=1025, qkv width 3*1024)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
@@ -92,11 +94,11 @@ def _attn_fwd_kernel(
 
 @triton.jit
 def _attn_bwd_preprocess_kernel(
-    O, DO, DELTA, sob, soh, son, sod, sdb, sdh, sdn, sdd, H, NQ, D,
+    O, DO, DELTA, sob, soh, son, sod, sdb, sdh, sdn, sdd, H, NQ, D, NUM_BLOCKS,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid_m = tl.program_id(0) % NUM_BLOCKS
+    bh = tl.program_id(0) // NUM_BLOCKS
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -113,14 +115,14 @@ def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
     sgb, sgh, sgn, sgd,
-    H, NQ, NK, D, sm_scale, qk_scale,
+    H, NQ, NK, D, sm_scale, qk_scale, NUM_BLOCKS,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One key block: dV = sum_i P_i^T dO_i, dK = scale * sum_i dS_i^T Q_i over all query blocks i.
 
     DK and DV share the strides (sgb, sgh, sgn, sgd) (both allocated by the launcher)."""
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid_n = tl.program_id(0) % NUM_BLOCKS
+    bh = tl.program_id(0) // NUM_BLOCKS
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -164,12 +166,12 @@ def _attn_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
     sgb, sgh, sgn, sgd,
-    H, NQ, NK, D, sm_scale, qk_scale,
+    H, NQ, NK, D, sm_scale, qk_scale, NUM_BLOCKS,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One query block: dQ = scale * sum_j dS_j K_j over all key blocks j."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid_m = tl.program_id(0) % NUM_BLOCKS
+    bh = tl.program_id(0) // NUM_BLOCKS
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -204,15 +206,16 @@ def _attn_bwd_dq_kernel(
              dq.to(DQ.dtype.element_ty), mask=q_mask)
 
 
-# Tile shapes (BLOCK_M, BLOCK_N, num_warps, num_stages). Speed NOT yet measured on a GPU. What was
-# measured (`python -m kernels.bench.attention --ptxas`: triton.compile for sm_80 and sm_90 + ptxas -v,
+# Tile shapes (BLOCK_M, BLOCK_N, num_warps, num_stages): fixed per (head dim, dtype), never timed at run
+# time, so every rank launches the same tiles. Speed NOT yet measured on a GPU. What was measured
+# (`python -m kernels.bench.ptxas`: triton.compile for sm_80 and sm_90 + ptxas -v,
 # no GPU needed): every choice below compiles with 0 bytes of register spill on both architectures, while
 # the FA-2 tutorial defaults spill there (e.g. fwd 128x64 with 4 warps: 16 B on sm_80; bwd 64x64
 # with 4 warps: 64 B dK/dV, 16 B dQ on sm_80; fp32 fwd 64x32 with 4 warps: 9 KB on sm_90).
 # Retune with `python -m kernels.bench.attention` on the target GPU and record the table in the README.
 def _fwd_config(block_d: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
-    if dtype == torch.float32:
-        return 64, 32, 8, 2
+    if dtype == torch.float32:  # 64x32 spills 4-52 B on sm_80 (D 64-128); 32x32 does not
+        return 32, 32, 8, 2
     if block_d <= 64:
         return 128, 64, 8, 3
     return 128, 32, 8, 2
@@ -221,8 +224,8 @@ def _fwd_config(block_d: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
 def _bwd_configs(block_d: int, dtype: torch.dtype) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]]:
     """(dK/dV kernel config, dQ kernel config). Each kernel keeps its own tile resident (K, V, dK, dV
     of BLOCK_N rows; Q, dO, dQ of BLOCK_M rows) and streams the other in narrow blocks, as FA-2 does."""
-    if dtype == torch.float32:  # fp32 dK/dV at 32x64 spills 1.6-3.2 KB for D > 64; 32x32 does not
-        return (32, 64 if block_d <= 64 else 32, 8, 2), (64, 32, 8, 2)
+    if dtype == torch.float32:  # fp32 32x64 dK/dV spills 4 B-3.2 KB, 64x32 dQ 60 B (sm_80); 32x32 none
+        return (32, 32, 8, 2), (32, 32, 8, 2)
     if block_d <= 64:
         return (32, 128, 8, 2), (128, 32, 8, 2)
     return (64, 32, 8, 2), (32, 64, 8, 2)
@@ -233,10 +236,9 @@ _PRE_WARPS = 4
 
 
 def launch_configs(head_dim: int, dtype: torch.dtype) -> dict[str, tuple[dict, int, int]]:
-    """kernel name -> (constexpr arguments, num_warps, num_stages) exactly as the launchers use them
-    (also read by ``kernels.bench.attention --ptxas``, which compiles them for sm_80/sm_90)."""
+    """kernel name -> (constexpr arguments, num_warps, num_stages) exactly as the launchers use them."""
     block_d = _head_block(head_dim)
-    prec = _precision(dtype)
+    prec = dot_precision(dtype)
     bm, bn, w, st = _fwd_config(block_d, dtype)
     (bm1, bn1, w1, st1), (bm2, bn2, w2, st2) = _bwd_configs(block_d, dtype)
     tile = dict(BLOCK_D=block_d, PRECISION=prec)
@@ -246,20 +248,6 @@ def launch_configs(head_dim: int, dtype: torch.dtype) -> dict[str, tuple[dict, i
         "bwd_dkdv": (dict(BLOCK_M=bm1, BLOCK_N=bn1, **tile), w1, st1),
         "bwd_dq": (dict(BLOCK_M=bm2, BLOCK_N=bn2, **tile), w2, st2),
     }
-
-
-KERNELS = {"fwd": _attn_fwd_kernel, "bwd_preprocess": _attn_bwd_preprocess_kernel,
-           "bwd_dkdv": _attn_bwd_dkdv_kernel, "bwd_dq": _attn_bwd_dq_kernel}
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
 
 
 def _head_block(d: int) -> int:
@@ -285,12 +273,10 @@ def _flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     o = _empty_bnhd(q, NQ)
     lse = torch.empty((B, H, NQ), device=q.device, dtype=torch.float32)
     consts, warps, stages = launch_configs(D, q.dtype)["fwd"]
-    grid = (triton.cdiv(NQ, consts["BLOCK_M"]), B * H)
-    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-        _attn_fwd_kernel[grid](
-            q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-            H, NQ, NK, D, scale * _LOG2E, **consts, num_warps=warps, num_stages=stages,
-        )
+    blocks = triton.cdiv(NQ, consts["BLOCK_M"])
+    launch("attn_fwd", _attn_fwd_kernel, (blocks * B * H,), q,
+           q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+           H, NQ, NK, D, scale * _LOG2E, blocks, **consts, num_warps=warps, num_stages=stages)
     return o, lse
 
 
@@ -311,22 +297,21 @@ def _flash_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     dq = _empty_bnhd(q, NQ)
     dk = _empty_bnhd(k, NK)
     dv = _empty_bnhd(v, NK)
-    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-        c, w, st = cfg["bwd_preprocess"]
-        _attn_bwd_preprocess_kernel[(triton.cdiv(NQ, c["BLOCK_M"]), B * H)](
-            o, do, delta, *_strides(o), *_strides(do), H, NQ, D, **c, num_warps=w, num_stages=st,
-        )
-        common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
-        c, w, st = cfg["bwd_dkdv"]
-        _attn_bwd_dkdv_kernel[(triton.cdiv(NK, c["BLOCK_N"]), B * H)](
-            q, k, v, do, lse, delta, dk, dv, *common, *_strides(dk), H, NQ, NK, D, scale, scale * _LOG2E,
-            **c, num_warps=w, num_stages=st,
-        )
-        c, w, st = cfg["bwd_dq"]
-        _attn_bwd_dq_kernel[(triton.cdiv(NQ, c["BLOCK_M"]), B * H)](
-            q, k, v, do, lse, delta, dq, *common, *_strides(dq), H, NQ, NK, D, scale, scale * _LOG2E,
-            **c, num_warps=w, num_stages=st,
-        )
+    c, w, st = cfg["bwd_preprocess"]
+    blocks = triton.cdiv(NQ, c["BLOCK_M"])
+    launch("attn_bwd_preprocess", _attn_bwd_preprocess_kernel, (blocks * B * H,), q,
+           o, do, delta, *_strides(o), *_strides(do), H, NQ, D, blocks, **c, num_warps=w, num_stages=st)
+    common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
+    c, w, st = cfg["bwd_dkdv"]
+    blocks = triton.cdiv(NK, c["BLOCK_N"])
+    launch("attn_bwd_dkdv", _attn_bwd_dkdv_kernel, (blocks * B * H,), q,
+           q, k, v, do, lse, delta, dk, dv, *common, *_strides(dk), H, NQ, NK, D, scale, scale * _LOG2E, blocks,
+           **c, num_warps=w, num_stages=st)
+    c, w, st = cfg["bwd_dq"]
+    blocks = triton.cdiv(NQ, c["BLOCK_M"])
+    launch("attn_bwd_dq", _attn_bwd_dq_kernel, (blocks * B * H,), q,
+           q, k, v, do, lse, delta, dq, *common, *_strides(dq), H, NQ, NK, D, scale, scale * _LOG2E, blocks,
+           **c, num_warps=w, num_stages=st)
     return dq, dk, dv
 
 
@@ -352,24 +337,26 @@ def _backward(ctx, do, dlse):
 _flash_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """Raise UserError unless (q, k, v) is something the Triton kernel runs."""
+def check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Raise ValueError unless q is (B, H, Nq, D) and k, v are (B, H, Nk, D)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise UserError(f"flash_attention: q, k, v must be (B, H, N, D); got {tuple(q.shape)}, "
-                        f"{tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(f"flash_attention: q, k, v must be (B, H, N, D); got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
     if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
-        raise UserError(f"flash_attention: shapes do not match: q {tuple(q.shape)}, k {tuple(k.shape)}, "
-                        f"v {tuple(v.shape)} (need q (B, H, Nq, D), k = v (B, H, Nk, D))")
-    D = q.shape[3]
+        raise ValueError(f"flash_attention: shapes do not match: q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)} (need q (B, H, Nq, D), k = v (B, H, Nk, D))")
+
+
+def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optional[str]:
+    """Why the kernel cannot take (q, k, v) (None when it can): ``kernels.dispatch`` then uses SDPA."""
+    D = q.shape[-1]
     if not 1 <= D <= MAX_HEAD_DIM:
-        raise UserError(f"flash_attention: head dim D={D} is not supported; the Triton kernel runs "
-                        f"1 <= D <= {MAX_HEAD_DIM} (e.g. 64, 80, 88, 96, 128); use --kernels.attention sdpa")
+        return f"head dim D={D} (the kernel runs 1 <= D <= {MAX_HEAD_DIM})"
     if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise UserError(f"flash_attention: dtypes {q.dtype}, {k.dtype}, {v.dtype}; need one of "
-                        "float16, bfloat16, float32 for all three")
-    if not (q.is_cuda or _interpreting()):
-        raise UserError(f"flash_attention: tensors on {q.device}; the Triton kernel needs CUDA "
-                        "(or TRITON_INTERPRET=1 for testing); use --kernels.attention sdpa")
+        return f"dtypes {q.dtype}, {k.dtype}, {v.dtype} (the kernel runs float16, bfloat16, float32, all three alike)"
+    if not runnable_on(q.device):
+        return f"tensors on {q.device}: the Triton kernel needs CUDA (or TRITON_INTERPRET=1)"
+    return None
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None
@@ -379,7 +366,10 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Op
     ``scale`` defaults to ``1/sqrt(D)``. Differentiable in q, k, v. The result is a (B, H, Nq, D)
     view of (B, Nq, H, D) memory.
     """
-    check_inputs(q, k, v)
+    check_shapes(q, k, v)
+    reason = unsupported_reason(q, k, v)
+    if reason is not None:
+        raise ValueError(f"flash_attention: {reason}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     o, _ = _flash_attn_fwd(q, k, v, scale)
     return o

@@ -20,26 +20,25 @@ forward and backward see the same mask (``lora_dropout_mask`` returns it, for te
 No gradient for a frozen W is ever allocated; a trainable W (or bias) gets ``dy^T x`` (``dy.sum``)
 from torch. Each piece is a ``torch.library`` custom op with a fake implementation, and the forward
 op carries the autograd formula, so the layer traces under ``torch.compile``. On CPU it runs only
-under ``TRITON_INTERPRET=1`` (the tests); ``kernels.dispatch`` decides when it is used at all.
+under ``TRITON_INTERPRET=1`` (the tests); ``kernels.dispatch`` decides when it is used at all and
+asks :func:`unsupported_reason` first (fp64, CPU tensors go to the torch path); called directly,
+the kernel raises ``ValueError`` for such inputs. Tiles are a fixed function of the shape (no
+autotuning), so every rank runs the same tiles.
 """
 from __future__ import annotations
 
-import contextlib
-import os
 from typing import Optional, Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-from engine.errors import UserError
-from kernels.reference import lora_linear_reference
+from kernels.reference import check_lora_args, lora_linear_reference
+from kernels.triton_launch import SUPPORTED_DTYPES, dot_precision, interpreting, launch, runnable_on
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Segment offsets that are multiples of this many elements are declared aligned to the compiler
+# (``SEG_ALIGNED``), so tiles at ``SEG[s] + k`` load as vectors; other offsets take the generic path.
+SEG_ALIGN = 16
 
 
 @triton.jit
@@ -53,8 +52,8 @@ def _keep_scale(seed, rows, cols, ncols, p):
 def _lora_down_kernel(
     X, A, SEG, SEED, OUT, M, L, R, x_cols, scale, p_drop,
     sxm, sxk, sa_seg, saj, sak, som, soj,
-    DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr,
+    DROPOUT: tl.constexpr, SEG_ALIGNED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """OUT[m, s*R + j] = scale * sum_{k<L} drop(X)[m, SEG[s] + k] * A[s*sa_seg + j*saj + k*sak]."""
     pid_m = tl.program_id(0)
@@ -64,6 +63,8 @@ def _lora_down_kernel(
     row_ok = rows < M
     j_ok = js < R
     col0 = tl.load(SEG + s)
+    if SEG_ALIGNED:  # the offset is loaded, so the compiler cannot see its alignment by itself
+        col0 = tl.multiple_of(col0, 16)
     x_base = X + rows.to(tl.int64)[:, None] * sxm
     a_base = A + s * sa_seg + js[None, :] * saj
     if DROPOUT:
@@ -83,10 +84,13 @@ def _lora_down_kernel(
 
 @triton.jit
 def _lowrank_update(acc, H, BT, SEG, rows, row_ok, cols, n0, N, R, NW, S, shm, shr, sbn, sbr,
-                    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
+                    SEG_ALIGNED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                    PRECISION: tl.constexpr):
     """acc += H[:, s*R:(s+1)*R] BT[s*NW:(s+1)*NW]^T on the columns of segment s, for the segments the tile meets."""
     for s in range(0, S):
         off = tl.load(SEG + s)
+        if SEG_ALIGNED:
+            off = tl.multiple_of(off, 16)
         if (off < n0 + BLOCK_N) & (off + NW > n0):
             seg_ok = (cols >= off) & (cols < off + NW) & (cols < N)
             brow = s * NW + cols - off
@@ -101,28 +105,12 @@ def _lowrank_update(acc, H, BT, SEG, rows, row_ok, cols, n0, N, R, NW, S, shm, s
     return acc
 
 
-# Main-GEMM tiles, (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). UNTUNED: no GPU was available when
-# this was written. They are the usual Triton matmul starting points for fp16/bf16 on A100/H100
-# (128x128x64 / 8 warps / 3 stages for the large ViT-L fc1/fc2 GEMMs, 128x64 and 64x128 for
-# N or M that leave too few 128x128 tiles to fill the SMs, e.g. N=384/768 at M=197*B), plus 64x64x32
-# so fp32 (twice the shared memory per stage) always has a config that fits. The autotuner times
-# them per (M, N, K, dtypes); configs that overflow shared memory are skipped by Triton.
-# Measure with `python -m kernels.bench.lora_linear` on the target GPU and prune.
-_GEMM_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=st)
-    for bm, bn, bk, w, st in [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
-                              (128, 256, 64, 8, 3), (64, 64, 32, 4, 4)]
-]
-if _interpreting():  # the interpreter would "time" every config in Python; one small tile suffices
-    _GEMM_CONFIGS = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 2})]
-
-
-@triton.autotune(configs=_GEMM_CONFIGS, key=["M", "N", "K"])
 @triton.jit
 def _lora_gemm_kernel(
     X, W, H, BT, BIAS, SEG, SEED, OUT, M, N, K, R, NW, S, p_drop,
     sxm, sxk, swn, swk, shm, shr, sbn, sbr, som, son,
-    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, SEG_ALIGNED: tl.constexpr, BLOCK_R: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """OUT (M, N) = X W^T (+ BIAS) + [H_s BT_s^T on columns SEG[s]..SEG[s]+NW] (* keep mask if DROPOUT).
@@ -156,11 +144,11 @@ def _lora_gemm_kernel(
     if DROPOUT:
         # backward only: d(drop(x)) -> dx passes through the same mask, so the update needs its own tile
         low = _lowrank_update(tl.zeros((BLOCK_M, BLOCK_N), tl.float32), H, BT, SEG, rows, row_ok, cols, n0,
-                              N, R, NW, S, shm, shr, sbn, sbr, BLOCK_N, BLOCK_R, PRECISION)
+                              N, R, NW, S, shm, shr, sbn, sbr, SEG_ALIGNED, BLOCK_N, BLOCK_R, PRECISION)
         acc += low * _keep_scale(tl.load(SEED), rows, cols, N, p_drop)
     else:
         acc = _lowrank_update(acc, H, BT, SEG, rows, row_ok, cols, n0, N, R, NW, S, shm, shr, sbn, sbr,
-                              BLOCK_N, BLOCK_R, PRECISION)
+                              SEG_ALIGNED, BLOCK_N, BLOCK_R, PRECISION)
     tl.store(OUT + rows.to(tl.int64)[:, None] * som + cols[None, :] * son, acc.to(OUT.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
 
@@ -169,8 +157,8 @@ def _lora_gemm_kernel(
 def _lora_wgrad_kernel(
     LM, RM, SEG, SEED, PART, M, A_LEN, B_LEN, rows_per_split, r_step, drop_cols, p_drop,
     slm, sla, srm, srb, sps, spa, spb,
-    NSPLIT, DROPOUT: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
-    BLOCK_M: tl.constexpr, PRECISION: tl.constexpr,
+    NSPLIT, DROPOUT: tl.constexpr, SEG_ALIGNED: tl.constexpr, BLOCK_A: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """PART[split, s*A_LEN + a, b] = sum over this split's rows m of LM[m, SEG[s] + a] * drop(RM)[m, s*r_step + b]."""
     a_idx = tl.program_id(0) * BLOCK_A + tl.arange(0, BLOCK_A)
@@ -179,7 +167,10 @@ def _lora_wgrad_kernel(
     split = tl.program_id(2) % NSPLIT
     a_ok = a_idx < A_LEN
     b_ok = b_idx < B_LEN
-    lcol = tl.load(SEG + s) + a_idx
+    col0 = tl.load(SEG + s)
+    if SEG_ALIGNED:
+        col0 = tl.multiple_of(col0, 16)
+    lcol = col0 + a_idx
     rcol = s * r_step + b_idx
     m_start = split * rows_per_split
     m_end = tl.minimum(M, m_start + rows_per_split)
@@ -209,10 +200,62 @@ def _dropout_mask_kernel(SEED, OUT, M, K, p_drop, BLOCK_M: tl.constexpr, BLOCK_K
              mask=(rows < M)[:, None] & (cols < K)[None, :])
 
 
-# Launchers. Down-projection and weight-gradient tiles are UNTUNED heuristics (no GPU measured yet):
-# the rank side is padded to a power of two >= 16 (tl.dot's minimum) and capped at 128 (r=64 on q
-# and v fits one tile); the long side takes 64-128 with 2-3 stages so the tiles stay under ~100 KB
-# of shared memory. Both kernels are memory-bound (they read x or dy once), so tiles matter less.
+# ------------------------------------------------------------------------------------------------
+# Tile choice: a pure function of the shape, dtype and GPU model, never timed at run time, so every
+# rank of a run (and every rerun) launches the same tiles, hence the same summation order. (Autotuning
+# picks per process, so ranks could differ.) UNTUNED for speed: no GPU was available; the tiles
+# are the usual Triton matmul starting points, checked statically with `python -m kernels.bench.ptxas`
+# (sm_80/sm_90 compile: shared memory, registers, spills; figures in the README).
+# ------------------------------------------------------------------------------------------------
+def gemm_tiles(M: int, N: int, dtype: torch.dtype, sm_count: int, dropout: bool) -> dict:
+    """Main GEMM tiles for an (M, N) output: 128x128 while that fills the GPU, else narrower.
+
+    The dropout epilogue (backward dx) keeps a second accumulator and the Philox state live: at
+    128x128 it needs 255 registers on sm_90, at 64x128 with 8 warps 78-128."""
+    if interpreting():  # every program runs in Python: one small tile shape
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=2, num_warps=4, num_stages=1)
+    if dtype == torch.float32:  # twice the shared memory per stage; 4 warps spill 0.7-1.4 KB on sm_80
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
+    if dropout:
+        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+    if triton.cdiv(M, 128) * triton.cdiv(N, 128) >= sm_count:
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3)
+
+
+def rank_block(n: int, cap: int = 128) -> int:
+    """The rank side of a tile: a power of two >= 16 (tl.dot's minimum), at most ``cap``."""
+    return min(cap, max(16, triton.next_power_of_2(n)))
+
+
+def down_tiles(R: int, dtype: torch.dtype) -> dict:
+    """Rank-r projection tiles (memory-bound: x or dy is read once). A 128-wide rank tile (q and v
+    at r=64) takes 8 warps: 64 registers, where 4 warps need 113 (167 with dropout) on sm_90."""
+    br = rank_block(R, 64 if dtype == torch.float32 else 128)
+    bm = 32 if dtype == torch.float32 and not interpreting() else 64
+    return dict(BLOCK_M=bm, BLOCK_R=br, BLOCK_K=64, num_warps=8 if br >= 128 else 4,
+                num_stages=2 if dtype == torch.float32 else 3)
+
+
+def wgrad_tiles(A_LEN: int, B_LEN: int, dtype: torch.dtype, dropout: bool) -> dict:
+    """Weight-gradient tiles. With dropout every element of the streamed tile draws a Philox number:
+    a 64-wide tile and 32-row steps keep that under 100 registers (128-wide: 170-232 on sm_90)."""
+    ba, bb = rank_block(A_LEN), rank_block(B_LEN)
+    if dtype == torch.float32:
+        ba, bb = min(ba, 64), min(bb, 64)
+    if dropout or dtype == torch.float32:
+        return dict(BLOCK_A=ba, BLOCK_B=min(bb, 64), BLOCK_M=32, num_warps=8, num_stages=2)
+    return dict(BLOCK_A=ba, BLOCK_B=bb, BLOCK_M=64, num_warps=8, num_stages=2)
+
+
+def _sm_count(device: torch.device) -> int:
+    # meta tensors (kernels.bench.ptxas compiling without a GPU) stand for an H100/H200 (132 SMs)
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+
+
+# ------------------------------------------------------------------------------------------------
+# Launchers
+# ------------------------------------------------------------------------------------------------
 _seg_cache: dict[tuple[tuple[int, ...], str], torch.Tensor] = {}
 
 
@@ -223,33 +266,20 @@ def _segments_on(segments: Sequence[int], device: torch.device) -> torch.Tensor:
     return _seg_cache[key]
 
 
-def _precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
-
-
-def _rank_block(n: int) -> int:
-    return min(128, max(16, triton.next_power_of_2(n)))
-
-
-def _on(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+def _aligned(segs: Sequence[int]) -> bool:
+    return all(s % SEG_ALIGN == 0 for s in segs)
 
 
 def _down(x, a, a_strides, segs, L, R, scale, p, seed, x_cols):
     """(M, S*R) = scale * drop(x[:, seg_s:seg_s+L]) A_s^T per segment; a_strides = (segment, j, k)."""
     M = x.shape[0]
     out = x.new_empty((M, len(segs) * R))
-    # fp32 halves the rows so x + A tiles (x 2 stages) stay under ~100 KB shared memory (sm_86/89 too)
-    bm, bk = (32 if x.dtype == torch.float32 and not _interpreting() else 64), 64
-    br = _rank_block(R)
-    grid = (triton.cdiv(M, bm), len(segs), triton.cdiv(R, br))
-    with _on(x):
-        _lora_down_kernel[grid](
-            x, a, _segments_on(segs, x.device), seed if seed is not None else x, out, M, L, R, x_cols, scale, p,
-            *x.stride(), *a_strides, *out.stride(),
-            DROPOUT=p > 0, BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk, PRECISION=_precision(x.dtype),
-            num_warps=4, num_stages=2 if x.dtype == torch.float32 else 3,
-        )
+    t = down_tiles(R, x.dtype)
+    grid = (triton.cdiv(M, t["BLOCK_M"]), len(segs), triton.cdiv(R, t["BLOCK_R"]))
+    launch("lora_down", _lora_down_kernel, grid, x,
+           x, a, _segments_on(segs, x.device), seed if seed is not None else x, out, M, L, R, x_cols, scale, p,
+           *x.stride(), *a_strides, *out.stride(),
+           DROPOUT=p > 0, SEG_ALIGNED=_aligned(segs), PRECISION=dot_precision(x.dtype), **t)
     return out
 
 
@@ -257,14 +287,15 @@ def _gemm(x, w, w_strides, h, bt, bt_strides, bias, segs, NW, R, N, p, seed):
     """(M, N) = x W^T + bias + low-rank update (see _lora_gemm_kernel); w_strides = (n, k), bt_strides = (n, r)."""
     M, K = x.shape
     out = x.new_empty((M, N))
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    with _on(x):
-        _lora_gemm_kernel[grid](
-            x, w, h, bt, bias if bias is not None else x, _segments_on(segs, x.device),
-            seed if seed is not None else x, out, M, N, K, R, NW, len(segs), p,
-            *x.stride(), *w_strides, *h.stride(), *bt_strides, *out.stride(),
-            HAS_BIAS=bias is not None, DROPOUT=p > 0, BLOCK_R=_rank_block(R), PRECISION=_precision(x.dtype),
-        )
+    t = gemm_tiles(M, N, x.dtype, _sm_count(x.device), p > 0)
+    grid = (triton.cdiv(M, t["BLOCK_M"]) * triton.cdiv(N, t["BLOCK_N"]),)
+    launch("lora_gemm", _lora_gemm_kernel, grid, x,
+           x, w, h, bt, bias if bias is not None else x, _segments_on(segs, x.device),
+           seed if seed is not None else x, out, M, N, K, R, NW, len(segs), p,
+           *x.stride(), *w_strides, *h.stride(), *bt_strides, *out.stride(),
+           HAS_BIAS=bias is not None, DROPOUT=p > 0, SEG_ALIGNED=_aligned(segs),
+           BLOCK_R=rank_block(R, 16 if x.dtype == torch.float32 else 64),  # the epilogue's rank steps
+           PRECISION=dot_precision(x.dtype), **t)
     return out
 
 
@@ -272,27 +303,22 @@ def _wgrad(lm, rm, rm_strides, segs, A_LEN, B_LEN, r_step, p, seed, drop_cols, d
     """(S*A_LEN, B_LEN) = per segment lm[:, seg_s:+A_LEN]^T drop(rm)[:, s*r_step:+B_LEN], reduced over M."""
     M = lm.shape[0]
     S = len(segs)
-    ba, bb = _rank_block(A_LEN), _rank_block(B_LEN)
-    if lm.dtype == torch.float32:
-        ba, bb = min(ba, 64), min(bb, 64)
-    bm = 64
-    tiles = triton.cdiv(A_LEN, ba) * triton.cdiv(B_LEN, bb) * S
-    if _interpreting():
+    t = wgrad_tiles(A_LEN, B_LEN, lm.dtype, p > 0)
+    bm = t["BLOCK_M"]
+    tiles = triton.cdiv(A_LEN, t["BLOCK_A"]) * triton.cdiv(B_LEN, t["BLOCK_B"]) * S
+    if interpreting():
         split = min(2, triton.cdiv(M, bm))  # still exercises the partial-sum path
     else:  # about two waves of programs, each split reducing at least 4 row blocks
-        sms = torch.cuda.get_device_properties(lm.device).multi_processor_count
-        split = max(1, min(triton.cdiv(2 * sms, tiles), triton.cdiv(M, 4 * bm)))
+        split = max(1, min(triton.cdiv(2 * _sm_count(lm.device), tiles), triton.cdiv(M, 4 * bm)))
     rows_per_split = triton.cdiv(triton.cdiv(M, split), bm) * bm
     split = triton.cdiv(M, rows_per_split)
     part = torch.empty((split, S * A_LEN, B_LEN), device=lm.device, dtype=torch.float32)
-    with _on(lm):
-        _lora_wgrad_kernel[(triton.cdiv(A_LEN, ba), triton.cdiv(B_LEN, bb), S * split)](
-            lm, rm, _segments_on(segs, lm.device), seed if seed is not None else lm, part,
-            M, A_LEN, B_LEN, rows_per_split, r_step, drop_cols, p,
-            *lm.stride(), *rm_strides, *part.stride(),
-            NSPLIT=split, DROPOUT=p > 0, BLOCK_A=ba, BLOCK_B=bb, BLOCK_M=bm, PRECISION=_precision(lm.dtype),
-            num_warps=8 if ba * bb >= 128 * 128 else 4, num_stages=2,
-        )
+    grid = (triton.cdiv(A_LEN, t["BLOCK_A"]), triton.cdiv(B_LEN, t["BLOCK_B"]), S * split)
+    launch("lora_wgrad", _lora_wgrad_kernel, grid, lm,
+           lm, rm, _segments_on(segs, lm.device), seed if seed is not None else lm, part,
+           M, A_LEN, B_LEN, rows_per_split, r_step, drop_cols, p,
+           *lm.stride(), *rm_strides, *part.stride(),
+           NSPLIT=split, DROPOUT=p > 0, SEG_ALIGNED=_aligned(segs), PRECISION=dot_precision(lm.dtype), **t)
     return (part[0] if split == 1 else part.sum(0)).to(dtype)
 
 
@@ -398,35 +424,19 @@ def _backward(ctx, dy, _dhs):
 _lora_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _check(x, weight, bias, lora_a, lora_b, dropout_p, segments) -> int:
-    """Validate shapes/devices; return the segment width n."""
-    N, K = weight.shape
-    S = 1 if segments is None else len(segments)
-    if x.shape[-1] != K or lora_a.dim() != 2 or lora_a.shape[1] != K or lora_b.dim() != 2:
-        raise ValueError(f"fused_lora_linear: x {tuple(x.shape)}, W {tuple(weight.shape)}, A {tuple(lora_a.shape)}, "
-                         f"B {tuple(lora_b.shape)} do not fit y = x W^T + (x A^T) B^T")
-    if S == 0 or lora_a.shape[0] % S or lora_b.shape[0] % S or lora_b.shape[1] * S != lora_a.shape[0]:
-        raise ValueError(f"fused_lora_linear: A {tuple(lora_a.shape)} and B {tuple(lora_b.shape)} do not split "
-                         f"into {S} segment adapters (need A (S*r, K), B (S*n, r))")
-    n = lora_b.shape[0] // S
-    if segments is None and n != N:
-        raise ValueError(f"fused_lora_linear: B has {n} rows but W has {N} outputs (pass segments for a subset)")
-    if segments is not None:
-        ends = [s + n for s in segments]
-        if segments[0] < 0 or ends[-1] > N or any(b < a for a, b in zip(ends, segments[1:])):
-            raise ValueError(f"fused_lora_linear: segments {tuple(segments)} of width {n} are not increasing, "
-                             f"non-overlapping slices of {N} outputs")
-    if bias is not None and bias.shape != (N,):
-        raise ValueError(f"fused_lora_linear: bias {tuple(bias.shape)} should be ({N},)")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"fused_lora_linear: dropout_p={dropout_p} must be in [0, 1)")
-    tensors = [t for t in (x, weight, bias, lora_a, lora_b) if t is not None]
-    if any(t.device != x.device for t in tensors):
-        raise ValueError("fused_lora_linear: x, W, b, A, B must be on one device")
-    if not (x.is_cuda or _interpreting()):
-        raise UserError(f"fused_lora_linear: tensors on {x.device}; the Triton kernel needs CUDA "
-                        "(or TRITON_INTERPRET=1 for testing); use --kernels.lora reference")
-    return n
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the kernel runs in: the autocast dtype under autocast, else x's."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
+def unsupported_reason(x: torch.Tensor) -> Optional[str]:
+    """Why the kernel cannot take x (None when it can): ``kernels.dispatch`` then uses the torch path."""
+    if not runnable_on(x.device):
+        return f"tensors on {x.device}: the Triton kernel needs CUDA (or TRITON_INTERPRET=1)"
+    if compute_dtype(x) not in SUPPORTED_DTYPES:
+        return f"dtype {compute_dtype(x)} (the kernel runs float16, bfloat16, float32)"
+    return None
 
 
 def _seed_tensor(seed: Optional[int], device: torch.device) -> torch.Tensor:
@@ -456,12 +466,11 @@ def fused_lora_linear(
     mask applied), else a seed drawn from torch's generator on x's device. Inputs of different
     floating dtypes are cast to x's dtype (the autocast dtype under autocast); math is fp32-accumulated.
     """
-    n = _check(x, weight, bias, lora_a, lora_b, dropout_p, segments)
-    dev = x.device.type
-    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-    if dtype not in SUPPORTED_DTYPES:
-        raise UserError(f"fused_lora_linear: dtype {dtype} is not supported (float16, bfloat16, float32); "
-                        "use --kernels.lora reference")
+    n = check_lora_args(x, weight, bias, lora_a, lora_b, dropout_p, segments)
+    reason = unsupported_reason(x)
+    if reason is not None:
+        raise ValueError(f"fused_lora_linear: {reason}")
+    dtype = compute_dtype(x)
     x, weight, lora_a, lora_b = (t if t.dtype == dtype else t.to(dtype) for t in (x, weight, lora_a, lora_b))
     if bias is not None and bias.dtype != dtype:
         bias = bias.to(dtype)
@@ -484,7 +493,6 @@ def lora_dropout_mask(seed: int, shape: Sequence[int], p: float, device: torch.d
         M *= d
     out = torch.empty((M, K), dtype=torch.int8, device=device)
     if out.numel():
-        with _on(out):
-            _dropout_mask_kernel[(triton.cdiv(M, 32), triton.cdiv(K, 32))](
-                _seed_tensor(seed, out.device), out, M, K, float(p), BLOCK_M=32, BLOCK_K=32)
+        launch("lora_dropout_mask", _dropout_mask_kernel, (triton.cdiv(M, 32), triton.cdiv(K, 32)), out,
+               _seed_tensor(seed, out.device), out, M, K, float(p), BLOCK_M=32, BLOCK_K=32)
     return out.bool().reshape(shape)

@@ -11,6 +11,44 @@ import torch
 import torch.nn.functional as F
 
 
+def check_lora_args(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    dropout_p: float,
+    segments: Optional[Sequence[int]],
+) -> int:
+    """Validate the shapes, segments and devices of the LoRA-linear contract; return the segment width n.
+
+    Every LoRA backend calls this first, so each raises the same ``ValueError`` for the same mistake.
+    """
+    N, K = weight.shape
+    S = 1 if segments is None else len(segments)
+    if x.shape[-1] != K or lora_a.dim() != 2 or lora_a.shape[1] != K or lora_b.dim() != 2:
+        raise ValueError(f"lora_linear: x {tuple(x.shape)}, W {tuple(weight.shape)}, A {tuple(lora_a.shape)}, "
+                         f"B {tuple(lora_b.shape)} do not fit y = x W^T + (x A^T) B^T")
+    if S == 0 or lora_a.shape[0] % S or lora_b.shape[0] % S or lora_b.shape[1] * S != lora_a.shape[0]:
+        raise ValueError(f"lora_linear: A {tuple(lora_a.shape)} and B {tuple(lora_b.shape)} do not split "
+                         f"into {S} segment adapters (need A (S*r, K), B (S*n, r))")
+    n = lora_b.shape[0] // S
+    if segments is None and n != N:
+        raise ValueError(f"lora_linear: B has {n} rows but W has {N} outputs (pass segments for a subset)")
+    if segments is not None:
+        ends = [s + n for s in segments]
+        if segments[0] < 0 or ends[-1] > N or any(b < a for a, b in zip(ends, segments[1:])):
+            raise ValueError(f"lora_linear: segments {tuple(segments)} of width {n} are not increasing, "
+                             f"non-overlapping slices of {N} outputs")
+    if bias is not None and bias.shape != (N,):
+        raise ValueError(f"lora_linear: bias {tuple(bias.shape)} should be ({N},)")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"lora_linear: dropout_p={dropout_p} must be in [0, 1)")
+    if any(t is not None and t.device != x.device for t in (weight, bias, lora_a, lora_b)):
+        raise ValueError("lora_linear: x, W, b, A, B must be on one device")
+    return n
+
+
 def lora_linear_reference(
     x: torch.Tensor,
     weight: torch.Tensor,

@@ -4,6 +4,7 @@ under ZeRO-0 / 2 / 3 with N ranks, plus ExPLoRA vs full fine-tuning memory for V
     python launchers/bench_train.py                       # CPU: 2 ranks, DS_ACCELERATOR=cpu
     python launchers/bench_train.py --configs tiny --stages 0,3 --steps 8 --out bench.json
     python launchers/bench_train.py --nproc 8             # on an 8-GPU node
+    python launchers/bench_train.py --configs vitl --stages 2 --nproc 1 --steps 20 --warmup 3  # one GPU
 
 Each (config, stage) is one ``deepspeed --num_gpus N`` run of the real Trainer (DeepSpeed engine,
 objective, schedules, metrics) on synthetic in-memory batches, so the figures are the training
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "configs" / "tiny_cpu.yaml"
+TINY = REPO / "engine" / "presets" / "tiny_cpu.yaml"
 
 # Bench configs as overrides of the tiny preset. 'vitb': ViT-B/14 at a small image size so a CPU
 # step takes seconds, with a smaller DINO head so the backbone dominates the step.
@@ -35,6 +36,14 @@ CONFIGS = {
     "vitb": ["--model.name", "vit_base_patch14_dinov2", "--model.img_size", "56", "--data.batch_size", "4",
              "--explora.lora_rank", "64", "--explora.lora_alpha", "64",
              "--objective.dino.head_n_prototypes", "4096", "--objective.dino.head_hidden_dim", "1024",
+             "--objective.dino.head_bottleneck_dim", "256"],
+    # The ExPLoRA DINOv2 ViT-L/14 recipe at real size (engine/presets/explora_dinov2_vitl14_fmow_rgb.yaml):
+    # batch 32 per GPU, 2 x 224 px global + 8 x 98 px local crops (98 = 7 patches of 14), LoRA r=64
+    # on q,v, the 65536-prototype DINO/iBOT head; random init (throughput needs no weights).
+    "vitl": ["--model.name", "vit_large_patch14_dinov2", "--model.img_size", "224", "--data.batch_size", "32",
+             "--crops.global_size", "224", "--crops.local_size", "98", "--crops.num_global", "2",
+             "--crops.num_local", "8", "--explora.lora_rank", "64", "--explora.lora_alpha", "64",
+             "--objective.dino.head_n_prototypes", "65536", "--objective.dino.head_hidden_dim", "2048",
              "--objective.dino.head_bottleneck_dim", "256"],
 }
 
@@ -104,7 +113,7 @@ def worker(args: argparse.Namespace) -> int:
     overrides = CONFIGS[args.config] + [
         "--zero.stage", str(args.stage), "--train.max_steps", str(args.warmup + args.steps),
         "--train.output_dir", str(run_dir), "--train.resume", "none", "--train.log_every", "1",
-        "--train.save_every", "0", "--train.export", "false", "--train.tensorboard", "false",
+        "--train.save_every", "0", "--train.export", "false", "--train.logger", "",
         "--train.precision", "bf16" if env.device.type == "cuda" else "fp32", "--data.shards", "synthetic"]
     cfg = load_config(RunConfig, str(TINY), overrides)
     seed_all(cfg.train.seed)
@@ -181,8 +190,8 @@ def run_one(config: str, stage: int, args: argparse.Namespace, tmp: Path) -> dic
     from engine.trainer.process_group import free_port
 
     run_dir = tmp / f"{config}_z{stage}"
-    deepspeed = str(Path(sys.executable).parent / "deepspeed")
-    cmd = [deepspeed, "--num_gpus", str(args.nproc), "--master_port", str(free_port()), str(Path(__file__).resolve()),
+    # the runner as a module: works where deepspeed was installed without its console script beside python
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.nproc), "--master_port", str(free_port()), str(Path(__file__).resolve()),
            "--worker", "--config", config, "--stage", str(stage), "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--run-dir", str(run_dir)]
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))

@@ -1,7 +1,7 @@
 """End-to-end ExPLoRA demo on CPU: synthetic GeoTIFFs -> shards -> base model -> extended
 pre-training -> linear probe / kNN / LoRA fine-tune, one table, ``<out>/results.json``.
 
-    python launchers/demo.py [--out runs/demo] [--quick]
+    geoexplora-demo [--out runs/demo] [--quick]      # or: python launchers/demo.py ...
 
 What it does, all in one process on the embedded tiny ViT (width 64, depth 2, patch 14, 56 px):
 
@@ -40,7 +40,6 @@ from engine.progress import setup_logging
 from engine.trainer.launch import exit_fast
 
 log = logging.getLogger("geoexplora.demo")
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 MARKER = "demo.json"
 
 
@@ -98,12 +97,12 @@ def pretrain(env, shards: Path, run_dir: Path, steps: int, weights: str, full: b
     from launchers.pretrain import run
 
     over = ["--data.shards", str(shards), "--train.output_dir", str(run_dir), "--train.max_steps", str(steps),
-            "--train.save_every", "0", "--train.resume", "none", "--train.tensorboard", "false",
+            "--train.save_every", "0", "--train.resume", "none", "--train.logger", "",
             "--optim.warmup_steps", str(max(1, steps // 10)), "--model.weights", weights]
     if full:  # from scratch, every tensor trains: a lower lr than the preset's (LoRA-sized) one
         over += ["--optim.lr", "0.003", "--explora.unfreeze_blocks", "0,1", "--explora.lora_targets", "", "--explora.train_patch_embed",
                  "true", "--explora.train_pos_embed", "true", "--explora.train_tokens", "true"]
-    cfg = load_config(RunConfig, str(CONFIGS / "tiny_cpu.yaml"), over)
+    cfg = load_config(RunConfig, "tiny_cpu", over)
     t0 = time.perf_counter()
     run(cfg, env)
     opt = json.loads((run_dir / "optimizer.json").read_text())
@@ -128,10 +127,10 @@ def finetune(env, target: Path, run_dir: Path, weights: str, adapter: str, steps
     """LoRA-only fine-tune (r=4 on q,v + head) on the target train split, validated on val."""
     from engine.eval.finetune import run_finetune
 
-    cfg = load_config(FinetuneRunConfig, str(CONFIGS / "finetune_tiny_cpu.yaml"), [
+    cfg = load_config(FinetuneRunConfig, "finetune_tiny_cpu", [
         "--data.shards", str(target), "--model.weights", weights, "--model.adapter", adapter,
         "--train.output_dir", str(run_dir), "--train.max_steps", str(steps), "--train.resume", "none",
-        "--train.tensorboard", "false", "--optim.warmup_steps", str(max(1, steps // 10))])
+        "--train.logger", "", "--optim.warmup_steps", str(max(1, steps // 10))])
     res = run_finetune(cfg, env)
     # the table reports the last validation: the best one is picked on the same val split (kept in JSON)
     return {"finetune_top1": res["final"]["top1"], "finetune_best_top1": res["best"]["top1"],
@@ -209,5 +208,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def console() -> None:
+    """``geoexplora-demo``: :func:`main`, then a fast exit."""
     exit_fast(main())
+
+
+if __name__ == "__main__":
+    console()

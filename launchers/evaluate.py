@@ -1,10 +1,10 @@
 """Frozen-feature evaluation: linear probe (lr grid picked on val) and weighted kNN (k=20, T=0.07)
 of a backbone, on cls and cls + mean-patch features; top-1/top-5, or mAP for multi-label data.
 
-    python launchers/evaluate.py --model.name vit_large_patch14_dinov2 --model.weights dinov2_vitl14.pth \\
+    geoexplora-evaluate --model.name vit_large_patch14_dinov2 --model.weights dinov2_vitl14.pth \\
         --model.adapter runs/vitl_fmow/export/teacher_adapter.safetensors \\
         --data.shards /data/fmow/shards --eval.output_dir runs/vitl_fmow/eval
-    torchrun --nproc_per_node 8 launchers/evaluate.py ...   # feature extraction split over ranks
+    torchrun --nproc_per_node 8 -m launchers.evaluate ...   # feature extraction split over ranks
 
 ``--data.shards`` holds one sub-directory per split (``--eval.splits train,val[,test]``; the test
 split, when given, is only ever scored with the lr chosen on val). Features are cached in
@@ -46,5 +46,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return run_cli(EvalRunConfig, argv, run, check_inputs, __doc__)
 
 
-if __name__ == "__main__":
+def console() -> None:
+    """``geoexplora-evaluate``: :func:`main`, then a fast exit."""
     exit_fast(main())
+
+
+if __name__ == "__main__":
+    console()

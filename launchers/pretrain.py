@@ -1,25 +1,24 @@
 """ExPLoRA extended pre-training: config -> ViT + recipe -> objective -> data -> Trainer.fit -> export.
 
-    deepspeed --num_gpus 8 launchers/pretrain.py --config configs/explora_dinov2_vitl14_fmow_rgb.yaml \\
+    deepspeed --num_gpus 8 $(which geoexplora-pretrain) --config explora_dinov2_vitl14_fmow_rgb \\
         --data.shards /data/fmow/shards --train.output_dir runs/vitl_fmow
-    torchrun --nproc_per_node 8 launchers/pretrain.py --config ...
-    python launchers/pretrain.py --config configs/tiny_cpu.yaml --data.shards /tmp/synthetic
-    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 launchers/pretrain.py --config configs/tiny_cpu.yaml ...
+    deepspeed --num_gpus 8 --module launchers.pretrain --config ...   # the same, by module name
+    torchrun --nproc_per_node 8 -m launchers.pretrain --config ...
+    geoexplora-pretrain --config tiny_cpu --data.shards /tmp/synthetic   # one process: CPU or one GPU
+    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 launchers/pretrain.py --config tiny_cpu ...   # in a checkout
 
-Any config field is an override: ``--train.max_steps 100``, ``--zero.stage 3``,
-``--train.resume auto|none|PATH``. The run directory ``train.output_dir`` receives config.yaml,
+Any config field is an override (``--help`` lists them all): ``--train.max_steps 100``,
+``--zero.stage 3``, ``--train.resume auto|none|PATH``; ``--print-config`` shows the resolved config. The run directory ``train.output_dir`` receives config.yaml,
 run.json, metrics.jsonl, tb/, checkpoints/ and export/. Exit codes: 0 done, 143 (SIGTERM) / 130
 (SIGINT) stopped after saving a checkpoint (rerun the same command to resume), 1 halted on NaN/inf,
 2 bad config/path or a run directory that cannot be written.
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Optional, Sequence
 
-from engine.atomic import atomic_write_text
 from engine.config import RunConfig, save_config
 from engine.errors import UserError, cli_entry
 from engine.trainer.launch import exit_fast, run_cli
@@ -32,11 +31,13 @@ def check_inputs(cfg: RunConfig) -> None:
     model files are checked by ``run_cli`` for every launcher)."""
     from engine.data import resolve_shards
     from engine.model.vit import resolve_arch
+    from engine.trainer.ds_user_config import check_user_config
 
     resolve_arch(cfg.model.name)
     if not cfg.data.shards:
         raise UserError("--data.shards: not set; give the shard directory written by geoexplora-convert")
     resolve_shards(cfg.data.shards, cfg.data.manifest)
+    check_user_config(cfg)  # --deepspeed.config FILE
 
 
 def run(cfg: RunConfig, env) -> int:
@@ -49,14 +50,14 @@ def run(cfg: RunConfig, env) -> int:
     from engine.trainer.export import export_run
     from engine.trainer.flops import training_flops_per_sample
     from engine.trainer.loop import Trainer
-    from engine.trainer.provenance import run_info
+    from engine.trainer.provenance import write_run_json
     from engine.trainer.rng import seed_all
 
     out = Path(cfg.train.output_dir)
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
-        atomic_write_text(out / "run.json", json.dumps(run_info(env.world_size), indent=1))
+        write_run_json(out, env.world_size)
     seed_all(cfg.train.seed)  # identical initial weights on every rank
     vit = build_vit(cfg.model)
     apply_explora(vit, cfg.explora)
@@ -79,5 +80,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return run_cli(RunConfig, argv, run, check_inputs, __doc__)
 
 
-if __name__ == "__main__":
+def console() -> None:
+    """``geoexplora-pretrain``: :func:`main`, then a fast exit."""
     exit_fast(main())
+
+
+if __name__ == "__main__":
+    console()

@@ -6,20 +6,22 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
 import numpy as np
 
-from shards.chips import invalid_fraction, pad_value_for, place, plan_windows
-from shards.inputs import chip_key, label_names, load_sidecar
+from shards.boxes import sample_key_meta, sample_windows
+from shards.chips import invalid_fraction, pad_value_for, place
+from shards.inputs import label_names, load_sidecar, not_regular
+from shards.manifest import json_number
 from shards.plan import ShardTask
 from shards.raster import (DatasetCache, SourceInfo, read_rows, read_window, reading_env, resampling_method,
                            scan_source, window_transform)
-from shards.state import RunState
+from shards.state import RunState, chunk_dir
 from shards.stats import BandStats
+from shards.workers import note
 from shards.writer import ShardWriter, file_sha256
 
 log = logging.getLogger(__name__)
@@ -42,12 +44,14 @@ class ShardResult:
     skipped: list = field(default_factory=list)
     labels: list = field(default_factory=list)
     kept: bool = False
+    offsets: list = field(default_factory=list)   # sample starts + end of data (writer.offsets)
+    first: Optional[dict] = None                   # band_names/nodata/dtype of the first written source
+    zeros: list = field(default_factory=list)      # [source, pixels, zeros per band] where nodata is undeclared
 
 
 def worker_init() -> None:
-    """Pool initializer: Ctrl-C is the parent's to handle (it terminates the pool and cleans up);
-    a forked worker drops any raster handle inherited from the parent."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """Pool initializer: a forked worker drops any raster handle inherited from the parent (signals
+    are the pool's business, see shards/workers.py)."""
     _CACHE.close()
 
 
@@ -57,9 +61,19 @@ def close_rasters() -> None:
 
 
 def scan_one(job: tuple, opts) -> tuple[int, object]:
-    """(index, path, relpath) -> (index, SourceInfo) or (index, reason string) for skipped.jsonl."""
-    index, path, relpath = job
+    """(index, path, relpath, bands) -> (index, SourceInfo) or (index, reason string) for
+    skipped.jsonl; ``bands`` is a --band-files scene's {band: files}, else None."""
+    index, path, relpath, bands = job
+    for p, rel in ([pr for cands in bands.values() for pr in cands] if bands else [(path, None)]):
+        odd = not_regular(p)
+        if odd:  # GDAL would block forever opening a FIFO, or read a device without end
+            return index, odd if rel is None else f"'{rel}': {odd}"
     try:
+        if bands:
+            from shards.band_stack import scan_scene
+
+            with reading_env():
+                return index, scan_scene(index, relpath, bands, opts)
         sidecar = load_sidecar(path) if opts.sidecars else None
         with reading_env():
             return index, scan_source(index, path, relpath, opts, sidecar)
@@ -71,8 +85,8 @@ def scan_one(job: tuple, opts) -> tuple[int, object]:
 def iter_chips(ds, info: SourceInfo, windows: list, opts) -> Iterator[tuple[tuple, np.ndarray, int]]:
     """(window, chip (C, H, W) C-contiguous, padded pixels) for windows of one image, in order.
 
-    Without --resize, each row of windows is one strip read and chips are slices of it; with it,
-    each window is its own resampled read.
+    Without --resize, each run of windows on the same rows is one strip read and chips are slices
+    of it; with it, each window is its own resampled read.
     """
     if opts.resize is not None:
         method = resampling_method(opts.resampling)
@@ -84,7 +98,7 @@ def iter_chips(ds, info: SourceInfo, windows: list, opts) -> Iterator[tuple[tupl
     i = 0
     while i < len(windows):
         j = i
-        while j < len(windows) and windows[j][1] == windows[i][1]:
+        while j < len(windows) and windows[j][1] == windows[i][1] and windows[j][3] == windows[i][3]:
             j += 1
         row, h = windows[i][1], windows[i][3]
         c0 = windows[i][0]
@@ -109,7 +123,7 @@ def _meta(info: SourceInfo, win, out_hw) -> dict:
         gsd = gsd * win[2] / out_hw[1]
     m.update({"source": info.relpath, "window": list(win), "crs": info.crs,
               "transform": window_transform(info, win, out_hw), "band_names": list(info.band_names),
-              "nodata": info.nodata, "dtype": info.dtype, "gsd": gsd, "timestamp": info.timestamp,
+              "nodata": json_number(info.nodata), "dtype": info.dtype, "gsd": gsd, "timestamp": info.timestamp,
               "label": info.label})
     names = label_names(info.label)
     if len(names) > 1:  # multi-label CSV cell: "label" keeps the cell string, "labels" the names
@@ -117,58 +131,104 @@ def _meta(info: SourceInfo, win, out_hw) -> dict:
     return m
 
 
-def build_shard(task: ShardTask, opts) -> ShardResult:
-    """Write ``task`` as ``<out>/<name>``, commit its stats + done record, return the result."""
+def build_shard(task: ShardTask, opts, dead: Optional[dict] = None) -> ShardResult:
+    """Write ``task`` as ``<out>/<name>``, commit its stats + done record, return the result.
+    ``dead``: {task index: {source relpath: reason}}, inputs that killed a worker building this
+    shard before; they are recorded as skipped and not read again."""
     with reading_env():
-        return _build(task, opts)
+        return _build(task, opts, (dead or {}).get(task.index, {}))
 
 
-def _build(task: ShardTask, opts) -> ShardResult:
+def _build(task: ShardTask, opts, dead: dict) -> ShardResult:
     out = Path(opts.out)
     res = ShardResult(index=task.index, name=task.name, digest=task.digest)
     first = task.segments[0].source
     stats = BandStats(len(first.indexes), first.dtype)
-    whole = opts.chip is None
     labels = set()
     # without --fsync a shard torn by a power cut fails its checksum on --resume and is rebuilt
-    with ShardWriter(out, task.name, fsync=opts.fsync, size_hint=task.est_bytes) as writer:
+    with ShardWriter(task_dir(task, out), task.name, fsync=opts.fsync, size_hint=task.est_bytes) as writer:
         for seg in task.segments:
             info = seg.source
-            windows = plan_windows(info.width, info.height, opts.chip, opts.stride, opts.edge)[seg.start:seg.stop]
-            fill = pad_value_for(info.dtype, info.nodata)
-            done = 0
-            try:
-                ds = _CACHE.get(info.path)
-                for win, chip, pad in iter_chips(ds, info, windows, opts):
-                    done += 1
-                    res.read_bytes += chip.nbytes
-                    if opts.max_nodata < 1.0 and invalid_fraction(chip, info.nodata, pad) > opts.max_nodata:
-                        res.dropped += 1
-                        continue
-                    stats.add(chip, info.nodata, pad, fill)
-                    writer.write(chip_key(info.key, win, whole), chip, _meta(info, win, opts.resize))
-                    if info.label is not None:
-                        labels.add(info.label)
-            except Exception as e:  # unreadable pixels (truncated file, I/O error): record, go on
-                _CACHE.close()
-                at = f" at window {list(windows[done])}" if done < len(windows) else ""
-                kept = f"; {done} earlier window(s) of it kept" if done else ""
-                res.skipped.append({"source": info.relpath, "reason": f"read failed{at}: "
-                                    f"{e.__class__.__name__}: {e}{kept}"})
+            if info.relpath in dead:
+                res.skipped.append({"source": info.relpath, "reason": dead[info.relpath]})
                 continue
-            res.files += 1
-    res.count, res.bytes, res.sha256 = writer.count, writer.bytes, writer.sha256
+            windows = sample_windows(info, opts)[seg.start:seg.stop]
+            fill = pad_value_for(info.dtype, info.nodata)
+            note(info.relpath)  # a worker that dies from here on is blamed on this input
+            chips = _read_chips(info, windows, opts)
+            written = pixels = 0
+            zeros = stats.zero_counts() if info.nodata is None else None
+            for done, got in enumerate(chips):
+                if isinstance(got, _Failed):  # this input fails from window ``done`` on: record, go on
+                    at = f" at window {list(windows[done])}" if done < len(windows) else ""
+                    kept = f"; {written} earlier window(s) of it kept" if written else ""
+                    res.skipped.append({"source": info.relpath, "reason": f"{got.head}{at}{got.tail}{kept}"})
+                    break
+                win, chip, pad = got
+                res.read_bytes += chip.nbytes
+                if opts.max_nodata < 1.0 and invalid_fraction(chip, info.nodata, pad) > opts.max_nodata:
+                    res.dropped += 1
+                    continue
+                # stats and the written samples move together: a write error ends the whole shard
+                key, meta = sample_key_meta(info, seg.start + done, win, opts, _meta(info, win, opts.resize))
+                adder = stats.band_adder(info.nodata, pad, fill)
+                if adder is None:
+                    stats.add(chip, info.nodata, pad, fill)
+                writer.write(key, chip, meta, visit=adder)
+                written += 1
+                pixels += chip.shape[1] * chip.shape[2] - pad
+                if res.first is None:
+                    res.first = {"band_names": list(info.band_names), "nodata": info.nodata, "dtype": info.dtype}
+                if info.label is not None:
+                    labels.add(info.label)
+            else:
+                res.files += 1
+            if zeros is not None and pixels:
+                res.zeros.append([info.relpath, pixels, (stats.zero_counts() - zeros).tolist()])
+        note(None)
+    res.count, res.bytes, res.sha256, res.offsets = writer.count, writer.bytes, writer.sha256, writer.offsets
     res.labels = sorted(labels)
     RunState(out).commit(task.name, asdict(res), stats.to_arrays())
     return res
 
 
-def check_kept(name: str, digest: str, out_dir: str) -> Optional[ShardResult]:
-    """Resume: the done record of ``name`` if it belongs to this plan and the shard's bytes still
-    hash to it (and its stats load); None means rebuild it."""
+@dataclass
+class _Failed:
+    """Why an input's remaining windows cannot be used: ``head + " at window [..]" + tail``."""
+
+    head: str
+    tail: str
+
+
+def _read_chips(info: SourceInfo, windows: list, opts) -> Iterator:
+    """iter_chips of one input, but a failure ends it with a :class:`_Failed` instead of raising:
+    unreadable pixels (truncated file, I/O error) and +-inf pixels skip the rest of the input, never
+    the shard. Only reads happen here, so a write error (disk full) still propagates."""
+    try:
+        for win, chip, pad in iter_chips(_CACHE.get(info, opts.resampling), info, windows, opts):
+            if chip.dtype.kind == "f" and np.isinf(chip).any():
+                # inf is not a value the statistics or a model can use (NaN counts as nodata)
+                yield _Failed("+-inf pixel values", ": not usable as data; set them to NaN or the "
+                              "nodata value in the source")
+                return
+            yield win, chip, pad
+    except Exception as e:
+        _CACHE.close()
+        yield _Failed("read failed", f": {e.__class__.__name__}: {e}")
+
+
+def task_dir(task: ShardTask, out: Path) -> Path:
+    """Where a planned shard is written: ``--out``, or the run state's chunk folder when the
+    shards are repacked after the nodata filter (``ShardTask.chunk``)."""
+    return chunk_dir(out) if task.chunk else out
+
+
+def check_kept(name: str, digest: str, shard_dir: str, out_dir: str) -> Optional[ShardResult]:
+    """Resume: the done record of ``name`` if it belongs to this plan and the shard's bytes (in
+    ``shard_dir``, see ``task_dir``) still hash to it (and its stats load); None means rebuild it."""
     state = RunState(Path(out_dir))
     rec = state.done(name)
-    path = Path(out_dir) / name
+    path = Path(shard_dir) / name
     if rec is None or rec.get("digest") != digest or not path.is_file():
         return None
     try:

@@ -58,8 +58,11 @@ def _offsets(size: int, chip: int, stride: int, edge: str) -> list[int]:
     return out
 
 
-def parse_band_tokens(text: Optional[str]) -> Optional[list[str]]:
-    """'B2,B3,4-6' -> ['B2', 'B3', '4', '5', '6'] (index ranges expanded; names kept)."""
+def parse_band_tokens(text: Optional[str], flag: str = "--bands") -> Optional[list[str]]:
+    """'B2,B3,4-6' -> ['B2', 'B3', '4', '5', '6']: index ranges expanded, in the order written (so
+    '3-1' -> ['3', '2', '1'], e.g. BGR files to RGB samples); names kept. UserError for index 0
+    (indexes are 1-based, like GDAL's) and for a band listed twice ('1,1,2', '2,1-3', 'B2,b2'): a
+    repeated band is a typo far more often than a wish to store the same pixels twice."""
     if text is None or str(text).strip() == "":
         return None
     out: list[str] = []
@@ -68,9 +71,17 @@ def parse_band_tokens(text: Optional[str]) -> Optional[list[str]]:
             continue
         a, dash, b = tok.partition("-")
         if dash and a.isdigit() and b.isdigit():
-            out.extend(str(i) for i in range(int(a), int(b) + 1))
+            lo, hi = int(a), int(b)
+            out.extend(str(i) for i in (range(lo, hi + 1) if lo <= hi else range(lo, hi - 1, -1)))
         else:
-            out.append(tok)
+            out.append(str(int(tok)) if tok.isdigit() else tok)
+    if "0" in out:
+        raise UserError(f"{flag} '{text}': band indexes start at 1 (GDAL's convention)")
+    seen: set[str] = set()
+    for tok in out:
+        if tok.lower() in seen:
+            raise UserError(f"{flag} '{text}': band {tok} is listed twice; list each band once")
+        seen.add(tok.lower())
     return out
 
 
@@ -88,10 +99,10 @@ def select_bands(names: Sequence[str], keep: Optional[list[str]],
                  drop: Optional[list[str]]) -> list[int]:
     """1-based source band indexes to read, in output order.
 
-    ``keep`` tokens are 1-based indexes (GDAL's convention) or band names (case-insensitive);
-    ``drop`` removes bands from the kept set. Raises ValueError naming the first token that does
-    not exist in this image (the caller records the file as skipped).
-    """
+    ``keep`` tokens are 1-based indexes (GDAL's convention) or band names (case-insensitive), in
+    output order; ``drop`` removes bands from all of them (the CLI never passes both). Raises
+    ValueError naming the first token that does not exist in this image, or a band kept twice
+    (a name and an index of it); the caller records the file as skipped."""
     lookup = {n.lower(): i + 1 for i, n in enumerate(names)}
 
     def resolve(tok: str) -> int:
@@ -105,6 +116,9 @@ def select_bands(names: Sequence[str], keep: Optional[list[str]],
         return lookup[tok.lower()]
 
     chosen = [resolve(t) for t in keep] if keep else list(range(1, len(names) + 1))
+    if len(set(chosen)) != len(chosen):  # a name and an index of the same band ('B2,2')
+        twice = next(i for i in chosen if chosen.count(i) > 1)
+        raise ValueError(f"band {twice} ({names[twice - 1]}) is selected twice by --bands; list each band once")
     if drop:
         gone = {resolve(t) for t in drop}
         chosen = [i for i in chosen if i not in gone]

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -31,6 +32,8 @@ LABEL_SEP = ";"
 class InputFile:
     path: str        # as given/found (absolute or relative to the cwd)
     relpath: str     # relative to the input root, '/'-separated: recorded as "source"
+    # --band-files scenes only: band token -> [(path, relpath)] of the files that match it
+    bands: Optional[dict[str, list[tuple[str, str]]]] = None
 
 
 def _is_glob(s: str) -> bool:
@@ -85,23 +88,43 @@ def _expand(spec: str, suffixes: set[str], excl: Optional[str]) -> tuple[list[st
             out.extend(os.path.join(dirpath, n) for n in filenames if Path(n).suffix.lower() in suffixes)
         return out, str(p)
     if _is_glob(spec):
-        hits = [h for h in globlib.glob(spec, recursive=True) if os.path.isfile(h)]
+        # non-regular files (a FIFO named x.tif) stay listed: the scan reports them as skipped
+        hits = [h for h in globlib.glob(spec, recursive=True) if not os.path.isdir(h)]
         return [h for h in hits if Path(h).suffix.lower() in suffixes], _glob_root(spec)
+    if p.exists() and p.suffix.lower() in suffixes:  # one image (the scan skips a non-regular one)
+        return [str(p)], str(p.parent)
+    if p.exists() and not p.is_file():  # a FIFO or device read as a list file would block or never end
+        raise UserError(f"input '{spec}': {not_regular(spec)}; give a directory, a glob or a list file")
     if p.is_file():
-        if p.suffix.lower() in suffixes:
-            return [str(p)], str(p.parent)
         entries = []
         for line in p.read_text().splitlines():
             line = line.strip()
             if line and not line.startswith("#"):
                 entries.append(line if os.path.isabs(line) else str(p.parent / line))
-        missing = [e for e in entries if not os.path.isfile(e)]
+        missing = [e for e in entries if not os.path.exists(e) or os.path.isdir(e)]
         if missing:
-            raise UserError(f"input list '{spec}': '{missing[0]}' does not exist"
+            raise UserError(f"input list '{spec}': '{missing[0]}' does not exist or is a directory"
                             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
         parents = [os.path.dirname(os.path.abspath(e)) for e in entries]
         return entries, os.path.commonpath(parents) if parents else str(p.parent)
     raise UserError(f"input '{spec}': no such file or directory; give a directory, a glob or a list file")
+
+
+_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a directory"))
+
+
+def not_regular(path: str) -> Optional[str]:
+    """None for a regular file (or a link to one); else the skipped.jsonl reason. Checked before
+    anything opens the path: opening a FIFO blocks until a writer appears, a device never ends."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        return f"{e.__class__.__name__}: {e.strerror}"
+    if stat.S_ISREG(mode):
+        return None
+    kind = next((name for test, name in _KINDS if test(mode)), "a special file")
+    return f"{kind}, not a regular file; only regular files are read"
 
 
 def base_key(relpath: str) -> str:

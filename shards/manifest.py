@@ -7,7 +7,11 @@ Layout (format ``geoexplora-shards/1``)::
      "num_bands", "band_names", "dtype", "nodata", "classes",
      "stats": {"count", "mean", "std", "min", "max", "p2", "p98"}}   # one entry per band
 
-``classes`` is the sorted list of labels present (class index = position) or null. When a sample
+The file is strict JSON (no NaN/Infinity tokens, which most JSON readers other than Python's
+reject): a NaN nodata value is written as the string ``"nan"`` (the STAC raster extension's
+convention; ``float("nan")`` reads it back), and a statistic is a finite number or null (null
+exactly when the band has no valid pixel, ``count`` 0). ``stats`` cover exactly the samples the
+shards hold. ``classes`` is the sorted list of labels present (class index = position) or null. When a sample
 has several class names (CSV cell ``"a;b"``), ``classes`` lists the individual names and the
 manifest adds ``"multilabel": true``; such a sample's json has ``"labels": ["a", "b"]`` beside
 ``"label": "a;b"``.
@@ -32,6 +36,14 @@ def converter_version() -> str:
     return __version__
 
 
+def json_number(v: Optional[float]):
+    """A float for strict JSON: NaN/inf become the strings "nan"/"inf"/"-inf" (STAC raster's nodata
+    convention); None and finite values pass through."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
+    return v
+
+
 def build_manifest(args: dict, shards: Sequence[dict], band_names: list[str], dtype: str,
                    nodata: Optional[float], classes: Optional[list[str]], stats: dict,
                    multilabel: bool = False) -> dict:
@@ -47,7 +59,7 @@ def build_manifest(args: dict, shards: Sequence[dict], band_names: list[str], dt
         "num_bands": len(band_names),
         "band_names": list(band_names),
         "dtype": dtype,
-        "nodata": nodata,
+        "nodata": json_number(nodata),
         "classes": sorted(classes) if classes else None,
         "stats": stats,
     } | ({"multilabel": True} if multilabel else {})
@@ -55,7 +67,9 @@ def build_manifest(args: dict, shards: Sequence[dict], band_names: list[str], dt
 
 def write_manifest(out: Path, manifest: dict) -> Path:
     path = Path(out) / NAME
-    atomic_write_text(path, json.dumps(manifest, indent=1, sort_keys=False) + "\n")
+    # allow_nan=False: a non-finite value is a bug upstream; fail here rather than write what
+    # strict JSON readers reject
+    atomic_write_text(path, json.dumps(manifest, indent=1, sort_keys=False, allow_nan=False) + "\n")
     return path
 
 

@@ -5,6 +5,7 @@ continue a run whose fingerprint differs (worker count, --strict and the like ma
 """
 from __future__ import annotations
 
+import argparse
 import re
 from dataclasses import asdict, dataclass
 from typing import Optional
@@ -14,6 +15,15 @@ from engine.errors import UserError
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
           "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose complaints are one ``error: ...`` line (a UserError, exit 2 via cli_entry)
+    instead of the usage block followed by the message; ``--help`` still prints the usage."""
+
+    def error(self, message: str):
+        msg = message[len("argument "):] if message.startswith("argument ") else message
+        raise UserError(f"{msg}; see '{self.prog} --help'")
 
 
 def parse_size(text: str, flag: str) -> int:
@@ -56,6 +66,11 @@ class ConvertOptions:
     overwrite: bool = False
     strict: bool = False
     fsync: bool = False
+    band_files: Optional[str] = None
+    resolution: Optional[float] = None
+    crop_boxes: bool = False
+    box_context: Optional[float] = None
+    part: Optional[tuple[int, int]] = None
 
     def validate(self) -> "ConvertOptions":
         if not re.fullmatch(r"[A-Za-z0-9_\-]+", self.prefix):
@@ -70,8 +85,14 @@ class ConvertOptions:
             raise UserError(f"--max-samples-per-shard {self.max_samples}: must be >= 1")
         if self.workers < 1:
             raise UserError(f"--workers {self.workers}: must be >= 1")
+        if self.bands and self.drop_bands:
+            # --bands lists every band kept, in order; a drop list beside it is redundant at best and
+            # contradicts it at worst (--bands 1,2 --drop-bands 2), so the two never combine
+            raise UserError("--bands and --drop-bands: give one of them (--bands already lists every "
+                            "band to keep, in order)")
         if self.resume and self.overwrite:
             raise UserError("--resume and --overwrite contradict each other; pick one")
+        self._validate_sources()
         from shards.raster import resampling_method
 
         try:
@@ -80,10 +101,57 @@ class ConvertOptions:
             raise UserError(f"--resampling '{self.resampling}': use nearest, bilinear, cubic, average, mode, ...") from None
         return self
 
+    def _validate_sources(self) -> None:
+        """Per-band files (--band-files, --resolution), fMoW boxes (--crop-boxes) and --part."""
+        if self.band_files is not None:
+            from shards.band_files import check_band_options
+
+            check_band_options(self)
+        elif self.resolution is not None:
+            raise UserError("--resolution resamples per-band files; it needs --band-files "
+                            "(use --resize to resample whole images)")
+        if self.crop_boxes:
+            if self.chip is not None:
+                raise UserError("--crop-boxes and --chip-size both choose the windows; pick one")
+            if not self.sidecars:
+                raise UserError("--crop-boxes reads the boxes from the JSON sidecars; drop --no-sidecars")
+            if self.band_files is not None:
+                raise UserError("--crop-boxes works on single images with sidecars, not on --band-files scenes")
+        elif self.box_context is not None:
+            raise UserError("--box-context sets the margin of --crop-boxes; add --crop-boxes")
+        if self.box_context is not None and not 0.0 <= self.box_context <= 10.0:
+            raise UserError(f"--box-context {self.box_context}: use a fraction of the box size in [0, 10], or fmow")
+        if self.part is not None:
+            k, n = self.part
+            if not 1 <= k <= n:
+                raise UserError(f"--part {k}/{n}: K must be between 1 and N")
+
     def fingerprint(self) -> dict:
         """The settings that determine the output (a resumed run must match them exactly)."""
         d = asdict(self)
         for k in ("workers", "resume", "overwrite", "strict", "fsync", "out"):
             d.pop(k)
         d["inputs"] = list(self.inputs)
+        if self.part is not None:
+            d["part"] = f"{self.part[0]}/{self.part[1]}"
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+
+
+def parse_part(text: Optional[str]) -> Optional[tuple[int, int]]:
+    """--part 'K/N' -> (K, N), 1-based."""
+    if text is None:
+        return None
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
+    if not m or int(m.group(2)) < 1:
+        raise UserError(f"--part '{text}': expected K/N with 1 <= K <= N, e.g. 3/8")
+    return int(m.group(1)), int(m.group(2))
+
+
+def parse_box_context(text: Optional[str]) -> Optional[float]:
+    """--box-context 'fmow' (the fMoW baseline's size-dependent margin) -> None, else a float."""
+    if text is None or str(text).strip().lower() == "fmow":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise UserError(f"--box-context '{text}': expected fmow or a fraction of the box size, e.g. 0.15") from None

@@ -1,33 +1,36 @@
 """One conversion, end to end: list -> scan headers -> plan shards -> build (or keep) -> manifest.
 
-Parallelism is over whole shards (``--workers`` spawned processes, one raster handle each);
-the main process only plans, collects small results and writes the manifest. Output does not
-depend on the worker count. Interrupted (Ctrl-C, kill), the output directory holds finished
-shards plus their done records and no partial file with a shard name; ``--resume`` keeps every
-finished shard whose bytes still match its checksum and builds the rest.
+Parallelism is over whole shards (``--workers`` processes, one raster handle each, see
+shards/workers.py); the main process only plans, collects small results and writes the manifest.
+Output does not depend on the worker count. Interrupted (Ctrl-C, kill), the output directory holds
+finished shards plus their done records and no partial file with a shard name; ``--resume`` keeps
+every finished shard whose bytes still match its checksum and builds the rest.
+
+An input whose reading kills a worker (a GDAL segfault, the OOM killer) is recorded in
+skipped.jsonl like any unreadable input; its shard is rebuilt without it and the run goes on.
 """
 from __future__ import annotations
 
 import functools
-import json
 import logging
-import multiprocessing as mp
-import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from engine.atomic import atomic_write_text
 from engine.errors import UserError
 from engine.progress import progress
-from shards.build import ShardResult, build_shard, check_kept, close_rasters, scan_one, worker_init
-from shards.inputs import assign_keys, label_for, label_names, list_inputs, parse_label_spec
-from shards.manifest import NAME as MANIFEST_NAME, build_manifest, read_manifest, write_manifest
+from shards.assemble import assemble, fold_stats
+from shards.band_files import group_band_files, input_exts
+from shards.build import ShardResult, build_shard, check_kept, close_rasters, scan_one, task_dir, worker_init
+from shards.inputs import assign_keys, label_for, list_inputs, parse_label_spec
+from shards.manifest import NAME as MANIFEST_NAME, read_manifest
 from shards.options import ConvertOptions
-from shards.plan import filter_signature, make_plan, plan_digest
-from shards.state import SKIPPED, RunState, prepare_out_dir, remove_temps, remove_unplanned_shards
-from shards.stats import BandStats
+from shards.parts import part_manifest_entry, write_part
+from shards.plan import filter_signature, make_plan, part_range, plan_digest, repacked
+from shards.skips import summary_lines as skip_lines, write_skipped
+from shards.state import SKIPPED, RunState, chunk_dir, prepare_out_dir, remove_temps, remove_unplanned_shards
+from shards.workers import Crash, WorkerCrashed, WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -60,40 +63,13 @@ class Summary:
                 f"{self.seconds:.1f} s = {self.mb_per_s:.1f} MB/s")
 
 
-def _context():
-    """fork where it is safe (no other Python threads; the parent holds no open raster, see
-    worker_init): workers start in milliseconds instead of re-importing numpy and rasterio
-    (~1 s each on a loaded 2-core machine). Otherwise spawn."""
-    if "fork" in mp.get_all_start_methods() and threading.active_count() == 1:
-        return mp.get_context("fork")
-    return mp.get_context("spawn")
-
-
-class _Runner:
-    """map/imap over the pool, or in-process when --workers 1 (no pickling, easy debugging)."""
-
-    def __init__(self, workers: int):
-        self.pool = _context().Pool(workers, initializer=worker_init) if workers > 1 else None
-
-    def imap(self, fn, items, ordered=True, chunksize=1):
-        if self.pool is None:
-            return map(fn, items)
-        method = self.pool.imap if ordered else self.pool.imap_unordered
-        return method(fn, items, chunksize=chunksize)
-
-    def close(self, abort: bool) -> None:
-        if self.pool is not None:
-            self.pool.terminate() if abort else self.pool.close()
-            self.pool.join()
-
-
 def convert(opts: ConvertOptions, on_shard: Optional[Callable[[ShardResult], None]] = None) -> Summary:
     """Run one conversion (see module docstring). ``on_shard`` is called in the main process
     after each shard is finished (tests use it to interrupt a run at a known point)."""
     t0 = time.monotonic()
     out = Path(opts.out)
     fingerprint = opts.fingerprint()
-    files = list_inputs(opts.inputs, opts.exts, opts.root, exclude=str(out))
+    files = list_inputs(opts.inputs, input_exts(opts), opts.root, exclude=str(out))
     label_kind, label_arg = parse_label_spec(opts.labels)
     prepare_out_dir(out, opts.prefix, opts.resume, opts.overwrite)
     state = RunState(out)
@@ -101,16 +77,16 @@ def convert(opts: ConvertOptions, on_shard: Optional[Callable[[ShardResult], Non
         done = _already_complete(out, state, fingerprint, t0)
         if done is not None:
             return done
-    runner = _Runner(opts.workers)
+    pool = WorkerPool(opts.workers, initializer=worker_init)
     try:
-        summary = _run(opts, files, label_kind, label_arg, fingerprint, out, state, runner, on_shard, t0)
+        summary = _run(opts, files, label_kind, label_arg, fingerprint, out, state, pool, on_shard, t0)
     except BaseException:
-        runner.close(abort=True)
+        pool.close(abort=True)
         remove_temps(out)
         raise
     finally:
         close_rasters()
-    runner.close(abort=False)
+    pool.close()
     return summary
 
 
@@ -139,14 +115,34 @@ def _strict_fail(entry: dict) -> UserError:
     return UserError(f"input '{entry['source']}': {entry['reason']} (--strict stops at the first bad input)")
 
 
-def _run(opts, files, label_kind, label_arg, fingerprint, out, state, runner, on_shard, t0) -> Summary:
-    keys = assign_keys([f.relpath for f in files])
-    jobs = [(i, f.path, f.relpath) for i, f in enumerate(files)]
-    chunk = max(1, min(64, len(jobs) // (8 * opts.workers)))
+def _all_skipped(out: Path, skipped: list[dict], what: str) -> UserError:
+    """Write skipped.jsonl, log a line per kind of reason, and the one-line error to raise."""
+    write_skipped(out, skipped)
+    for line in skip_lines(skipped):
+        log.warning("skipped: %s", line)
+    first = f"; first: '{skipped[0]['source']}': {skipped[0]['reason']}" if skipped else ""
+    return UserError(f"input: {what}{first}; see '{out / SKIPPED}'")
+
+
+def _crash_reason(crash: Crash, doing: str) -> str:
+    return f"the converter worker {doing} {crash.how()}"
+
+
+def _run(opts, files, label_kind, label_arg, fingerprint, out, state, pool, on_shard, t0) -> Summary:
     skipped: list[dict] = []
+    if opts.band_files is not None:  # one file per band: each scene becomes one input
+        files, skipped = group_band_files(files, opts)
+    keys = assign_keys([f.relpath for f in files])
+    jobs = [(i, f.path, f.relpath, f.bands) for i, f in enumerate(files)]
+    chunk = max(1, min(64, len(jobs) // (8 * opts.workers)))
     sources = []
-    scan = runner.imap(functools.partial(scan_one, opts=opts), jobs, chunksize=chunk)
-    for index, got in progress(scan, total=len(jobs), desc="scan", unit="file"):
+    scanned: list = [None] * len(jobs)
+    bar = progress(total=len(jobs), desc="scan", unit="file")
+    for i, got in pool.run(functools.partial(scan_one, opts=opts), jobs, chunk=chunk):
+        scanned[i] = got if not isinstance(got, Crash) else (i, _crash_reason(got, "reading its header"))
+        bar.update(1)
+    bar.close()
+    for index, got in scanned:  # input order, whatever order the workers finished in
         if isinstance(got, str):
             entry = {"source": files[index].relpath, "reason": got}
             if opts.strict:
@@ -168,9 +164,7 @@ def _run(opts, files, label_kind, label_arg, fingerprint, out, state, runner, on
     if opts.strict and skipped:
         raise _strict_fail(skipped[0])
     if not tasks:
-        _write_skipped(out, skipped)
-        raise UserError(f"input: nothing to convert, all {len(files)} file(s) were skipped; "
-                        f"see '{out / SKIPPED}'")
+        raise _all_skipped(out, skipped, f"nothing to convert, all {len(files)} file(s) were skipped")
 
     prev = state.read_plan() if opts.resume else None
     if prev is not None and prev.get("fingerprint") != fingerprint:
@@ -181,37 +175,65 @@ def _run(opts, files, label_kind, label_arg, fingerprint, out, state, runner, on
     state.write_plan({"fingerprint": fingerprint, "plan": plan_digest(tasks), "shards": len(tasks)})
     remove_temps(out)
 
+    mine = [tasks[i] for i in part_range(len(tasks), opts.part)]  # all of them, or this --part's range
     results: dict[int, ShardResult] = {}
     if opts.resume:
-        check = runner.imap(functools.partial(_check, out_dir=str(out)), [(t.name, t.digest) for t in tasks])
-        for t, res in zip(tasks, progress(check, total=len(tasks), desc="check finished shards", unit="shard")):
-            if res is not None:
-                results[t.index] = res
-        log.info("resume: keeping %d of %d shards", len(results), len(tasks))
-    for t in tasks:
+        check = pool.run(functools.partial(_check, out_dir=str(out)),
+                         [(t.name, t.digest, str(task_dir(t, out))) for t in mine])
+        for i, res in progress(check, total=len(mine), desc="check finished shards", unit="shard"):
+            if res is not None and not isinstance(res, Crash):  # a crash while hashing: rebuild it
+                results[mine[i].index] = res
+        log.info("resume: keeping %d of %d shards", len(results), len(mine))
+    for t in mine:
         if t.index not in results:
             state.forget(t.name)
-    remove_unplanned_shards(out, opts.prefix, {tasks[i].name for i in results})
+    keep = {tasks[i].name for i in results}
+    chunked = any(t.chunk for t in tasks)
+    remove_unplanned_shards(out, opts.prefix, set() if chunked else keep)  # repacked shards are cut anew
+    if chunked:
+        chunk_dir(out).mkdir(parents=True, exist_ok=True)
+        remove_unplanned_shards(chunk_dir(out), opts.prefix, keep)
     _check_strict(opts, results.values())
 
-    todo = [t for t in tasks if t.index not in results]
+    todo = [t for t in mine if t.index not in results]
     read = 0
     t_build = time.monotonic()
     bar = progress(total=len(todo), desc="convert", unit="shard")
-    for res in runner.imap(functools.partial(build_shard, opts=opts), todo, ordered=False):
-        results[res.index] = res
-        read += res.read_bytes
-        bar.update(1)
-        bar.set_postfix_str(f"{read / 1e6 / max(time.monotonic() - t_build, 1e-9):.0f} MB/s")
-        _check_strict(opts, [res])
-        if on_shard is not None:
-            on_shard(res)
+    dead: dict[int, dict[str, str]] = {}  # task index -> {input: reason} of inputs that killed a worker
+    while todo:  # a shard whose worker died is built again without the input it was reading
+        retry = []
+        for i, res in pool.run(functools.partial(build_shard, opts=opts, dead=dead), todo):
+            if isinstance(res, Crash):
+                retry.append(todo[i])
+                _blame(todo[i], res, dead, opts)
+                continue
+            results[res.index] = res
+            read += res.read_bytes
+            bar.update(1)
+            bar.set_postfix_str(f"{read / 1e6 / max(time.monotonic() - t_build, 1e-9):.0f} MB/s")
+            _check_strict(opts, [res])
+            if on_shard is not None:
+                on_shard(res)
+        todo = retry
     bar.close()
-    return _finish(opts, tasks, sources, results, skipped, fingerprint, label_kind, out, state, t0)
+    return _finish(opts, tasks, mine, sources, results, skipped, fingerprint, label_kind, out, state, t0, pool)
+
+
+def _blame(task, crash: Crash, dead: dict, opts) -> None:
+    """Record the input a worker died reading; a death outside any input read stops the run."""
+    seen = dead.setdefault(task.index, {})
+    if crash.note is None or crash.note in seen:
+        raise WorkerCrashed(f"a converter worker {crash.how()} while building {task.name}, not while reading "
+                            "an input; rerun with --resume (finished shards are kept)")
+    seen[crash.note] = _crash_reason(crash, "reading it")
+    if opts.strict:
+        raise _strict_fail({"source": crash.note, "reason": seen[crash.note]})
+    log.warning("'%s': the worker reading it %s; skipping it, rebuilding %s without it",
+                crash.note, crash.how(), task.name)
 
 
 def _check(item, out_dir):
-    return check_kept(item[0], item[1], out_dir)
+    return check_kept(item[0], item[1], item[2], out_dir)
 
 
 def _check_strict(opts, results) -> None:
@@ -221,46 +243,74 @@ def _check_strict(opts, results) -> None:
                 raise _strict_fail(r.skipped[0])
 
 
-def _write_skipped(out: Path, skipped: list[dict]) -> None:
-    atomic_write_text(out / SKIPPED, "".join(json.dumps(e, sort_keys=True) + "\n" for e in skipped))
+def _finish(opts, tasks, mine, sources, results, skipped, fingerprint, label_kind, out, state, t0,
+            pool) -> Summary:
+    ordered = [results[t.index] for t in mine]
+    records = [asdict(r) for r in ordered]
+    failed = {e["source"] for r in ordered for e in r.skipped}
+    _warn_mixed(sources, failed)
+    if opts.part is None and sum(r.count for r in ordered) == 0:
+        raise _all_skipped(out, sorted(skipped + [e for r in ordered for e in r.skipped], key=lambda e: e["source"]),
+                           "no sample passed the filters (every chip exceeded --max-nodata or every file was "
+                           "skipped; raise --max-nodata?)")
+    ref = sources[0]
+    fallback = {"band_names": list(ref.band_names), "nodata": ref.nodata, "dtype": ref.dtype}
+
+    def load(i: int) -> dict:
+        return state.load_stats(ordered[i].name)
+
+    stats = fold_stats(records, load, len(ref.indexes), ref.dtype)  # plan order: float stats identical on every run
+    remove_temps(out)  # a worker that died mid-shard left its temp file
+    # manifest args: only the settings that decide the output (a --resume with other --workers
+    # writes the same file)
+    if opts.part is not None:
+        write_part(out, opts.part, fingerprint, plan_digest(tasks), len(tasks), records, load, stats, skipped,
+                   fallback)
+        manifest = assemble(out, records, stats, skipped, fingerprint, label_kind != "none", "built", [], fallback,
+                            opts, extra=part_manifest_entry(opts.part, len(tasks)))
+    else:
+        how = "repack" if repacked(opts) else "built"
+        manifest = assemble(out, records, stats, skipped, fingerprint, label_kind != "none", how,
+                            [task_dir(t, out) for t in mine], fallback, opts, imap=_Ordered(pool))
+    state.remove()
+    planned = {seg.source.relpath for t in mine for seg in t.segments}
+    built = [r for r in ordered if not r.kept]
+    all_skipped = sorted(skipped + [e for r in ordered for e in r.skipped], key=lambda e: e["source"])
+    summary = Summary(files=len(planned - failed), chips=manifest["total_samples"], shards=len(manifest["shards"]),
+                      kept=len(ordered) - len(built), skipped=len(all_skipped),
+                      dropped=sum(r.dropped for r in ordered),
+                      read_bytes=sum(r.read_bytes for r in built), written_bytes=sum(r.bytes for r in built),
+                      seconds=time.monotonic() - t0, manifest=manifest)
+    if all_skipped:
+        log.warning("%d input(s) skipped; reasons in '%s':", len(all_skipped), out / SKIPPED)
+        for line in skip_lines(all_skipped):
+            log.warning("  %s", line)
+    return summary
 
 
-def _finish(opts, tasks, sources, results, skipped, fingerprint, label_kind, out, state, t0) -> Summary:
-    ordered = [results[t.index] for t in tasks]
-    worker_skips = [e for r in ordered for e in r.skipped]
-    failed = {e["source"] for e in worker_skips}
+class _Ordered:
+    """``map(fn, items)`` over the worker pool, results in item order (shards.repack's cutting)."""
+
+    def __init__(self, pool: WorkerPool):
+        self.pool = pool
+
+    def __call__(self, fn, items) -> list:
+        items = list(items)
+        out: list = [None] * len(items)
+        for i, res in self.pool.run(fn, items):
+            if isinstance(res, Crash):
+                raise WorkerCrashed(f"a converter worker {res.how()} while cutting shards; rerun with --resume "
+                                    "(the built shards are kept)")
+            out[i] = res
+        return out
+
+
+def _warn_mixed(sources, failed: set) -> None:
     written = [s for s in sources if s.relpath not in failed] or list(sources)
     ref = written[0]
-    stats = BandStats(len(ref.indexes), ref.dtype)
-    for r in ordered:  # fixed shard order: float statistics come out identical on every run
-        stats.merge_arrays(state.load_stats(r.name))
     for attr in ("band_names", "nodata"):
         odd = [s.relpath for s in written if getattr(s, attr) != getattr(ref, attr)
                and not (attr == "nodata" and s.nodata != s.nodata and ref.nodata != ref.nodata)]
         if odd:
             log.warning("%d file(s) have other %s than '%s' (e.g. '%s'); the manifest lists the first file's, "
                         "each sample's json its own", len(odd), attr, ref.relpath, odd[0])
-    skipped = sorted(skipped + worker_skips, key=lambda e: e["source"])
-    total = sum(r.count for r in ordered)
-    if total == 0:
-        _write_skipped(out, skipped)
-        raise UserError("input: no sample passed the filters (every chip exceeded --max-nodata or every file "
-                        f"was skipped); see '{out / SKIPPED}' or raise --max-nodata")
-    # r.labels holds each shard's distinct label strings; classes are the individual names in them
-    names = [label_names(lab) for r in ordered for lab in r.labels] if label_kind != "none" else []
-    classes = sorted({n for ns in names for n in ns}) if label_kind != "none" else None
-    args = dict(fingerprint, workers=opts.workers)
-    manifest = build_manifest(args, [vars(r) for r in ordered], ref.band_names, ref.dtype, ref.nodata,
-                              classes, stats.result(), multilabel=any(len(ns) > 1 for ns in names))
-    _write_skipped(out, skipped)
-    write_manifest(out, manifest)
-    state.remove()
-    planned = {seg.source.relpath for t in tasks for seg in t.segments}
-    built = [r for r in ordered if not r.kept]
-    summary = Summary(files=len(planned - failed), chips=total, shards=len(tasks), kept=len(ordered) - len(built),
-                      skipped=len(skipped), dropped=sum(r.dropped for r in ordered),
-                      read_bytes=sum(r.read_bytes for r in built), written_bytes=sum(r.bytes for r in built),
-                      seconds=time.monotonic() - t0, manifest=manifest)
-    if skipped:
-        log.warning("%d input(s) skipped; reasons in '%s'", len(skipped), out / SKIPPED)
-    return summary

@@ -1,10 +1,15 @@
 """From scanned headers to a fixed shard plan.
 
 Every sample's shard is decided here, before any pixel is read: files in input order, each one's
-windows row-major, packed greedily into shards of at most ``--max-samples-per-shard`` samples and
-(estimated) ``--max-shard-bytes``. A shard is then one unit of work for one worker, so the output
-is byte-identical for any ``--workers`` and a resumed run rebuilds exactly the missing shards.
-Chips later dropped for nodata make a shard smaller than planned, never different.
+windows row-major (or its fMoW boxes), packed greedily into shards of at most
+``--max-samples-per-shard`` samples and (estimated) ``--max-shard-bytes``. A shard is then one unit
+of work for one worker, so the output is byte-identical for any ``--workers`` and a resumed run
+rebuilds exactly the missing shards.
+
+With ``--max-nodata`` below 1 the filter drops chips that the plan cannot foresee. The planned
+shards are then *chunks*: built like shards into the run state, then cut into full shards after
+the filter by ``shards.repack`` (every shard holds ``--max-samples-per-shard`` samples, the last one
+the rest). ``--part K/N`` builds the contiguous range ``part_range`` of the same plan.
 """
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from shards.chips import plan_windows
+from shards.boxes import no_window_reason, sample_windows
 from shards.raster import SourceInfo
 from shards.writer import sample_bytes_estimate
 
@@ -24,7 +29,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Segment:
-    """Windows ``[start, stop)`` (in ``plan_windows`` order) of one source."""
+    """Windows ``[start, stop)`` (in ``boxes.sample_windows`` order) of one source."""
 
     source: SourceInfo
     start: int
@@ -39,10 +44,24 @@ class ShardTask:
     planned: int = 0
     est_bytes: int = 0
     digest: str = ""
+    chunk: bool = False   # built into the run state and repacked (see module docstring)
 
 
 def shard_name(prefix: str, index: int) -> str:
     return f"{prefix}-{index:06d}.tar"
+
+
+def repacked(opts) -> bool:
+    """Whether shards are cut after the nodata filter (``shards.repack``) instead of as planned."""
+    return opts.max_nodata < 1.0
+
+
+def part_range(num_tasks: int, part: Optional[tuple[int, int]]) -> range:
+    """The planned shards that ``--part K/N`` builds: the K-th of N contiguous, near-equal ranges."""
+    if part is None:
+        return range(num_tasks)
+    k, n = part
+    return range((k - 1) * num_tasks // n, k * num_tasks // n)
 
 
 def filter_signature(sources: Sequence[SourceInfo]) -> tuple[list[SourceInfo], list[dict]]:
@@ -83,17 +102,17 @@ def make_plan(sources: Sequence[SourceInfo], opts, fingerprint: dict) -> tuple[l
     skipped: list[dict] = []
     cur: Optional[ShardTask] = None
     cur_bytes = 0
+    chunk = repacked(opts) and opts.part is None  # a part's chunks are its shards; merge repacks them
     for src in sources:
-        n = len(plan_windows(src.width, src.height, opts.chip, opts.stride, opts.edge))
+        n = len(sample_windows(src, opts))
         if n == 0:
-            skipped.append({"source": src.relpath, "reason": f"image {src.width}x{src.height} is smaller than "
-                            f"--chip-size {opts.chip[1]}x{opts.chip[0]} with --edge drop (use --edge pad)"})
+            skipped.append({"source": src.relpath, "reason": no_window_reason(src, opts)})
             continue
         _, per = sample_nbytes(src, opts)
         start = 0
         while start < n:
             if cur is None or cur.planned >= opts.max_samples or (cur.planned and cur_bytes + per > opts.max_bytes):
-                cur = ShardTask(index=len(tasks), name=shard_name(opts.prefix, len(tasks)))
+                cur = ShardTask(index=len(tasks), name=shard_name(opts.prefix, len(tasks)), chunk=chunk)
                 tasks.append(cur)
                 cur_bytes = 0
             room = opts.max_samples - cur.planned
@@ -111,12 +130,14 @@ def make_plan(sources: Sequence[SourceInfo], opts, fingerprint: dict) -> tuple[l
 
 
 def task_digest(task: ShardTask, fingerprint: dict) -> str:
-    """Identity of a shard's planned content: its sources, windows, keys, labels and settings."""
-    h = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode())
+    """Identity of a shard's planned content: its sources, windows, keys, labels and settings (which
+    ``--part`` builds it is no part of its content)."""
+    settings = {k: v for k, v in fingerprint.items() if k != "part"}
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
     for seg in task.segments:
         s = seg.source
         h.update(json.dumps([s.relpath, s.key, s.label, seg.start, seg.stop, s.indexes, s.width, s.height,
-                             s.dtype, s.nodata], default=str).encode())
+                             s.dtype, s.nodata, s.band_paths, s.extra], sort_keys=True, default=str).encode())
     return h.hexdigest()
 
 

@@ -49,6 +49,7 @@ class SourceInfo:
     label: Optional[str] = None
     key: str = ""
     extra: dict = field(default_factory=dict)
+    band_paths: list[str] = field(default_factory=list)   # --band-files: one file per band, in order
 
     @property
     def signature(self) -> tuple[int, str]:
@@ -151,17 +152,25 @@ def scan_source(index: int, path: str, relpath: str, opts, sidecar: Optional[dic
 
 
 class DatasetCache:
-    """The one open rasterio handle of this process (kept across consecutive windows/shards of
-    the same file, closed when another file is needed)."""
+    """The one open source of this process (kept across consecutive windows/shards of the same
+    file or scene, closed when another one is needed): a rasterio dataset, or a
+    ``band_stack.BandStack`` for a --band-files scene."""
 
     def __init__(self):
         self.path: Optional[str] = None
         self.ds = None
 
-    def get(self, path: str):
-        if self.path != path:
+    def get(self, info: SourceInfo, resampling: str = "bilinear"):
+        key = info.relpath if info.band_paths else info.path
+        if self.path != key:
             self.close()
-            self.ds, self.path = open_dataset(path), path
+            if info.band_paths:
+                from shards.band_stack import BandStack
+
+                self.ds = BandStack(info, resampling)
+            else:
+                self.ds = open_dataset(info.path)
+            self.path = key
         return self.ds
 
     def close(self) -> None:

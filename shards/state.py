@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 STATE_DIR = ".convert-state"
 MANIFEST = "manifest.json"
 SKIPPED = "skipped.jsonl"
+PART_FILES = ("part.json", "part-stats.npz")   # a --part run's records for 'merge' (shards.parts)
 
 
 def _shard_re(prefix: str) -> re.Pattern:
@@ -43,7 +45,8 @@ def classify(out: Path, prefix: str) -> tuple[list[str], list[str]]:
     pat = _shard_re(prefix)
     ours, foreign = [], []
     for name in sorted(os.listdir(out)):
-        own = (name in (MANIFEST, SKIPPED, STATE_DIR) or name.startswith(TMP_PREFIX) or pat.fullmatch(name))
+        own = (name in (MANIFEST, SKIPPED, STATE_DIR, *PART_FILES) or name.startswith(TMP_PREFIX)
+               or pat.fullmatch(name))
         (ours if own else foreign).append(name)
     return ours, foreign
 
@@ -63,6 +66,14 @@ def prepare_out_dir(out: Path, prefix: str, resume: bool, overwrite: bool) -> No
             p = out / name
             shutil.rmtree(p) if p.is_dir() else p.unlink()
     out.mkdir(parents=True, exist_ok=True)
+    # a read-only or full --out fails here, before the scan, not at the first shard: a real write
+    # (os.access misses full disks and some mounts), left to the caller's OSError handling
+    try:
+        fd, probe = tempfile.mkstemp(prefix=TMP_PREFIX + "probe.", dir=out)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(out)) from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 class RunState:
@@ -111,6 +122,11 @@ class RunState:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def chunk_dir(out: Path) -> Path:
+    """Where planned shards are built before ``shards.repack`` rewrites them into full shards."""
+    return Path(out) / STATE_DIR / "chunks"
+
+
 def _replace(path: Path, data: bytes) -> None:
     """Temp file + rename, deliberately without fsync: an fsync here makes the file system commit
     its journal, which on ext4 waits for the write-back of the shards written so far (measured on
@@ -129,8 +145,8 @@ def _replace(path: Path, data: bytes) -> None:
 
 
 def remove_temps(out: Path) -> None:
-    """Delete ``.tmp-*`` leftovers of interrupted writes (in the output and state directories)."""
-    for d in (out, out / STATE_DIR):
+    """Delete ``.tmp-*`` leftovers of interrupted writes (in the output, state and chunk directories)."""
+    for d in (out, out / STATE_DIR, chunk_dir(out)):
         if d.is_dir():
             for name in os.listdir(d):
                 if name.startswith(TMP_PREFIX):

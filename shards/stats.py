@@ -3,14 +3,15 @@
 Two exact-or-bounded strategies, chosen by dtype:
 
 - 8/16-bit integers (uint8, int8, uint16, int16 -- nearly every satellite archive): an exact
-  per-band histogram with one bin per representable value, filled in place with ``np.add.at``
-  (numpy >= 2 runs it as a tight scatter loop: ~2.6 ns a pixel, 13 x 512 x 512 uint16 in ~9 ms,
-  faster than ``np.bincount`` (~10.5 ms), which first widens the input to intp and allocates a fresh
-  histogram per call). Count, mean, std, min, max and the percentiles all follow from it
+  per-band histogram with one bin per representable value, filled by ``np.bincount`` over slices of
+  at most 256 Ki pixels cast into one reused intp buffer (bincount casts its input to intp; a
+  reused, cache-sized buffer saves that allocation and keeps the pass in L2). Measured on
+  13 x 512 x 512 uint16 (2-core VM): 3.9 ms, against 4.8 ms for a plain per-band ``np.bincount``
+  and 7.3 ms for ``np.add.at``. Count, mean, std, min, max and the percentiles all follow from it
   exactly (percentiles match ``np.percentile``'s default linear interpolation); merging is plain
-  addition, so independent of the order shards finish in. Nodata is excluded by restoring its
-  bin to the count it had before the chip, padding (when no nodata value exists) by subtracting
-  the padded pixel count from the pad bin: no per-pixel mask is ever built.
+  addition, so independent of the order shards finish in. Nodata is excluded by restoring its bin
+  to the count it had before the chip, padding (when no nodata value exists) by subtracting the padded pixel
+  count from the pad bin: no per-pixel mask is ever built.
 - everything else (float32, int32, ...): float64 count/mean/M2 (Chan's parallel merge), min/max,
   and a 4096-bin histogram on a power-of-two grid that coarsens by 2 whenever the data outgrows
   it, so two histograms always align after coarsening. Percentiles are interpolated within a bin.
@@ -24,6 +25,16 @@ import numpy as np
 
 EXACT_DTYPES = {"uint8", "int8", "uint16", "int16"}
 FLOAT_BINS = 4096
+_SLICE = 1 << 18          # pixels per bincount call: a 2 MiB intp buffer stays in L2
+_BUFFER: list[np.ndarray] = []
+
+
+def _intp_buffer(n: int) -> np.ndarray:
+    """This process's reusable intp buffer of at least ``n`` elements (bincount's input)."""
+    if not _BUFFER or _BUFFER[0].size < n:
+        _BUFFER[:] = [np.empty(max(n, 1), dtype=np.intp)]
+    return _BUFFER[0]
+
 
 def _as_unsigned(x: np.ndarray) -> np.ndarray:
     """Signed 8/16-bit -> the unsigned type with the same order (flip the sign bit), else x."""
@@ -57,6 +68,7 @@ class BandStats:
             self.vmin = np.full(self.num_bands, np.inf)
             self.vmax = np.full(self.num_bands, -np.inf)
             self.fhist = [FloatHist() for _ in range(self.num_bands)]
+            self.zeros = np.zeros(self.num_bands, dtype=np.int64)
 
     # ---- accumulation -------------------------------------------------------------------------
     def add(self, chip: np.ndarray, nodata: Optional[float] = None, pad_pixels: int = 0,
@@ -69,11 +81,26 @@ class BandStats:
             else:
                 self._add_float(b, band, nodata)
 
+    def band_adder(self, nodata: Optional[float] = None, pad_pixels: int = 0, pad_value: Optional[float] = None):
+        """For 8/16-bit data: ``fn(b, band)`` that folds band ``b`` (1-D) of one chip in, as ``add``
+        does for the whole chip (``ShardWriter.write(visit=...)`` calls it band by band); None for
+        other dtypes (use ``add``)."""
+        if not self.exact:
+            return None
+        return lambda b, band: self._add_exact(b, band, nodata, int(pad_pixels), pad_value)
+
     def _add_exact(self, b: int, band: np.ndarray, nodata, pad: int, pad_value) -> None:
         h = self.hist[b]
         nd = int(nodata) + self.offset if nodata is not None and self._in_range(nodata) else None
         before = int(h[nd]) if nd is not None else 0
-        np.add.at(h, _as_unsigned(band), 1)
+        values = _as_unsigned(band)
+        idx_buf = _intp_buffer(min(values.size, _SLICE))
+        for start in range(0, values.size, _SLICE):
+            part = values[start:start + _SLICE]
+            idx = idx_buf[:part.size]
+            np.copyto(idx, part, casting="unsafe")
+            counts = np.bincount(idx)
+            h[:counts.size] += counts
         if nd is not None:
             h[nd] = before
         if pad and pad_value is not None and (nd is None or int(pad_value) + self.offset != nd):
@@ -91,6 +118,7 @@ class BandStats:
             x = x[valid]
         if x.size == 0:
             return
+        self.zeros[b] += int(np.count_nonzero(x == 0))
         n, mean = x.size, float(x.mean())
         m2 = float(np.square(x - mean).sum())
         self._merge_moments(b, n, mean, m2)
@@ -105,6 +133,10 @@ class BandStats:
         self.mean[b] += delta * n / tot
         self.m2[b] += m2 + delta * delta * na * n / tot
         self.n[b] = tot
+
+    def zero_counts(self) -> np.ndarray:
+        """(C,) pixels counted so far whose value is exactly 0 (the undeclared-nodata check)."""
+        return self.hist[:, self.offset].copy() if self.exact else self.zeros.copy()
 
     # ---- merge / persistence --------------------------------------------------------------------
     def merge(self, other: "BandStats") -> None:
@@ -152,13 +184,16 @@ class BandStats:
     # ---- results --------------------------------------------------------------------------------
     def result(self) -> dict[str, list]:
         """{"count", "mean", "std", "min", "max", "p2", "p98"}: one entry per band (None when no
-        valid pixel). Std is the population std (ddof=0), like ``np.std``."""
+        valid pixel). Std is the population std (ddof=0), like ``np.std``. Every value is finite
+        or None (a float64 overflow, e.g. the squares of 1e200 values, gives None, never inf/NaN:
+        the manifest is strict JSON and verify flags a None beside a non-zero count)."""
         keys = ("count", "mean", "std", "min", "max", "p2", "p98")
         out: dict[str, list] = {k: [] for k in keys}
         for b in range(self.num_bands):
             row = self._exact_band(b) if self.exact else self._float_band(b)
             for k in keys:
-                out[k].append(row[k])
+                v = row[k]
+                out[k].append(None if isinstance(v, float) and not math.isfinite(v) else v)
         return out
 
     def _exact_band(self, b: int) -> dict:
@@ -193,6 +228,33 @@ class BandStats:
         fh = self.fhist[b]
         return {"count": n, "mean": float(self.mean[b]), "std": math.sqrt(max(self.m2[b], 0.0) / n),
                 "min": lo, "max": hi, "p2": clamp(fh.percentile(2)), "p98": clamp(fh.percentile(98))}
+
+
+ZERO_SHARE_WARN = 0.01
+"""Warn when files without a nodata value have at least this share of pixels that are 0 in every
+band: a scene border (the Landsat scene of issue 17: 3.5 %, mean 6544 instead of 6783)."""
+
+
+def undeclared_nodata_warning(records) -> Optional[str]:
+    """records: [source, pixels, zeros per band] of files that declare no nodata (build.ShardResult
+    .zeros, several per file when it spans shards) -> a warning suggesting --nodata 0, or None.
+    A file's share is that of its band with the fewest zeros: an upper bound on the pixels that are
+    0 in every band, and equal to it for a border (0 in all bands). Read off the histograms, it costs
+    no pass over the pixels."""
+    per: dict[str, list] = {}
+    for src, pixels, zeros in records:
+        acc = per.setdefault(src, [0, np.zeros(len(zeros), dtype=np.int64)])
+        acc[0] += pixels
+        acc[1] += np.asarray(zeros, dtype=np.int64)
+    share = {src: float(z.min()) / n for src, (n, z) in per.items() if n}
+    hit = sorted((s for s in share if share[s] >= ZERO_SHARE_WARN), key=lambda s: (-share[s], s))
+    if not hit:
+        return None
+    pixels = sum(per[s][0] for s in hit)
+    zeros = sum(float(per[s][1].min()) for s in hit)
+    return (f"{len(hit)} file(s) declare no nodata value, yet {100 * zeros / pixels:.1f} % of their pixels are 0 in "
+            f"every band (e.g. '{hit[0]}': {100 * share[hit[0]]:.1f} %): a scene border? The stats count those "
+            "zeros as data; if 0 marks missing pixels, rerun with --nodata 0")
 
 
 def _empty_row() -> dict:

@@ -26,7 +26,9 @@ BLOCK = tarfile.BLOCKSIZE            # 512
 RECORD = tarfile.RECORDSIZE          # 10240: tar files are padded to whole records
 IMAGE_EXT = "img.npy"
 META_EXT = "json"
-_BUFFER = 1 << 20
+# Small writes (tar/npy headers, json) are buffered; pixel data (a band, usually >= 64 KiB) skips
+# the buffer and goes straight to the file, without a copy through it.
+_BUFFER = 1 << 16
 
 
 def npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
@@ -62,7 +64,8 @@ class ShardWriter:
     """Write samples to ``.tmp-<name>.*`` in ``out_dir``; ``close()`` publishes ``<name>``.
 
     Use as a context manager: an exception (Ctrl-C included) deletes the temp file, so no partial
-    shard ever carries a shard name. After close: ``count``, ``bytes``, ``sha256``.
+    shard ever carries a shard name. After close: ``count``, ``bytes``, ``sha256`` and ``offsets``
+    (each sample's first byte, then the end of the last sample: what ``shards.repack`` cuts at).
     """
 
     def __init__(self, out_dir: str | os.PathLike, name: str, fsync: bool = True, size_hint: int = 0):
@@ -80,6 +83,7 @@ class ShardWriter:
         self._fsync = fsync
         self.count = 0
         self.bytes = 0
+        self.offsets: list[int] = []
         self.sha256: Optional[str] = None
 
     def _put(self, data) -> None:
@@ -87,24 +91,39 @@ class ShardWriter:
         self._sha.update(data)
         self.bytes += len(data) if isinstance(data, bytes) else memoryview(data).nbytes
 
-    def write(self, key: str, image: np.ndarray, meta: dict) -> None:
-        """image: (C, H, W) C-contiguous array, written in its own dtype; meta: the sample json."""
+    def write(self, key: str, image: np.ndarray, meta: dict, visit=None) -> None:
+        """image: (C, H, W) C-contiguous array, written in its own dtype; meta: the sample json.
+
+        ``visit(b, band)`` (optional) sees each band (a 1-D view) just before its bytes are written
+        and hashed: the statistics then read a band while it is in cache for the write and the
+        hash, one trip through memory instead of three (measured on 13 x 512 x 512 uint16, 2-core
+        VM: 10.7-11.9 ms of CPU a file for histogram + write + sha256, against 12.9-17.8 ms)."""
         if not image.flags.c_contiguous:
             image = np.ascontiguousarray(image)
         head = npy_header(image.dtype, image.shape)
         size = len(head) + image.nbytes
+        self.offsets.append(self.bytes)
         self._put(tar_header(f"{key}.{IMAGE_EXT}", size) + head)
-        if image.nbytes:
+        if image.nbytes and visit is None:
             self._put(memoryview(image).cast("B"))
+        elif image.nbytes:
+            for b in range(image.shape[0]):
+                visit(b, image[b].reshape(-1))
+                self._put(memoryview(image[b]).cast("B"))
         js = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
         self._put(b"\0" * (-size % BLOCK) + tar_header(f"{key}.{META_EXT}", len(js)) + js
                   + b"\0" * (-len(js) % BLOCK))
         self.count += 1
 
+    def append(self, data, samples: int) -> None:
+        """Whole samples already in shard layout (tar members, block-padded; shards.repack). They
+        get no entry in ``offsets``."""
+        self._put(data)
+        self.count += samples
+
     def close(self) -> None:
-        end = 2 * BLOCK
-        end += -(self.bytes + end) % RECORD
-        self._put(b"\0" * end)
+        self.offsets.append(self.bytes)
+        self._put(end_of_archive(self.bytes))
         self._f.flush()
         os.ftruncate(self._f.fileno(), self.bytes)
         if self._fsync:
@@ -129,6 +148,12 @@ class ShardWriter:
             self.close()
         else:
             self.abort()
+
+
+def end_of_archive(data_bytes: int) -> bytes:
+    """What follows the last member: two zero blocks, then zeros up to a whole tar record."""
+    end = 2 * BLOCK
+    return b"\0" * (end + -(data_bytes + end) % RECORD)
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:

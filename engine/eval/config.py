@@ -1,12 +1,13 @@
 """Typed configs of the downstream runs: supervised fine-tuning (``launchers/finetune.py``) and
 frozen-feature evaluation (``launchers/evaluate.py``). They reuse the pre-training sections
-(data, crops, model, optim, zero, kernels, train) and add their own."""
+(data, crops, model, optim, zero, deepspeed, kernels, train) and add their own."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from engine.config import CropConfig, DataConfig, KernelConfig, ModelConfig, OptimConfig, TrainConfig, ZeroConfig
+from engine.config import (CropConfig, DataConfig, DeepSpeedFileConfig, KernelConfig, ModelConfig, OptimConfig,
+                           TrainConfig, ZeroConfig)
 from engine.config_io import check_field as _check
 
 
@@ -68,6 +69,7 @@ class FinetuneRunConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     zero: ZeroConfig = field(default_factory=ZeroConfig)
+    deepspeed: DeepSpeedFileConfig = field(default_factory=DeepSpeedFileConfig)
     kernels: KernelConfig = field(default_factory=KernelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 

@@ -111,6 +111,7 @@ def run_finetune(cfg: FinetuneRunConfig, env) -> dict:
     """Fine-tune per ``cfg`` on the process group ``env``; returns the results dict (also written)."""
     from engine.data import build_eval_loader, build_finetune_loader, to_device
     from engine.trainer.loop import Trainer
+    from engine.trainer.provenance import write_run_json
     from engine.trainer.rng import seed_all
 
     check_splits(cfg)
@@ -119,6 +120,7 @@ def run_finetune(cfg: FinetuneRunConfig, env) -> dict:
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
+        write_run_json(out, env.world_size)
     ft = cfg.finetune
     train = build_finetune_loader(cfg.data, cfg.crops, cfg.model.img_size, split=ft.train_split,
                                   rank=env.rank, world_size=env.world_size, seed=cfg.train.seed)

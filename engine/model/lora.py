@@ -4,7 +4,8 @@
 so the wrapped model keeps timm's state-dict keys (``...qkv.weight``, ``...qkv.bias``) and only adds
 ``...qkv.lora_a`` / ``...qkv.lora_b``. The forward is
 ``y = x W^T + b + (alpha / r) * (drop(x) A^T) B^T`` computed by :func:`kernels.dispatch.lora_linear`
-(the fused Triton kernel where it is verified, the pure-torch reference otherwise).
+(the fast pure-torch path, or the fused Triton kernel where this machine's kernel record says it
+passed and was faster).
 
 Output segments put independent adapters on slices of one fused projection: LoRA on q and v of
 timm's ``qkv`` (N = 3*dim) is ``segments=(0, 2*dim), segment_width=dim`` with ``A = [A_q; A_v]``

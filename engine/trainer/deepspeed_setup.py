@@ -119,11 +119,12 @@ def _deepspeed_fused_adam_prebuilt() -> bool:
 
 
 def build_ds_config(cfg: RunConfig, world_size: int, device_type: str,
-                    zero_overrides: Optional[dict] = None) -> dict:
+                    zero_overrides: Optional[dict] = None, user_config: bool = True) -> dict:
     """The DeepSpeed config dict for ``cfg`` on ``world_size`` ranks of ``device_type``.
 
     zero_overrides: zero_optimization entries the objective requires (e.g. the shared-base EMA
-    teacher's ZeRO-3 settings); they win over ours.
+    teacher's ZeRO-3 settings); they win over ours. user_config: merge the keys of
+    ``--deepspeed.config FILE`` over the result (``ds_user_config.py``; conflicting keys refused).
     """
     t, z = cfg.train, cfg.zero
     if t.precision == "fp16" and device_type != "cuda":
@@ -161,6 +162,11 @@ def build_ds_config(cfg: RunConfig, world_size: int, device_type: str,
         zero["offload_param"] = {"device": "cpu", "pin_memory": device_type == "cuda"}
     zero.update(zero_overrides or {})
     ds["zero_optimization"] = zero
+    path = getattr(getattr(cfg, "deepspeed", None), "config", "")
+    if user_config and path:
+        from engine.trainer.ds_user_config import merge_user_config, read_user_config
+
+        ds = merge_user_config(ds, read_user_config(path), path)
     return ds
 
 

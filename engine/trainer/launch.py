@@ -14,33 +14,12 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from engine.config import load_config
+from engine.config_cli import parse_config_args
 from engine.errors import UserError, fs_user_error, probe_writable
 from engine.progress import setup_logging
 from engine.trainer.supervise import register_rank, report_exit
 
 log = logging.getLogger(__name__)
-
-
-def split_config_arg(argv: Sequence[str], doc: str = "") -> tuple[Optional[str], list[str]]:
-    """``[--config PATH] [--a.b v ...]`` -> (PATH, overrides); ``-h``/``--help`` prints ``doc``."""
-    rest, path = [], None
-    it = iter(range(len(argv)))
-    for i in it:
-        a = argv[i]
-        if a == "--config":
-            if i + 1 >= len(argv):
-                raise UserError("--config: needs a YAML preset path (see configs/)")
-            path = argv[i + 1]
-            next(it)
-        elif a.startswith("--config="):
-            path = a.split("=", 1)[1]
-        elif a in ("-h", "--help"):
-            print(doc)
-            sys.exit(0)
-        else:
-            rest.append(a)
-    return path, rest
 
 
 def apply_kernel_config(cfg) -> None:
@@ -116,8 +95,7 @@ def run_cli(config_cls: type, argv: Optional[Sequence[str]], run: Callable, chec
                     "which then uses every visible GPU; write them first: deepspeed --num_gpus 8 %s ...",
                     " ".join(a for a in raw if a.split("=")[0] in RUNNER_OPTIONS), Path(sys.argv[0]).name)
     try:
-        path, overrides = split_config_arg(argv, doc)
-        cfg = load_config(config_cls, path, overrides)
+        cfg = parse_config_args(config_cls, argv, doc)  # -h/--help and --print-config print, then exit 0
         check(cfg)
         check_output_dir(cfg)
     except UserError:

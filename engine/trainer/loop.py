@@ -39,7 +39,7 @@ from engine.progress import progress
 from engine.trainer import deepspeed_setup
 from engine.trainer.checkpoint import CheckpointManager, extra_state, load_extra_state, resolve_resume
 from engine.trainer.flops import device_peak_flops
-from engine.trainer.metrics import MetricsWriter, ThroughputMeter, format_line
+from engine.trainer.metrics import MetricsWriter, ThroughputMeter, format_metrics
 from engine.trainer.preemption import PreemptionGuard, stop_exit_code
 from engine.trainer.process_group import DistEnv
 from engine.trainer.provenance import git_revision
@@ -105,7 +105,8 @@ class Trainer:
         self.report: Optional[deepspeed_setup.OptimizerReport] = None
         self.resumed_from: Optional[Path] = None
         self.ckpt = CheckpointManager(self.output_dir, env.rank, env.world_size, cfg.train.keep_last)
-        self.metrics = MetricsWriter(self.output_dir, enabled=env.is_main, tensorboard=cfg.train.tensorboard)
+        self.metrics = MetricsWriter(self.output_dir, enabled=env.is_main, loggers=cfg.train.logger,
+                                     config=to_dict(cfg) if env.is_main else None)
         self._git = git_revision() if env.is_main else ""
         self._flags = None  # process group of the stop-flag all-reduce (None = the default group)
         self._it = None
@@ -123,6 +124,7 @@ class Trainer:
             self.ckpt.group = self._flags
         if env.is_main:
             atomic_write_text(self.output_dir / "optimizer.json", json.dumps(self.report.to_dict(), indent=1))
+            atomic_write_text(self.output_dir / "deepspeed_config.json", json.dumps(self.report.ds_config, indent=1))
         seed_all(cfg.train.seed + 1000 * env.rank)
         self.ckpt.remove_temp()
         found = [str(p) if (p := resolve_resume(cfg.train.resume, self.output_dir)) else None]
@@ -208,8 +210,8 @@ class Trainer:
         result = FitResult(step=step, checkpoint=self.resumed_from)
         last_saved = step if self.resumed_from is not None else None
         self._it = iter(self.loader)
-        with PreemptionGuard() as guard, progress(total=t.max_steps - start, desc=f"train from step {start}",
-                                                  unit="step", disable=not env.is_main) as bar:
+        with PreemptionGuard() as guard, progress(total=t.max_steps, initial=start, desc="train", unit="step",
+                                                  every=t.log_every, disable=not env.is_main) as bar:
             # logged once the guard is installed: from this line on, SIGTERM/SIGINT mean "checkpoint and stop"
             log.info("training steps %d -> %d: global batch %d (%d/rank x %d accumulation x %d ranks), "
                      "peak lr %.3g", step, t.max_steps, self.global_batch, cfg.data.batch_size,
@@ -230,12 +232,12 @@ class Trainer:
                 self.objective.on_step_end(step)
                 step += 1
                 meter.step_done()
-                bar.update(1)
                 if step % t.log_every == 0 or step == t.max_steps:
                     result.last = self._record(logs, lr, wd, meter)
                     self.metrics.write(step, result.last)
                     if env.is_main:
-                        bar.set_postfix_str(format_line(step, t.max_steps, result.last))
+                        bar.set_postfix_str(format_metrics(result.last))
+                bar.update(1)  # a log line on log_every steps without a TTY (with the metrics above)
                 if self.evaluate is not None and (step == t.max_steps or
                                                   (self.eval_every and step % self.eval_every == 0)):
                     self._validate(step, result)

@@ -1,9 +1,10 @@
-"""Training metrics: throughput, data-wait vs compute split, peak memory, MFU; JSONL + TensorBoard.
+"""Training metrics: throughput, data-wait vs compute split, peak memory, MFU; JSONL + loggers.
 
 ``ThroughputMeter`` accumulates between two log points; ``MetricsWriter`` (rank 0 only) appends
 one JSON object per record to ``<output_dir>/metrics.jsonl`` (a resumed run appends to the same
 file, after a ``{"event": "resume"}`` line; steps redone after the last checkpoint appear twice,
-the later record wins) and mirrors numeric values to TensorBoard under ``<output_dir>/tb``.
+the later record wins) and hands numeric values to the experiment loggers of ``train.logger``
+(TensorBoard under ``<output_dir>/tb``, W&B, MLflow: ``engine/trainer/loggers``).
 """
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ import math
 import resource
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
+
+from engine.trainer.loggers import open_loggers
 
 log = logging.getLogger(__name__)
 
@@ -75,35 +78,34 @@ class ThroughputMeter:
 
 
 class MetricsWriter:
-    """Append-only JSONL (+ TensorBoard) metrics of one run directory. Disabled = every call is a no-op."""
+    """Append-only JSONL (+ experiment loggers) metrics of one run directory. Disabled = every call is a no-op.
 
-    def __init__(self, output_dir: Path, enabled: bool = True, tensorboard: bool = True):
+    loggers: names from ``engine.trainer.loggers.LOGGERS`` (``train.logger``); config: the resolved
+    run config as a dict, for the loggers that record hyper-parameters.
+    """
+
+    def __init__(self, output_dir: Path, enabled: bool = True, loggers: Sequence[str] = ("tensorboard",),
+                 config: Optional[dict] = None):
         self.enabled = enabled
         self.path = Path(output_dir) / "metrics.jsonl"
         self._fh = None
-        self._tb = None
+        self._loggers: list = []
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fh = open(self.path, "a", buffering=1)
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                log.warning("tensorboard is not installed: metrics go to %s only", self.path)
-            else:
-                self._tb = SummaryWriter(str(Path(output_dir) / "tb"))
+        self._loggers = open_loggers(loggers, Path(output_dir), config or {})
 
     def write(self, step: int, record: dict, prefix: str = "train/") -> None:
-        """One record at optimizer step ``step`` (JSON line; numeric values also to TensorBoard)."""
+        """One record at optimizer step ``step`` (JSON line; numeric values also to the loggers)."""
         if not self.enabled:
             return
         row = {"step": step, "time": round(time.time(), 3), **record}
         self._fh.write(json.dumps(row, default=_json_default) + "\n")
-        if self._tb is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-                    self._tb.add_scalar(prefix + k, v, step)
+        scalars = {prefix + k: float(v) for k, v in record.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+        for logger in self._loggers:
+            logger.log(step, scalars)
 
     def event(self, name: str, step: int, **info) -> None:
         """A non-metric line (resume, preemption, halt) in the JSONL."""
@@ -112,9 +114,9 @@ class MetricsWriter:
                                       default=_json_default) + "\n")
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+        for logger in self._loggers:
+            logger.close()
+        self._loggers = []
         if self._fh is not None:
             self._fh.close()
             self._fh = None
@@ -138,12 +140,8 @@ def read_metrics(path: Path) -> list[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def format_line(step: int, max_steps: int, record: dict, keys: Optional[list[str]] = None) -> str:
-    """Compact human line: ``step 120/1000 loss 3.21 lr 1.2e-04 ... 850 img/s``."""
+def format_metrics(record: dict, keys: Optional[list[str]] = None) -> str:
+    """Compact human line: ``loss 3.21 lr 0.00012 ... images_per_s 850``."""
     keys = keys or ["loss", "lr", "grad_norm", "images_per_s", "data_wait_frac", "mfu", "peak_mem_gb"]
-    parts = [f"step {step}/{max_steps}"]
-    for k in keys:
-        v = record.get(k)
-        if isinstance(v, float):
-            parts.append(f"{k} {v:.3g}")
-    return " ".join(parts)
+    return " ".join(f"{k} {record[k]:.3g}" for k in keys if isinstance(record.get(k), float))
+

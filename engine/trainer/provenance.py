@@ -2,6 +2,7 @@
 and in every checkpoint so a result can be traced back to the code that made it."""
 from __future__ import annotations
 
+import json
 import platform
 import subprocess
 import sys
@@ -40,3 +41,10 @@ def run_info(world_size: int, argv: list[str] | None = None) -> dict:
         "deepspeed": deepspeed.__version__,
         "timm": timm.__version__,
     }
+
+
+def write_run_json(output_dir: Path, world_size: int) -> None:
+    """``<output_dir>/run.json`` (atomically): what produced this run (rank 0 calls it)."""
+    from engine.atomic import atomic_write_text
+
+    atomic_write_text(Path(output_dir) / "run.json", json.dumps(run_info(world_size), indent=1))

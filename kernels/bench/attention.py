@@ -2,26 +2,21 @@
 
     python -m kernels.bench.attention --out bench_attention.json            # GPU: ViT-B/L shapes
     python -m kernels.bench.attention --device cpu --out bench_attention_cpu.json
-    python -m kernels.bench.attention --ptxas --out ptxas_attention.json    # no GPU needed
 
-Per shape (B, H, N, D) and mode (``fwd``, ``fwd_bwd``): median time, TFLOP/s and peak extra memory
-of one call, plus the max |error| of the forward against the fp32 reference. FLOPs follow the
-FlashAttention convention: fwd = 4*B*H*N^2*D, fwd+bwd = 3.5x that (backward recomputes QK^T).
+Per shape (B, H, N, D) and mode (``fwd``, ``fwd_bwd``): median time (providers interleaved, see
+kernels.bench.measure), TFLOP/s, bytes allocated during the call and its peak (each provider from a
+clean baseline after warm-up), plus the max |error| of the forward against the fp32 reference.
+``--cuda-graph`` adds CUDA-graph replay timings. FLOPs follow the FlashAttention convention:
+fwd = 4*B*H*N^2*D, fwd+bwd = 3.5x that (backward recomputes QK^T).
 
-Providers: ``triton`` (kernels.attention), ``sdpa-flash`` / ``sdpa-efficient`` / ``sdpa-math``
-(``torch.nn.attention.sdpa_kernel`` pins one backend; CUDA only), ``sdpa`` (PyTorch's own choice;
-the CPU baseline), ``xformers`` (when it imports), ``reference`` (explicit fp32 softmax). A provider
-that cannot run a case (e.g. flash SDPA in fp32) is reported with its error, not dropped silently.
+Providers: ``triton`` (kernels.attention), ``sdpa-flash`` / ``sdpa-cudnn`` / ``sdpa-efficient`` /
+``sdpa-math`` (``torch.nn.attention.sdpa_kernel`` pins one backend; CUDA only), ``sdpa`` (PyTorch's
+own choice; the CPU baseline), ``xformers`` (when it imports), ``reference`` (explicit fp32
+softmax). A provider that cannot run a case (e.g. flash SDPA in fp32) is reported with its error.
 
 On CPU there is no compiled Triton: the ``triton`` provider runs in the interpreter
 (TRITON_INTERPRET=1) on one tiny shape as a correctness row; its time is NOT a performance figure.
-Peak memory: CUDA ``max_memory_allocated`` above the inputs; CPU the process's peak-RSS increase
-(``/proc/self/clear_refs`` reset, Linux), which includes allocator slack.
-
-``--ptxas``: no timing; compiles every kernel with the exact launch configuration of
-``kernels.attention.launch_configs`` for sm_80 and sm_90 (Triton's bundled ptxas, no GPU needed) and
-reports shared memory, registers and register-spill bytes per thread -- the static evidence behind the
-tile choices until GPU timings exist.
+Registers and spills of the compiled kernels: ``python -m kernels.bench.ptxas`` (no GPU needed).
 """
 from __future__ import annotations
 
@@ -37,8 +32,8 @@ import torch
 from engine.atomic import atomic_write_text
 from engine.errors import UserError, cli_entry
 from engine.progress import setup_logging
-from kernels.bench.measure import (PeakMemory, default_iterations, device_label, failure_text, median_ms,
-                                   peak_memory_method, pin_mmap_threshold)
+from kernels.bench.measure import (default_iterations, device_label, failure_text, graph_median_ms,
+                                   interleaved_medians, measure_memory, memory_method)
 from kernels.reference import attention_reference
 
 log = logging.getLogger(__name__)
@@ -82,8 +77,8 @@ def providers(device: str, names: Optional[list[str]]) -> dict[str, Attn]:
 
     table: dict[str, Attn] = {"reference": attention_reference, "sdpa": _sdpa(None)}
     if device == "cuda":
-        table.update({"sdpa-flash": _sdpa("FLASH_ATTENTION"), "sdpa-efficient": _sdpa("EFFICIENT_ATTENTION"),
-                      "sdpa-math": _sdpa("MATH"), "triton": _triton})
+        table.update({"sdpa-flash": _sdpa("FLASH_ATTENTION"), "sdpa-cudnn": _sdpa("CUDNN_ATTENTION"),
+                      "sdpa-efficient": _sdpa("EFFICIENT_ATTENTION"), "sdpa-math": _sdpa("MATH"), "triton": _triton})
         if xformers_available():
             table["xformers"] = _xformers
     if names:
@@ -100,36 +95,42 @@ def attention_flops(B: int, H: int, N: int, D: int, mode: str) -> float:
     return fwd if mode == "fwd" else 3.5 * fwd
 
 
-def bench_case(name: str, attn: Attn, shape: tuple[int, int, int, int], dtype: torch.dtype, mode: str,
-               device: str, warmup: int, iters: int, ref: torch.Tensor) -> dict:
+def bench_case(table: dict[str, Attn], shape: tuple[int, int, int, int], dtype: torch.dtype, mode: str,
+               device: str, args, ref: torch.Tensor) -> list[dict]:
+    """Rows for every provider on one (shape, mode): error, memory each from a clean baseline, then
+    timings interleaved across the providers."""
     B, H, N, D = shape
-    row = {"provider": name, "B": B, "H": H, "N": N, "D": D, "dtype": str(dtype).replace("torch.", ""),
-           "mode": mode, "device": device}
     torch.manual_seed(0)
     # timm layout: q, k, v are strided views into one (B, N, 3, H, D) projection output
     qkv = torch.randn(B, N, 3, H, D, device=device).to(dtype).requires_grad_(mode == "fwd_bwd")
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     scale = D ** -0.5
     do = torch.randn(B, H, N, D, device=device, dtype=dtype)
+    rows, steps = {}, {}
+    for name, attn in table.items():
+        row = rows[name] = {"provider": name, "B": B, "H": H, "N": N, "D": D,
+                            "dtype": str(dtype).replace("torch.", ""), "mode": mode, "device": device}
 
-    def step():
-        out = attn(q, k, v, scale)
-        if mode == "fwd_bwd":
-            torch.autograd.grad(out, qkv, do)
+        def step(attn=attn):
+            with torch.no_grad() if mode == "fwd" else torch.enable_grad():
+                out = attn(q, k, v, scale)
+                if mode == "fwd_bwd":
+                    torch.autograd.grad(out, qkv, do)
 
-    try:
-        with torch.no_grad() if mode == "fwd" else torch.enable_grad():
-            err = (attn(q, k, v, scale).float() - ref).abs().max().item()
-            step()  # first call pays one-off costs (autograd threads, workspaces) outside the peak
-            with PeakMemory(device) as peak:
-                step()
-            ms = median_ms(step, device, warmup, iters)
-    except Exception as e:  # noqa: BLE001 - a backend refusing a case is a result, not a crash
-        row["error"] = failure_text(e)
-        return row
-    row.update(ms=ms, tflops=attention_flops(B, H, N, D, mode) / (ms * 1e-3) / 1e12,
-               peak_mb=None if peak.bytes is None else peak.bytes / 2**20, max_abs_err=err)
-    return row
+        try:
+            with torch.no_grad():
+                row["max_abs_err"] = (attn(q, k, v, scale).float() - ref).abs().max().item()
+            step()  # first call pays one-off costs (autograd threads, workspaces) outside the figures
+            row["alloc_mb"], row["peak_mb"] = (v_ / 2**20 for v_ in measure_memory(step, device))
+            steps[name] = step
+        except Exception as e:  # noqa: BLE001 - a backend refusing a case is a result, not a crash
+            row["error"] = failure_text(e)
+    for name, ms in interleaved_medians(steps, device, args.warmup, args.iters).items():
+        rows[name].update(ms=ms, tflops=attention_flops(B, H, N, D, mode) / (ms * 1e-3) / 1e12)
+    if args.cuda_graph:
+        for name, step in steps.items():
+            rows[name]["graph_ms"], rows[name]["graph_timing"] = graph_median_ms(step, args.iters)
+    return list(rows.values())
 
 
 def _reference_out(shape, dtype, device) -> torch.Tensor:
@@ -154,80 +155,27 @@ def interpreter_row(warmup: int) -> dict:
     ref = attention_reference(q, k, v, D ** -0.5)
     (g_ref,) = torch.autograd.grad(ref, qkv, do)
     return {"provider": "triton (INTERPRETER: correctness only)", "B": B, "H": H, "N": N, "D": D,
-            "dtype": "float32", "mode": "fwd_bwd", "device": "cpu", "ms": ms, "tflops": None, "peak_mb": None,
+            "dtype": "float32", "mode": "fwd_bwd", "device": "cpu", "ms": ms,
             "max_abs_err": (out - ref).abs().max().item(), "max_abs_grad_err": (g - g_ref).abs().max().item()}
 
 
 def format_table(rows: list[dict], baseline: str) -> str:
-    base = {(r["B"], r["H"], r["N"], r["D"], r["mode"]): r.get("ms") for r in rows if r["provider"] == baseline}
+    base = {(r["B"], r["H"], r["N"], r["D"], r["mode"]): r for r in rows if r["provider"] == baseline and "ms" in r}
     head = (f"{'provider':<40} {'B':>3} {'H':>3} {'N':>5} {'D':>4} {'mode':<8} {'ms':>10} {'TFLOP/s':>8} "
-            f"{'peak MB':>9} {'vs ' + baseline:>12} {'max|err|':>9}")
+            f"{'alloc MB':>9} {'peak MB':>8} {'vs ' + baseline:>12} {'max|err|':>9}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        key = (r["B"], r["H"], r["N"], r["D"], r["mode"])
         lead = f"{r['provider']:<40} {r['B']:>3} {r['H']:>3} {r['N']:>5} {r['D']:>4} {r['mode']:<8}"
         if "error" in r:
             lines.append(f"{lead} {'failed: ' + r['error']}")
             continue
-        b = base.get(key)
-        ratio = f"{b / r['ms']:.2f}x" if b and "INTERPRETER" not in r["provider"] else "-"
+        b = base.get((r["B"], r["H"], r["N"], r["D"], r["mode"]), {})
+        ratio = f"{b['ms'] / r['ms']:.2f}x" if b and "INTERPRETER" not in r["provider"] else "-"
         tf = f"{r['tflops']:.3f}" if r.get("tflops") is not None else "-"
+        al = f"{r['alloc_mb']:.1f}" if r.get("alloc_mb") is not None else "-"
         pk = f"{r['peak_mb']:.1f}" if r.get("peak_mb") is not None else "-"
-        lines.append(f"{lead} {r['ms']:>10.3f} {tf:>8} {pk:>9} {ratio:>12} {r['max_abs_err']:>9.2e}")
-    return "\n".join(lines)
-
-
-def ptxas_report(archs=(80, 90), head_dims=(64, 80, 128)) -> list[dict]:
-    """Compile each attention kernel for each (arch, dtype, D) and read ``ptxas -v`` (needs no GPU)."""
-    import re
-    import subprocess
-    import tempfile
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from kernels.attention import KERNELS, launch_configs
-
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    tensors = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
-    rows = []
-    for arch in archs:
-        for dtype, ty in ((torch.float16, "*fp16"), (torch.bfloat16, "*bf16"), (torch.float32, "*fp32")):
-            for d in head_dims:
-                for name, (consts, warps, stages) in launch_configs(d, dtype).items():
-                    fn = KERNELS[name]
-                    sig = {a: "constexpr" if a in consts else ty if a in tensors else "*fp32" if a in ("LSE", "DELTA")
-                           else "fp32" if a in ("qk_scale", "sm_scale") else "i32" for a in fn.arg_names}
-                    # pointers and the row/batch/head strides of timm's layouts are multiples of 16 elements
-                    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
-                             if sig[a].startswith("*") or (sig[a] == "i32" and a[0] == "s" and a[-1] != "d")}
-                    kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
-                                            target=GPUTarget("cuda", arch, 32),
-                                            options={"num_warps": warps, "num_stages": stages})
-                    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
-                        f.write(kernel.asm["ptx"])
-                        f.flush()
-                        gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
-                        text = subprocess.run([ptxas, "-v", f"--gpu-name={gpu}", f.name, "-o", os.devnull],
-                                              capture_output=True, text=True, check=True).stderr
-                    rows.append({"arch": f"sm_{arch}", "dtype": str(dtype).replace("torch.", ""), "D": d,
-                                 "kernel": name, "config": {**consts, "num_warps": warps, "num_stages": stages},
-                                 "smem_bytes": kernel.metadata.shared,
-                                 "registers": int(re.search(r"Used (\d+) registers", text).group(1)),
-                                 "spill_bytes": int(re.search(r"(\d+) bytes spill stores", text).group(1))})
-                    log.info("%s", rows[-1])
-    return rows
-
-
-def format_ptxas(rows: list[dict]) -> str:
-    head = f"{'arch':<6} {'dtype':<9} {'D':>4} {'kernel':<15} {'tile (M x N, warps, stages)':<28} {'smem KB':>8} {'regs':>5} {'spill B':>8}"
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        c = r["config"]
-        tile = f"{c['BLOCK_M']}x{c.get('BLOCK_N', '-')} w{c['num_warps']} s{c['num_stages']}"
-        lines.append(f"{r['arch']:<6} {r['dtype']:<9} {r['D']:>4} {r['kernel']:<15} {tile:<28} "
-                     f"{r['smem_bytes'] / 1024:>8.1f} {r['registers']:>5} {r['spill_bytes']:>8}")
+        graph = f"  graph {r['graph_ms']:.3f} ms ({r['graph_timing']})" if "graph_ms" in r else ""
+        lines.append(f"{lead} {r['ms']:>10.3f} {tf:>8} {al:>9} {pk:>8} {ratio:>12} {r['max_abs_err']:>9.2e}{graph}")
     return "\n".join(lines)
 
 
@@ -244,8 +192,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--baseline", default=None, help="provider the ratios are against "
                                                     "(default sdpa-flash on CUDA, reference on CPU)")
     p.add_argument("--no-interpreter-row", action="store_true", help="CPU: skip the Triton-interpreter row")
-    p.add_argument("--ptxas", action="store_true",
-                   help="no timing: compile every kernel config for sm_80/sm_90 and report regs/spills/smem")
+    p.add_argument("--cuda-graph", action="store_true", help="CUDA: also time CUDA-graph replays")
     p.add_argument("--out", default=None, help="write the rows and run metadata as JSON here")
     return p.parse_args(argv)
 
@@ -272,20 +219,13 @@ def _triton_version() -> Optional[str]:
 def main(argv: Optional[list[str]] = None) -> int:
     setup_logging()
     args = parse_args(argv)
-    if args.ptxas:
-        if os.environ.get("TRITON_INTERPRET") == "1":
-            raise UserError("--ptxas compiles real kernels: unset TRITON_INTERPRET")
-        rows = ptxas_report()
-        print(format_ptxas(rows))
-        if args.out:
-            atomic_write_text(args.out, json.dumps({"meta": {"triton": _triton_version()}, "rows": rows}, indent=2))
-            print(f"wrote {args.out}")
-        return 0
     device = args.device
     if device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before kernels.attention imports triton
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device here; use --device cpu")
+    if args.cuda_graph and device != "cuda":
+        raise UserError("--cuda-graph: CUDA graphs need --device cuda")
     dtype = DTYPES[args.dtype or ("bf16" if device == "cuda" else "fp32")]
     shapes = _parse_shapes(args.shapes) if args.shapes else (GPU_SHAPES if device == "cuda" else CPU_SHAPES)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -293,28 +233,26 @@ def main(argv: Optional[list[str]] = None) -> int:
         raise UserError(f"--modes {args.modes!r}: use fwd, fwd_bwd or both (comma separated)")
     table = providers(device, args.providers.split(",") if args.providers else None)
     baseline = args.baseline or ("sdpa-flash" if device == "cuda" else "reference")
-    warmup, iters = default_iterations(device, args.warmup, args.iters)
+    args.warmup, args.iters = default_iterations(device, args.warmup, args.iters)
 
-    rss_exact = device == "cpu" and pin_mmap_threshold()
     rows = []
     for shape in shapes:
         ref = _reference_out(shape, dtype, device)
         for mode in modes:
-            for name, attn in table.items():
-                row = bench_case(name, attn, shape, dtype, mode, device, warmup, iters, ref)
+            for row in bench_case(table, shape, dtype, mode, device, args, ref):
                 log.info("%s", row)
                 rows.append(row)
         del ref
     if device == "cpu" and not args.no_interpreter_row:
-        rows.append(interpreter_row(warmup))
+        rows.append(interpreter_row(args.warmup))
     print(format_table(rows, baseline))
     for r in rows:
         if "max_abs_grad_err" in r:
             print(f"{r['provider']}: max |dq,dk,dv - reference| = {r['max_abs_grad_err']:.2e}")
     meta = {"device": device_label(device),
-            "torch": torch.__version__, "dtype": str(dtype), "baseline": baseline, "warmup": warmup, "iters": iters,
-            "flops_convention": "fwd 4*B*H*N^2*D; fwd_bwd 3.5x fwd",
-            "peak_memory": peak_memory_method(device, rss_exact)}
+            "torch": torch.__version__, "dtype": str(dtype), "baseline": baseline, "warmup": args.warmup,
+            "iters": args.iters, "timing": "medians, providers interleaved per round",
+            "flops_convention": "fwd 4*B*H*N^2*D; fwd_bwd 3.5x fwd", "memory": memory_method(device)}
     meta["triton"] = _triton_version()
     if args.out:
         atomic_write_text(args.out, json.dumps({"meta": meta, "rows": rows}, indent=2))

@@ -1,22 +1,26 @@
-"""LoRA linear microbenchmark: fused Triton kernel vs unfused torch (the reference) vs PEFT's LoRA layer.
+"""LoRA linear benchmark: the torch backend, the reference, a merged-weight candidate, PEFT and Triton.
 
-    python -m kernels.bench.lora_linear --out bench_lora.json              # GPU: ViT-B/L sweep, bf16
-    python -m kernels.bench.lora_linear --device cpu --out bench_lora_cpu.json
+    python -m kernels.bench.lora_linear --out bench_lora.json                       # GPU: bf16, ViT-B/L
+    python -m kernels.bench.lora_linear --device cpu --out bench_lora_cpu.json      # CPU: fp32
+    python -m kernels.bench.lora_linear --device cpu --providers peft,merged,torch,reference
 
 A case is one adapted linear layer of a ViT: M = batch x tokens rows, K -> N features, rank r, and
-either plain LoRA on the whole output or (``qv``) adapters on the q and v thirds of the fused qkv
-projection (N = 3*dim, ``segments=(0, 2*dim)``). Per case and mode (``fwd``; ``fwd_bwd`` = forward
-plus gradients of x, A, B with W frozen) it reports the median time, TFLOP/s, the peak memory above
-the inputs, the speedup over the baseline provider (default ``reference``) and the max |error| of
-the output against the fp32 reference. FLOPs: fwd = 2MNK + 2M(K*S*r + S*n*r) (base GEMM plus the two
-rank-r GEMMs); fwd_bwd = 2x the base GEMM more (dx) and 3x the rank-r part.
+either LoRA on the whole output or (``qv``) adapters on the q and v thirds of the fused qkv
+projection (N = 3*dim, ``segments=(0, 2*dim)``). Default cases follow issue 14: ViT-B/14 and
+ViT-L/14, M = 514 and 2056 tokens on CPU (64 x 257 on a GPU), qkv(q,v), fc1, fc2 at r=64, proj at r=8.
 
-Providers: ``reference`` (kernels.reference, three extra GEMMs and the (M, r) / dropout tensors in
-torch), ``triton`` (kernels.lora_linear; CUDA only), ``peft`` (``peft.tuners.lora.Linear``; when
-peft imports -- ``pip install peft``, the ``bench`` extra -- and only for plain LoRA: PEFT has no
-adapters on output slices of one Linear). On CPU the ``triton`` provider runs only as one tiny
-interpreter row (TRITON_INTERPRET=1): correctness only, its time is NOT a performance figure.
-Peak memory: CUDA ``max_memory_allocated``; CPU the process's peak-RSS increase (Linux).
+Providers (all measured in one run, timings interleaved, see kernels.bench.measure):
+* ``torch`` -- ``kernels.lora_torch``, the default backend (addmm + in-place segment addmm_);
+* ``reference`` -- ``kernels.reference``: slices and concatenates, autograd's backward;
+* ``merged`` -- candidate (b), a merged weight (``kernels.bench.lora_merged``; no dropout);
+* ``peft`` -- ``peft.tuners.lora.Linear`` (whole output only: PEFT has no adapters on slices of one
+  Linear), when peft imports;
+* ``triton`` -- ``kernels.lora_linear`` (CUDA; on CPU one tiny interpreter row, correctness only).
+Per case and mode (``fwd``; ``fwd_bwd`` = forward plus gradients of x, A, B, W frozen): median ms,
+TFLOP/s, bytes allocated during the call and its peak (each provider from a clean baseline after
+warm-up), ratios to the baseline provider, and max |error| of the output against the fp32 reference.
+``--cuda-graph`` adds CUDA-graph replay timings. FLOPs: fwd = 2MNK + 2M(K*S*r + S*n*r); fwd_bwd =
+2x the base GEMM more (dx) and 3x the rank-r part.
 """
 from __future__ import annotations
 
@@ -36,12 +40,13 @@ if not torch.cuda.is_available():
 from engine.atomic import atomic_write_text  # noqa: E402
 from engine.errors import UserError, cli_entry  # noqa: E402
 from engine.progress import setup_logging  # noqa: E402
-from kernels.bench.measure import (PeakMemory, default_iterations, device_label, failure_text,  # noqa: E402
-                                   median_ms, peak_memory_method, pin_mmap_threshold)
+from kernels.bench.measure import (default_iterations, device_label, failure_text, graph_median_ms,  # noqa: E402
+                                   interleaved_medians, measure_memory, memory_method)
 from kernels.reference import lora_linear_reference  # noqa: E402
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+PROVIDERS = ("torch", "reference", "merged", "peft", "triton")
 
 
 @dataclass(frozen=True)
@@ -69,22 +74,15 @@ class Case:
         return base + low if mode == "fwd" else 2 * base + 3 * low
 
 
-def vit_cases(dim: int, tokens: int, batch: int, ranks: list[int], name: str) -> list[Case]:
-    M = tokens * batch
-    cases = []
-    for r in ranks:
-        cases += [Case(f"{name}.qkv(q,v)", M, dim, 3 * dim, r, qv=True), Case(f"{name}.proj", M, dim, dim, r),
-                  Case(f"{name}.fc1", M, dim, 4 * dim, r), Case(f"{name}.fc2", M, 4 * dim, dim, r)]
-    return cases
+def vit_cases(dim: int, M: int, name: str) -> list[Case]:
+    """The LoRA layers of one ViT block: qkv with q,v adapters, fc1, fc2 at r=64; proj at r=8."""
+    return [Case(f"{name}.qkv(q,v)", M, dim, 3 * dim, 64, qv=True), Case(f"{name}.fc1", M, dim, 4 * dim, 64),
+            Case(f"{name}.fc2", M, 4 * dim, dim, 64), Case(f"{name}.proj", M, dim, dim, 8)]
 
 
 def default_cases(device: str) -> list[Case]:
-    if device == "cuda":  # ViT-B/16 at 224 px (197 tokens), ViT-L/14 at 224 px (257 tokens), batch 64
-        return vit_cases(768, 197, 64, [8, 64], "vitb") + vit_cases(1024, 257, 64, [8, 16, 64], "vitl")
-    # 2 shared CPU cores: a few ViT-B/L layers at 2 images, enough for ratios measured in one run
-    return [Case("vitb.proj", 394, 768, 768, 8), Case("vitb.proj", 394, 768, 768, 32),
-            Case("vitb.fc1", 394, 768, 3072, 16), Case("vitl.fc2", 514, 4096, 1024, 64),
-            Case("vitl.qkv(q,v)", 514, 1024, 3072, 16, qv=True)]
+    tokens = (64 * 257,) if device == "cuda" else (514, 2056)
+    return [c for M in tokens for dim, name in ((768, "vitb"), (1024, "vitl")) for c in vit_cases(dim, M, name)]
 
 
 def make_inputs(case: Case, dtype: torch.dtype, device: str, seed: int = 0):
@@ -108,29 +106,37 @@ Forward = Callable[[], torch.Tensor]
 def build_provider(name: str, case: Case, inputs, scale: float, p: float) -> tuple[Forward, list[torch.Tensor]]:
     """(forward closure, tensors whose gradients fwd_bwd computes)."""
     x, w, b, a, bb = inputs
+    if name == "torch":
+        from kernels.lora_torch import lora_linear_torch
+
+        return (lambda: lora_linear_torch(x, w, b, a, bb, scale, p, True, case.segments)), [x, a, bb]
     if name == "reference":
         return (lambda: lora_linear_reference(x, w, b, a, bb, scale, p, True, case.segments)), [x, a, bb]
+    if name == "merged":
+        if p > 0:
+            raise ValueError("a merged weight cannot apply dropout to the LoRA branch alone")
+        from kernels.bench.lora_merged import lora_linear_merged
+
+        return (lambda: lora_linear_merged(x, w, b, a, bb, scale, case.segments)), [x, a, bb]
     if name == "triton":
         from kernels.lora_linear import fused_lora_linear
 
         return (lambda: fused_lora_linear(x, w, b, a, bb, scale, p, True, case.segments)), [x, a, bb]
-    if name == "peft":
-        if case.qv:
-            raise UserError("PEFT has no adapters on output slices of one Linear (q,v of a fused qkv)")
-        from peft import LoraConfig
-        from peft.tuners.lora import Linear as PeftLinear
+    if case.qv:
+        raise ValueError("PEFT has no adapters on output slices of one Linear (q,v of a fused qkv)")
+    from peft import LoraConfig
+    from peft.tuners.lora import Linear as PeftLinear
 
-        base = torch.nn.Linear(case.K, case.N, device=x.device, dtype=x.dtype)
-        base.weight.data.copy_(w)
-        base.bias.data.copy_(b)
-        base.requires_grad_(False)
-        alpha = scale * case.r  # PEFT's scaling is lora_alpha / r
-        layer = PeftLinear(base, "default", LoraConfig(r=case.r, lora_alpha=alpha, lora_dropout=p),
-                           r=case.r, lora_alpha=alpha).to(device=x.device, dtype=x.dtype).train()
-        layer.lora_A["default"].weight.data.copy_(a)
-        layer.lora_B["default"].weight.data.copy_(bb)
-        return (lambda: layer(x)), [x, layer.lora_A["default"].weight, layer.lora_B["default"].weight]
-    raise UserError(f"--providers: unknown provider {name!r}; choose from reference, triton, peft")
+    base = torch.nn.Linear(case.K, case.N, device=x.device, dtype=x.dtype)
+    base.weight.data.copy_(w)
+    base.bias.data.copy_(b)
+    base.requires_grad_(False)
+    alpha = scale * case.r  # PEFT's scaling is lora_alpha / r
+    layer = PeftLinear(base, "default", LoraConfig(r=case.r, lora_alpha=alpha, lora_dropout=p),
+                       r=case.r, lora_alpha=alpha).to(device=x.device, dtype=x.dtype).train()
+    layer.lora_A["default"].weight.data.copy_(a)
+    layer.lora_B["default"].weight.data.copy_(bb)
+    return (lambda: layer(x)), [x, layer.lora_A["default"].weight, layer.lora_B["default"].weight]
 
 
 def peft_available() -> bool:
@@ -141,35 +147,42 @@ def peft_available() -> bool:
     return True
 
 
-def bench_case(name: str, case: Case, dtype: torch.dtype, mode: str, device: str, args) -> dict:
-    row = {"provider": name, **asdict(case), "dtype": str(dtype).replace("torch.", ""), "mode": mode,
-           "device": device, "dropout": args.dropout}
+def bench_case(names: list[str], case: Case, dtype: torch.dtype, mode: str, device: str, args) -> list[dict]:
+    """Rows for every provider on one (case, mode): correctness, memory each from a clean baseline,
+    then timings interleaved across the providers."""
     scale = 2.0
-    try:
-        inputs = make_inputs(case, dtype, device)
-        forward, targets = build_provider(name, case, inputs, scale, args.dropout)
-        dy = torch.randn(case.M, case.N, device=device, dtype=dtype)
+    inputs = make_inputs(case, dtype, device)
+    dy = torch.randn(case.M, case.N, device=device, dtype=dtype)
+    x, w, b, a, bb = (t.detach().float() for t in inputs)
+    ref = lora_linear_reference(x, w, b, a, bb, scale, 0.0, False, case.segments) if args.dropout == 0 else None
+    rows, steps = {}, {}
+    for name in names:
+        row = rows[name] = {"provider": name, **asdict(case), "dtype": str(dtype).replace("torch.", ""),
+                            "mode": mode, "device": device, "dropout": args.dropout}
+        try:
+            forward, targets = build_provider(name, case, inputs, scale, args.dropout)
 
-        def step():
-            out = forward()
-            if mode == "fwd_bwd":
-                torch.autograd.grad(out, targets, dy)
+            def step(forward=forward, targets=targets):
+                with torch.no_grad() if mode == "fwd" else torch.enable_grad():
+                    out = forward()
+                    if mode == "fwd_bwd":
+                        torch.autograd.grad(out, targets, dy)
 
-        with torch.no_grad() if mode == "fwd" else torch.enable_grad():
-            if args.dropout == 0.0:
-                x, w, b, a, bb = (t.detach().float() for t in inputs)
-                ref = lora_linear_reference(x, w, b, a, bb, scale, 0.0, False, case.segments)
-                row["max_abs_err"] = (forward().float() - ref).abs().max().item()
-                del ref
-            with PeakMemory(device) as peak:
-                step()
-            ms = median_ms(step, device, args.warmup, args.iters)
-    except Exception as e:  # noqa: BLE001 - a provider refusing a case is a result, not a crash
-        row["error"] = failure_text(e)
-        return row
-    row.update(ms=ms, tflops=case.flops(mode) / (ms * 1e-3) / 1e12,
-               peak_mb=None if peak.bytes is None else peak.bytes / 2**20)
-    return row
+            if ref is not None:
+                with torch.no_grad():
+                    row["max_abs_err"] = (forward().float() - ref).abs().max().item()
+            step()  # warm-up: one-off allocations (autograd engine, BLAS buffers) stay out of the figures
+            row["alloc_mb"], row["peak_mb"] = (v / 2**20 for v in measure_memory(step, device))
+            steps[name] = step
+        except Exception as e:  # noqa: BLE001 - a provider refusing a case is a result, not a crash
+            row["error"] = failure_text(e)
+    del ref
+    for name, ms in interleaved_medians(steps, device, args.warmup, args.iters).items():
+        rows[name].update(ms=ms, tflops=case.flops(mode) / (ms * 1e-3) / 1e12)
+    if args.cuda_graph:
+        for name, step in steps.items():
+            rows[name]["graph_ms"], rows[name]["graph_timing"] = graph_median_ms(step, args.iters)
+    return list(rows.values())
 
 
 def interpreter_row() -> dict:
@@ -186,35 +199,57 @@ def interpreter_row() -> dict:
     ref = lora_linear_reference(x, w, b, a, bb, 2.0, segments=case.segments)
     ref_grads = torch.autograd.grad(ref, [x, a, bb], dy)
     return {"provider": "triton (INTERPRETER: correctness only)", **asdict(case), "dtype": "float32",
-            "mode": "fwd_bwd", "device": "cpu", "dropout": 0.0, "ms": ms, "tflops": None, "peak_mb": None,
+            "mode": "fwd_bwd", "device": "cpu", "dropout": 0.0, "ms": ms,
             "max_abs_err": (y - ref).abs().max().item(),
             "max_abs_grad_err": max((g - gr).abs().max().item() for g, gr in zip(grads, ref_grads))}
 
 
-def format_table(rows: list[dict], baseline: str) -> str:
-    def key(r):
-        return r["layer"], r["M"], r["K"], r["N"], r["r"], r["mode"]
+def _key(r: dict) -> tuple:
+    return r["layer"], r["M"], r["K"], r["N"], r["r"], r["mode"]
 
-    base = {key(r): r for r in rows if r["provider"] == baseline and "ms" in r}
-    head = (f"{'provider':<38} {'layer':<14} {'M':>6} {'K':>5} {'N':>5} {'r':>3} {'mode':<8} {'ms':>9} "
-            f"{'TFLOP/s':>8} {'peak MB':>8} {'speedup':>8} {'mem':>6} {'max|err|':>9}")
+
+def _ratio(num: Optional[float], den: Optional[float]) -> str:
+    return f"{num / den:.2f}x" if num and den else "-"
+
+
+def format_table(rows: list[dict], baseline: str) -> str:
+    base = {_key(r): r for r in rows if r["provider"] == baseline and "ms" in r}
+    head = (f"{'provider':<38} {'layer':<14} {'M':>5} {'K':>5} {'N':>5} {'r':>3} {'mode':<8} {'ms':>9} "
+            f"{'TFLOP/s':>8} {'alloc MB':>8} {'peak MB':>8} {'speedup':>7} {'alloc':>6} {'peak':>6} {'max|err|':>9}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        lead = (f"{r['provider']:<38} {r['layer']:<14} {r['M']:>6} {r['K']:>5} {r['N']:>5} {r['r']:>3} "
-                f"{r['mode']:<8}")
+        lead = f"{r['provider']:<38} {r['layer']:<14} {r['M']:>5} {r['K']:>5} {r['N']:>5} {r['r']:>3} {r['mode']:<8}"
         if "error" in r:
             lines.append(f"{lead} n/a: {r['error']}")
             continue
-        b = base.get(key(r))
-        interp = "INTERPRETER" in r["provider"]
-        speed = f"{b['ms'] / r['ms']:.2f}x" if b and not interp else "-"
-        mem = (f"{r['peak_mb'] / b['peak_mb']:.2f}x" if b and not interp and r.get("peak_mb") and b.get("peak_mb")
-               else "-")
+        b = base.get(_key(r), {}) if "INTERPRETER" not in r["provider"] else {}
         tf = f"{r['tflops']:.3f}" if r.get("tflops") is not None else "-"
+        al = f"{r['alloc_mb']:.1f}" if r.get("alloc_mb") is not None else "-"
         pk = f"{r['peak_mb']:.1f}" if r.get("peak_mb") is not None else "-"
         err = f"{r['max_abs_err']:.2e}" if r.get("max_abs_err") is not None else "-"
-        lines.append(f"{lead} {r['ms']:>9.3f} {tf:>8} {pk:>8} {speed:>8} {mem:>6} {err:>9}")
-    lines.append(f"speedup = {baseline} ms / provider ms; mem = provider peak / {baseline} peak")
+        graph = f"  graph {r['graph_ms']:.3f} ms ({r['graph_timing']})" if "graph_ms" in r else ""
+        lines.append(f"{lead} {r['ms']:>9.3f} {tf:>8} {al:>8} {pk:>8} {_ratio(b.get('ms'), r['ms']):>7} "
+                     f"{_ratio(r.get('alloc_mb'), b.get('alloc_mb')):>6} {_ratio(r.get('peak_mb'), b.get('peak_mb')):>6} "
+                     f"{err:>9}{graph}")
+    lines.append(f"speedup = {baseline} ms / provider ms; alloc, peak = provider / {baseline} "
+                 "(bytes allocated during the call; peak live bytes above its start)")
+    return "\n".join(lines)
+
+
+def format_comparison(rows: list[dict], ours: str = "torch") -> str:
+    """Per case: ``ours`` against each other provider (time ratio >1 = ours faster; bytes ratio <1 = ours smaller)."""
+    by_key: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        if "ms" in r and "INTERPRETER" not in r["provider"]:
+            by_key.setdefault(_key(r), {})[r["provider"]] = r
+    lines = [f"{ours} vs each provider: time = their ms / {ours} ms; alloc, peak = {ours} bytes / theirs"]
+    for key, provs in by_key.items():
+        if ours not in provs:
+            continue
+        o = provs[ours]
+        parts = [f"{p}: time {_ratio(r['ms'], o['ms'])} alloc {_ratio(o.get('alloc_mb'), r.get('alloc_mb'))} "
+                 f"peak {_ratio(o.get('peak_mb'), r.get('peak_mb'))}" for p, r in provs.items() if p != ours]
+        lines.append(f"  {key[0]:<14} M={key[1]:<5} r={key[4]:<3} {key[5]:<8} " + " | ".join(parts))
     return "\n".join(lines)
 
 
@@ -240,12 +275,14 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--cases", default=None, help="'M,K,N,r[,qv];...' (default: the ViT-B/L set for the device)")
-    p.add_argument("--providers", default=None, help="comma list of reference, triton, peft (default: all usable)")
+    p.add_argument("--providers", default=None, help=f"comma list of {', '.join(PROVIDERS)}, in the order "
+                                                     "they are measured (default: all usable)")
     p.add_argument("--modes", default="fwd,fwd_bwd")
     p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout p (training mode) for every provider")
     p.add_argument("--warmup", type=int, default=None, help="default 10 on CUDA, 1 on CPU")
     p.add_argument("--iters", type=int, default=None, help="default 50 on CUDA, 5 on CPU")
-    p.add_argument("--baseline", default="reference", help="provider the speedups are against")
+    p.add_argument("--baseline", default="reference", help="provider the ratios are against")
+    p.add_argument("--cuda-graph", action="store_true", help="CUDA: also time CUDA-graph replays")
     p.add_argument("--no-interpreter-row", action="store_true", help="CPU: skip the Triton-interpreter row")
     p.add_argument("--out", default=None, help="write the rows and run metadata as JSON here")
     return p.parse_args(argv)
@@ -258,6 +295,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device here; use --device cpu")
+    if args.cuda_graph and device != "cuda":
+        raise UserError("--cuda-graph: CUDA graphs need --device cuda")
     if not 0.0 <= args.dropout < 1.0:
         raise UserError(f"--dropout {args.dropout}: must be in [0, 1)")
     dtype = DTYPES[args.dtype or ("bf16" if device == "cuda" else "fp32")]
@@ -268,35 +307,34 @@ def main(argv: Optional[list[str]] = None) -> int:
     has_peft = peft_available()
     if not has_peft:
         print("peft is not installed: the PEFT provider is skipped (pip install peft, or the 'bench' extra)")
-    names = ["reference"] + (["triton"] if device == "cuda" else []) + (["peft"] if has_peft else [])
+    usable = [n for n in PROVIDERS if (n != "peft" or has_peft) and (n != "triton" or device == "cuda")]
+    names = usable
     if args.providers:
-        wanted = [n.strip() for n in args.providers.split(",") if n.strip()]
-        bad = [n for n in wanted if n not in names]
+        names = [n.strip() for n in args.providers.split(",") if n.strip()]
+        bad = [n for n in names if n not in usable]
         if bad:
-            raise UserError(f"--providers: {', '.join(bad)} not usable here (usable: {', '.join(names)}; "
+            raise UserError(f"--providers: {', '.join(bad)} not usable here (usable: {', '.join(usable)}; "
                             "triton needs CUDA, peft needs `pip install peft`)")
-        names = wanted
     args.warmup, args.iters = default_iterations(device, args.warmup, args.iters)
 
-    rss_exact = device == "cpu" and pin_mmap_threshold()
     rows = []
     for case in cases:
         for mode in modes:
-            for name in names:
-                row = bench_case(name, case, dtype, mode, device, args)
+            for row in bench_case(names, case, dtype, mode, device, args):
                 log.info("%s", row)
                 rows.append(row)
     if device == "cpu" and not args.no_interpreter_row:
         rows.append(interpreter_row())
     print(format_table(rows, args.baseline))
+    print(format_comparison(rows))
     for r in rows:
         if "max_abs_grad_err" in r:
             print(f"{r['provider']}: max |dx, dA, dB - reference| = {r['max_abs_grad_err']:.2e}")
-    meta = {"device": device_label(device),
-            "torch": torch.__version__, "dtype": str(dtype), "baseline": args.baseline, "warmup": args.warmup,
-            "iters": args.iters, "scale": 2.0, "peft": has_peft,
+    meta = {"device": device_label(device), "torch": torch.__version__, "dtype": str(dtype),
+            "providers": names, "baseline": args.baseline, "warmup": args.warmup, "iters": args.iters,
+            "scale": 2.0, "dropout": args.dropout, "timing": "medians, providers interleaved per round",
             "flops": "fwd 2MNK + 2M(K*S*r + S*n*r); fwd_bwd 4MNK + 3*(rank-r part)",
-            "peak_memory": peak_memory_method(device, rss_exact)}
+            "memory": memory_method(device)}
     if args.out:
         atomic_write_text(args.out, json.dumps({"meta": meta, "rows": rows}, indent=2))
         print(f"wrote {args.out}")

@@ -1,14 +1,21 @@
-"""Timing and peak-memory measurement shared by the kernel benchmarks (kernels/bench/*.py).
+"""Timing and memory measurement shared by the kernel benchmarks (kernels/bench/*.py).
 
-Time: median milliseconds of ``iters`` calls after ``warmup`` calls; CUDA events on a GPU (device
-time, synchronized), ``time.perf_counter`` on CPU (wall time on a machine other jobs share).
-Peak memory: bytes above the level at entry; CUDA ``max_memory_allocated``, CPU the process's
-peak-RSS increase (``/proc/self/clear_refs`` reset of VmHWM, Linux >= 4.0), which includes
-allocator slack. Call :func:`pin_mmap_threshold` once before measuring on CPU so freed tensors
-leave RSS and a later provider's peak shows.
+Time: medians of ``iters`` calls after ``warmup`` calls. Providers compared in one run are timed
+*interleaved* (:func:`interleaved_medians`: one call of each per round, the order rotating), so a
+load change on a shared machine hits them alike. CUDA: events around each call (device time), or
+around CUDA-graph replays (:func:`graph_median_ms`: no Python launch overhead). CPU: wall time.
+
+Memory (:func:`measure_memory`), each provider from a clean baseline -- garbage collected, CUDA
+cache emptied and peak statistics reset, after its warm-up -- over one call:
+* ``allocated``: bytes the call allocates in all (the sum of every allocation, freed or not);
+* ``peak``: the most bytes live at once above the level at entry.
+On CUDA both come from the caching allocator's counters. On CPU they come from the torch profiler's
+allocation events (``profile_memory``), summed in time order: an exact count of tensor memory,
+unlike the process's RSS, which charged whichever provider ran first for one-off buffers.
 """
 from __future__ import annotations
 
+import gc
 import platform
 import statistics
 import time
@@ -24,77 +31,91 @@ def default_iterations(device: str, warmup: Optional[int], iters: Optional[int])
             iters if iters is not None else (50 if device == "cuda" else 5))
 
 
-def median_ms(fn: Callable[[], None], device: str, warmup: int, iters: int) -> float:
-    """Median time of one ``fn()`` call in ms over ``iters`` calls, after ``warmup`` untimed calls."""
-    for _ in range(warmup):
+def _time_once(fn: Callable[[], object], device: str) -> float:
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         fn()
-    times = []
-    for _ in range(iters):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def median_ms(fn: Callable[[], object], device: str, warmup: int, iters: int) -> float:
+    """Median time of one ``fn()`` call in ms over ``iters`` calls, after ``warmup`` untimed calls."""
+    return interleaved_medians({"fn": fn}, device, warmup, iters)["fn"]
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], device: str, warmup: int, iters: int
+                        ) -> dict[str, float]:
+    """Median ms per provider; each round calls every provider once, starting one further along."""
+    for fn in fns.values():
+        for _ in range(warmup):
             fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    names = list(fns)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for i in range(iters):
+        for n in names[i % len(names):] + names[:i % len(names)]:
+            times[n].append(_time_once(fns[n], device))
+    return {n: statistics.median(t) for n, t in times.items()}
 
 
-class PeakMemory:
-    """Context manager: ``bytes`` = peak memory above the level at entry (None where it cannot be
-    measured, e.g. CPU without /proc)."""
-
-    def __init__(self, device: str):
-        self.device = device
-        self.bytes: Optional[int] = None
-        self._base: Optional[int] = None
-
-    @staticmethod
-    def _status_kb(field: str) -> Optional[int]:
-        try:
-            with open("/proc/self/status") as f:
-                return next((int(line.split()[1]) for line in f if line.startswith(field)), None)
-        except OSError:
-            return None
-
-    def __enter__(self):
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self._base = torch.cuda.memory_allocated()
-        else:
-            try:  # "5" resets the peak RSS (VmHWM) to the current RSS (Linux >= 4.0)
-                with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")
-                self._base = self._status_kb("VmRSS:")
-            except OSError:
-                self._base = None
-        return self
-
-    def __exit__(self, *exc):
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-            self.bytes = torch.cuda.max_memory_allocated() - self._base
-        elif self._base is not None:
-            hwm = self._status_kb("VmHWM:")
-            self.bytes = None if hwm is None else max(0, hwm - self._base) * 1024
-        return False
-
-
-def pin_mmap_threshold(nbytes: int = 64 * 1024) -> bool:
-    """CPU peak-RSS fidelity: glibc's adaptive mmap threshold keeps freed multi-MB blocks resident,
-    hiding a later provider's peak in RSS; a fixed threshold (M_MMAP_THRESHOLD = -3) maps and unmaps
-    every block above ``nbytes``. Returns whether it could be set (glibc only)."""
+def graph_median_ms(fn: Callable[[], object], iters: int) -> tuple[float, str]:
+    """CUDA only: (median ms of a CUDA-graph replay of ``fn``, "graph"), or eager timing and the reason
+    the capture failed. ``fn`` must already be warmed up (kernels compiled, workspaces allocated)."""
     try:
-        import ctypes
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # capture needs a warmed-up side stream, as torch.cuda.graphs says
+            fn()
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        run, how = graph.replay, "graph"
+    except Exception as e:  # noqa: BLE001 - a provider that cannot be captured still gets a time
+        torch.cuda.synchronize()
+        run, how = fn, f"eager (capture failed: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''})"
+    run()
+    torch.cuda.synchronize()
+    return statistics.median(_time_once(run, "cuda") for _ in range(iters)), how
 
-        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, nbytes))
-    except (OSError, AttributeError):
-        return False
+
+def clean_baseline(device: str) -> None:
+    """Drop what earlier providers left behind, so the next measurement starts level."""
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def measure_memory(fn: Callable[[], object], device: str) -> tuple[int, int]:
+    """(bytes allocated in all, peak bytes live above the entry level) during one ``fn()`` call."""
+    clean_baseline(device)
+    if device == "cuda":
+        base = torch.cuda.memory_allocated()
+        total0 = torch.cuda.memory_stats().get("allocated_bytes.all.allocated", 0)
+        fn()
+        torch.cuda.synchronize()
+        total = torch.cuda.memory_stats().get("allocated_bytes.all.allocated", 0) - total0
+        return int(total), int(torch.cuda.max_memory_allocated() - base)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    allocated = live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+        allocated += max(nbytes, 0)
+    return allocated, peak
 
 
 def failure_text(exc: BaseException) -> str:
@@ -110,8 +131,8 @@ def device_label(device: str) -> str:
     return f"cpu ({platform.processor() or 'unknown'}, {torch.get_num_threads()} threads)"
 
 
-def peak_memory_method(device: str, rss_exact: bool) -> str:
-    """How :class:`PeakMemory` measured on ``device``, for a result file's metadata."""
+def memory_method(device: str) -> str:
+    """How :func:`measure_memory` measured on ``device``, for a result file's metadata."""
     if device == "cuda":
-        return "cuda max_memory_allocated"
-    return f"peak RSS increase (fixed mmap threshold: {rss_exact})"
+        return "cuda caching-allocator counters (allocated_bytes.all.allocated, max_memory_allocated)"
+    return "torch profiler allocation events (profile_memory), summed in time order"

@@ -21,7 +21,7 @@ from engine.trainer.process_group import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 LAUNCHER = REPO / "launchers" / "pretrain.py"
-TINY = REPO / "configs" / "tiny_cpu.yaml"
+TINY = REPO / "engine" / "presets" / "tiny_cpu.yaml"
 
 
 def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -85,10 +85,10 @@ def tiny_weights(tmp_path_factory) -> Path:
 
 
 def pretrain_command(*args: str) -> list[str]:
-    """``deepspeed --num_gpus 2 launchers/pretrain.py --config configs/tiny_cpu.yaml <args>``."""
+    """``deepspeed --num_gpus 2 launchers/pretrain.py --config tiny_cpu <args>``."""
     deepspeed = str(Path(sys.executable).parent / "deepspeed")
     return [deepspeed, "--num_gpus", "2", "--master_port", str(free_port()), str(LAUNCHER),
-            "--config", str(TINY), "--data.num_workers", "0", "--train.tensorboard", "false",
+            "--config", str(TINY), "--data.num_workers", "0", "--train.logger", "",
             "--objective.dino.warmup_teacher_temp_steps", "0", "--train.log_every", "1", *args]
 
 

@@ -35,7 +35,7 @@ def test_zero3_finetune_and_two_rank_eval(split_shards, tmp_path):
     ft = tmp_path / "ft"
     _launch("finetune.py", "--data.shards", str(split_shards), "--data.batch_size", "4", "--zero.stage", "3",
             "--train.output_dir", str(ft), "--train.max_steps", "8", "--train.precision", "fp32",
-            "--train.tensorboard", "false", "--finetune.lora_rank", "4", "--finetune.pool", "cls_avgpool",
+            "--train.logger", "", "--finetune.lora_rank", "4", "--finetune.pool", "cls_avgpool",
             "--optim.lr", "0.01", "--optim.lr_scaling", "none")
     res = json.loads((ft / "results.json").read_text())
     # 32 train samples / (2 ranks x 4) = 4 steps an epoch; the odd-sized val split is scored whole

@@ -19,12 +19,13 @@ from typing import Callable, Optional, Sequence
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-TINY = REPO / "configs" / "tiny_cpu.yaml"
+TINY = REPO / "engine" / "presets" / "tiny_cpu.yaml"
 TIMEOUT_S = 180  # per subprocess: generous for a loaded 2-core machine; a hang fails instead of blocking CI
 # The tiny preset as the fault tests run it: no loader workers (worker shutdown is tested in
-# tests/engine/data), every step logged, no TensorBoard, DINO teacher temperature without warm-up.
-TINY_ARGS = ("--config", str(TINY), "--data.num_workers", "0", "--train.log_every", "1", "--train.tensorboard",
-             "false", "--objective.dino.warmup_teacher_temp_steps", "0")
+# tests/engine/data), every step logged, no logger but metrics.jsonl, DINO teacher temperature
+# without warm-up.
+TINY_ARGS = ("--config", str(TINY), "--data.num_workers", "0", "--train.log_every", "1", "--train.logger", "",
+             "--objective.dino.warmup_teacher_temp_steps", "0")
 
 
 def cli_env(**extra: str) -> dict:

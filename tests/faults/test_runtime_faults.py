@@ -201,7 +201,7 @@ def test_bad_value_is_one_error_line_exit_2(launcher, extra, flag, tiny_shards, 
     run = ["--data.num_workers", "0", "--data.batch_size", "4"] + (["--train.max_steps", "1", "--train.export", "false"]
                                                                    if launcher != "evaluate" else [])
     base = {"pretrain": ["--config", str(TINY), "--data.shards", str(tiny_shards)],
-            "finetune": ["--config", str(REPO / "configs" / "finetune_tiny_cpu.yaml"), "--data.shards", str(splits)],
+            "finetune": ["--config", str(REPO / "engine" / "presets" / "finetune_tiny_cpu.yaml"), "--data.shards", str(splits)],
             "evaluate": ["--model.name", "tiny", "--data.shards", str(splits)]}[launcher] + run
     out = "--eval.output_dir" if launcher == "evaluate" else "--train.output_dir"
     args = [a.format(p=bad_presets, s=tiny_shards) for a in extra]

@@ -1,5 +1,6 @@
 """Parity of the Triton flash attention (interpreted on CPU, compiled on GPU) with the fp32 reference,
-and the attention backend choice in kernels.dispatch."""
+its launch grid, and the attention backend choice in kernels.dispatch."""
+import logging
 import math
 
 import pytest
@@ -9,6 +10,7 @@ from engine.errors import UserError
 from kernels import dispatch
 from kernels.attention import flash_attention
 from kernels.reference import attention_reference
+from kernels.triton_launch import MAX_GRID_YZ, launch, recording_launches
 
 # (atol, rtol) for O and for dQ/dK/dV against the fp32 reference on the same (rounded) inputs.
 # fp16/bf16: P and dS are rounded to the input dtype before the second matmul of each pair.
@@ -168,17 +170,40 @@ def test_custom_op_registration_passes_opcheck():
     (dict(D=160), "head dim D=160"),
     (dict(dtype=torch.float64), "dtypes"),
 ])
-def test_unsupported_inputs_raise_user_error(bad, match):
+def test_unsupported_inputs_raise_a_plain_error(bad, match):
     D = bad.get("D", 64)
     dtype = bad.get("dtype", torch.float32)
     q = torch.randn(1, 1, 8, D, dtype=dtype)
-    with pytest.raises(UserError, match=match):
+    with pytest.raises(ValueError, match=match) as info:
         flash_attention(q, q, q)
+    assert "--" not in str(info.value)  # kernels name no CLI flags
 
 
-def test_mismatched_shapes_raise_user_error():
-    with pytest.raises(UserError, match="shapes do not match"):
+def test_mismatched_shapes_raise_value_error():
+    with pytest.raises(ValueError, match="shapes do not match"):
         flash_attention(torch.randn(1, 2, 8, 64), torch.randn(1, 2, 8, 32), torch.randn(1, 2, 8, 32))
+
+
+def test_launch_grid_takes_4096_crops_by_16_heads():
+    """B*H = 65536 programs per query block: more than CUDA allows in grid dimensions 1-2, so every
+    kernel folds (query block, batch*head) into dimension 0."""
+    B, H, N, D = 4096, 16, 37, 64
+    qkv = torch.empty(B, N, 3, H, D, dtype=torch.float16)  # never read: the launches are only recorded
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    with recording_launches() as launches:
+        out, lse = torch.ops.geoexplora.flash_attn_fwd(q, k, v, 0.125)
+        torch.ops.geoexplora.flash_attn_bwd(torch.empty_like(out), q, k, v, out, lse, 0.125)
+    names = [name for name, *_ in launches]
+    assert names == ["attn_fwd", "attn_bwd_preprocess", "attn_bwd_dkdv", "attn_bwd_dq"]
+    for name, _, grid, _, kwargs in launches:
+        assert all(g <= MAX_GRID_YZ for g in grid[1:]), (name, grid)
+        block = kwargs["BLOCK_N"] if name == "attn_bwd_dkdv" else kwargs["BLOCK_M"]
+        assert grid[0] == math.ceil(N / block) * B * H, (name, grid)
+
+
+def test_launch_refuses_a_grid_cuda_cannot_run():
+    with pytest.raises(ValueError, match="65535"):
+        launch("k", None, (1, 70000), torch.empty(1))
 
 
 # ---- dispatch -------------------------------------------------------------------------------------
@@ -197,9 +222,22 @@ def test_sdpa_backend_matches_reference(clean_dispatch):
     _check_parity(2, 3, 197, 64, torch.float32, 0.2, fn=dispatch.attention)
 
 
-def test_auto_never_picks_unverified_triton(clean_dispatch):
-    assert dispatch.VERIFIED["attention"] == ()
+def test_auto_uses_sdpa_without_a_record(clean_dispatch):
     assert dispatch.resolve("attention", torch.device("cpu")) == "sdpa"
+    assert dispatch.resolve("attention", torch.device("cpu"), "attention|float32|D64|N<=32") == "sdpa"
+
+
+@pytest.mark.parametrize("D, dtype", [(160, torch.float32), (64, torch.float64)])
+def test_forced_triton_falls_back_to_sdpa_for_inputs_it_cannot_take(clean_dispatch, caplog, D, dtype):
+    clean_dispatch.setattr(dispatch, "_logged", set())
+    clean_dispatch.setenv("GEOEXPLORA_ATTENTION", "triton")
+    caplog.set_level(logging.INFO, logger="kernels.dispatch")
+    q, k, v = (torch.randn(1, 2, 9, D, dtype=dtype) for _ in range(3))
+    for _ in range(2):
+        out = dispatch.attention(q, k, v, 0.3)
+    torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.3))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "use sdpa" in warnings[0] and "cannot take" in warnings[0]
 
 
 def test_env_overrides_config(clean_dispatch):
@@ -218,7 +256,7 @@ def test_env_overrides_config(clean_dispatch):
     clean_dispatch.setenv("GEOEXPLORA_ATTENTION", "bogus")
     with pytest.raises(UserError, match="GEOEXPLORA_ATTENTION"):
         dispatch.resolve("attention", torch.device("cpu"))
-    with pytest.raises(UserError, match="unknown backend"):
+    with pytest.raises(ValueError, match="unknown attention backend"):
         dispatch.set_backend("attention", "flash")
 
 
@@ -245,6 +283,12 @@ def test_gpu_fp32_and_sdpa_agree():
     q, k, v = (torch.randn(2, 4, 257, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)
     torch.testing.assert_close(flash_attention(q, k, v), ref, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_launches_4096_crops_by_16_heads():
+    """More than 65535 (batch*head) programs: the grid fold keeps the launch valid."""
+    _check_parity(4096, 16, 37, 64, torch.bfloat16, 0.125, device="cuda")
 
 
 @pytest.mark.gpu

@@ -6,10 +6,13 @@ with the kernel's own dropout mask passed explicitly, so dropout cases compare e
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 
-from engine.errors import UserError
+import kernels.lora_linear as lora_kernel
 from kernels.lora_linear import fused_lora_linear, lora_dropout_mask
+from kernels.lora_torch import lora_linear_torch
 from kernels.reference import lora_linear_reference
+from kernels.triton_launch import recording_launches
 
 # (atol, rtol) against the float64 reference; atol is relative to the largest |reference| value.
 # fp16/bf16: the rank-r activations hs and g are rounded to the input dtype between the two GEMMs.
@@ -145,15 +148,17 @@ def test_dropout_off_in_eval_and_seed_from_torch_generator():
     assert torch.equal(y1, y2) and not torch.allclose(y1, ref)
 
 
-def test_dropout_replays_under_activation_checkpointing():
-    """Grad checkpointing re-runs the forward in backward: the seed comes from torch's RNG, whose
-    state checkpoint restores, so the recomputed mask and the gradients are the same as without it."""
+@pytest.mark.parametrize("fn", [fused_lora_linear, lora_linear_torch], ids=["triton", "torch"])
+def test_dropout_replays_under_activation_checkpointing(fn):
+    """Grad checkpointing re-runs the forward in backward: both backends draw their dropout from
+    torch's RNG (a seed, or the mask itself), whose state checkpoint restores, so the recomputed mask
+    and the gradients are the same as without it."""
     x, w, b, a, bb = _inputs((40,), 32, 24, 4, torch.float32)
-    fn = lambda t: fused_lora_linear(t, w, b, a, bb, 1.0, 0.3, training=True)  # noqa: E731
+    step = lambda t: fn(t, w, b, a, bb, 1.0, 0.3, True)  # noqa: E731
     torch.manual_seed(11)
-    g_plain = torch.autograd.grad(fn(x).square().sum(), [x, a, bb])
+    g_plain = torch.autograd.grad(step(x).square().sum(), [x, a, bb])
     torch.manual_seed(11)
-    y = torch.utils.checkpoint.checkpoint(fn, x, use_reentrant=False)
+    y = torch.utils.checkpoint.checkpoint(step, x, use_reentrant=False)
     g_ckpt = torch.autograd.grad(y.square().sum(), [x, a, bb])
     for g1, g2 in zip(g_plain, g_ckpt):
         torch.testing.assert_close(g1, g2, atol=0, rtol=0)
@@ -177,7 +182,7 @@ def test_empty_batch():
     assert dx.shape == x.shape and torch.count_nonzero(da) == 0
 
 
-def test_rejects_bad_inputs(monkeypatch):
+def test_rejects_bad_inputs_with_plain_errors(monkeypatch):
     x, w, b, a, bb = _inputs((8,), 16, 12, 2, torch.float32)
     with pytest.raises(ValueError, match="do not fit"):
         fused_lora_linear(x, w, b, a[:, :8], bb, 1.0)
@@ -185,11 +190,41 @@ def test_rejects_bad_inputs(monkeypatch):
         fused_lora_linear(x, w, b, torch.cat([a, a]), torch.cat([bb, bb])[:16], 1.0, segments=(4, 0))
     with pytest.raises(ValueError, match="dropout_p"):
         fused_lora_linear(x, w, b, a, bb, 1.0, 1.0, True)
-    with pytest.raises(UserError, match="not supported"):
+    with pytest.raises(ValueError, match="float64") as info:
         fused_lora_linear(x.double(), w.double(), None, a.double(), bb.double(), 1.0)
+    assert "--" not in str(info.value)  # kernels name no CLI flags; kernels.dispatch falls back instead
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(UserError, match="needs CUDA"):
+    with pytest.raises(ValueError, match="needs CUDA"):
         fused_lora_linear(x, w, b, a, bb, 1.0)
+
+
+@pytest.mark.parametrize("segments, aligned", [((0, 64), True), ((10, 60), False), (None, True)])
+def test_segment_alignment_reaches_the_kernels(segments, aligned):
+    """Offsets that are multiples of 16 are declared aligned (vector loads); the others are not."""
+    N = 96 if segments == (0, 64) else 100
+    x, w, b, a, bb = _inputs((40,), 32, N, 4, torch.float32, segments=segments, n=32 if segments else None)
+    segs = list(segments) if segments else [0]
+    with recording_launches() as launches:
+        y, _ = torch.ops.geoexplora.lora_linear_fwd(x, w, b, a, bb, segs, bb.shape[0] // len(segs), 1.0, 0.0, None)
+        torch.autograd.grad(y, [x, a, bb], torch.randn_like(y))
+    flags = {(name, kw["SEG_ALIGNED"]) for name, _, _, _, kw in launches}
+    # the forward down-projection and dA read from column 0; the GEMM, g and dB read the segments
+    assert ("lora_gemm", aligned) in flags and ("lora_wgrad", aligned) in flags
+    assert ("lora_down", True) in flags and ("lora_down", aligned) in flags
+
+
+def test_tiles_are_fixed_per_shape_not_autotuned():
+    """An autotuner times configs per process, so ranks could pick different tiles; ours are a pure
+    function of the shape, dtype and GPU model."""
+    for kernel in (lora_kernel._lora_down_kernel, lora_kernel._lora_gemm_kernel, lora_kernel._lora_wgrad_kernel):
+        assert not isinstance(kernel, triton.runtime.Autotuner)
+    x, w, b, a, bb = _inputs((70,), 48, 40, 8, torch.float32)
+    runs = []
+    for _ in range(2):
+        with recording_launches() as launches:
+            torch.ops.geoexplora.lora_linear_fwd(x, w, b, a, bb, [0], 40, 1.0, 0.0, None)
+        runs.append([(name, grid, kw) for name, _, grid, _, kw in launches])
+    assert runs[0] == runs[1]
 
 
 def test_custom_op_registration_opcheck():

@@ -157,7 +157,7 @@ def test_float_archive_with_nan_nodata_and_padding(tmp_path, run_convert, read_s
             dst.write(data)
     run_convert(tmp_path / "in", tmp_path / "out", "--chip-size", "16", "--edge", "pad")
     samples, m = read_shards(tmp_path / "out")
-    assert m["dtype"] == "float32" and len(samples) == 8 and np.isnan(m["nodata"])
+    assert m["dtype"] == "float32" and len(samples) == 8 and m["nodata"] == "nan"  # strict JSON: STAC convention
     assert all(meta["gsd"] is None for _, meta in samples.values())  # degrees: no metric gsd
     valid = [np.concatenate([a[b].ravel() for a, _ in samples.values()]).astype(np.float64) for b in range(4)]
     valid = [v[~np.isnan(v)] for v in valid]  # NaN nodata and NaN edge padding
@@ -167,3 +167,18 @@ def test_float_archive_with_nan_nodata_and_padding(tmp_path, run_convert, read_s
         np.testing.assert_allclose(m["stats"][k], want[k], rtol=1e-9, err_msg=k)
     for k in ("p2", "p98"):
         np.testing.assert_allclose(m["stats"][k], want[k], atol=(max(want["max"]) - min(want["min"])) / 2000)
+
+
+@pytest.mark.parametrize("dtype,nodata,pad", [("uint16", 0.0, 0), ("int16", None, 5), ("uint8", 7.0, 3)])
+def test_band_by_band_adder_equals_add(dtype, nodata, pad):
+    """ShardWriter.write(visit=...) feeds the stats one band at a time; same result as add()."""
+    rng = np.random.default_rng(4)
+    chips = _chips(rng, dtype, n=4, c=3)
+    a, b = BandStats(3, dtype), BandStats(3, dtype)
+    for ch in chips:
+        a.add(ch, nodata, pad, 0)
+        adder = b.band_adder(nodata, pad, 0)
+        for i in range(ch.shape[0]):
+            adder(i, ch[i].reshape(-1))
+    assert a.result() == b.result() and (a.hist == b.hist).all()
+    assert BandStats(3, "float32").band_adder(None) is None

@@ -78,7 +78,7 @@ def test_bad_finetune_options_name_the_flag():
 def test_finetune_presets_load(name):
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[3] / "configs" / name
+    path = Path(__file__).resolve().parents[3] / "engine" / "presets" / name
     cfg = load_config(FinetuneRunConfig, str(path), [])
     assert cfg.finetune.mode == "lora" and cfg.finetune.lora_targets == ["q", "v"]
     if name.startswith("finetune_tiny"):

@@ -17,7 +17,7 @@ def test_finetune_learns_and_keeps_best(labelled_shards, tmp_path, single_rank_e
     cfg = load_config(FinetuneRunConfig, None, [*TINY, "--data.shards", str(labelled_shards),
                                                 "--data.batch_size", "8", "--train.output_dir", str(out),
                                                 "--train.max_steps", "24", "--train.precision", "fp32",
-                                                "--train.tensorboard", "false", "--train.save_every", "0",
+                                                "--train.logger", "", "--train.save_every", "0",
                                                 "--optim.lr", "0.01", "--optim.lr_scaling", "none",
                                                 "--finetune.lora_rank", "4", "--zero.stage", "2",
                                                 # a random-init cls token is nearly input-independent

@@ -69,7 +69,7 @@ class Stream:
 def _cfg(tmp_path, *extra):
     return load_config(RunConfig, None, [
         "--train.precision", "fp32", "--data.batch_size", "4", "--optim.lr", "0.05", "--optim.warmup_steps", "2",
-        "--train.log_every", "1", "--train.tensorboard", "false", "--train.output_dir", str(tmp_path), *extra])
+        "--train.log_every", "1", "--train.logger", "", "--train.output_dir", str(tmp_path), *extra])
 
 
 def test_optimizer_holds_only_trainable_and_schedule_is_applied(env, tmp_path):

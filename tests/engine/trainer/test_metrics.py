@@ -9,7 +9,7 @@ from engine.trainer.metrics import MetricsWriter, ThroughputMeter, read_metrics
 
 
 def test_jsonl_records_events_and_last_record_wins(tmp_path):
-    w = MetricsWriter(tmp_path, enabled=True, tensorboard=False)
+    w = MetricsWriter(tmp_path, enabled=True, loggers=())
     w.write(1, {"loss": 3.0, "lr": 0.1})
     w.write(2, {"loss": 2.5})
     w.event("resume", 1, checkpoint="x")

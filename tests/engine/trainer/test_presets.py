@@ -1,4 +1,4 @@
-"""Every preset in configs/ loads, names the fields the issue fixes, and builds (meta device) into a
+"""Every preset in engine/presets/ loads, names the fields the issue fixes, and builds (meta device) into a
 ViT + recipe + objective whose FLOPs and trainable set make sense."""
 from pathlib import Path
 
@@ -8,7 +8,7 @@ import torch
 from engine.config import RunConfig, load_config
 from engine.errors import UserError
 
-CONFIGS = Path(__file__).resolve().parents[3] / "configs"
+CONFIGS = Path(__file__).resolve().parents[3] / "engine" / "presets"
 # pre-training presets (finetune_*.yaml are FinetuneRunConfig presets, tested in tests/engine/eval)
 PRESETS = sorted(p.name for p in CONFIGS.glob("*.yaml") if not p.name.startswith("finetune_"))
 
