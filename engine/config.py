@@ -11,17 +11,20 @@ docstring (the string literal under it) so that ``describe(RunConfig)`` can docu
 from __future__ import annotations
 
 import importlib.util
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Sequence
 
 from engine.config_io import check_field as _check
 from engine.config_io import describe, from_dict, load_config, parse_overrides, save_config, to_dict
+from engine.errors import UserError
 
 __all__ = ["DataConfig", "CropConfig", "ModelConfig", "ExploraConfig", "DinoConfig", "MAEConfig", "ObjectiveConfig",
-           "OptimConfig", "ZeroConfig", "DeepSpeedFileConfig", "KernelConfig", "TrainConfig", "RunConfig", "describe",
-           "from_dict", "load_config", "parse_overrides", "save_config", "to_dict"]
+           "OptimConfig", "ZeroConfig", "DeepSpeedFileConfig", "KernelConfig", "TrainConfig", "RunConfig",
+           "check_image_sizes", "describe", "from_dict", "load_config", "parse_overrides", "patch_size_of",
+           "save_config", "to_dict"]
 
 def _importable(package: str) -> bool:
     """Whether ``import package`` can work, without importing it (slow for wandb/mlflow)."""
@@ -29,6 +32,32 @@ def _importable(package: str) -> bool:
         return sys.modules[package] is not None
     return importlib.util.find_spec(package) is not None
 
+
+# Patch side of the tiny test models (they shrink DINOv2 ViT-S/14 and MAE ViT-B/16; engine/model/vit.py).
+_TINY_PATCH = {"tiny": 14, "tiny_reg4": 14, "tiny_mae": 16}
+
+
+def patch_size_of(name: str) -> Optional[int]:
+    """Patch side of ``--model.name`` read from the name (``vit_large_patch14_dinov2`` -> 14), before
+    any model is built; None when the name does not say (then the model builder checks)."""
+    base = name.split(".", 1)[0]
+    if base in _TINY_PATCH:
+        return _TINY_PATCH[base]
+    m = re.search(r"patch(\d+)", base)
+    return int(m.group(1)) if m else None
+
+
+def check_image_sizes(model_name: str, sizes: Sequence[tuple[str, int]]) -> None:
+    """Every ``(flag, pixels)`` must be a multiple of the model's patch size; else one UserError
+    naming the flag, the model and the nearest valid size (``--crops.local_size 96: not a multiple
+    of patch size 14 (vit_large_patch14_dinov2); use 98``)."""
+    p = patch_size_of(model_name)
+    if not p:
+        return
+    for flag, size in sizes:
+        if size % p:
+            near = max(p, round(size / p) * p)
+            raise UserError(f"--{flag} {size}: not a multiple of patch size {p} ({model_name}); use {near}")
 
 # --------------------------------------------------------------------------------------------
 # Sections
@@ -88,9 +117,9 @@ class DataConfig:
 @dataclass
 class CropConfig:
     global_size: int = 224
-    """Global crop side (pixels)."""
-    local_size: int = 96
-    """Local crop side (pixels)."""
+    """Global crop side (pixels); also the MAE view. A multiple of the patch size."""
+    local_size: int = 98
+    """Local crop side (pixels); a multiple of the patch size (DINOv2 vitl14.yaml and ExPLoRA's fMoW configs: 98 = 7 x 14)."""
     num_global: int = 2
     """Number of global crops (DINOv2: 2)."""
     num_local: int = 8
@@ -140,6 +169,12 @@ class ModelConfig:
     """'plain' conv patch embed, or 'group' = SatMAE-style group-channel embedding."""
     band_groups: Optional[list[list[int]]] = None
     """Band index groups for patch_embed=group (None = Sentinel-2 default after dropping B1,B9,B10)."""
+    group_embed: Literal["learned", "sincos"] = "learned"
+    """Band-group encoding of patch_embed=group: a learned (G, D) table, or SatMAE's fixed 1-D sin-cos of the group index in the last 256 channels (the MAE decoder's in its last 128)."""
+    drop_path_rate: float = 0.0
+    """Stochastic depth of the blocks; only the student sees it (the EMA teacher runs in eval mode). DINOv2: 0.3 default, 0.4 ViT-L; ExPLoRA's fMoW configs: 0.0."""
+    drop_path_uniform: bool = True
+    """Same drop-path rate in every block (DINOv2's drop_path_uniform); False = timm's linear ramp from 0."""
     grad_checkpointing: bool = False
     """Recompute each block in backward to save activation memory."""
     embed_dim: Optional[int] = None
@@ -152,6 +187,7 @@ class ModelConfig:
     def validate(self) -> None:
         _check(self.img_size > 0, "model.img_size", "must be > 0")
         _check(self.in_chans > 0, "model.in_chans", "must be > 0")
+        _check(0.0 <= self.drop_path_rate < 1.0, "model.drop_path_rate", "must be in [0, 1)")
         if self.weights:
             _check(Path(self.weights).exists(), "model.weights",
                    f"file '{self.weights}' not found; give a local .safetensors/.pth file or '' for random init")
@@ -184,8 +220,8 @@ class ExploraConfig:
     """Unfreeze the patch embedding (always trained when it is newly initialised, e.g. group-channel)."""
     train_pos_embed: bool = False
     """Unfreeze the position embedding."""
-    train_tokens: bool = False
-    """Unfreeze the cls/register tokens."""
+    train_tokens: bool = True
+    """Train the cls (and register) tokens, as ExPLoRA's launch scripts do (unfreeze_cls_token)."""
     train_mask_token: bool = True
     """Train the iBOT mask token a DINOv2 checkpoint carries (vit.mask_token; only the masked student pass uses it)."""
 
@@ -241,13 +277,14 @@ class DinoConfig:
     momentum_schedule: Literal["cosine", "linear"] = "cosine"
     """Ramp of the EMA momentum from momentum_teacher to final_momentum_teacher over the run."""
     freeze_last_layer_steps: int = 0
-    """Steps during which the heads' prototype layer gets no gradient (DINOv2 freezes it one epoch)."""
+    """First optimizer steps in which the heads' prototype layer (direction and gain) has lr 0, as DINOv2's last_layer_lr schedule (1 epoch = 1250 steps by default; ExPLoRA: 3 epochs)."""
 
     def validate(self) -> None:
         _check(self.head_n_prototypes > 0, "objective.dino.head_n_prototypes", "must be > 0")
         _check(0 <= self.momentum_teacher <= 1 and 0 <= self.final_momentum_teacher <= 1,
                "objective.dino.momentum_teacher", "momentums must be in [0, 1]")
         _check(self.head_nlayers >= 1, "objective.dino.head_nlayers", "must be >= 1")
+        _check(self.freeze_last_layer_steps >= 0, "objective.dino.freeze_last_layer_steps", "must be >= 0")
         _check(self.sinkhorn_iterations >= 1, "objective.dino.sinkhorn_iterations", "must be >= 1")
         _check(0 <= self.center_momentum < 1, "objective.dino.center_momentum", "must be in [0, 1)")
         _check(self.student_temp > 0 and self.teacher_temp > 0 and self.warmup_teacher_temp > 0,
@@ -262,15 +299,22 @@ class MAEConfig:
     """Fraction of patch tokens hidden from the encoder."""
     norm_pix_loss: bool = True
     """Normalise each target patch by its own mean/std (MAE's default for the released models)."""
+    norm_pix_scope: Literal["group", "all_bands"] = "group"
+    """Group-channel models: normalise each patch over its band group's values, or over all bands of the spatial patch (SatMAE's forward_loss)."""
     decoder_embed_dim: int = 512
     """Decoder width."""
     decoder_depth: int = 8
     """Decoder blocks."""
     decoder_num_heads: int = 16
     """Decoder heads."""
+    decoder_lora_rank: int = 0
+    """LoRA rank on q,v of the decoder blocks when the decoder comes from the weight file (ExPLoRA: 8); that decoder is then frozen except these adapters, its LayerNorms (with explora.train_norms) and layers the file lacks. 0 = the whole decoder trains; a decoder that starts from scratch always trains fully."""
+    decoder_lora_alpha: float = 8.0
+    """Decoder LoRA alpha; the update is scaled by alpha / decoder_lora_rank."""
 
     def validate(self) -> None:
         _check(0.0 < self.mask_ratio < 1.0, "objective.mae.mask_ratio", "must be in (0, 1)")
+        _check(self.decoder_lora_rank >= 0, "objective.mae.decoder_lora_rank", "must be >= 0 (0 = train the decoder)")
 
 
 @dataclass
@@ -286,7 +330,7 @@ class ObjectiveConfig:
 @dataclass
 class OptimConfig:
     lr: float = 1e-3
-    """Peak learning rate per 256 images (scaled linearly by the global batch)."""
+    """Base learning rate at lr_scaling's reference batch: per 256 images ('linear', 'sqrt'), per 1024 ('sqrt_wrt_1024'), or absolute ('none')."""
     min_lr: float = 1e-6
     """Final learning rate of the cosine schedule."""
     warmup_steps: int = 0
@@ -301,8 +345,12 @@ class OptimConfig:
     """Gradient-norm clipping (0 disables)."""
     no_decay_lora_b: bool = True
     """Exempt LoRA B from weight decay (norms and biases are always exempt)."""
-    lr_scaling: Literal["linear", "sqrt", "none"] = "linear"
-    """Peak lr = lr * (global_batch / 256) ('linear'), * sqrt(global_batch / 256) ('sqrt'), or lr as given ('none')."""
+    lr_scaling: Literal["linear", "sqrt", "sqrt_wrt_1024", "none"] = "linear"
+    """Peak lr = lr * global_batch / 256 ('linear', MAE), lr * sqrt(global_batch / 256) ('sqrt'), lr * sqrt(global_batch / 1024) ('sqrt_wrt_1024', DINOv2), or lr ('none'); global_batch counts accumulation."""
+    layerwise_decay: float = 1.0
+    """DINOv2 layer-wise lr decay d: block i of L gets lr * d^(L - i), the embeddings (patch/pos embed, cls/register/mask tokens) d^(L + 1), the final norm, heads and decoder 1 (1.0 disables)."""
+    patch_embed_lr_mult: float = 1.0
+    """Extra lr factor of the patch embedding, on top of layerwise_decay (DINOv2: 0.2)."""
     eps: float = 1e-8
     """AdamW epsilon."""
     optimizer: Literal["auto", "fused", "apex", "torch"] = "auto"
@@ -316,6 +364,8 @@ class OptimConfig:
         _check(all(0 <= b < 1 for b in self.betas), "optim.betas", "each beta must be in [0, 1)")
         _check(self.clip_grad >= 0, "optim.clip_grad", "must be >= 0 (0 disables clipping)")
         _check(self.eps > 0, "optim.eps", "must be > 0")
+        _check(0.0 < self.layerwise_decay <= 1.0, "optim.layerwise_decay", "must be in (0, 1] (1.0 disables)")
+        _check(self.patch_embed_lr_mult >= 0, "optim.patch_embed_lr_mult", "must be >= 0")
 
 
 @dataclass
@@ -418,3 +468,11 @@ class RunConfig:
     deepspeed: DeepSpeedFileConfig = field(default_factory=DeepSpeedFileConfig)
     kernels: KernelConfig = field(default_factory=KernelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> None:
+        """Cross-section checks, before any model or data is built: every image size the run feeds
+        the model is a multiple of its patch size."""
+        sizes = [("crops.global_size", self.crops.global_size)]
+        if self.objective.name == "dino" and self.crops.num_local > 0:
+            sizes.append(("crops.local_size", self.crops.local_size))
+        check_image_sizes(self.model.name, sizes + [("model.img_size", self.model.img_size)])

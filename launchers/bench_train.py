@@ -262,7 +262,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"{100 * r['data_wait_frac']:>5.1f}% {opt:>15.3f}")
     mem = memory_rows([m for m in args.memory_models.split(",") if m], args.zero_ranks)
     key = f"optimizer_state_bytes_per_rank_zero1+_{args.zero_ranks}"
-    print(f"\nExPLoRA (last block + LoRA r64 q,v + norms) vs full fine-tuning, backbone only (GiB)")
+    print(f"\nExPLoRA (last block + LoRA r64 q,v + norms + cls token) vs full fine-tuning, backbone only (GiB)")
     print(f"{'model':26} {'regime':8} {'trainable':>12} {'trainable':>9} {'grads':>7} {'AdamW':>7} "
           f"{'state/copy':>10} {'AdamW/rank@' + str(args.zero_ranks):>14}")
     for r in mem:

@@ -16,14 +16,20 @@ receives the trainer's files (config.yaml, run.json, metrics.jsonl, checkpoints/
 ``best/classifier.safetensors`` (trainable tensors of the best validation) and ``results.json``.
 Exit codes: 0 done, 143 (SIGTERM) / 130 (SIGINT) stopped after saving a checkpoint (rerun to resume),
 1 halted on NaN/inf, 2 bad config/path or a run directory that cannot be written.
+
+``--preflight`` (``--preflight=N``: N samples per rank) builds the classifier at real size, runs one
+synthetic step per rank and reports parameters, peak memory and FLOPs per image
+(engine/trainer/preflight.py); no shards are read. The head is sized from ``--data.classes``, else
+from the train split's manifest when ``--data.shards`` is given, else for 1000 classes.
 """
 from __future__ import annotations
 
+import sys
 from typing import Optional, Sequence
 
 from engine.eval.config import FinetuneRunConfig
 from engine.errors import UserError, cli_entry
-from engine.trainer.launch import exit_fast, run_cli
+from engine.trainer.launch import check_output_dir, exit_fast, run_cli
 
 
 def check_inputs(cfg: FinetuneRunConfig) -> None:
@@ -39,6 +45,47 @@ def check_inputs(cfg: FinetuneRunConfig) -> None:
     if cfg.train.max_steps <= 0:
         raise UserError("--train.max_steps: must be > 0")
     check_user_config(cfg)  # --deepspeed.config FILE
+    check_output_dir(cfg)
+
+
+def _classes(cfg: FinetuneRunConfig) -> tuple[int, bool, str]:
+    """(number of classes, multilabel, where they came from) for the preflight's head."""
+    import json
+    from pathlib import Path
+
+    if cfg.data.classes:
+        return len(cfg.data.classes), False, "--data.classes"
+    manifest = Path(cfg.data.shards) / cfg.finetune.train_split / "manifest.json" if cfg.data.shards else None
+    if manifest is not None and manifest.is_file():
+        m = json.loads(manifest.read_text())
+        if m.get("classes"):
+            return len(m["classes"]), bool(m.get("multilabel", False)), str(manifest)
+    return 1000, False, "no class list given (--data.classes or --data.shards)"
+
+
+def preflight(cfg: FinetuneRunConfig, env, samples: int) -> int:
+    """One real-size fine-tuning step on a synthetic batch (see engine/trainer/preflight.py)."""
+    import logging
+    import time
+
+    from engine.eval.classifier import build_classifier
+    from engine.trainer.flops import classifier_flops_per_sample
+    from engine.trainer.preflight import classifier_batch, finish, run_step
+    from engine.trainer.rng import seed_all
+
+    t0 = time.perf_counter()
+    n_classes, multilabel, source = _classes(cfg)
+    if (cfg.finetune.mixup > 0 or cfg.finetune.cutmix > 0) and samples % 2:
+        samples += 1
+        logging.getLogger("geoexplora.finetune").info("mixup/cutmix pair samples: preflight uses %d", samples)
+    seed_all(cfg.train.seed)
+    model, report = build_classifier(cfg, n_classes, multilabel)
+    batch = classifier_batch(cfg, n_classes, multilabel, samples, env.device, seed=cfg.train.seed + env.rank)
+    step = run_step(cfg, env, model, batch, classifier_flops_per_sample(model.vit, cfg.model.img_size),
+                    time.perf_counter() - t0, samples)
+    title = (f"fine-tune {cfg.finetune.mode}: {cfg.model.name} ({cfg.model.weights or 'random init'}), "
+             f"{n_classes} classes ({source}), ZeRO-{cfg.zero.stage}, {cfg.train.precision}")
+    return finish(step, env.is_main, title, "backbone only:\n" + report.table())
 
 
 def run(cfg: FinetuneRunConfig, env) -> int:
@@ -48,8 +95,20 @@ def run(cfg: FinetuneRunConfig, env) -> int:
     return stop_exit_code(run_finetune(cfg, env)["preempted"])
 
 
+def check_preflight(cfg: FinetuneRunConfig) -> None:
+    from engine.model.vit import resolve_arch
+
+    resolve_arch(cfg.model.name)
+
+
 @cli_entry
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from engine.trainer.preflight import take_flag
+
+    argv, samples = take_flag(sys.argv[1:] if argv is None else argv)
+    if samples:
+        return run_cli(FinetuneRunConfig, argv, lambda cfg, env: preflight(cfg, env, samples), check_preflight,
+                       __doc__)
     return run_cli(FinetuneRunConfig, argv, run, check_inputs, __doc__)
 
 

@@ -4,9 +4,11 @@
         --lora-rank 64 --lora-targets q,v [--img-size 224] [--in-chans 3] [--json]
 
 The architecture is built on the meta device (no memory, no weights; ViT-g in about a second), the
-recipe applied, and the per-group table printed. With ``--json`` the last line is one JSON object:
-``trainable``, ``frozen``, ``total``, ``trainable_pct``, ``groups`` ({group: {trainable, frozen,
-total}}), ``recipe`` and ``model``.
+recipe applied, and the per-group table printed, with the trainable count without the cls/register
+tokens beside it (ExPLoRA trains the cls token; ``--no-train-tokens`` freezes it). With ``--json``
+the last line is one JSON object: ``trainable``, ``trainable_without_tokens``, ``frozen``,
+``total``, ``trainable_pct``, ``groups`` ({group: {trainable, frozen, total}}), ``recipe`` and
+``model``.
 """
 from __future__ import annotations
 
@@ -50,7 +52,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--train-layerscale", action="store_true")
     p.add_argument("--train-patch-embed", action="store_true")
     p.add_argument("--train-pos-embed", action="store_true")
-    p.add_argument("--train-tokens", action="store_true", help="train the cls/register tokens")
+    p.add_argument("--no-train-tokens", action="store_true",
+                   help="freeze the cls/register tokens (ExPLoRA's scripts train the cls token)")
     p.add_argument("--json", action="store_true", help="end with one JSON line")
     # argparse reads "-1" as a value (not an option) because no option here looks like a number
     return p.parse_args(argv)
@@ -67,7 +70,8 @@ def report_for(args: argparse.Namespace):
         unfreeze_blocks=_ints(args.unfreeze_blocks), lora_rank=args.lora_rank,
         lora_alpha=float(args.lora_alpha if args.lora_alpha is not None else args.lora_rank),
         lora_targets=targets, train_norms=not args.no_train_norms, train_layerscale=args.train_layerscale,
-        train_patch_embed=args.train_patch_embed, train_pos_embed=args.train_pos_embed, train_tokens=args.train_tokens)
+        train_patch_embed=args.train_patch_embed, train_pos_embed=args.train_pos_embed,
+        train_tokens=not args.no_train_tokens)
     explora.validate()
     vit = build_vit(model, device="meta")
     return apply_explora(vit, explora), model
@@ -82,9 +86,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"unfrozen blocks {report.recipe['unfrozen_block_indices']}, LoRA r={report.recipe['lora_rank']} "
           f"on {','.join(report.recipe['lora_targets']) or '-'}")
     print(report.table())
-    print(f"trainable {report.trainable:,} of {report.total:,} ({report.trainable / max(report.total, 1):.2%})")
+    tokens = report.groups["tokens"].trainable
+    without = report.trainable - tokens
+    print(f"trainable {report.trainable:,} of {report.total:,} ({report.trainable / max(report.total, 1):.2%}); "
+          f"{without:,} without the {tokens:,} cls/register-token parameters")
     if args.json:
         out = report.as_dict()
+        out["trainable_without_tokens"] = without
         out["model"] = {"name": model.name, "img_size": model.img_size, "in_chans": model.in_chans,
                         "patch_embed": model.patch_embed}
         print(json.dumps(out))

@@ -12,23 +12,28 @@ Any config field is an override (``--help`` lists them all): ``--train.max_steps
 run.json, metrics.jsonl, tb/, checkpoints/ and export/. Exit codes: 0 done, 143 (SIGTERM) / 130
 (SIGINT) stopped after saving a checkpoint (rerun the same command to resume), 1 halted on NaN/inf,
 2 bad config/path or a run directory that cannot be written.
+
+``--preflight`` (``--preflight=N``: N samples per rank) builds everything at real size, runs one
+synthetic forward + backward + optimizer step per rank, prints the trainable/frozen split, peak
+memory per rank and FLOPs per image, and exits (0 ok, 1 non-finite loss or a frozen tensor moved);
+no shards are read (engine/trainer/preflight.py).
 """
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
 from engine.config import RunConfig, save_config
 from engine.errors import UserError, cli_entry
-from engine.trainer.launch import exit_fast, run_cli
+from engine.trainer.launch import check_output_dir, exit_fast, run_cli
 
 log = logging.getLogger("geoexplora.pretrain")
 
 
 def check_inputs(cfg: RunConfig) -> None:
-    """Fail fast, before any process group: unknown model, missing shards (the run directory and
-    model files are checked by ``run_cli`` for every launcher)."""
+    """Fail fast, before any process group: unknown model, missing shards, unwritable run dir."""
     from engine.data import resolve_shards
     from engine.model.vit import resolve_arch
     from engine.trainer.ds_user_config import check_user_config
@@ -38,32 +43,68 @@ def check_inputs(cfg: RunConfig) -> None:
         raise UserError("--data.shards: not set; give the shard directory written by geoexplora-convert")
     resolve_shards(cfg.data.shards, cfg.data.manifest)
     check_user_config(cfg)  # --deepspeed.config FILE
+    check_output_dir(cfg)
+
+
+def check_preflight(cfg: RunConfig) -> None:
+    """A preflight needs a known model; shards are optional (no data is read)."""
+    from engine.model.vit import resolve_arch
+
+    resolve_arch(cfg.model.name)
+
+
+def build(cfg: RunConfig):
+    """(vit, objective) of ``cfg`` on CPU: weights, recipe, objective (with the MAE decoder of the
+    weight file), identical initial weights on every rank."""
+    from engine.model.explora import apply_explora
+    from engine.model.vit import build_vit, mae_decoder_state
+    from engine.objectives import build_objective
+    from engine.trainer.collectives import all_reduce_sum
+    from engine.trainer.rng import seed_all
+
+    seed_all(cfg.train.seed)
+    vit = build_vit(cfg.model)
+    apply_explora(vit, cfg.explora)
+    decoder = mae_decoder_state(vit) if cfg.objective.name == "mae" else None
+    objective = build_objective(cfg, vit, total_steps=cfg.train.max_steps, all_reduce=all_reduce_sum,
+                                decoder_state=decoder)
+    return vit, objective
+
+
+def preflight(cfg: RunConfig, env, samples: int) -> int:
+    """One real-size step of ``cfg`` on synthetic batches (see engine/trainer/preflight.py)."""
+    import time
+
+    from engine.model.explora import param_report
+    from engine.model.tokens import num_groups
+    from engine.trainer.flops import training_flops_per_sample
+    from engine.trainer.preflight import finish, pretrain_batch, run_step
+
+    t0 = time.perf_counter()
+    vit, objective = build(cfg)
+    batch = pretrain_batch(cfg, cfg.objective.name, vit.patch_embed.patch_size[0], num_groups(vit), samples,
+                           env.device, seed=cfg.train.seed + env.rank)
+    report = run_step(cfg, env, objective, batch, training_flops_per_sample(cfg, vit), time.perf_counter() - t0,
+                      samples)
+    title = (f"{cfg.model.name} ({cfg.model.weights or 'random init'}), objective {cfg.objective.name}, "
+             f"ZeRO-{cfg.zero.stage}, {cfg.train.precision}")
+    return finish(report, env.is_main, title, "ViT only:\n" + param_report(vit).table())
 
 
 def run(cfg: RunConfig, env) -> int:
     from engine.data import build_pretrain_loader, to_device
-    from engine.model.explora import apply_explora
     from engine.model.tokens import num_groups
-    from engine.model.vit import build_vit, mae_decoder_state
-    from engine.objectives import build_objective
-    from engine.trainer.collectives import all_reduce_sum
     from engine.trainer.export import export_run
     from engine.trainer.flops import training_flops_per_sample
     from engine.trainer.loop import Trainer
     from engine.trainer.provenance import write_run_json
-    from engine.trainer.rng import seed_all
 
     out = Path(cfg.train.output_dir)
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
         write_run_json(out, env.world_size)
-    seed_all(cfg.train.seed)  # identical initial weights on every rank
-    vit = build_vit(cfg.model)
-    apply_explora(vit, cfg.explora)
-    decoder = mae_decoder_state(vit) if cfg.objective.name == "mae" else None
-    objective = build_objective(cfg, vit, total_steps=cfg.train.max_steps, all_reduce=all_reduce_sum,
-                                decoder_state=decoder)
+    vit, objective = build(cfg)
     loader = build_pretrain_loader(cfg.data, cfg.crops, cfg.objective.name, patch_size=vit.patch_embed.patch_size[0],
                                    num_groups=num_groups(vit), mask_cfg=cfg.objective.dino, rank=env.rank,
                                    world_size=env.world_size, seed=cfg.train.seed)
@@ -77,6 +118,11 @@ def run(cfg: RunConfig, env) -> int:
 
 @cli_entry
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from engine.trainer.preflight import take_flag
+
+    argv, samples = take_flag(sys.argv[1:] if argv is None else argv)
+    if samples:
+        return run_cli(RunConfig, argv, lambda cfg, env: preflight(cfg, env, samples), check_preflight, __doc__)
     return run_cli(RunConfig, argv, run, check_inputs, __doc__)
 
 

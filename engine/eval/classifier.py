@@ -9,7 +9,6 @@ for layer-wise lr decay.
 from __future__ import annotations
 
 import logging
-import re
 from typing import Iterator, Optional
 
 import torch
@@ -18,13 +17,11 @@ from torch import nn
 
 from engine.eval.config import FinetuneConfig, FinetuneRunConfig
 from engine.model.explora import ParamReport, apply_explora, param_report
+from engine.model.layer_decay import vit_layer_id
 from engine.model.tokens import forward_tokens, pool_tokens
 from engine.model.vit import build_vit
 
 log = logging.getLogger(__name__)
-
-_BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
-_EMBED = ("patch_embed", "cls_token", "reg_token", "pos_embed", "mask_token")
 
 
 class Classifier(nn.Module):
@@ -78,12 +75,8 @@ class Classifier(nn.Module):
 
     def layer_id(self, name: str) -> int:
         """0 for the embeddings, i + 1 for block i, depth + 1 for the final norm and the head."""
-        m = _BLOCK.search(name)
-        if m:
-            return int(m.group(1)) + 1
-        if name.startswith("vit.") and name[4:].split(".")[0] in _EMBED:
-            return 0
-        return len(self.vit.blocks) + 1
+        depth = len(self.vit.blocks)
+        return vit_layer_id(name[len("vit."):], depth) if name.startswith("vit.") else depth + 1
 
     def lr_multiplier(self, name: str) -> float:
         """Layer-wise lr decay (BEiT/MAE fine-tuning): layer_decay ** (depth + 1 - layer_id)."""
@@ -104,7 +97,7 @@ def build_classifier(cfg: FinetuneRunConfig, num_classes: int, multilabel: bool 
     if ft.mode == "lora":
         report = apply_explora(vit, unfreeze_blocks=[], lora_rank=ft.lora_rank, lora_alpha=ft.lora_alpha,
                                lora_targets=list(ft.lora_targets), lora_dropout=ft.lora_dropout,
-                               train_norms=ft.train_norms, train_mask_token=False)
+                               train_norms=ft.train_norms, train_tokens=False, train_mask_token=False)
     else:
         vit.requires_grad_(True)
         if isinstance(getattr(vit, "mask_token", None), nn.Parameter):

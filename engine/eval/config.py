@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from engine.config import (CropConfig, DataConfig, DeepSpeedFileConfig, KernelConfig, ModelConfig, OptimConfig,
-                           TrainConfig, ZeroConfig)
+                           TrainConfig, ZeroConfig, check_image_sizes)
 from engine.config_io import check_field as _check
 
 
@@ -73,6 +73,12 @@ class FinetuneRunConfig:
     kernels: KernelConfig = field(default_factory=KernelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    def validate(self) -> None:
+        """Training and validation views are model.img_size: a multiple of the patch size."""
+        check_image_sizes(self.model.name, [("model.img_size", self.model.img_size)])
+        _check(self.optim.layerwise_decay == 1.0, "optim.layerwise_decay",
+               "is the pre-training (DINOv2) setting; fine-tuning uses --finetune.layer_decay")
+
 
 @dataclass
 class EvalConfig:
@@ -119,3 +125,7 @@ class EvalRunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     kernels: KernelConfig = field(default_factory=KernelConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> None:
+        """Features are extracted at model.img_size: a multiple of the patch size."""
+        check_image_sizes(self.model.name, [("model.img_size", self.model.img_size)])

@@ -3,8 +3,9 @@
 Starting from a pre-trained ViT: the blocks in ``unfreeze_blocks`` train fully and get no LoRA;
 every other block gets LoRA on ``lora_targets`` (q, k, v inside timm's fused ``qkv``; ``proj``,
 ``fc1``, ``fc2``); all LayerNorms train (``train_norms``); everything else is frozen, except what the
-flags unfreeze (LayerScale, patch embed, position embedding, cls/register tokens, mask token) and a
-patch embed that is new (``fresh``: group-channel, or RGB kernels adapted to other bands).
+flags unfreeze (LayerScale, patch embed, position embedding, mask token; the cls/register tokens
+train by default, as in ExPLoRA's launch scripts) and a patch embed that is new (``fresh``:
+group-channel, or RGB kernels adapted to other bands).
 
 ``apply_explora(vit, cfg)`` or ``apply_explora(vit, unfreeze_blocks=(-1,), lora_rank=64, ...)``
 returns a :class:`ParamReport` (trainable / frozen counts per group) and logs its table.
@@ -50,13 +51,20 @@ def add_lora(vit: nn.Module, blocks: Iterable[int], targets: Sequence[str], rank
 
     q/k/v share one LoRALinear on the fused ``attn.qkv`` with one output segment per target.
     """
+    blocks = list(blocks)
+    return add_lora_to_blocks([vit.blocks[i] for i in blocks], targets, rank, alpha, dropout, labels=blocks)
+
+
+def add_lora_to_blocks(blocks: Sequence[nn.Module], targets: Sequence[str], rank: int, alpha: float,
+                       dropout: float = 0.0, labels: Optional[Sequence[int]] = None) -> int:
+    """LoRA on ``targets`` of timm-style transformer blocks (``attn.qkv``, ``attn.proj``,
+    ``mlp.fc1``, ``mlp.fc2``): the ViT's blocks, or the MAE decoder's. Returns layers wrapped."""
     bad = sorted(set(targets) - set(LORA_TARGETS))
     if bad:
         raise UserError(f"--explora.lora_targets: unknown target(s) {bad}; use any of {','.join(LORA_TARGETS)}")
     qkv_targets = [t for t in ("q", "k", "v") if t in targets]
     count = 0
-    for i in blocks:
-        blk = vit.blocks[i]
+    for i, blk in zip(labels if labels is not None else range(len(blocks)), blocks):
         attn, mlp = blk.attn, blk.mlp
         if qkv_targets:
             dim = attn.qkv.out_features // 3

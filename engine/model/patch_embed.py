@@ -6,10 +6,13 @@ kernels over the bands and scales by 3/C; 'mean': every band gets the mean RGB k
 3/C). Either way a constant image gives the same embedding as its RGB counterpart.
 
 (b) Group-channel (SatMAE, arXiv 2207.08051; the ExPLoRA MAE Sentinel-2 models): the bands are split
-into G groups, each group has its own conv patch embed, a learned group (spectral) embedding is
-added, and the G token grids go to the encoder side by side: ``forward`` returns (B, G, h, w, D),
-which ``engine.model.tokens`` flattens group-major and gives every group the same spatial position
-embedding.
+into G groups, each group has its own conv patch embed, a group (spectral) encoding is added, and
+the G token grids go to the encoder side by side: ``forward`` returns (B, G, h, w, D), which
+``engine.model.tokens`` flattens group-major and gives every group the same spatial position
+embedding. The group encoding is learned ('learned'), or SatMAE's fixed one ('sincos': the 1-D
+sin-cos code of the group index in the last 256 channels, zeros elsewhere; SatMAE concatenates it
+after a (D - 256)-wide spatial code, models_mae_group_channels.py L41-43, L83-89, L195-204, while
+here the spatial code is the base model's full-width position embedding).
 
 Sentinel-2 default: of the 13 L1C/L2A bands, B1, B9 and B10 (60 m atmospheric bands) are dropped,
 leaving ``S2_KEPT_BANDS`` in this order; the groups are (B2,B3,B4,B8) visible+NIR at 10 m,
@@ -29,6 +32,24 @@ S2_KEPT_BANDS = ("B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B11", "B12")
 S2_DEFAULT_GROUPS: tuple[tuple[int, ...], ...] = ((0, 1, 2, 6), (3, 4, 5, 7), (8, 9))
 
 AdaptMode = Literal["timm", "mean"]
+GroupEncoding = Literal["learned", "sincos"]
+# SatMAE's channel_embed / decoder_channel_embed widths (models_mae_group_channels.py L22-23)
+SATMAE_GROUP_CHANNELS = 256
+SATMAE_DECODER_GROUP_CHANNELS = 128
+
+
+def sincos_group_encoding(num_groups: int, dim: int, channels: int) -> torch.Tensor:
+    """(num_groups, dim) float32: zeros, except the last ``channels`` entries of row g hold
+    [sin(g w_i)] + [cos(g w_i)], w_i = 10000^(-i / (channels / 2)) (SatMAE's
+    get_1d_sincos_pos_embed_from_grid over the group index)."""
+    if channels % 2 or not 0 < channels <= dim:
+        raise ValueError(f"sin-cos group encoding needs an even width <= {dim}, got {channels}")
+    half = channels // 2
+    omega = 1.0 / 10000 ** (torch.arange(half, dtype=torch.float64) / half)
+    angle = torch.arange(num_groups, dtype=torch.float64)[:, None] * omega[None]
+    out = torch.zeros(num_groups, dim, dtype=torch.float64)
+    out[:, dim - channels:] = torch.cat([angle.sin(), angle.cos()], dim=1)
+    return out.float()
 
 
 def adapt_rgb_weight(weight: torch.Tensor, in_chans: int, mode: AdaptMode = "timm") -> torch.Tensor:
@@ -60,13 +81,15 @@ class GroupChannelPatchEmbed(nn.Module):
     band_groups: band indices (into the C input bands) of each group; groups may overlap or leave
     bands out. Attributes follow timm's ``PatchEmbed`` (``patch_size``, ``img_size``, ``grid_size``,
     ``num_patches`` = spatial cells, ``in_chans``) plus ``num_groups`` and ``band_groups``.
-    Parameters: ``proj.{g}.weight`` (D, c_g, p, p), ``proj.{g}.bias`` (D,), ``group_embed`` (G, D).
+    Parameters: ``proj.{g}.weight`` (D, c_g, p, p), ``proj.{g}.bias`` (D,), ``group_embed`` (G, D)
+    (encoding 'learned'; with 'sincos' it is a fixed, non-persistent buffer).
     """
 
     fresh = True
 
     def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int,
-                 band_groups: Optional[Sequence[Sequence[int]]] = None, bias: bool = True):
+                 band_groups: Optional[Sequence[Sequence[int]]] = None, bias: bool = True,
+                 encoding: GroupEncoding = "learned"):
         super().__init__()
         groups = [list(map(int, g)) for g in (band_groups if band_groups is not None
                                                else default_band_groups(in_chans))]
@@ -84,11 +107,18 @@ class GroupChannelPatchEmbed(nn.Module):
         self.flatten = False
         self.proj = nn.ModuleList(
             nn.Conv2d(len(g), embed_dim, kernel_size=patch_size, stride=patch_size, bias=bias) for g in groups)
-        self.group_embed = nn.Parameter(torch.zeros(self.num_groups, embed_dim))
+        self.encoding = encoding
+        if encoding == "sincos":
+            table = sincos_group_encoding(self.num_groups, embed_dim, min(SATMAE_GROUP_CHANNELS, embed_dim))
+            self.register_buffer("group_embed", table, persistent=False)
+        elif encoding == "learned":
+            self.group_embed = nn.Parameter(torch.zeros(self.num_groups, embed_dim))
+        else:
+            raise ValueError(f"unknown group encoding {encoding!r}; use 'learned' or 'sincos'")
         self.reset_group_embed()
 
     def reset_group_embed(self) -> None:
-        if not self.group_embed.is_meta:
+        if isinstance(self.group_embed, nn.Parameter) and not self.group_embed.is_meta:
             nn.init.trunc_normal_(self.group_embed, std=0.02)
 
     @torch.no_grad()
@@ -106,11 +136,12 @@ class GroupChannelPatchEmbed(nn.Module):
         return t + self.group_embed.to(t.dtype)[None, :, None, None, :]
 
     def extra_repr(self) -> str:
-        return f"groups={self.band_groups}, patch={self.patch_size[0]}, dim={self.embed_dim}"
+        return f"groups={self.band_groups}, patch={self.patch_size[0]}, dim={self.embed_dim}, encoding={self.encoding}"
 
 
 def use_group_channel_embed(vit: nn.Module, band_groups: Optional[Sequence[Sequence[int]]] = None,
-                            in_chans: Optional[int] = None) -> GroupChannelPatchEmbed:
+                            in_chans: Optional[int] = None,
+                            encoding: GroupEncoding = "learned") -> GroupChannelPatchEmbed:
     """Replace ``vit.patch_embed`` by a group-channel embed of the same patch size, grid and width.
 
     The spatial ``vit.pos_embed`` is kept (shared by all groups). in_chans: input bands (default:
@@ -120,7 +151,7 @@ def use_group_channel_embed(vit: nn.Module, band_groups: Optional[Sequence[Seque
     old = vit.patch_embed
     c_old = old.proj.weight.shape[1]
     pe = GroupChannelPatchEmbed(old.img_size[0], old.patch_size[0], in_chans or c_old, vit.embed_dim,
-                                band_groups, bias=old.proj.bias is not None)
+                                band_groups, bias=old.proj.bias is not None, encoding=encoding)
     pe.to(device=old.proj.weight.device, dtype=old.proj.weight.dtype)
     if c_old == 3 and not old.proj.weight.is_meta:
         pe.init_from_rgb(old.proj.weight, old.proj.bias)

@@ -38,29 +38,19 @@ def _pos_embeds(vit: nn.Module, grid: tuple[int, int]) -> tuple[Optional[torch.T
     return (prefix if n_prefix else None), patch
 
 
-def embed(
-    vit: nn.Module,
-    x: torch.Tensor,
-    mask: Optional[torch.Tensor] = None,
-    mask_token: Optional[torch.Tensor] = None,
-    ids_keep: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """Images -> input tokens of the first block.
-
-    x: (B, C, H, W). mask: (B, L) bool, True = replace that patch embedding by ``mask_token`` (D,)
-    (iBOT). ids_keep: (B, L_keep) long, keep only these patch tokens (MAE encoder), after the position
-    embedding so each kept token keeps its position. Returns (B, P + L', D) with the P prefix tokens
-    ([cls][reg...]) first.
-    """
-    t = vit.patch_embed(x)
-    if t.dim() == 4:
-        t = t.unsqueeze(1)  # (B, 1, h, w, D)
-    B, G, h, w, D = t.shape
-    t = t.reshape(B, G * h * w, D)
+def _assemble(vit: nn.Module, t: torch.Tensor, grid: tuple[int, int], mask: Optional[torch.Tensor],
+              mask_token: Optional[torch.Tensor], ids_keep: Optional[torch.Tensor]) -> torch.Tensor:
+    """Patch tokens t (B, G*h*w, D) -> [prefix][patch] tokens, with every tensor that lives on the
+    ViT itself (mask token, position embedding, cls/register tokens) read here."""
+    B, _, D = t.shape
+    h, w = grid
+    G = t.shape[1] // (h * w)
     if mask is not None:
         if mask_token is None:
-            raise ValueError("embed(): a mask needs a mask_token")
-        t = torch.where(mask.unsqueeze(-1), mask_token.to(t.dtype).view(1, 1, D), t)
+            mask_token = getattr(vit, "mask_token", None)
+        if mask_token is None:
+            raise ValueError("embed(): a mask needs a mask_token (the model has none)")
+        t = torch.where(mask.unsqueeze(-1), mask_token.to(t.dtype).reshape(1, 1, D), t)
     prefix_pe, patch_pe = _pos_embeds(vit, (h, w))
     if patch_pe is not None:
         t = (t.view(B, G, h * w, D) + patch_pe.unsqueeze(1)).view(B, G * h * w, D)
@@ -76,6 +66,50 @@ def embed(
         if prefix_pe is not None:
             p = p + prefix_pe
         t = torch.cat([p, t], dim=1)
+    return t
+
+
+class TokenAssembly(nn.Module):
+    """:func:`_assemble` as a parameter-free submodule of the ViT (``vit.token_assembly``, attached by
+    ``engine.model.vit.build_vit``; no state-dict keys).
+
+    Why a module: under DeepSpeed ZeRO-3 a parameter read outside its module's forward is gathered
+    on access and registered with the module running at that moment. Read here, the ViT's own
+    tensors are gathered for this call and released after it, like any submodule's weights; read
+    from an objective's forward they would stay gathered until that forward ends, which breaks the
+    EMA teacher's swap of trainable tensors (engine/objectives/teacher.py).
+    """
+
+    def forward(self, vit: nn.Module, t: torch.Tensor, grid: tuple[int, int], mask: Optional[torch.Tensor] = None,
+                mask_token: Optional[torch.Tensor] = None, ids_keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return _assemble(vit, t, grid, mask, mask_token, ids_keep)
+
+
+def embed(
+    vit: nn.Module,
+    x: torch.Tensor,
+    mask: Optional[torch.Tensor] = None,
+    mask_token: Optional[torch.Tensor] = None,
+    ids_keep: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Images -> input tokens of the first block.
+
+    x: (B, C, H, W). mask: (B, L) bool, True = replace that patch embedding by ``mask_token`` (D,)
+    (iBOT; None = the model's own ``vit.mask_token``, as DINOv2 checkpoints carry one). ids_keep:
+    (B, L_keep) long, keep only these patch tokens (MAE encoder), after the position embedding so
+    each kept token keeps its position. Returns (B, P + L', D) with the P prefix tokens
+    ([cls][reg...]) first.
+    """
+    t = vit.patch_embed(x)
+    if t.dim() == 4:
+        t = t.unsqueeze(1)  # (B, 1, h, w, D)
+    B, G, h, w, D = t.shape
+    t = t.reshape(B, G * h * w, D)
+    assembly = getattr(vit, "token_assembly", None)
+    if isinstance(assembly, TokenAssembly):
+        t = assembly(vit, t, (h, w), mask, mask_token, ids_keep)
+    else:  # a timm model built elsewhere (no ZeRO-3 concerns)
+        t = _assemble(vit, t, (h, w), mask, mask_token, ids_keep)
     t = vit.pos_drop(t)
     return vit.norm_pre(t)
 
@@ -102,8 +136,9 @@ def forward_tokens(
     """
     t = run_blocks(vit, embed(vit, x, mask, mask_token, ids_keep))
     out = vit.norm(t)
-    n_reg = 0 if vit.reg_token is None else vit.reg_token.shape[1]
-    n_cls = 0 if vit.cls_token is None else 1
+    # timm's counts, not the token tensors: reading those here would gather them under ZeRO-3
+    n_reg = int(vit.num_reg_tokens)
+    n_cls = int(vit.has_class_token)
     P = n_cls + n_reg
     cls = out[:, 0] if n_cls else out[:, P:].mean(dim=1)
     return {"cls": cls, "reg": out[:, n_cls:P], "patch": out[:, P:], "prenorm": t}

@@ -22,12 +22,14 @@ from typing import Optional, Union
 
 import timm
 import torch
+from timm.layers import DropPath
 from torch import nn
 
 from engine.config import ModelConfig, to_dict
 from engine.errors import UserError
 from engine.model.attention import use_dispatch_attention
 from engine.model.patch_embed import use_group_channel_embed
+from engine.model.tokens import TokenAssembly
 from engine.model.weights import file_sha256, load_weights
 
 log = logging.getLogger(__name__)
@@ -90,14 +92,31 @@ def create_vit(cfg: ModelConfig, device: Union[str, torch.device, None] = None) 
         vit = timm.create_model(arch, **kwargs)
         if group:
             try:
-                use_group_channel_embed(vit, cfg.band_groups, cfg.in_chans)
+                use_group_channel_embed(vit, cfg.band_groups, cfg.in_chans, cfg.group_embed)
             except ValueError as e:
                 raise UserError(f"--model.band_groups: {e}") from None
     if cfg.img_size % vit.patch_embed.patch_size[0]:
         raise UserError(f"--model.img_size {cfg.img_size} is not a multiple of {arch}'s patch size "
                         f"{vit.patch_embed.patch_size[0]}")
+    set_drop_path(vit, cfg.drop_path_rate, cfg.drop_path_uniform)
+    vit.token_assembly = TokenAssembly()  # no parameters: the timm state dict is unchanged
     vit.geoexplora_name = arch
     return vit
+
+
+def set_drop_path(vit: nn.Module, rate: float, uniform: bool = True) -> list[float]:
+    """Stochastic depth on every block's two residual branches: ``rate`` everywhere (DINOv2's
+    ``drop_path_uniform``) or timm's linear ramp 0 -> ``rate``. Returns the per-block rates.
+
+    DropPath is active in train mode only, so the EMA teacher (run in eval mode) never drops.
+    """
+    depth = len(vit.blocks)
+    rates = [float(rate)] * depth if uniform else torch.linspace(0, float(rate), depth, dtype=torch.float64).tolist()
+    for blk, r in zip(vit.blocks, rates):
+        for attr in ("drop_path1", "drop_path2"):
+            if hasattr(blk, attr):
+                setattr(blk, attr, DropPath(r) if r > 0 else nn.Identity())
+    return rates
 
 
 def build_vit(cfg: ModelConfig, device: Union[str, torch.device, None] = None) -> nn.Module:

@@ -30,10 +30,11 @@ def sinkhorn_knopp(
     """Equipartitioned soft assignments of N samples (over all ranks) to K prototypes.
 
     logits: (N_local, K) teacher scores. Returns (N_local, K) float32, each row a distribution.
-    Starts from Q = exp(logits / temp) (the heads bound scores to [-1, 1], so no overflow for
-    temp >= 0.012 in fp32) and alternates, as DINOv2 does, a prototype step (every prototype gets
-    total mass 1/K, summed over all ranks) and a sample step (every sample gets 1/N_total). The
-    column sums are local, so only K + 2 numbers cross ranks per iteration.
+    Starts from Q = exp(logits / temp) like DINOv2 (scores are gain * cosine, the prototype gain
+    starting at 1, so fp32 cannot overflow while |gain| / temp < 88) and alternates, as DINOv2
+    does, a prototype step (every prototype gets total mass 1/K, summed over all ranks) and a
+    sample step (every sample gets 1/N_total). The column sums are local, so only K + 2 numbers
+    cross ranks per iteration.
     """
     q = torch.exp(logits.float() / temp).t()  # K x N
     k = q.shape[0]

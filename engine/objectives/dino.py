@@ -20,10 +20,11 @@ import torch
 from torch import nn
 
 from engine.config import DinoConfig
+from engine.model.layer_decay import LayerDecay
 from engine.model.tokens import forward_tokens
 from engine.objectives.centering import AllReduce, identity_all_reduce
 from engine.objectives.dino_clstoken_loss import DINOClsLoss
-from engine.objectives.dino_head import DINOHead
+from engine.objectives.dino_head import LAST_LAYER, DINOHead
 from engine.objectives.ibot_patch_loss import IBOTPatchLoss
 from engine.objectives.koleo_loss import koleo_loss
 from engine.objectives.monitor import CollapseMonitor
@@ -39,7 +40,8 @@ class DinoObjective(nn.Module):
     vit: timm VisionTransformer (dynamic_img_size) with the recipe already applied (frozen base,
     LoRA, unfrozen blocks). total_steps: optimizer steps of the run (momentum schedule).
     n_global_crops: global crops per image in the batches. all_reduce: sum over ranks (identity
-    without distribution).
+    without distribution). layer_decay: DINOv2's layer-wise lr decay and patch-embed lr factor
+    (optim.layerwise_decay, optim.patch_embed_lr_mult), read by the trainer via :meth:`lr_multiplier`.
     """
 
     def __init__(
@@ -49,6 +51,7 @@ class DinoObjective(nn.Module):
         total_steps: int,
         n_global_crops: int = 2,
         all_reduce: Optional[AllReduce] = None,
+        layer_decay: LayerDecay = LayerDecay(),
     ):
         super().__init__()
         self.vit = vit
@@ -56,6 +59,7 @@ class DinoObjective(nn.Module):
         self.total_steps = int(total_steps)
         self.n_global = int(n_global_crops)
         self.all_reduce = all_reduce or identity_all_reduce
+        self.layer_decay = layer_decay
         dim = vit.embed_dim
         head_kw = dict(out_dim=cfg.head_n_prototypes, hidden_dim=cfg.head_hidden_dim,
                        bottleneck_dim=cfg.head_bottleneck_dim, nlayers=cfg.head_nlayers)
@@ -88,6 +92,16 @@ class DinoObjective(nn.Module):
         tensors, the heads and the mask token."""
         return ((n, p) for n, p in self.named_parameters() if p.requires_grad)
 
+    def lr_multiplier(self, name: str) -> float:
+        """Layer-wise lr factor of trainable ``name`` (DINOv2 param_groups: heads 1)."""
+        return self.layer_decay.for_objective(name, len(self.vit.blocks))
+
+    def frozen_steps(self, name: str) -> int:
+        """First steps with lr 0 for ``name``: the heads' prototype layer (DINOv2's "last_layer",
+        direction and gain) for ``freeze_last_layer_steps``, everything else 0."""
+        head, _, leaf = name.partition(".")
+        return self.cfg.freeze_last_layer_steps if head in ("dino_head", "ibot_head") and leaf in LAST_LAYER else 0
+
     def zero_config_overrides(self, stage: int) -> dict:
         """zero_optimization entries this objective needs at ZeRO ``stage`` (the shared-base teacher)."""
         return dict(ZERO3_REQUIREMENTS) if stage == 3 else {}
@@ -115,9 +129,6 @@ class DinoObjective(nn.Module):
         self.teacher.load_state_dict(state["teacher"])
 
     # ------------------------------------------------------------------ forward
-    def _mask_token(self) -> torch.Tensor:
-        return self.mask_token if self.mask_token is not None else self.vit.mask_token.reshape(-1)
-
     def _ibot_head(self) -> DINOHead:
         return self.ibot_head if self.ibot_head is not None else self.dino_head
 
@@ -134,7 +145,6 @@ class DinoObjective(nn.Module):
         masks = batch.get("masks") if c.ibot_loss_weight > 0 else None
         do_ibot = masks is not None
         temp = self.teacher_temp(step)
-        freeze = step < c.freeze_last_layer_steps
         shared = self.ibot_head is None
 
         # 1. teacher
@@ -156,7 +166,8 @@ class DinoObjective(nn.Module):
             t_patch_probs = self.ibot_loss.teacher_targets(t_patch_logits, temp, self.all_reduce)
 
         # 3. student
-        s_g = forward_tokens(self.vit, g, mask=masks, mask_token=self._mask_token() if do_ibot else None)
+        # mask_token None = the ViT's own (a DINOv2 checkpoint's), read inside the ViT's token assembly
+        s_g = forward_tokens(self.vit, g, mask=masks, mask_token=self.mask_token)
         s_l = forward_tokens(self.vit, local) if n_l else None
         head_in = ([s_l["cls"]] if n_l else []) + [s_g["cls"]]
         if do_ibot:
@@ -164,11 +175,11 @@ class DinoObjective(nn.Module):
             if shared:
                 head_in.append(s_patch)
         sizes = [t.shape[0] for t in head_in]
-        outs = list(self.dino_head(torch.cat(head_in), freeze_prototypes=freeze).split(sizes))
+        outs = list(self.dino_head(torch.cat(head_in)).split(sizes))
         s_l_logits = outs.pop(0) if n_l else None
         s_g_logits = outs.pop(0)
         if do_ibot:
-            s_patch_logits = outs.pop(0) if shared else self.ibot_head(s_patch, freeze_prototypes=freeze)
+            s_patch_logits = outs.pop(0) if shared else self.ibot_head(s_patch)
 
         # 4. losses
         K = s_g_logits.shape[-1]

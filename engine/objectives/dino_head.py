@@ -1,9 +1,12 @@
-"""DINO projection head: MLP -> L2-normalised bottleneck -> cosine scores against K prototypes.
+"""DINO projection head: MLP -> L2-normalised bottleneck -> weight-normalised prototype layer.
 
-Layout as in DINO/DINOv2 (``in -> hidden -> ... -> bottleneck``, GELU between layers, truncated
-normal init std 0.02, zero biases). The prototype layer is weight-normalised with the norm FIXED to
-1 (DINO's ``norm_last_layer=True``): scores are cosines in [-1, 1], which keeps Sinkhorn-Knopp's
-exp(score / temp) finite in fp32 and is the stable choice for heads trained from scratch.
+Layout as DINOv2's ``DINOHead`` (dinov2/layers/dino_head.py): ``in -> hidden -> ... -> bottleneck``,
+GELU between layers, truncated normal init std 0.02, zero biases; then the prototype ("last") layer
+``weight_norm(Linear(bottleneck, K, bias=False))`` whose gain ``weight_g`` starts at 1 and TRAINS
+(DINOv2 L27-28; DINO v1's ``norm_last_layer=True`` is the variant that pins it to 1). Here the
+weight-norm is written out: ``prototypes`` is DINOv2's ``weight_v`` (K, bottleneck) and
+``prototype_gain`` its ``weight_g`` (K, 1), so score k = g_k * cos(z, v_k). Both get weight decay and
+both are the "last layer" that ``objective.dino.freeze_last_layer_steps`` holds at lr 0.
 DINOv2 hub checkpoints carry no heads, so the heads always start from this init.
 """
 from __future__ import annotations
@@ -12,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from torch import nn
+
+LAST_LAYER = ("prototypes", "prototype_gain")
 
 
 def _mlp(in_dim: int, hidden_dim: int, bottleneck_dim: int, nlayers: int) -> nn.Sequential:
@@ -25,11 +30,7 @@ def _mlp(in_dim: int, hidden_dim: int, bottleneck_dim: int, nlayers: int) -> nn.
 
 
 class DINOHead(nn.Module):
-    """x: (N, in_dim) -> scores (N, out_dim), each in [-1, 1].
-
-    ``prototypes`` (out_dim, bottleneck_dim) is the direction of each prototype; only its
-    direction matters, so weight decay on it changes nothing in the output.
-    """
+    """x: (N, in_dim) -> scores (N, out_dim) = gain_k * cos(bottleneck(x), prototype_k)."""
 
     def __init__(
         self,
@@ -46,14 +47,13 @@ class DINOHead(nn.Module):
                 trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
         self.prototypes = nn.Parameter(torch.empty(out_dim, bottleneck_dim))
-        # nn.Linear's default init, as DINO's weight-normed layer starts from one
+        # nn.Linear's default init, as DINOv2's weight-normed layer starts from one
         nn.init.kaiming_uniform_(self.prototypes, a=5 ** 0.5)
+        self.prototype_gain = nn.Parameter(torch.ones(out_dim, 1))
 
-    def forward(self, x: torch.Tensor, freeze_prototypes: bool = False) -> torch.Tensor:
-        """freeze_prototypes: stop the gradient into ``prototypes`` (DINOv2's first-epoch freeze)."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.mlp(x)
         eps = 1e-6 if z.dtype == torch.float16 else 1e-12
         z = F.normalize(z, dim=-1, p=2, eps=eps)
-        w = self.prototypes.detach() if freeze_prototypes else self.prototypes
-        w = F.normalize(w, dim=-1, p=2, eps=eps)
+        w = F.normalize(self.prototypes, dim=-1, p=2, eps=eps) * self.prototype_gain
         return F.linear(z, w)

@@ -16,8 +16,14 @@ from engine.objectives.centering import TeacherTargetLoss
 
 class IBOTPatchLoss(TeacherTargetLoss):
     """Weighted masked-patch cross-entropy against the teacher targets (:meth:`teacher_targets`:
-    N = this rank's masked positions, image-major; DINOv2 also averages zero padding rows into the
-    running center, we do not pad).
+    N = this rank's masked positions, image-major).
+
+    DINOv2 pads the masked patch tokens to a fixed upper bound for the head call but slices the
+    head output back to the n_masked real rows before centering or Sinkhorn-Knopp
+    (dinov2/train/ssl_meta_arch.py L170-193), so padding never reaches the targets or the center;
+    we do not pad at all. One difference remains with 'centering': DINOv2's iBOT center update
+    averages the per-rank means of the masked rows (dinov2/loss/ibot_patch_loss.py L133-151), ours is the mean
+    over all masked rows of all ranks.
 
     out_dim: K prototypes. centering: 'sinkhorn_knopp' | 'centering'.
     """

@@ -5,8 +5,15 @@ Attribute names equal the official MAE ones (``decoder_embed``, ``mask_token``, 
 ``decoder_blocks.*``, ``decoder_norm``, ``decoder_pred``) so an official state dict loads by key.
 Position embedding: MAE's fixed 2-D sin-cos table with a zero row for the class token (first half
 of the channels encodes the column, second half the row); other grids are resampled like the
-encoder's. Group-channel decoders add a learned per-group embedding to the spatial one (tokens are
-group-major, like the encoder's) and predict each group's own bands with a separate linear layer.
+encoder's. Group-channel decoders add a per-group encoding to the spatial one (tokens are
+group-major, like the encoder's): learned, or SatMAE's fixed sin-cos code of the group index in the
+last 128 channels (the prefix tokens get the code of index G, models_mae_group_channels.py
+L62, L95-97, L254-263); each group's own bands are predicted by a separate linear layer.
+
+Loading (:func:`load_mae_decoder`) takes every tensor of an official decoder that fits; layers the
+file cannot provide (group-channel prediction heads and group encoding, a prediction head for a
+band count other than the file's) start from MAE's init and are reported as ``fresh``, as ExPLoRA
+drops mismatching ``decoder_pred`` keys before loading (its mae/pretrain.py).
 """
 from __future__ import annotations
 
@@ -20,6 +27,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from engine.errors import UserError
+from engine.model.patch_embed import SATMAE_DECODER_GROUP_CHANNELS, GroupEncoding, sincos_group_encoding
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +63,8 @@ class MAEDecoder(nn.Module):
 
     embed_dim: encoder width D. grid_size: (h0, w0) native patch grid. patch_size: p.
     group_chans: bands per group, [C] for a plain patch embed. num_prefix_tokens: encoder prefix
-    tokens ([cls][reg...]), which get the table's zero (class) row.
+    tokens ([cls][reg...]), which get the table's zero (class) row. group_encoding: 'learned' or
+    'sincos' (SatMAE) for group-channel decoders.
     """
 
     def __init__(
@@ -69,6 +78,7 @@ class MAEDecoder(nn.Module):
         decoder_num_heads: int = 16,
         mlp_ratio: float = 4.0,
         num_prefix_tokens: int = 1,
+        group_encoding: GroupEncoding = "learned",
     ):
         super().__init__()
         self.grid_size = tuple(int(g) for g in grid_size)
@@ -89,7 +99,13 @@ class MAEDecoder(nn.Module):
             self.decoder_group_embed = None
         else:
             self.decoder_pred = nn.ModuleList(nn.Linear(dd, p2 * c, bias=True) for c in self.group_chans)
-            self.decoder_group_embed = nn.Parameter(torch.zeros(len(self.group_chans), dd))
+            G = len(self.group_chans)
+            if group_encoding == "sincos":
+                # G + 1 rows: one per group, the last for the prefix tokens (SatMAE's decoder_channel_embed)
+                table = sincos_group_encoding(G + 1, dd, min(SATMAE_DECODER_GROUP_CHANNELS, dd))
+                self.register_buffer("decoder_group_embed", table, persistent=False)
+            else:
+                self.decoder_group_embed = nn.Parameter(torch.zeros(G, dd))
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -103,7 +119,7 @@ class MAEDecoder(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
         nn.init.normal_(self.mask_token, std=0.02)
-        if self.decoder_group_embed is not None:
+        if isinstance(self.decoder_group_embed, nn.Parameter):
             nn.init.normal_(self.decoder_group_embed, std=0.02)
 
     def _pos_embed(self, grid: tuple[int, int]) -> torch.Tensor:
@@ -129,9 +145,13 @@ class MAEDecoder(nn.Module):
         pe = self._pos_embed(grid).to(x.dtype)
         G, hw = len(self.group_chans), grid[0] * grid[1]
         full = full.view(B, G, hw, dd) + pe[:, None, 1:]
+        prefix = prefix + pe[:, :1]
         if self.decoder_group_embed is not None:
-            full = full + self.decoder_group_embed.to(x.dtype)[None, :, None, :]
-        x = torch.cat([prefix + pe[:, :1], full.reshape(B, G * hw, dd)], dim=1)
+            ge = self.decoder_group_embed.to(x.dtype)
+            full = full + ge[None, :G, None, :]
+            if ge.shape[0] > G:  # sin-cos: the prefix tokens get the code of index G
+                prefix = prefix + ge[G]
+        x = torch.cat([prefix, full.reshape(B, G * hw, dd)], dim=1)
         for blk in self.decoder_blocks:
             x = blk(x)
         x = self.decoder_norm(x)[:, P:].reshape(B, G, hw, dd)
@@ -151,16 +171,29 @@ def _decoder_keys(state: dict) -> dict:
     return out
 
 
-def load_mae_decoder(decoder: MAEDecoder, state: Optional[dict]) -> bool:
+def _fresh_keys(decoder: MAEDecoder, sd: dict) -> list[str]:
+    """Decoder tensors a plain official file cannot provide: the prediction head when its shape
+    differs (group-channel heads, another band count) and a learned group encoding."""
+    own = decoder.state_dict()
+    fresh = [k for k in own if k.startswith("decoder_group_embed")]
+    pred = [k for k in own if k.startswith("decoder_pred.")]
+    if any(k not in sd or sd[k].shape != own[k].shape for k in pred):
+        fresh += pred
+    return fresh
+
+
+def load_mae_decoder(decoder: MAEDecoder, state: Optional[dict]) -> Optional[list[str]]:
     """Load official-MAE decoder tensors from ``state`` (a full MAE state dict, ``{'model': ...}``
-    or decoder keys only). Returns False, leaving the init, when ``state`` has no decoder (MAE's
-    ``mae_pretrain_*`` files hold the encoder only). Raises UserError when the decoder's shape does
-    not match the configuration, naming the settings to change."""
+    or decoder keys only).
+
+    Returns None, leaving the init, when ``state`` has no decoder (MAE's ``mae_pretrain_*`` files hold
+    the encoder only), else the names of the decoder tensors that start fresh (see the module
+    docstring). Raises UserError naming every tensor whose shape does not fit the configuration.
+    """
     sd = _decoder_keys(state or {})
     # a lone 'mask_token' is an encoder's (DINOv2), not a decoder
     if not any(k.startswith("decoder_") for k in sd):
-        log.info("MAE decoder initialised from scratch (the checkpoint has no decoder)")
-        return False
+        return None
     own = decoder.state_dict()
     if "decoder_pos_embed" in sd and sd["decoder_pos_embed"].shape != own["decoder_pos_embed"].shape:
         pe = sd["decoder_pos_embed"]
@@ -173,16 +206,26 @@ def load_mae_decoder(decoder: MAEDecoder, state: Optional[dict]) -> bool:
         # some exports keep only the decoder_* tensors; the rest of the decoder is still worth loading
         log.warning("MAE decoder state has no mask_token: the decoder's mask token starts from its init")
         sd["mask_token"] = own["mask_token"]
-    bad = [k for k in own if k not in sd or sd[k].shape != own[k].shape]
-    extra = [k for k in sd if k not in own]
-    if bad or extra:
+    fresh = _fresh_keys(decoder, sd)
+    for k in fresh:
+        sd[k] = own[k]
+    sd = {k: v for k, v in sd.items() if not (k.startswith("decoder_pred") and k not in own)}
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    mismatched = [f"{k}: file {tuple(sd[k].shape)} vs configured {tuple(own[k].shape)}"
+                  for k in own if k in sd and sd[k].shape != own[k].shape]
+    if missing or unexpected or mismatched:
         width = sd["decoder_embed.weight"].shape[0] if "decoder_embed.weight" in sd else "?"
         depth = len({k.split(".")[1] for k in sd if k.startswith("decoder_blocks.")})
+        parts = ([f"{len(mismatched)} mismatched {mismatched[:4]}"] if mismatched else []) + \
+                ([f"{len(missing)} missing {missing[:4]}"] if missing else []) + \
+                ([f"{len(unexpected)} unexpected {unexpected[:4]}"] if unexpected else [])
         raise UserError(
-            f"--objective.mae.decoder_embed_dim/--objective.mae.decoder_depth: the checkpoint's MAE decoder "
-            f"(width {width}, {depth} blocks) does not fit the configured one (width "
-            f"{decoder.decoder_embed.out_features}, {len(decoder.decoder_blocks)} blocks); first mismatching "
-            f"tensor: {(bad or extra)[0]!r}. Set the decoder settings to the checkpoint's (MAE: 512, 8, 16 heads)")
+            "--objective.mae.decoder_embed_dim/decoder_depth: the weight file's MAE decoder does not fit the "
+            f"configured one ({'; '.join(parts)}). The file's decoder has width {width} and {depth} blocks; "
+            f"configured: width {decoder.decoder_embed.out_features}, {len(decoder.decoder_blocks)} blocks. "
+            "Set the decoder settings to the file's (official MAE: 512, 8, 16 heads)")
     decoder.load_state_dict(sd, strict=True)
-    log.info("MAE decoder loaded from the checkpoint (%d tensors)", len(sd))
-    return True
+    log.info("MAE decoder loaded from the weight file (%d tensors%s)", len(sd) - len(fresh),
+             f"; new: {sorted({k.rsplit('.', 1)[0] for k in fresh})}" if fresh else "")
+    return fresh

@@ -17,8 +17,12 @@ skip them), and would need full, unpartitioned EMA copies gathered with DeepSpee
 ZeRO-3 correctness needs every trainable parameter to be released (``p.data`` empty) outside its
 submodule's forward, so that no gathered copy survives across the swap: no prefetching, no reuse
 across the teacher/student passes, no persistent small parameters. ``ZERO3_REQUIREMENTS`` lists the
-DeepSpeed settings; the swap checks the condition before and after the teacher pass and raises
-instead of silently running the student with teacher weights (or the reverse).
+DeepSpeed settings. The tensors that live on the ViT itself (cls/register/mask tokens, position
+embedding) are read inside ``engine.model.tokens.TokenAssembly``'s forward, never from the
+objective's, so DeepSpeed gathers and releases them around that call too (read from the
+objective's forward they would stay gathered until it ends, across the swap). The swap checks the
+condition before and after the teacher pass and raises instead of silently running the student
+with teacher weights (or the reverse).
 """
 from __future__ import annotations
 

@@ -42,16 +42,18 @@ def is_no_decay(name: str, p: nn.Parameter, no_decay_lora_b: bool) -> bool:
 
 
 def param_groups(named: Iterable[tuple[str, nn.Parameter]], no_decay_lora_b: bool = True,
-                 lr_mult: Optional[Callable[[str], float]] = None) -> list[dict]:
+                 lr_mult: Optional[Callable[[str], float]] = None,
+                 frozen_steps: Optional[Callable[[str], int]] = None) -> list[dict]:
     """AdamW param groups over the given (trainable) parameters: 'decay' (wd_mult 1) and
     'no_decay' (wd_mult 0); empty groups are dropped (ZeRO cannot partition an empty group).
-    lr_mult: name -> lr multiplier (layer-wise lr decay); tensors are grouped by (decay, multiplier)
-    and each group's ``lr_mult`` scales the scheduled lr.
+    lr_mult: name -> lr multiplier (layer-wise lr decay); frozen_steps: name -> number of first
+    steps with lr 0 (DINOv2's prototype-layer freeze). Tensors are grouped by (decay, multiplier,
+    frozen steps); each group's ``lr_mult`` scales the scheduled lr and ``frozen_until`` holds it at 0.
 
     Every group carries ``names`` (parallel to ``params``) for reports; ``lr``/``weight_decay``
     are set per step by ``OptimSchedule.apply``.
     """
-    buckets: dict[tuple[bool, float], list] = {}
+    buckets: dict[tuple[bool, float, int], list] = {}
     seen: set[int] = set()
     for name, p in named:
         if not p.requires_grad:
@@ -59,15 +61,19 @@ def param_groups(named: Iterable[tuple[str, nn.Parameter]], no_decay_lora_b: boo
         if id(p) in seen:
             continue
         seen.add(id(p))
-        key = (is_no_decay(name, p, no_decay_lora_b), float(lr_mult(name)) if lr_mult else 1.0)
+        key = (is_no_decay(name, p, no_decay_lora_b), float(lr_mult(name)) if lr_mult else 1.0,
+               int(frozen_steps(name)) if frozen_steps else 0)
         buckets.setdefault(key, []).append((name, p))
     groups = []
-    for (no_decay, mult), members in sorted(buckets.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
+    for (no_decay, mult, frozen), members in sorted(buckets.items(), key=lambda kv: (kv[0][0], -kv[0][1], kv[0][2])):
         tag = "no_decay" if no_decay else "decay"
         if mult != 1.0:
             tag += f"@lr_x{mult:.4g}"
+        if frozen:
+            tag += f"@frozen_{frozen}_steps"
         groups.append({"params": [p for _, p in members], "names": [n for n, _ in members], "group": tag,
-                       "wd_mult": 0.0 if no_decay else 1.0, "lr_mult": mult, "weight_decay": 0.0, "lr": 0.0})
+                       "wd_mult": 0.0 if no_decay else 1.0, "lr_mult": mult, "frozen_until": frozen,
+                       "weight_decay": 0.0, "lr": 0.0})
     return groups
 
 
@@ -197,7 +203,8 @@ def initialize(objective: nn.Module, cfg: RunConfig, world_size: int, device_typ
     named = list(objective.trainable_parameters())
     if not named:
         raise UserError("--explora.*: the recipe left no trainable parameters; check unfreeze_blocks/lora_targets")
-    groups = param_groups(named, cfg.optim.no_decay_lora_b, getattr(objective, "lr_multiplier", None))
+    groups = param_groups(named, cfg.optim.no_decay_lora_b, getattr(objective, "lr_multiplier", None),
+                          getattr(objective, "frozen_steps", None))
     optimizer, impl = build_optimizer(groups, cfg.optim, device_type, offload=cfg.zero.offload_optimizer)
     overrides = {}
     if hasattr(objective, "zero_config_overrides"):
@@ -207,7 +214,8 @@ def initialize(objective: nn.Module, cfg: RunConfig, world_size: int, device_typ
     frozen = sum(p.numel() for p in objective.parameters() if id(p) not in trainable_ids)
     report = OptimizerReport(
         implementation=impl,
-        groups=[{"group": g["group"], "wd_mult": g["wd_mult"], "tensors": len(g["params"]),
+        groups=[{"group": g["group"], "wd_mult": g["wd_mult"], "lr_mult": g["lr_mult"],
+                 "frozen_until": g["frozen_until"], "tensors": len(g["params"]),
                  "numel": sum(p.numel() for p in g["params"]), "names": g["names"]} for g in groups],
         trainable_numel=sum(p.numel() for g in groups for p in g["params"]),
         frozen_numel=frozen,

@@ -63,6 +63,11 @@ def training_flops_per_sample(cfg: RunConfig, vit: nn.Module) -> float:
     return 3.0 * (enc + dec)
 
 
+def classifier_flops_per_sample(vit: nn.Module, img_size: int) -> float:
+    """Model FLOPs of one fine-tuning image: backbone forward + backward (3x); the head is negligible."""
+    return 3.0 * vit_forward_flops(vit, img_size)
+
+
 # Dense 16-bit tensor-core peaks (TFLOPS, no sparsity) from the vendors' data sheets; matched as
 # substrings of torch.cuda.get_device_name(), most specific first.
 PEAK_TFLOPS_16BIT = (

@@ -43,8 +43,9 @@ def output_dir_of(cfg) -> Optional[tuple[str, str]]:
 
 
 def check_output_dir(cfg) -> None:
-    """Before any process group: the run directory can take files (created if missing), so a path
-    below a regular file or on a read-only or full file system fails here, on every rank alike."""
+    """For a launcher's check, before any process group: the run directory can take files (created
+    if missing), so a path below a regular file or on a read-only or full file system fails here,
+    on every rank alike."""
     found = output_dir_of(cfg)
     if found is None:
         return
@@ -97,7 +98,6 @@ def run_cli(config_cls: type, argv: Optional[Sequence[str]], run: Callable, chec
     try:
         cfg = parse_config_args(config_cls, argv, doc)  # -h/--help and --print-config print, then exit 0
         check(cfg)
-        check_output_dir(cfg)
     except UserError:
         report_exit(2)
         if rank != 0:  # every rank found the same problem; rank 0 prints it

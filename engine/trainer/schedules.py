@@ -13,21 +13,25 @@ from dataclasses import dataclass
 from engine.config import OptimConfig
 
 
-def scaled_lr(lr_per_256: float, global_batch: int, rule: str = "linear") -> float:
-    """Peak learning rate for ``global_batch`` images per optimizer step.
+def scaled_lr(base_lr: float, global_batch: int, rule: str = "linear") -> float:
+    """Peak learning rate for ``global_batch`` images per optimizer step (accumulation included).
 
-    lr_per_256: the recipe's lr for 256 images. rule: 'linear' (Goyal et al. 2017, DINO/MAE),
-    'sqrt' (often better for Adam at very large batches) or 'none' (use ``lr_per_256`` as given).
+    base_lr: the recipe's lr at the rule's reference batch. rule: 'linear' = base_lr * B / 256
+    (Goyal et al. 2017; MAE's blr, main_pretrain.py), 'sqrt' = base_lr * sqrt(B / 256),
+    'sqrt_wrt_1024' = base_lr * sqrt(B / 1024) (DINOv2, dinov2/utils/config.py; ExPLoRA counts
+    accum_iter in B) or 'none' (``base_lr`` as given).
     """
     if global_batch <= 0:
         raise ValueError(f"global_batch must be > 0, got {global_batch}")
     if rule == "linear":
-        return lr_per_256 * global_batch / 256.0
+        return base_lr * global_batch / 256.0
     if rule == "sqrt":
-        return lr_per_256 * math.sqrt(global_batch / 256.0)
+        return base_lr * math.sqrt(global_batch / 256.0)
+    if rule == "sqrt_wrt_1024":
+        return base_lr * math.sqrt(global_batch / 1024.0)
     if rule == "none":
-        return lr_per_256
-    raise ValueError(f"unknown lr scaling rule {rule!r} (use linear, sqrt or none)")
+        return base_lr
+    raise ValueError(f"unknown lr scaling rule {rule!r} (use linear, sqrt, sqrt_wrt_1024 or none)")
 
 
 def cosine(step: int, total: int, start: float, end: float) -> float:
@@ -83,10 +87,12 @@ class OptimSchedule:
         """Write step ``step``'s lr and weight decay into optimizer ``param_groups``.
 
         Each group's ``wd_mult`` (set by ``deepspeed_setup.param_groups``; 0 = no decay) scales
-        the weight decay, ``lr_mult`` (default 1) the lr. Returns (lr, wd) of an unscaled group.
+        the weight decay, ``lr_mult`` (default 1) the lr; a group with ``frozen_until`` > step gets
+        lr 0 (DINOv2's last_layer_lr schedule: AdamW then leaves it untouched, weight decay
+        included, while its moments keep accumulating). Returns (lr, wd) of an unscaled group.
         """
         lr, wd = self.lr(step), self.weight_decay_at(step)
         for g in param_groups:
-            g["lr"] = lr * g.get("lr_mult", 1.0)
+            g["lr"] = 0.0 if step < g.get("frozen_until", 0) else lr * g.get("lr_mult", 1.0)
             g["weight_decay"] = wd * g.get("wd_mult", 1.0)
         return lr, wd

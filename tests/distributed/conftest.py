@@ -70,7 +70,9 @@ def tiny_shards(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory) -> Path:
-    """Base weights of the tiny preset's ViT, so adapters can be checked against a fixed base."""
+    """Base weights of the tiny preset's ViT, so adapters can be checked against a fixed base. Like a
+    DINOv2 hub file they carry the iBOT mask token, which then lives on the ViT and trains: with the
+    cls token, two trainable tensors used outside any submodule forward (the ZeRO-3 teacher case)."""
     import torch
     from safetensors.torch import save_file
 
@@ -80,7 +82,9 @@ def tiny_weights(tmp_path_factory) -> Path:
     torch.manual_seed(123)
     vit = build_vit(load_config(RunConfig, str(TINY)).model)
     path = tmp_path_factory.mktemp("weights") / "tiny_base.safetensors"
-    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(path))
+    sd = {k: v.contiguous() for k, v in vit.state_dict().items()}
+    sd["mask_token"] = torch.randn(1, vit.embed_dim) * 0.02
+    save_file(sd, str(path))
     return path
 
 

@@ -9,7 +9,9 @@ Z3 (ZeRO-3): 6 steps straight (checkpoints at 3 and 6, export), and a second run
 Checked: both stages complete and the loss decreases; stop + resume == straight through at ZeRO-3
 (weights, EMA teacher, data position); only trainable tensors are in the optimizer; the exported
 adapter and merged weights reproduce the trained model's features at both stages (gathered
-correctly under ZeRO-3, not saved empty).
+correctly under ZeRO-3, not saved empty). The recipe trains the cls token and the base's DINOv2
+mask token: tensors on the ViT itself, used outside any submodule forward, which ZeRO-3 gathers on
+access and the EMA teacher must release around its swap; both train and have an EMA at ZeRO-3.
 
 Resume equality is checked within one ZeRO stage: ZeRO-2 and ZeRO-3 runs agree at step 1 and to
 1e-5 at step 2, then drift apart (DINO + AdamW amplify the different reduction order; measured 3e-2
@@ -133,7 +135,7 @@ def test_stop_and_resume_equals_straight_run(runs):
         da, db = ra["data"], rb["data"]
         assert (da["epoch"], da["batches"], da["samples"]) == (db["epoch"], db["batches"], db["samples"])
         ema_a, ema_b = ra["extra"][""]["teacher"]["ema"], rb["extra"][""]["teacher"]["ema"]
-        assert ema_a.keys() == ema_b.keys() and ema_a
+        assert ema_a.keys() == ema_b.keys() and {"vit.cls_token", "vit.mask_token"} <= set(ema_a)
         for k in ema_a:
             torch.testing.assert_close(ema_b[k], ema_a[k], rtol=1e-5, atol=1e-6, msg=k)
     events = [json.loads(l) for l in (root / "z3r" / "metrics.jsonl").read_text().splitlines() if '"event"' in l]
@@ -147,6 +149,7 @@ def test_only_trainable_tensors_in_optimizer(runs):
         assert report["frozen_numel"] > 0 and report["trainable_numel"] > 0
         names = [n for g in report["groups"] for n in g["names"]]
         assert not any(n.startswith("vit.blocks.0.") and n.endswith(("qkv.weight", "fc1.weight")) for n in names)
+        assert {"vit.cls_token", "vit.mask_token"} <= set(names)
         flat = 0
         for r in (0, 1):
             osd = torch.load(_step(root, run) / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt", weights_only=False)
@@ -200,3 +203,21 @@ def test_exported_adapter_reproduces_trained_features(runs, tiny_weights, run):
     torch.testing.assert_close(_features(merged, x), ref, rtol=1e-4, atol=1e-4)
     teacher = build_from_adapter(export / "teacher_adapter.safetensors", weights=str(tiny_weights))
     assert not torch.allclose(_features(teacher, x), ref)  # the EMA teacher lags the student
+
+
+def test_root_tensors_train_under_zero3(runs, tiny_weights):
+    """cls token and mask token moved away from the base at ZeRO-3, and the EMA teacher's copies
+    differ from the student's (the swap reached them: no stale gathered copy was used)."""
+    from safetensors.torch import load_file
+
+    root = runs[0]
+    base = load_file(str(tiny_weights))
+    state = _consolidated(_step(root, "z3"))
+    for name in ("cls_token", "mask_token"):
+        assert not torch.allclose(state[f"vit.{name}"].reshape(base[name].shape), base[name]), name
+    ema = {}
+    for r in (0, 1):
+        shard = torch.load(_step(root, "z3") / f"rank_{r:05d}.pt", weights_only=False)["extra"][""]["teacher"]["ema"]
+        ema[r] = shard["vit.cls_token"].flatten()
+    teacher_cls = torch.cat([ema[0], ema[1]])[: state["vit.cls_token"].numel()]
+    assert not torch.allclose(teacher_cls, state["vit.cls_token"].flatten())

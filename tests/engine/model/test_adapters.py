@@ -79,10 +79,14 @@ def test_merged_state_dict_loads_into_plain_timm(trained, tmp_path, images):
     torch.testing.assert_close(_out(via_cfg, images), _out(vit, images), atol=1e-5, rtol=1e-5)
 
 
-def test_peft_layout_reproduces_the_merged_weights(trained, tmp_path):
+def test_peft_layout_reproduces_the_merged_weights(tiny_weights, tmp_path):
     """Apply the exported files with PEFT's rules (W + lora_alpha/r * B A per target module, rank and
-    alpha from rank_pattern/alpha_pattern, modules_to_save copied) and compare to the merge."""
-    path, vit = trained
+    alpha from rank_pattern/alpha_pattern, modules_to_save copied) and compare to the merge.
+    PEFT has no place for root tensors, so this recipe keeps the cls token frozen."""
+    path, _ = tiny_weights(depth=3)
+    vit = build_vit(tiny_cfg(depth=3, weights=path))
+    apply_explora(vit, **RECIPE, train_tokens=False)
+    perturb_trainable(vit)
     out = export_peft(vit, tmp_path / "peft")
     cfg = json.loads((out / "adapter_config.json").read_text())
     tensors = load_file(str(out / "adapter_model.safetensors"))
@@ -112,6 +116,10 @@ def test_peft_refuses_unmappable_tensors(tiny_weights, tmp_path):
     vit = build_vit(tiny_cfg(weights=path))
     apply_explora(vit, lora_rank=2, train_pos_embed=True)
     with pytest.raises(UserError, match="pos_embed"):
+        export_peft(vit, tmp_path / "peft")
+    vit = build_vit(tiny_cfg(weights=path))
+    apply_explora(vit, lora_rank=2)  # the default recipe trains the cls token
+    with pytest.raises(UserError, match="cls_token"):
         export_peft(vit, tmp_path / "peft")
 
 

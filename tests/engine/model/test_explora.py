@@ -42,7 +42,7 @@ def _expected_trainable(depth, unfrozen, targets, norms=True):
             names |= {f"blocks.{i}.norm{j}.{w}" for j in (1, 2) for w in ("weight", "bias")}
     if norms:
         names |= {"norm.weight", "norm.bias"}
-    return names
+    return names | {"cls_token"}  # ExPLoRA's unfreeze_cls_token (explora.train_tokens, default on)
 
 
 @pytest.mark.parametrize("blocks, targets, norms", [

@@ -10,12 +10,13 @@ from engine.model.explora import apply_explora
 from engine.model.vit import build_vit
 
 
-def _closed_form(dim: int, depth: int, rank: int, n_unfrozen: int = 1) -> int:
+def _closed_form(dim: int, depth: int, rank: int, n_unfrozen: int = 1, cls_token: bool = True) -> int:
     """DINOv2 block (MLP ratio 4, LayerScale): qkv 3D^2+3D, proj D^2+D, fc1 4D^2+4D, fc2 4D^2+D,
-    2 norms 4D, 2 LayerScales 2D; LoRA on q,v: 2 segments x (A r*D + B D*r); norms 4D per block + 2D."""
+    2 norms 4D, 2 LayerScales 2D; LoRA on q,v: 2 segments x (A r*D + B D*r); norms 4D per block + 2D;
+    the cls token D (ExPLoRA trains it)."""
     block = 12 * dim * dim + 15 * dim
     lora_blocks = depth - n_unfrozen
-    return n_unfrozen * block + lora_blocks * (4 * rank * dim + 4 * dim) + 2 * dim
+    return n_unfrozen * block + lora_blocks * (4 * rank * dim + 4 * dim) + 2 * dim + (dim if cls_token else 0)
 
 
 @pytest.mark.parametrize("name, dim, depth, paper", [
@@ -29,6 +30,11 @@ def test_paper_settings(name, dim, depth, paper):
     assert report.trainable == _closed_form(dim, depth, 64)
     assert abs(report.trainable - paper) / paper < 0.05  # "about 18M" / "about 9M"
     assert report.groups["unfrozen_blocks"].trainable == 12 * dim * dim + 15 * dim
+    assert report.groups["tokens"].trainable == dim
+    frozen_cls = build_vit(ModelConfig(name=name, img_size=224), device="meta")
+    without = apply_explora(frozen_cls, unfreeze_blocks=[-1], lora_rank=64, lora_alpha=64, lora_targets=["q", "v"],
+                            train_tokens=False)
+    assert without.trainable == _closed_form(dim, depth, 64, cls_token=False) == report.trainable - dim
 
 
 def test_params_cli_json_last_line(capsys):
@@ -40,6 +46,7 @@ def test_params_cli_json_last_line(capsys):
     out = capsys.readouterr().out.strip().splitlines()
     data = json.loads(out[-1])
     assert data["trainable"] == _closed_form(768, 12, 64)
+    assert data["trainable_without_tokens"] == _closed_form(768, 12, 64, cls_token=False)
     assert data["total"] > data["trainable"]
     assert set(data["groups"]) >= {"unfrozen_blocks", "lora", "norms"}
     assert sum(g["trainable"] for g in data["groups"].values()) == data["trainable"]

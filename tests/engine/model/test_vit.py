@@ -48,3 +48,41 @@ def test_grad_checkpointing_flag_gives_same_gradients():
     assert grads[0].keys() == grads[1].keys()
     for n in grads[0]:
         torch.testing.assert_close(grads[0][n], grads[1][n], msg=n)
+
+
+def test_drop_path_uniform_like_dinov2_and_off_in_eval(images):
+    from timm.layers import DropPath
+
+    from engine.model.vit import set_drop_path
+
+    vit = build_vit(tiny_cfg(depth=3, drop_path_rate=0.4))
+    rates = [b.drop_path1.drop_prob for b in vit.blocks] + [b.drop_path2.drop_prob for b in vit.blocks]
+    assert rates == [0.4] * 6  # DINOv2's drop_path_uniform
+    assert set_drop_path(vit, 0.4, uniform=False) == pytest.approx([0.0, 0.2, 0.4])
+    assert not isinstance(vit.blocks[0].drop_path1, DropPath) and vit.blocks[2].drop_path2.drop_prob == 0.4
+    set_drop_path(vit, 0.4)
+    vit.train()
+    torch.manual_seed(0)
+    a = forward_tokens(vit, images)["cls"]
+    b = forward_tokens(vit, images)["cls"]
+    assert not torch.equal(a, b)  # the student drops paths
+    vit.eval()  # the EMA teacher runs in eval mode: deterministic
+    assert torch.equal(forward_tokens(vit, images)["cls"], forward_tokens(vit, images)["cls"])
+    assert all(isinstance(b.drop_path1, torch.nn.Identity) for b in build_vit(tiny_cfg(depth=3)).blocks)
+
+
+def test_token_assembly_is_a_parameter_free_submodule(images):
+    """The ViT's own tensors are read inside vit.token_assembly (a module, so ZeRO-3 gathers and
+    releases them around it); it adds no state-dict keys and changes no output."""
+    import timm
+
+    from engine.model.tokens import TokenAssembly
+
+    torch.manual_seed(0)
+    vit = build_vit(tiny_cfg()).eval()
+    assert isinstance(vit.token_assembly, TokenAssembly)
+    assert not any("token_assembly" in k for k in vit.state_dict())
+    plain = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=56, dynamic_img_size=True,
+                              num_classes=0, embed_dim=64, depth=2, num_heads=2).eval()
+    plain.load_state_dict(vit.state_dict())
+    torch.testing.assert_close(forward_tokens(vit, images)["patch"], forward_tokens(plain, images)["patch"])

@@ -151,16 +151,19 @@ def test_koleo_single_sample_is_zero_and_differentiable():
     assert out.item() == 0.0 and x.grad is not None
 
 
-def test_dino_head_scores_are_cosines_and_freeze_stops_prototype_grad():
+def test_dino_head_scores_are_gain_times_cosine():
     torch.manual_seed(0)
     head = DINOHead(8, out_dim=11, hidden_dim=16, bottleneck_dim=4, nlayers=3)
     x = torch.randn(5, 8)
     y = head(x)
-    assert y.shape == (5, 11) and y.abs().max() <= 1.0 + 1e-6
+    assert y.shape == (5, 11) and y.abs().max() <= 1.0 + 1e-6  # gain starts at 1: cosines
     z = F.normalize(head.mlp(x), dim=-1)
     torch.testing.assert_close(y, z @ F.normalize(head.prototypes, dim=-1).t())
-    head(x, freeze_prototypes=True).sum().backward()
-    assert head.prototypes.grad is None and head.mlp[0].weight.grad is not None
+    with torch.no_grad():
+        head.prototype_gain.copy_(torch.linspace(0.5, 2.0, 11)[:, None])
+    torch.testing.assert_close(head(x), z @ F.normalize(head.prototypes, dim=-1).t() * torch.linspace(0.5, 2.0, 11))
+    head(x).sum().backward()
+    assert head.prototypes.grad is not None and head.prototype_gain.grad is not None
 
 
 def test_schedules():

@@ -98,7 +98,7 @@ def test_teacher_memory_report_with_the_real_recipe():
     cfg.explora = ExploraConfig(lora_rank=4)
     row = memory_row(cfg, "tiny")
     report = apply_explora(build_vit(ModelConfig(name="tiny"), device="meta"), ExploraConfig(lora_rank=4))
-    head_params = 64 * 16 + 16 + 16 * 16 + 16 + 16 * 8 + 8 + 32 * 8  # MLP 64-16-16-8 + 32 prototypes
+    head_params = 64 * 16 + 16 + 16 * 16 + 16 + 16 * 8 + 8 + 32 * 8 + 32  # MLP 64-16-16-8 + 32 prototypes + gains
     assert row["backbone_only"]["trainable_params"] == report.trainable
     assert row["trainable_params"] == report.trainable + head_params
     assert row["total_params"] == report.total + head_params

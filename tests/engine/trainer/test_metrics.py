@@ -42,7 +42,7 @@ def test_throughput_split_and_mfu():
 def test_vit_flops_match_published_counts():
     from engine.model.vit import build_vit
 
-    cfg = load_config(RunConfig, None, ["--model.name", "vit_base_patch16_224"])
+    cfg = load_config(RunConfig, None, ["--model.name", "vit_base_patch16_224", "--objective.name", "mae"])
     vit = build_vit(cfg.model, device="meta")
     # ViT-B/16 at 224 px: 17.6 G multiply-adds (fvcore's "GFLOPs" count multiply-adds)
     assert vit_forward_flops(vit, 224) / 2 == pytest.approx(17.6e9, rel=0.03)
