@@ -45,6 +45,7 @@ setup(
             "geoexplora-params=launchers.params:main",
             "geoexplora-demo=launchers.demo:console",
             "geoexplora-verify-kernels=kernels.verify:main",
+            "geoexplora-supervise=engine.trainer.supervise:main",
         ]
     },
 )

@@ -161,10 +161,14 @@ def parse_overrides(argv: list[str]) -> dict:
     return out
 
 
-def _merge(base: dict, over: dict) -> dict:
+def _merge(base: dict, over: dict, prefix: str = "") -> dict:
     out = dict(base)
     for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        old = out.get(k)
+        if isinstance(v, dict) and old is not None and not isinstance(old, dict):
+            # a preset's `train: 5` must not vanish under a `--train.x` override
+            raise UserError(f"--{prefix}{k}: expected a mapping of options, got {old!r} (in --config)")
+        out[k] = _merge(old, v, f"{prefix}{k}.") if isinstance(v, dict) and isinstance(old, dict) else v
     return out
 
 

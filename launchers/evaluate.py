@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 
 from engine.eval.config import EvalRunConfig
 from engine.errors import UserError, cli_entry
-from engine.trainer.launch import exit_fast, run_cli
+from engine.trainer.launch import check_output_dir, exit_fast, run_cli
 
 
 def check_inputs(cfg: EvalRunConfig) -> None:
@@ -32,6 +32,7 @@ def check_inputs(cfg: EvalRunConfig) -> None:
         if not (Path(cfg.data.shards) / split).is_dir():
             raise UserError(f"--data.shards '{cfg.data.shards}': no '{split}' sub-directory (see --eval.splits)")
         resolve_shards(str(Path(cfg.data.shards) / split), "")
+    check_output_dir(cfg)
 
 
 def run(cfg: EvalRunConfig, env) -> int:

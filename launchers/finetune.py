@@ -14,7 +14,8 @@ lists them all): ``--finetune.mode full``, ``--finetune.mixup 0.8 --finetune.cut
 ``--finetune.layer_decay 0.65``, ``--zero.stage 2``, ``--train.resume auto``. The run directory
 receives the trainer's files (config.yaml, run.json, metrics.jsonl, checkpoints/) plus
 ``best/classifier.safetensors`` (trainable tensors of the best validation) and ``results.json``.
-Exit codes: 0 done (or preempted after a checkpoint), 1 halted on NaN/inf, 2 bad config/path.
+Exit codes: 0 done, 143 (SIGTERM) / 130 (SIGINT) stopped after saving a checkpoint (rerun to resume),
+1 halted on NaN/inf, 2 bad config/path or a run directory that cannot be written.
 
 ``--preflight`` (``--preflight=N``: N samples per rank) builds the classifier at real size, runs one
 synthetic step per rank and reports parameters, peak memory and FLOPs per image
@@ -28,7 +29,7 @@ from typing import Optional, Sequence
 
 from engine.eval.config import FinetuneRunConfig
 from engine.errors import UserError, cli_entry
-from engine.trainer.launch import exit_fast, run_cli
+from engine.trainer.launch import check_output_dir, exit_fast, run_cli
 
 
 def check_inputs(cfg: FinetuneRunConfig) -> None:
@@ -44,6 +45,7 @@ def check_inputs(cfg: FinetuneRunConfig) -> None:
     if cfg.train.max_steps <= 0:
         raise UserError("--train.max_steps: must be > 0")
     check_user_config(cfg)  # --deepspeed.config FILE
+    check_output_dir(cfg)
 
 
 def _classes(cfg: FinetuneRunConfig) -> tuple[int, bool, str]:
@@ -88,9 +90,9 @@ def preflight(cfg: FinetuneRunConfig, env, samples: int) -> int:
 
 def run(cfg: FinetuneRunConfig, env) -> int:
     from engine.eval.finetune import run_finetune
+    from engine.trainer.preemption import stop_exit_code
 
-    run_finetune(cfg, env)
-    return 0
+    return stop_exit_code(run_finetune(cfg, env)["preempted"])
 
 
 def check_preflight(cfg: FinetuneRunConfig) -> None:

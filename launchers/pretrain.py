@@ -9,8 +9,9 @@
 
 Any config field is an override (``--help`` lists them all): ``--train.max_steps 100``,
 ``--zero.stage 3``, ``--train.resume auto|none|PATH``; ``--print-config`` shows the resolved config. The run directory ``train.output_dir`` receives config.yaml,
-run.json, metrics.jsonl, tb/, checkpoints/ and export/. Exit codes: 0 done, 0 preempted (a
-checkpoint was saved; rerun the same command to resume), 1 halted on NaN/inf, 2 bad config/path.
+run.json, metrics.jsonl, tb/, checkpoints/ and export/. Exit codes: 0 done, 143 (SIGTERM) / 130
+(SIGINT) stopped after saving a checkpoint (rerun the same command to resume), 1 halted on NaN/inf,
+2 bad config/path or a run directory that cannot be written.
 
 ``--preflight`` (``--preflight=N``: N samples per rank) builds everything at real size, runs one
 synthetic forward + backward + optimizer step per rank, prints the trainable/frozen split, peak
@@ -26,7 +27,7 @@ from typing import Optional, Sequence
 
 from engine.config import RunConfig, save_config
 from engine.errors import UserError, cli_entry
-from engine.trainer.launch import exit_fast, run_cli
+from engine.trainer.launch import check_output_dir, exit_fast, run_cli
 
 log = logging.getLogger("geoexplora.pretrain")
 
@@ -41,10 +42,8 @@ def check_inputs(cfg: RunConfig) -> None:
     if not cfg.data.shards:
         raise UserError("--data.shards: not set; give the shard directory written by geoexplora-convert")
     resolve_shards(cfg.data.shards, cfg.data.manifest)
-    out = Path(cfg.train.output_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--train.output_dir '{out}' exists and is not a directory")
     check_user_config(cfg)  # --deepspeed.config FILE
+    check_output_dir(cfg)
 
 
 def check_preflight(cfg: RunConfig) -> None:
@@ -114,7 +113,7 @@ def run(cfg: RunConfig, env) -> int:
     result = trainer.fit()
     if result.preempted is None and cfg.train.export:
         export_run(vit, objective, cfg, env.is_main)
-    return 0
+    return result.exit_code
 
 
 @cli_entry

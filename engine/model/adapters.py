@@ -6,7 +6,10 @@ state-dict names, with JSON metadata: ``format`` = ``geoexplora-adapter/1``, ``r
 ExploraConfig plus resolved block indices), ``model`` (the ModelConfig) and ``base`` (name, timm
 architecture, weight-file name and sha256). ``load_adapter`` applies the recorded recipe to a freshly
 built base and loads the tensors: outputs equal the trained model's exactly. A different base file
-(sha256) is refused.
+(sha256) is refused. A random-init base has no file to name, so its identity is a fingerprint of
+the frozen tensors (``frozen_sha256``, plus the run's ``seed`` as a hint): a base that does not
+reproduce it -- another seed, another torch/timm version -- is refused too, and
+``build_from_adapter`` asks for the seed or a base file instead of building a new random base.
 
 Merged export (``export_merged``): the adapter folded into the base, as a plain timm state dict in
 ``.safetensors`` (no LoRA keys, no mask token) that ``timm.create_model(arch, num_classes=0,
@@ -25,6 +28,7 @@ beside the two files records this mapping and the base identity.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -50,6 +54,8 @@ MERGED_FORMAT = "geoexplora-merged/1"
 _RECIPE_FIELDS = {f for f in ExploraConfig.__dataclass_fields__}
 # tensors the objectives own but a plain timm ViT does not have
 _NOT_TIMM = ("mask_token",)
+# frozen_fingerprint of a model whose every tensor trained: any base of the architecture fits
+_NOTHING_FROZEN = hashlib.sha256().hexdigest()
 
 
 def _save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, meta: dict[str, str]) -> Path:
@@ -66,6 +72,20 @@ def _base_meta(info: BaseInfo) -> dict:
             "weights_sha256": info.weights_sha256(), "format": info.format}
 
 
+def frozen_fingerprint(vit: nn.Module, trained: set[str]) -> str:
+    """sha256 of the base tensors an adapter does not carry: every state-dict entry except the
+    ``trained`` names, LoRA tensors and objective-only tensors, as fp32, by sorted name. Equal
+    fingerprints mean an adapter loads onto this base exactly as onto the one it was trained on."""
+    h = hashlib.sha256()
+    for name, t in sorted(vit.state_dict().items()):
+        if name in trained or is_lora_param(name) or name in _NOT_TIMM:
+            continue
+        t = t.detach().to("cpu", torch.float32).contiguous()
+        h.update(f"{name}{tuple(t.shape)};".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
 def _recipe(vit: nn.Module) -> dict:
     recipe = getattr(vit, "geoexplora_recipe", None)
     if not recipe:
@@ -78,14 +98,21 @@ def adapter_state(vit: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach() for n, p in vit.named_parameters() if p.requires_grad}
 
 
-def save_adapter(vit: nn.Module, path: str | Path) -> Path:
-    """Write the trainable tensors + recipe + model config + base identity to ``path`` (.safetensors)."""
+def save_adapter(vit: nn.Module, path: str | Path, seed: Optional[int] = None) -> Path:
+    """Write the trainable tensors + recipe + model config + base identity to ``path`` (.safetensors).
+
+    seed: for a random-init base, the seed it was built under (``train.seed``; recorded as a hint
+    for :func:`build_from_adapter`); the frozen-tensor fingerprint is recorded either way."""
     recipe = _recipe(vit)
     info = base_info(vit)
+    state = adapter_state(vit)
+    base = _base_meta(info)
+    if not info.weights:
+        base.update(frozen_sha256=frozen_fingerprint(vit, set(state)), seed=seed)
     meta = {"format": ADAPTER_FORMAT, "recipe": json.dumps(recipe), "model": json.dumps(info.model),
-            "base": json.dumps(_base_meta(info))}
-    out = _save_safetensors(adapter_state(vit), path, meta)
-    log.info("adapter saved to %s (%d tensors)", out, len(adapter_state(vit)))
+            "base": json.dumps(base)}
+    out = _save_safetensors(state, path, meta)
+    log.info("adapter saved to %s (%d tensors)", out, len(state))
     return out
 
 
@@ -117,6 +144,20 @@ def _check_base(info: BaseInfo, base: dict, path: str | Path, flag: str) -> None
                         f"{f' (sha256 {have[:12]}...)' if have else ''}; give that file in --model.weights")
 
 
+def _check_frozen(vit: nn.Module, tensors: dict[str, torch.Tensor], base: dict, path: str | Path, flag: str) -> None:
+    """An adapter trained on a random-init base: ``vit``'s frozen tensors must be that base's."""
+    want = base.get("frozen_sha256")
+    if want is None or frozen_fingerprint(vit, set(tensors)) == want:
+        return
+    seed = base.get("seed")
+    todo = ("use the run's export/vit_merged.safetensors as --model.weights instead (it holds the whole model)"
+            if flag.startswith("--") else
+            f"pass the seed it was built under ({f'seed={seed}, the run' if seed is not None else 'the run'}'s "
+            "train.seed; the same torch and timm versions) or weights= a file holding it")
+    raise UserError(f"{flag} '{path}' was trained on a random-init base{f' (seed {seed})' if seed is not None else ''}"
+                    f" and this model's frozen weights are not that base; {todo}")
+
+
 def _load_tensors(vit: nn.Module, tensors: dict[str, torch.Tensor], path: str | Path, flag: str,
                   required: Optional[set[str]] = None) -> None:
     own = vit.state_dict()
@@ -138,26 +179,44 @@ def load_adapter(vit: nn.Module, path: str | Path, check_base: bool = True, flag
     tensors, meta = read_adapter(path, flag)
     if check_base:
         _check_base(base_info(vit), meta["base"], path, flag)
+        _check_frozen(vit, tensors, meta["base"], path, flag)
     recipe = meta["recipe"]
     apply_explora(vit, {k: v for k, v in recipe.items() if k in _RECIPE_FIELDS})
     _load_tensors(vit, tensors, path, flag, required=set(adapter_state(vit)))
     return recipe
 
 
-def build_from_adapter(path: str | Path, weights: Optional[str] = None,
+def build_from_adapter(path: str | Path, weights: Optional[str] = None, seed: Optional[int] = None,
                        device: Optional[str | torch.device] = None) -> nn.Module:
-    """Rebuild the trained model from an adapter: base from its recorded model config (weights file
-    ``weights`` or the recorded path), recipe applied, tensors loaded."""
+    """Rebuild the trained model from an adapter: base from its recorded model config, recipe
+    applied, tensors loaded.
+
+    weights: the base weight file (default: the recorded one, found by path). seed: for an adapter
+    trained on a random-init base, the seed that base was built under (the run's ``train.seed``,
+    recorded in the file); the base is rebuilt under it and must reproduce the recorded fingerprint.
+    Such an adapter with neither a seed nor a base file is refused: building a fresh random base
+    would silently give another model.
+    """
     from engine.config import ModelConfig, from_dict
     from engine.model.vit import build_vit
 
-    _, meta = read_adapter(path)
+    _, meta = read_adapter(path, "build_from_adapter")
+    base = meta["base"]
     model = dict(meta["model"])
     model["adapter"] = ""
     if weights is not None:
         model["weights"] = weights
-    vit = build_vit(from_dict(ModelConfig, model, prefix="model."))
-    load_adapter(vit, path)
+    if not model.get("weights") and seed is None and base.get("frozen_sha256", "") != _NOTHING_FROZEN:
+        hint = f"seed={base['seed']} (the run's train.seed)" if base.get("seed") is not None else "seed=<train.seed>"
+        raise UserError(f"build_from_adapter: '{path}' was trained on a random-init base, which the file does not "
+                        f"hold; pass {hint} to rebuild that base, or weights= a file holding it")
+    if seed is not None and base.get("frozen_sha256") is None:
+        log.warning("%s records no base fingerprint: the base rebuilt with seed %d cannot be verified", path, seed)
+    with torch.random.fork_rng(devices=[]):  # the caller's random stream is left as it was
+        if seed is not None:
+            torch.manual_seed(seed)
+        vit = build_vit(from_dict(ModelConfig, model, prefix="model."))
+        load_adapter(vit, path, flag="build_from_adapter")
     return vit.to(device) if device is not None else vit
 
 
@@ -165,6 +224,7 @@ def merge_adapter_file(vit: nn.Module, path: str | Path, info: BaseInfo, flag: s
     """Fold an adapter file into ``vit``'s weights (no recipe left afterwards): ``cfg.adapter``."""
     tensors, meta = read_adapter(path, flag)
     _check_base(info, meta["base"], path, flag)
+    _check_frozen(vit, tensors, meta["base"], path, flag)
     recipe = meta["recipe"]
     unfrozen = set(recipe.get("unfrozen_block_indices", []))
     if recipe.get("lora_targets"):

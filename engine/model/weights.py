@@ -107,6 +107,9 @@ def read_checkpoint(path: str | Path, flag: str = "--model.weights") -> tuple[di
     meta: dict = {}
     if p.is_dir():
         meta_file, states = p / "meta.json", p / DS_MODEL_STATES
+        if meta_file.is_file() and not states.is_file() and any(p.glob("zero_pp_rank_*_model_states.pt")):
+            raise UserError(f"{flag} '{path}' is a DeepSpeed ZeRO-3 checkpoint (the weights are split over the "
+                            f"ranks). Consolidate it with {p.parent / 'zero_to_fp32.py'}, or use the run's export/ files")
         if not meta_file.is_file() or not states.is_file():
             raise UserError(f"{flag} '{path}' is a directory but not a geoexplora checkpoint "
                             f"(needs meta.json and {DS_MODEL_STATES})")

@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from engine.atomic import TMP_PREFIX, atomic_write_text, fsync_dir
-from engine.errors import UserError
+from engine.errors import UserError, fs_user_error
 
 log = logging.getLogger(__name__)
 
@@ -128,9 +128,11 @@ def load_extra_state(module: nn.Module, state: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------------------------
 # Save / load
 # --------------------------------------------------------------------------------------------
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+class CheckpointWriteError(UserError):
+    """A checkpoint could not be written (disk full, read-only, quota). Every rank raises it with
+    the same message (``all_ranks``), so one rank -- rank 0 -- is enough to print it."""
+
+    all_ranks = True
 
 
 def _fsync_tree(root: Path) -> None:
@@ -147,9 +149,12 @@ class CheckpointManager:
     rank, world_size: this process's place. keep_last: complete checkpoints kept (oldest pruned).
     """
 
-    def __init__(self, output_dir: Path, rank: int, world_size: int, keep_last: int = 3):
+    def __init__(self, output_dir: Path, rank: int, world_size: int, keep_last: int = 3,
+                 flag: str = "--train.output_dir", group=None):
         self.dir = Path(output_dir) / "checkpoints"
         self.rank, self.world_size, self.keep_last = rank, world_size, keep_last
+        self.flag = flag
+        self.group = group  # process group of the save's host-side agreement (None = the default group)
 
     def remove_temp(self) -> None:
         """Rank 0: delete ``.tmp-*`` leftovers of interrupted saves (call before training starts)."""
@@ -162,36 +167,114 @@ class CheckpointManager:
 
     def save(self, engine, step: int, rank_state: dict, meta: dict) -> Path:
         """Write checkpoint ``step`` (optimizer steps done). rank_state: this rank's own state
-        (RNG, data position, extra state). meta: rank 0's JSON-able metadata (config, git, ...)."""
+        (RNG, data position, extra state). meta: rank 0's JSON-able metadata (config, git, ...).
+
+        File-system failures (disk full, read-only, quota) become one :class:`CheckpointWriteError`
+        naming ``output_dir``, the temp directory is removed, and older checkpoints stay untouched.
+        Before writing, rank 0 checks that the free space holds another checkpoint the size of the
+        last one; after DeepSpeed's part, the ranks agree on the outcome of every write, so all of
+        them stop with the same error and none waits for a peer. (A failure inside DeepSpeed's own
+        save, which ends in a barrier, ends that rank; the launcher then stops its peers.)
+        """
         tag = tag_for(step)
         final = self.dir / tag
         tmp_tag = TMP_PREFIX + tag
         tmp = self.dir / tmp_tag
         t0 = time.perf_counter()
+        err: Optional[UserError] = None
         if self.rank == 0:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-            if final.exists():  # re-saving a step (resumed from it, stopped at once): replace it
-                shutil.rmtree(final)
-        _barrier()
-        engine.save_checkpoint(str(self.dir), tag=tmp_tag, client_state={"step": step}, save_latest=False)
-        torch.save(rank_state, tmp / rank_file(self.rank))
-        _barrier()
+            try:
+                self.dir.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(tmp, ignore_errors=True)
+                err = self._check_space(tag)
+            except OSError as e:
+                err = self._user_error(e, tag)
+        self._agree(err, tmp)  # also the barrier before anyone writes into tmp
+        try:
+            engine.save_checkpoint(str(self.dir), tag=tmp_tag, client_state={"step": step}, save_latest=False)
+        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+            user = self._user_error(e, tag)  # before the cleanup frees the space it diagnoses
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise user from None
+        try:
+            torch.save(rank_state, tmp / rank_file(self.rank))
+        except (OSError, RuntimeError) as e:
+            err = self._user_error(e, tag)
+        self._agree(err, tmp)
         if self.rank == 0:
-            missing = [r for r in range(self.world_size) if not (tmp / rank_file(r)).is_file()]
-            if missing:
-                raise RuntimeError(f"checkpoint {tag}: rank files missing for ranks {missing}")
-            body = dict(meta, format=FORMAT, step=step, tag=tag, world_size=self.world_size,
-                        saved=time.strftime("%Y-%m-%dT%H:%M:%S%z"), complete=True)
-            (tmp / META).write_text(json.dumps(body, indent=1, default=str))
-            _fsync_tree(tmp)
-            os.replace(tmp, final)
-            fsync_dir(self.dir)
-            atomic_write_text(self.dir / LATEST, tag)
+            try:
+                self._commit(tmp, final, dict(meta, step=step, tag=tag))
+            except OSError as e:
+                err = self._user_error(e, tag)
+        self._agree(err, tmp)
+        if self.rank == 0:
             self._prune(keep=final)
             log.info("checkpoint %s saved in %.1fs", final, time.perf_counter() - t0)
-        _barrier()
         return final
+
+    def _check_space(self, tag: str) -> Optional[UserError]:
+        """Rank 0: an error when the free space is below the size of the last complete checkpoint
+        (the new one is written before the oldest is pruned, so it needs that much again)."""
+        previous = complete_checkpoints(self.dir)
+        if not previous:
+            return None
+        last = previous[-1][1]
+        need = sum(f.stat().st_size for f in last.rglob("*") if f.is_file())
+        free = shutil.disk_usage(self.dir).free
+        if free >= need:
+            return None
+        return CheckpointWriteError(
+            f"{self.flag} '{self.dir.parent}': no space left for checkpoint {tag} (the last one, {last.name}, "
+            f"takes {need / 1e6:.1f} MB; {free / 1e6:.1f} MB free); free space there or choose another "
+            f"directory; {self._kept()}")
+
+    def _kept(self) -> str:
+        previous = complete_checkpoints(self.dir)
+        if not previous:
+            return "there is no earlier checkpoint"
+        return f"the last complete checkpoint ({previous[-1][1].name}) is intact; --train.resume auto continues from it"
+
+    def _user_error(self, err: BaseException, tag: str) -> UserError:
+        """``err`` of a checkpoint write as a CheckpointWriteError, or ``err`` itself re-raised when it is
+        not the file system's fault."""
+        user = fs_user_error(err, self.dir.parent, self.flag, f"writing checkpoint {tag}")
+        if user is None:
+            raise err
+        return CheckpointWriteError(f"{user}; {self._kept()}")
+
+    def _commit(self, tmp: Path, final: Path, meta: dict) -> None:
+        """Rank 0, every rank's files written: meta.json, fsync, rename into place, then ``latest``."""
+        missing = [r for r in range(self.world_size) if not (tmp / rank_file(r)).is_file()]
+        if missing:
+            raise RuntimeError(f"checkpoint {meta['tag']}: rank files missing for ranks {missing}")
+        body = dict(meta, format=FORMAT, world_size=self.world_size, saved=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    complete=True)
+        (tmp / META).write_text(json.dumps(body, indent=1, default=str))
+        _fsync_tree(tmp)
+        old = final.with_name(TMP_PREFIX + "old-" + final.name)
+        if final.exists():  # re-saving a step (e.g. --train.resume none in an old run dir): replace it
+            os.replace(final, old)
+        os.replace(tmp, final)
+        fsync_dir(self.dir)
+        shutil.rmtree(old, ignore_errors=True)
+        atomic_write_text(self.dir / LATEST, final.name)
+
+    def _agree(self, err: Optional[UserError], tmp: Path) -> None:
+        """All ranks: raise on every rank the error of the lowest rank that had one (rank 0 removes
+        ``tmp``); return when every rank's writes succeeded. A barrier either way."""
+        failed = torch.tensor([0.0 if err is None else 1.0], dtype=torch.float64)
+        reasons = [None if err is None else str(err)]
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=self.group)
+            if failed.item():
+                reasons = [None] * self.world_size
+                dist.all_gather_object(reasons, None if err is None else str(err), group=self.group)
+        if not failed.item():
+            return
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointWriteError(next(r for r in reasons if r))
 
     def _prune(self, keep: Path) -> None:
         done = complete_checkpoints(self.dir)

@@ -85,10 +85,11 @@ def _rebuild(cfg: RunConfig, state: dict[str, torch.Tensor]) -> nn.Module:
     return vit
 
 
-def _write(vit: nn.Module, out_dir: Path, prefix: str) -> dict[str, Path]:
+def _write(vit: nn.Module, out_dir: Path, prefix: str, seed: int) -> dict[str, Path]:
+    """seed: the run's ``train.seed``, under which the launcher built a random-init base."""
     from engine.model.adapters import export_merged, save_adapter
 
-    return {f"{prefix}adapter": save_adapter(vit, out_dir / f"{prefix}adapter.safetensors"),
+    return {f"{prefix}adapter": save_adapter(vit, out_dir / f"{prefix}adapter.safetensors", seed=seed),
             f"{prefix}merged": export_merged(vit, out_dir / f"{prefix}vit_merged.safetensors")}
 
 
@@ -108,7 +109,7 @@ def export_run(vit: nn.Module, objective: nn.Module, cfg: RunConfig, is_main: bo
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         for prefix, state in states.items():
-            written.update(_write(_rebuild(cfg, state), out_dir, prefix))
+            written.update(_write(_rebuild(cfg, state), out_dir, prefix, cfg.train.seed))
         log.info("exported %s", ", ".join(str(p) for p in written.values()))
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

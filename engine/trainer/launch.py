@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from engine.config_cli import parse_config_args
-from engine.errors import UserError
+from engine.errors import UserError, fs_user_error, probe_writable
 from engine.progress import setup_logging
+from engine.trainer.supervise import register_rank, report_exit
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +33,60 @@ def apply_kernel_config(cfg) -> None:
         dispatch.set_backend("attention", k.attention)
 
 
+def output_dir_of(cfg) -> Optional[tuple[str, str]]:
+    """(run directory, its flag) of a run config: ``train.output_dir`` or ``eval.output_dir``."""
+    for section in ("train", "eval"):
+        out = getattr(getattr(cfg, section, None), "output_dir", None)
+        if out:
+            return out, f"--{section}.output_dir"
+    return None
+
+
+def check_output_dir(cfg) -> None:
+    """For a launcher's check, before any process group: the run directory can take files (created
+    if missing), so a path below a regular file or on a read-only or full file system fails here,
+    on every rank alike."""
+    found = output_dir_of(cfg)
+    if found is None:
+        return
+    out, flag = found
+    cause = probe_writable(out)
+    if cause is not None:
+        raise fs_user_error(cause, out, flag, "creating the run directory") or UserError(
+            f"{flag} '{out}': cannot write there ({cause.strerror}); choose another directory")
+
+
+def _run_dir_error(err: Exception, cfg) -> Optional[UserError]:
+    """A write error inside the run directory (disk full, read-only, ...) as one line, else None.
+
+    An OSError that names a file counts when the file is inside the run directory. One that names
+    none (a write on an open file), or a RuntimeError (torch.save's zip writer reports a full disk
+    so), counts when the run directory itself no longer takes a new file."""
+    found = output_dir_of(cfg)
+    if found is None:
+        return None
+    out, flag = found
+    if isinstance(err, OSError) and err.filename is not None:
+        inside = Path(os.path.abspath(err.filename)).is_relative_to(os.path.abspath(out))
+        return fs_user_error(err, out, flag, "writing the run directory") if inside else None
+    cause = probe_writable(out)
+    return None if cause is None else fs_user_error(cause, out, flag, "writing the run directory")
+
+
 def run_cli(config_cls: type, argv: Optional[Sequence[str]], run: Callable, check: Callable = lambda cfg: None,
             doc: str = "") -> int:
-    """Parse, check, join the process group, ``run(cfg, env) -> exit code``, leave the group."""
+    """Parse, check, join the process group, ``run(cfg, env) -> exit code``, leave the group.
+
+    Exit codes: what ``run`` returns (0 finished, 128 + N stopped by signal N after a checkpoint),
+    1 NaN/inf halt (one ``error:`` line from rank 0), 2 bad input or a run directory that cannot be
+    written (a UserError: ``error: ...``), 130 Ctrl-C twice. Local rank 0 reports the code to
+    :mod:`engine.trainer.supervise` when one runs the launcher.
+    """
     from engine.trainer.loop import NonFiniteLoss
     from engine.trainer.process_group import (RUNNER_OPTIONS, init_distributed, launcher_rank, shutdown,
                                               strip_launcher_args)
 
+    register_rank()
     raw = list(sys.argv[1:] if argv is None else argv)
     argv = strip_launcher_args(raw)
     rank = launcher_rank()
@@ -50,19 +99,39 @@ def run_cli(config_cls: type, argv: Optional[Sequence[str]], run: Callable, chec
         cfg = parse_config_args(config_cls, argv, doc)  # -h/--help and --print-config print, then exit 0
         check(cfg)
     except UserError:
+        report_exit(2)
         if rank != 0:  # every rank found the same problem; rank 0 prints it
             sys.exit(2)
         raise
     apply_kernel_config(cfg)
     env = init_distributed()
     setup_logging(env.rank)
+    code: Optional[int] = None
     try:
-        return int(run(cfg, env) or 0)
+        code = int(run(cfg, env) or 0)
     except NonFiniteLoss as e:
-        log.error("%s", e)
-        return 1
+        if env.is_main:
+            print(f"error: {e}", file=sys.stderr)
+        code = 1
+    except UserError as e:
+        code = 2
+        if getattr(e, "all_ranks", False) and not env.is_main:
+            sys.exit(2)  # the same message on every rank (e.g. a checkpoint write): rank 0 prints it
+        raise
+    except (OSError, RuntimeError) as e:
+        user = _run_dir_error(e, cfg)
+        if user is None:
+            raise
+        code = 2
+        raise user from None
+    except KeyboardInterrupt:
+        code = 130
+        raise
     finally:
         shutdown()
+        if code is not None:
+            report_exit(code)
+    return code
 
 
 def exit_fast(code: int) -> None:

@@ -4,11 +4,12 @@ schedules, NaN/inf skipping, preemption, checkpoints/resume and metrics.
 One optimizer step = ``train.grad_accum_steps`` micro-batches per rank. Per micro-batch, two
 small all-reduces keep the ranks in agreement:
 
-1. after fetching the batch, on a CPU (gloo) group: "did SIGTERM/SIGINT reach any rank?" (and
-   "did a fetch fail on a rank that was signalled?" -- its DataLoader workers may have received
-   the same signal). If so every rank abandons the step in flight before its forward and saves
-   the state of the last completed step, including the data position and RNG states taken at that
-   step boundary, so the resumed run is exactly the uninterrupted one;
+1. after fetching the batch, on a CPU (gloo) group, a max over ranks: "which stop signal
+   (SIGTERM/SIGINT) reached a rank, if any?" and "did a fetch fail on a rank that was signalled?"
+   (its DataLoader workers may have received the same signal). If so every rank abandons the step
+   in flight before its forward and saves the state of the last completed step, including the data
+   position and RNG states taken at that step boundary, so the resumed run is exactly the
+   uninterrupted one; every rank then exits with the same code, 128 + that signal's number;
 2. after the forward, on the device: ``[loss, non-finite?]`` -- the global mean loss for the logs,
    and every rank skips a micro-batch whose loss is NaN/inf on ANY rank before backward (nothing
    reaches the weights). The skipped micro-batch is replaced by the next one;
@@ -21,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +40,7 @@ from engine.trainer import deepspeed_setup
 from engine.trainer.checkpoint import CheckpointManager, extra_state, load_extra_state, resolve_resume
 from engine.trainer.flops import device_peak_flops
 from engine.trainer.metrics import MetricsWriter, ThroughputMeter, format_metrics
-from engine.trainer.preemption import PreemptionGuard
+from engine.trainer.preemption import PreemptionGuard, stop_exit_code
 from engine.trainer.process_group import DistEnv
 from engine.trainer.provenance import git_revision
 from engine.trainer.rng import rng_state, seed_all, set_rng_state
@@ -56,7 +58,8 @@ class FitResult:
     step: int
     """Optimizer steps done when fit() returned."""
     preempted: Optional[str] = None
-    """Signal name when the run stopped early on SIGTERM/SIGINT (a checkpoint was saved)."""
+    """Name of the signal that stopped the run early (SIGTERM/SIGINT; the same on every rank, even one
+    that was not signalled itself); a checkpoint of the last completed step was saved."""
     checkpoint: Optional[Path] = None
     """The last checkpoint written or resumed from."""
     last: dict = field(default_factory=dict)
@@ -64,10 +67,15 @@ class FitResult:
     evals: list = field(default_factory=list)
     """Records of the ``evaluate`` callback, with their step (fine-tuning's validations)."""
 
+    @property
+    def exit_code(self) -> int:
+        """0 when the run finished, 128 + signal number when it was stopped (143 for SIGTERM)."""
+        return stop_exit_code(self.preempted)
 
-def _all_reduce_sum(t: torch.Tensor, group=None) -> torch.Tensor:
+
+def _all_reduce(t: torch.Tensor, group=None, op=dist.ReduceOp.SUM) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+        dist.all_reduce(t, op=op, group=group)
     return t
 
 
@@ -113,6 +121,7 @@ class Trainer:
         if dist.is_initialized() and dist.get_backend() != "gloo":
             # host-side flags must not wait on the device queue (NCCL would need a CUDA tensor + sync)
             self._flags = dist.new_group(backend="gloo")
+            self.ckpt.group = self._flags
         if env.is_main:
             atomic_write_text(self.output_dir / "optimizer.json", json.dumps(self.report.to_dict(), indent=1))
             atomic_write_text(self.output_dir / "deepspeed_config.json", json.dumps(self.report.ds_config, indent=1))
@@ -214,7 +223,7 @@ class Trainer:
                 if stop:  # the step in flight is abandoned; the checkpoint holds its start
                     if last_saved != step:
                         result.checkpoint, last_saved = self.save(step, boundary), step
-                    result.preempted = guard.signal_name or "a signal on another rank"
+                    result.preempted = signal.Signals(stop).name
                     if env.is_main:
                         log.warning("stopped at step %d after %s; resume with --train.resume auto", step,
                                     result.preempted)
@@ -250,9 +259,10 @@ class Trainer:
         self.metrics.write(step, {"split": "val", **record}, prefix="val/")
 
     def _optimizer_step(self, step: int, guard: PreemptionGuard, meter: ThroughputMeter,
-                        last_checkpoint: Optional[Path]) -> tuple[bool, dict]:
+                        last_checkpoint: Optional[Path]) -> tuple[int, dict]:
         """``grad_accum_steps`` good micro-batches, each followed by ``engine.step()`` (DeepSpeed steps
-        the optimizer at the accumulation boundary). Returns (stop: abandon this step, last logs)."""
+        the optimizer at the accumulation boundary). Returns (stop: the number of the stop signal
+        some rank received, 0 = none; abandon this step when set, last logs)."""
         t, world = self.cfg.train, self.env.world_size
         flags = torch.zeros(2, dtype=torch.float64)
         sync = torch.zeros(2, device=self.env.device, dtype=torch.float64)
@@ -260,16 +270,18 @@ class Trainer:
         while done < t.grad_accum_steps:
             t0 = time.perf_counter()
             batch, failed = self._fetch(guard)
-            flags[0], flags[1] = float(guard.requested), float(failed)
-            if _all_reduce_sum(flags, self._flags).sum().item() > 0:
-                return True, logs
+            # a fetch fails this way only after a stop request, so flags[0] > 0 whenever flags[1] is
+            flags[0], flags[1] = float(guard.signum), float(failed)
+            _all_reduce(flags, self._flags, dist.ReduceOp.MAX)
+            if flags.max().item() > 0:
+                return int(flags[0].item()) or int(signal.SIGTERM), logs
             batch = self._device_batch(batch)
             meter.add_data_wait(time.perf_counter() - t0)
             loss, logs = self.engine(batch, step)
             finite = bool(torch.isfinite(loss.detach()).item())
             sync[0] = loss.detach().double() if finite else 0.0
             sync[1] = 0.0 if finite else 1.0
-            _all_reduce_sum(sync)
+            _all_reduce(sync)
             if sync[1].item() > 0:
                 self._skip(step, int(sync[1].item()), last_checkpoint)
                 continue
@@ -279,7 +291,7 @@ class Trainer:
             self.engine.step()
             done += 1
         self._bad = 0
-        return False, logs
+        return 0, logs
 
     def _skip(self, step: int, ranks: int, last_checkpoint: Optional[Path]) -> None:
         """A micro-batch whose loss was NaN/inf on ``ranks`` rank(s): warn, or halt after too many."""
@@ -298,7 +310,7 @@ class Trainer:
         returns the same keys), the mean loss since the last record, optimizer values, throughput."""
         keys = sorted(k for k, v in logs.items() if isinstance(v, (int, float)))
         vals = torch.tensor([float(logs[k]) for k in keys], dtype=torch.float64, device=self.env.device)
-        _all_reduce_sum(vals)
+        _all_reduce(vals)
         record = {k: v / self.env.world_size for k, v in zip(keys, vals.tolist())}
         record["loss"] = self._loss_sum / max(self._loss_n, 1)
         self._loss_sum, self._loss_n = 0.0, 0

@@ -17,6 +17,12 @@ still surfaces at the next fetch: DataLoader workers should ignore SIGTERM/SIGIN
 
 A second Ctrl-C while the checkpoint is pending restores the default handler and interrupts at
 once (the operator really means it).
+
+Exit code of a run stopped this way: ``128 + signal number`` (143 for SIGTERM, 130 for SIGINT), the
+shell's code for "ended by that signal", which schedulers treat as retryable (Kubeflow's ExitCode
+restart policy: 128-255), unlike 0 ("finished": a Kubernetes Job would count the run as complete),
+1 (NaN halt) or 2 (bad input). The ``deepspeed`` runner, itself killed by the signal, reports the
+same 143 (see :mod:`engine.trainer.supervise` for a wrapper that waits for the ranks).
 """
 from __future__ import annotations
 
@@ -31,11 +37,17 @@ log = logging.getLogger(__name__)
 HANDLED = (signal.SIGTERM, signal.SIGINT)
 
 
+def stop_exit_code(signal_name: Optional[str]) -> int:
+    """Exit code of a run that stopped on ``signal_name`` after its checkpoint (0 when None)."""
+    return 0 if signal_name is None else 128 + int(signal.Signals[signal_name])
+
+
 class PreemptionGuard:
     """Context manager that turns SIGTERM/SIGINT into ``requested`` for the duration of a run."""
 
     def __init__(self) -> None:
         self.requested = False
+        self.signum = 0  # the first stop signal received (0 = none)
         self.signal_name: Optional[str] = None
         self._previous: dict[int, object] = {}
         self._sigchld: Optional[object] = None
@@ -45,8 +57,9 @@ class PreemptionGuard:
         if self.requested and signum == signal.SIGINT:
             self.restore()
             raise KeyboardInterrupt
+        if not self.requested:
+            self.signum, self.signal_name = int(signum), name
         self.requested = True
-        self.signal_name = name
         if self._sigchld is None:
             self._sigchld = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         log.warning("%s received: saving a checkpoint at the next step boundary, then exiting "

@@ -131,9 +131,11 @@ def test_group_channel_adapter_roundtrip(tmp_path):
     perturb_trainable(vit)
     f = save_adapter(vit, tmp_path / "group.safetensors")
     assert "patch_embed.group_embed" in read_adapter(f)[0]
-    torch.manual_seed(5)  # a different random base: the adapter does not carry frozen weights
+    torch.manual_seed(5)  # a different random base: refused by default (the frozen tensors differ) ...
     other = build_vit(cfg)
-    load_adapter(other, f)
+    with pytest.raises(UserError, match="random-init base"):
+        load_adapter(other, f)
+    load_adapter(other, f, check_base=False)  # ... but the file's own tensors all load
     trained_tensors = {n: p for n, p in vit.named_parameters() if p.requires_grad}
     for n, p in other.named_parameters():
         assert p.requires_grad == (n in trained_tensors)

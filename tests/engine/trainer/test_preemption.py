@@ -3,7 +3,7 @@ import signal
 
 import pytest
 
-from engine.trainer.preemption import PreemptionGuard
+from engine.trainer.preemption import PreemptionGuard, stop_exit_code
 
 
 def test_sigterm_sets_flag_and_handlers_are_restored():
@@ -11,8 +11,9 @@ def test_sigterm_sets_flag_and_handlers_are_restored():
     with PreemptionGuard() as guard:
         assert not guard.requested
         os.kill(os.getpid(), signal.SIGTERM)
-        assert guard.requested and guard.signal_name == "SIGTERM"
+        assert guard.requested and guard.signal_name == "SIGTERM" and guard.signum == signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) is before
+    assert (stop_exit_code(None), stop_exit_code("SIGTERM"), stop_exit_code("SIGINT")) == (0, 143, 130)
 
 
 def test_second_ctrl_c_interrupts_at_once():
