@@ -40,7 +40,7 @@ from typing import Literal, Optional, Sequence
 import numpy as np
 import torch
 
-from engine.data.color import bandwise_step, colour_step, gaussian_blur, grayscale, solarize
+from engine.data.color import bandwise_step, colour_matrices, colour_step, gaussian_blur, grayscale, solarize
 
 PARAMS_SUFFIX = "_photometric"  # batch key of a crop stack's parameter rows: "global_crops_photometric"
 SpectralJitter = Literal["off", "shared", "per_band"]
@@ -157,16 +157,15 @@ class Photometric:
         c = x.shape[1]
         bright, contrast = params[:, _BANDS:_BANDS + c], params[:, _BANDS + c:]
         order = params[:, _ORDER]
-        if mode == "colour":
-            step = (lambda v, i, k: colour_step(v, order[i, k], bright[i], contrast[i, 0], params[i, _SAT],
-                                                params[i, _HUE]))
-        else:
-            step = (lambda v, i, k: bandwise_step(v, order[i, k], bright[i], contrast[i]))
-        ops = 4 if mode == "colour" else 2
 
         def jitter(v: torch.Tensor, i) -> torch.Tensor:
-            for k in range(ops):
-                v = step(v, i, k)
+            if mode == "colour":
+                mats = colour_matrices(bright[i], contrast[i, 0], params[i, _SAT], params[i, _HUE])
+                for k in range(4):
+                    v = colour_step(v, order[i, k], mats, contrast[i, 0])
+            else:
+                for k in range(2):
+                    v = bandwise_step(v, order[i, k], bright[i], contrast[i])
             return v
 
         u = _where(u, order[:, 0] >= 0, jitter)

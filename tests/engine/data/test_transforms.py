@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from engine.data import ClassIndex
-from engine.data.color import HUE, SATURATION, colour_step, gaussian_blur, grayscale
+from engine.data.color import HUE, SATURATION, colour_matrices, colour_step, gaussian_blur, grayscale
 from engine.data.samples import CorruptSample
 from engine.data.transforms import crop_view, random_resized_box
 from engine.errors import UserError
@@ -29,7 +29,7 @@ def _colour(x, op, factor):
     """One colour op with one factor on every crop of x (N, 3, H, W)."""
     n = x.shape[0]
     f = torch.full((n,), float(factor))
-    return colour_step(x, torch.full((n,), float(op)), f[:, None].expand(n, 3), f, f, f)
+    return colour_step(x, torch.full((n,), float(op)), colour_matrices(f[:, None].expand(n, 3), f, f, f), f)
 
 
 def test_colour_ops_identities():
