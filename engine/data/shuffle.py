@@ -36,7 +36,7 @@ def shuffled(samples: Iterator[dict], rng: np.random.Generator, max_samples: int
     initial = max(1, min(initial, max_samples))
     buf: list[dict] = []
     held = 0
-    absorb = False
+    absorb = True  # flipped before use: the first sample leaves as soon as `initial` are held
     for s in samples:
         buf.append(s)
         held += sample_bytes(s)
