@@ -1,15 +1,26 @@
-"""Input-pipeline throughput: naive per-file GeoTIFF loader vs our shard stream, in the same run.
+"""Input-pipeline throughput: a naive per-file GeoTIFF loader against our shard stream, start-up and
+steady state reported apart, in the same run.
 
-    python -m engine.data.bench [--workers 2] [--files 600] [--kinds s2,rgb] [--latency-ms 0,10]
-                                [--repeat 3] [--json [PATH]]
-    python -m engine.data.bench --shards DIR [--tifs DIR] --workers N --json
+    python launchers/bench_data.py [--workers 2] [--files 600] [--kinds s2,rgb] [--modes decode,mae]
+                                   [--latency-ms 0,20] [--epochs 3] [--repeat 3] [--json PATH]
+    python launchers/bench_data.py --shards DIR [--tifs DIR] --workers N --json PATH
 
 Without ``--shards`` it generates archives with ``shards.synthetic`` (s2: 13-band 128x128 uint16;
-rgb: 3-band 256x256 uint8) and converts them with ``shards.convert`` (100 samples per shard).
-With ``--shards`` it measures that archive; ``--tifs`` names the GeoTIFF directory for the naive
-loader (default: the converter's recorded input, when it still exists).
+rgb: 3-band 256x256 uint8) and converts them with ``shards.convert`` (100 samples per shard). With
+``--shards`` it measures that archive; ``--tifs`` names the GeoTIFF directory for the naive loader
+(default: the converter's recorded input, when it still exists).
 
-Providers, same view, same batch size, same worker count, alternating within each repeat:
+Each provider builds its loader once and reads ``--epochs`` epochs with persistent workers, as a
+training run does. Reported per provider (median over ``--repeat`` runs, providers alternating):
+
+- ``start-up s``: from asking for the first batch to receiving it (worker processes start, first
+  files open, the shuffle buffer warms up);
+- ``steady samples/s``: after the first batch, to the end of the last epoch (epoch boundaries
+  included); MB/s counts source pixel bytes (C*H*W*itemsize);
+- ``worker CPU ms/sample``: CPU time of the worker processes (reaped, ``RUSAGE_CHILDREN``) per
+  sample; with 0 workers, of the main process.
+
+Providers, same view, same batch size, same worker count:
 
 - ``naive``       map-style Dataset, ``rasterio.open(path).read()`` per item, shuffled sampler;
 - ``stream``      our ShardLoader (tar shards, shuffle buffer, batching in workers, uint8/uint16
@@ -17,13 +28,12 @@ Providers, same view, same batch size, same worker count, alternating within eac
 - ``stream-f32``  the same stream but normalised to float32 inside the workers (what the design
                   avoids), to show what crossing the boundary in float costs.
 
-Both views end with normalisation as the trainer does it: ``decode`` = identity crop (decode +
-normalise only), ``mae`` = random-resized 224 crop + flips/rotations. ``naive`` and ``stream``
-normalise in the main process (our ``to_device``; on a GPU host that step runs on the device).
-``--latency-ms`` adds a sleep per file open (per GeoTIFF for ``naive``, per shard for
-``stream``) to model network storage. MB/s counts source pixel bytes (C*H*W*itemsize).
-The multi-crop transform (DINOv2: 2x224 + 8x96 crops + iBOT masks) is timed separately,
-in-process on one thread (as in a worker), in ms per sample.
+Views end with normalisation as the trainer does it: ``decode`` = identity crop (decode +
+normalise), ``mae`` = random-resized 224 crop + flips/rotations. ``naive`` and ``stream``
+normalise in the main process (``to_device``; on a GPU host that step runs on the device).
+``--latency-ms`` adds a sleep per file open (per GeoTIFF for ``naive``, per shard for ``stream``)
+to model network storage. The cost of DINOv2 multi-crop augmentation is measured by
+``launchers/bench_augment.py``.
 """
 from __future__ import annotations
 
@@ -31,24 +41,26 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterable, Optional
 
 import numpy as np
 import rasterio
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from engine.config import CropConfig
 from engine.data.loader import ShardLoader
-from engine.data.multicrop import DinoMultiCrop, EvalView, SingleCrop
+from engine.data.multicrop import EvalView, SingleCrop
 from engine.data.normalize import Normalizer, to_device
-from engine.data.pipeline import ShardStream, StreamPlan
-from engine.data.samples import ShardOpener
-from engine.data.shardspec import resolve_shards
+from engine.data.samples import ShardOpener, decode_image, iter_shard
+from engine.data.shardspec import ShardSet, resolve_shards
+from engine.data.stream import ShardStream, StreamPlan
 from engine.errors import UserError, cli_entry
 
 KINDS = {"s2": 128, "rgb": 256}
@@ -93,64 +105,61 @@ class _FloatInWorker:
 
 
 def _view(mode: str, size: int):
-    return EvalView(size, crop_pct=1.0) if mode == "decode" else SingleCrop(224, (0.2, 1.0))
+    return EvalView(size, crop_pct=1.0) if mode == "decode" else SingleCrop(224, CropConfig())
 
 
-def _consume(batches, normalizer: Optional[Normalizer]) -> tuple[int, float]:
-    """(samples, seconds) to iterate ``batches`` to the end (worker start-up included, as a training
-    epoch pays it), normalising each batch in this process when ``normalizer`` is given."""
-    t = time.perf_counter()
+def _children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def measure(epochs: Callable[[], Iterable[Iterable[dict]]], close: Callable[[], None],
+            normalizer: Optional[Normalizer], workers: int) -> dict:
+    """Read every epoch of ``epochs()``; start-up, steady rate and worker CPU (see the docstring)."""
+    cpu0, main0 = _children_cpu(), time.process_time()
+    t0 = time.perf_counter()
+    first: Optional[float] = None
     n = 0
-    for b in batches:
-        if normalizer is not None:
-            b = to_device(b, "cpu", normalizer)
-        n += int(b["images"].shape[0])
-    return n, time.perf_counter() - t
+    for epoch in epochs():
+        for b in epoch:
+            if normalizer is not None:
+                b = to_device(b, "cpu", normalizer)
+            n += int(b["images"].shape[0])
+            if first is None:
+                first, n_first = time.perf_counter(), n
+    end = time.perf_counter()
+    close()  # reaps the workers, so their CPU time is counted
+    cpu = (_children_cpu() - cpu0) if workers else (time.process_time() - main0)
+    assert first is not None, "no batch"
+    return {"startup_s": first - t0, "steady_samples_per_s": (n - n_first) / max(end - first, 1e-9),
+            "worker_cpu_ms_per_sample": 1000 * cpu / n, "samples": n}
 
 
-def run_naive(paths, view, normalizer, workers, batch, latency_s) -> tuple[int, float]:
+def run_naive(paths, view, normalizer, a, latency_s) -> dict:
     ds = NaiveGeoTiffDataset(paths, view, latency_s)
-    dl = DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, collate_fn=_Collate(view),
-                    drop_last=False)
-    return _consume(dl, normalizer)
+    dl = DataLoader(ds, batch_size=a.batch_size, shuffle=True, num_workers=a.workers, collate_fn=_Collate(view),
+                    drop_last=False, persistent_workers=a.workers > 0)
+    iters = []
+
+    def epochs():
+        for _ in range(a.epochs):
+            iters.append(iter(dl))
+            yield iters[-1]
+
+    def close():
+        for it in iters[-1:]:
+            getattr(it, "_shutdown_workers", lambda: None)()
+
+    return measure(epochs, close, normalizer, a.workers)
 
 
-def run_stream(shards, view, normalizer, workers, batch, latency_s, buffer) -> tuple[int, float]:
-    plan = StreamPlan(urls=shards.urls, counts=shards.counts, batch_size=batch, resampled=False,
-                      shuffle_buffer=buffer, drop_last=False, num_bands=(shards.manifest or {}).get("num_bands"),
-                      max_skip_rate=0.0)
-    loader = ShardLoader(ShardStream(plan, view, opener=ShardOpener(latency_s)), workers)
-    return _consume(loader, normalizer)
-
-
-def multicrop_cost(shards, n: int = 40) -> dict:
-    """ms/sample of the DINOv2 multi-crop view (+ collate with iBOT masks), one thread."""
-    from engine.data.samples import decode_image, iter_shard
-
-    arrs = []
-    for url in shards.urls:
-        for s in iter_shard(url, ShardOpener()):
-            arrs.append(decode_image(s, None))
-            if len(arrs) == n:
-                break
-        if len(arrs) == n:
-            break
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        view = DinoMultiCrop(224, 96, 2, 8, patch_size=14)
-        rng = np.random.default_rng(0)
-        view(arrs[0], rng)
-        t = time.perf_counter()
-        items = [view(a, rng) for a in arrs]
-        per_sample = (time.perf_counter() - t) / len(arrs)
-        t = time.perf_counter()
-        view.collate(items, rng)
-        collate = (time.perf_counter() - t) / len(arrs)
-    finally:
-        torch.set_num_threads(threads)
-    return {"transform_ms_per_sample": 1000 * per_sample, "collate_masks_ms_per_sample": 1000 * collate,
-            "bands": int(arrs[0].shape[0]), "size": list(arrs[0].shape[1:]), "dtype": str(arrs[0].dtype)}
+def run_stream(shards: ShardSet, view, normalizer, a, latency_s) -> dict:
+    plan = StreamPlan(urls=shards.urls, counts=shards.counts, batch_size=a.batch_size, resampled=False,
+                      shuffle_buffer=a.buffer, shuffle_initial=a.batch_size, drop_last=False,
+                      num_bands=(shards.manifest or {}).get("num_bands"), max_skip_rate=0.0)
+    loader = ShardLoader(ShardStream(plan, view, opener=ShardOpener(latency_s), num_workers=max(1, a.workers)),
+                         a.workers)
+    return measure(lambda: (loader for _ in range(a.epochs)), loader.close, normalizer, a.workers)
 
 
 def _generate(work: Path, kind: str, files: int) -> tuple[Path, Path]:
@@ -166,7 +175,7 @@ def _generate(work: Path, kind: str, files: int) -> tuple[Path, Path]:
     return src, out
 
 
-def _tif_dir(shards, tifs: Optional[str]) -> Optional[Path]:
+def _tif_dir(shards: ShardSet, tifs: Optional[str]) -> Optional[Path]:
     if tifs:
         return Path(tifs)
     args = ((shards.manifest or {}).get("converter") or {}).get("args") or {}
@@ -175,74 +184,55 @@ def _tif_dir(shards, tifs: Optional[str]) -> Optional[Path]:
     return Path(cand) if isinstance(cand, str) and Path(cand).is_dir() else None
 
 
-def bench_archive(name: str, shard_dir: Path, tif_dir: Optional[Path], a) -> tuple[list[dict], dict]:
+def bench_archive(name: str, shard_dir: Path, tif_dir: Optional[Path], a) -> list[dict]:
     shards = resolve_shards(str(shard_dir), flag="--shards")
     m = shards.manifest or {}
     normalizer = Normalizer.from_manifest(m)
     paths = sorted(str(p) for p in tif_dir.rglob("*.tif")) if tif_dir else []
     if tif_dir and not paths:
         raise UserError(f"--tifs '{tif_dir}': no .tif files found")
-    nbytes = int(np.dtype(m["dtype"]).itemsize) * int(m["num_bands"])
+    arr = decode_image(next(iter_shard(shards.urls[0], ShardOpener())), None)
+    px = arr.nbytes
     rows = []
-    size = _probe_size(shards)
-    px = nbytes * size[0] * size[1]
     for mode in a.modes:
-        view = _view(mode, size[0])
+        view = _view(mode, arr.shape[1])
         for lat in a.latency_ms:
-            providers = {}
+            providers: dict[str, Callable[[], dict]] = {}
             if paths:
-                providers["naive"] = lambda: run_naive(paths, view, normalizer, a.workers, a.batch_size, lat / 1000)
-            providers["stream"] = lambda: run_stream(shards, view, normalizer, a.workers, a.batch_size, lat / 1000,
-                                                     a.buffer)
+                providers["naive"] = lambda: run_naive(paths, view, normalizer, a, lat / 1000)
+            providers["stream"] = lambda: run_stream(shards, view, normalizer, a, lat / 1000)
             if mode == "decode" and lat == 0:
-                providers["stream-f32"] = lambda: run_stream(shards, _FloatInWorker(view, normalizer), None,
-                                                             a.workers, a.batch_size, 0.0, a.buffer)
-            times: dict[str, list[tuple[int, float]]] = {k: [] for k in providers}
+                providers["stream-f32"] = lambda: run_stream(shards, _FloatInWorker(view, normalizer), None, a, 0.0)
+            runs: dict[str, list[dict]] = {k: [] for k in providers}
             for rep in range(a.repeat + 1):  # round 0 warms the page cache and is discarded
                 for provider, fn in providers.items():
                     r = fn()
                     if rep:
-                        times[provider].append(r)
+                        runs[provider].append(r)
             base = None
-            for provider, runs in times.items():
-                if not runs:
-                    continue
-                rates = [n / t for n, t in runs]
-                med = statistics.median(rates)
-                base = med if provider == "naive" else base
+            for provider, rs in runs.items():
+                med = {k: statistics.median(r[k] for r in rs) for k in ("startup_s", "steady_samples_per_s",
+                                                                        "worker_cpu_ms_per_sample")}
+                base = med["steady_samples_per_s"] if provider == "naive" else base
                 rows.append({"archive": name, "mode": mode, "latency_ms": lat, "provider": provider,
-                             "workers": a.workers, "samples_per_s": med, "runs_samples_per_s": rates,
-                             "mb_per_s": med * px / 1e6, "vs_naive": (med / base) if base else None})
-    cost = multicrop_cost(shards)
-    cost["archive"] = name
-    return rows, cost
+                             "workers": a.workers, **med, "mb_per_s": med["steady_samples_per_s"] * px / 1e6,
+                             "vs_naive": med["steady_samples_per_s"] / base if base else None, "runs": rs})
+    return rows
 
 
-def _probe_size(shards) -> tuple[int, int]:
-    from engine.data.samples import decode_image, iter_shard
-
-    s = next(iter_shard(shards.urls[0], ShardOpener()))
-    arr = decode_image(s, None)
-    return int(arr.shape[1]), int(arr.shape[2])
-
-
-def _table(rows: list[dict], costs: list[dict]) -> str:
-    lines = ["| archive | view | open latency | loader | samples/s | MB/s | vs naive |",
-             "|---|---|---|---|---|---|---|"]
+def table(rows: list[dict]) -> str:
+    lines = ["| archive | view | open latency | loader | start-up s | steady samples/s | MB/s | vs naive "
+             "| worker CPU ms/sample |", "|---|---|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         vs = f"{r['vs_naive']:.2f}x" if r["vs_naive"] else "-"
         lines.append(f"| {r['archive']} | {r['mode']} | {r['latency_ms']:g} ms | {r['provider']} "
-                     f"| {r['samples_per_s']:.0f} | {r['mb_per_s']:.1f} | {vs} |")
-    lines += ["", "| archive | multi-crop (2x224 + 8x96) ms/sample | collate + iBOT masks ms/sample |",
-              "|---|---|---|"]
-    for c in costs:
-        lines.append(f"| {c['archive']} ({c['bands']}x{c['size'][0]}x{c['size'][1]} {c['dtype']}) "
-                     f"| {c['transform_ms_per_sample']:.1f} | {c['collate_masks_ms_per_sample']:.2f} |")
+                     f"| {r['startup_s']:.2f} | {r['steady_samples_per_s']:.0f} | {r['mb_per_s']:.1f} | {vs} "
+                     f"| {r['worker_cpu_ms_per_sample']:.2f} |")
     return "\n".join(lines)
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m engine.data.bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python launchers/bench_data.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--shards", default=None, help="measure this converted directory instead of generated ones")
     p.add_argument("--tifs", default=None, help="GeoTIFF directory for the naive loader (with --shards)")
     p.add_argument("--workers", type=int, default=2)
@@ -251,12 +241,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--kinds", default="s2,rgb", help="generated archives: s2 (13x128x128 uint16), rgb (3x256x256 uint8)")
     p.add_argument("--modes", default="decode,mae", help="views: decode (identity + normalise), mae (224 crop)")
     p.add_argument("--latency-ms", default="0", help="simulated per-open latency(ies), e.g. 0,10")
+    p.add_argument("--epochs", type=int, default=3, help="epochs per loader (workers persist across them)")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--buffer", type=int, default=256, help="stream shuffle buffer (samples per worker)")
     p.add_argument("--work", default=None, help="where to generate archives (default: a temp dir)")
     p.add_argument("--main-threads", type=int, default=1,
                    help="torch threads of the main process (normalisation); the workers use 1 each")
-    p.add_argument("--json", nargs="?", const="-", default=None, help="write results as JSON to PATH (or stdout)")
+    p.add_argument("--json", default=None, help="write results as JSON to this path")
     return p
 
 
@@ -267,8 +258,8 @@ def main(argv=None) -> int:
     a.latency_ms = [float(v) for v in str(a.latency_ms).split(",") if v.strip()]
     if any(m not in ("decode", "mae") for m in a.modes):
         raise UserError(f"--modes '{','.join(a.modes)}': use decode and/or mae")
-    if a.workers < 0 or a.repeat < 1:
-        raise UserError("--workers must be >= 0 and --repeat >= 1")
+    if a.workers < 0 or a.repeat < 1 or a.epochs < 1:
+        raise UserError("--workers must be >= 0, --repeat and --epochs >= 1")
     # With 2 cores and 2 workers, intra-op threads in the main process only fight the workers
     # (and spin-wait in OpenMP barriers on a loaded machine).
     torch.set_num_threads(max(1, a.main_threads))
@@ -283,17 +274,11 @@ def main(argv=None) -> int:
                 raise UserError(f"--kinds: unknown archive kind {kind!r}; use s2 and/or rgb")
             src, out = _generate(work, kind, a.files)
             targets.append((kind, out, src))
-    rows, costs = [], []
-    for name, shard_dir, tif_dir in targets:
-        r, c = bench_archive(name, shard_dir, tif_dir, a)
-        rows += r
-        costs.append(c)
-    print(_table(rows, costs))
-    result = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
-              "settings": {k: v for k, v in vars(a).items() if k != "json"}, "results": rows, "multicrop": costs}
-    if a.json == "-":
-        print(json.dumps(result, indent=1))
-    elif a.json:
+    rows = [r for name, shard_dir, tif_dir in targets for r in bench_archive(name, shard_dir, tif_dir, a)]
+    print(table(rows))
+    if a.json:
+        result = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
+                  "settings": {k: v for k, v in vars(a).items() if k != "json"}, "results": rows}
         Path(a.json).write_text(json.dumps(result, indent=1))
     return 0
 
