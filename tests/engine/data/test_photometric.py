@@ -220,3 +220,23 @@ def test_worker_path_output_is_integer_source_dtype():
     x = torch.from_numpy(np.stack(_smooth_images(4, 3, 16))).to(torch.float32)
     y = cast_back(ph.apply(x, _rows(ph, 4, 3)), np.uint8)
     assert y.dtype == torch.uint8 and y.shape == x.shape
+
+
+def test_pretrain_runs_with_device_augmentation(shard_dir, tmp_path):
+    """The launcher hands the loader's photometric to to_device: two DINO steps with the colour ops
+    applied on the (CPU) device, in a subprocess bounded by a timeout."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[3]
+    root = shard_dir(per_shard=[8, 8], size=64, dtype="uint8")
+    env = dict(os.environ, PYTHONPATH=str(repo), HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "launchers/pretrain.py", "--config", "configs/tiny_cpu.yaml", "--data.shards", str(root),
+           "--data.augment_on", "device", "--train.max_steps", "2", "--train.log_every", "1",
+           "--train.output_dir", str(tmp_path / "run"), "--train.export", "false", "--train.tensorboard", "false"]
+    r = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "photometric augmentation on the device" in r.stderr
+    assert (tmp_path / "run" / "metrics.jsonl").read_text().count('"loss"') >= 2
