@@ -54,7 +54,7 @@ import rasterio
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from engine.config import CropConfig
+from engine.config import CropConfig, DataConfig
 from engine.data.loader import ShardLoader
 from engine.data.multicrop import EvalView, SingleCrop
 from engine.data.normalize import Normalizer, to_device
@@ -155,10 +155,11 @@ def run_naive(paths, view, normalizer, a, latency_s) -> dict:
 
 def run_stream(shards: ShardSet, view, normalizer, a, latency_s) -> dict:
     plan = StreamPlan(urls=shards.urls, counts=shards.counts, batch_size=a.batch_size, resampled=False,
-                      shuffle_buffer=a.buffer, shuffle_initial=a.batch_size, drop_last=False,
-                      num_bands=(shards.manifest or {}).get("num_bands"), max_skip_rate=0.0)
+                      shuffle_buffer=a.buffer, max_skip_rate=0.0, shuffle_initial=a.batch_size, drop_last=False,
+                      num_bands=(shards.manifest or {}).get("num_bands"))
+    data = DataConfig()
     loader = ShardLoader(ShardStream(plan, view, opener=ShardOpener(latency_s), num_workers=max(1, a.workers)),
-                         a.workers)
+                         a.workers, data.pin_memory, data.prefetch_factor)
     return measure(lambda: (loader for _ in range(a.epochs)), loader.close, normalizer, a.workers)
 
 

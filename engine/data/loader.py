@@ -80,8 +80,8 @@ class ShardLoader:
     exact loaders).
     """
 
-    def __init__(self, dataset: ShardStream, num_workers: int = 2, pin_memory: Optional[bool] = None,
-                 prefetch_factor: int = 2, equalize: bool = False, persistent: bool = True, *,
+    def __init__(self, dataset: ShardStream, num_workers: int, pin_memory: Optional[bool], prefetch_factor: int,
+                 equalize: bool = False, persistent: bool = True, *,
                  manifest: Optional[dict] = None, shards: Optional["ShardSet"] = None,
                  normalizer: Optional["Normalizer"] = None, photometric: Optional["Photometric"] = None,
                  classes: Optional["ClassIndex"] = None, num_samples: Optional[int] = None):

@@ -57,23 +57,25 @@ class StreamPlan:
 
     shuffle_buffer: per-worker cap in samples (<= 1: no sample shuffling); shuffle_bytes: per-worker
     cap in payload bytes (0 = none); shuffle_initial: samples buffered before the first one leaves.
+    The run's values come from DataConfig (:mod:`engine.data.builders`); the defaults here are the
+    neutral ones (one process, no shard shuffling, no byte cap).
     """
 
     urls: list[str]
     counts: list[Optional[int]]
+    batch_size: int
+    resampled: bool
+    shuffle_buffer: int
+    max_skip_rate: float
     rank: int = 0
     world_size: int = 1
-    batch_size: int = 32
     seed: int = 0
-    resampled: bool = True
     steps_per_epoch: int = 0
-    shuffle_shards: bool = True
-    shuffle_buffer: int = 1000
+    shuffle_shards: bool = False
     shuffle_bytes: int = 0
     shuffle_initial: int = 1
     drop_last: bool = True
     num_bands: Optional[int] = None
-    max_skip_rate: float = 0.05
 
 
 @dataclass

@@ -37,7 +37,7 @@ def torch_dtype(dtype: np.dtype) -> torch.dtype:
 
 
 def random_resized_box(rng: np.random.Generator, h: int, w: int, scale: Sequence[float],
-                       ratio: Sequence[float] = (3 / 4, 4 / 3)) -> Box:
+                       ratio: Sequence[float]) -> Box:
     """Inception-style crop box: area fraction ~ U(scale), aspect ~ log-U(ratio); 10 tries, then
     the largest centred box within ``ratio``."""
     area = h * w
@@ -150,8 +150,8 @@ class RandomResizedCrop:
     ``dihedral``: draw flips/90° rotations (else identity). Call with (C, H, W) array and rng.
     """
 
-    def __init__(self, size: int, scale: Sequence[float], ratio: Sequence[float] = (3 / 4, 4 / 3),
-                 dihedral: bool = True, bands: Optional[Sequence[int]] = None):
+    def __init__(self, size: int, scale: Sequence[float], ratio: Sequence[float], dihedral: bool,
+                 bands: Optional[Sequence[int]] = None):
         self.size, self.scale, self.ratio = int(size), tuple(scale), tuple(ratio)
         self.dihedral, self.bands = dihedral, bands
 
@@ -167,7 +167,7 @@ class RandomResizedCrop:
 class CenterCrop:
     """Deterministic eval view: centre square of ``crop_pct`` of the short side, resized to ``size``."""
 
-    def __init__(self, size: int, crop_pct: float = 0.875, bands: Optional[Sequence[int]] = None):
+    def __init__(self, size: int, crop_pct: float, bands: Optional[Sequence[int]] = None):
         self.size, self.crop_pct, self.bands = int(size), float(crop_pct), bands
 
     def __call__(self, arr: np.ndarray, rng: Optional[np.random.Generator] = None) -> torch.Tensor:

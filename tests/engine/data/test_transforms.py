@@ -20,7 +20,7 @@ def test_dihedral_group_has_eight_distinct_elements():
 def test_random_resized_box_in_bounds_and_scale():
     rng = np.random.default_rng(0)
     for _ in range(200):
-        top, left, h, w = random_resized_box(rng, 40, 30, (0.2, 0.6))
+        top, left, h, w = random_resized_box(rng, 40, 30, (0.2, 0.6), (3 / 4, 4 / 3))
         assert 0 <= top and top + h <= 40 and 0 <= left and left + w <= 30
         assert 0.15 * 1200 <= h * w <= 0.65 * 1200
 
