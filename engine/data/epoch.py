@@ -19,6 +19,19 @@ import torch
 _EPOCH, _ROTATION, _CLOSING, _HEAD = 0, 1, 2, 3
 
 
+class _Slot:
+    """One scalar of the block, read back as ``cast`` (int or bool)."""
+
+    def __init__(self, index: int, cast: type):
+        self.index, self.cast = index, cast
+
+    def __get__(self, obj, owner=None):
+        return self if obj is None else self.cast(obj.block[self.index])
+
+    def __set__(self, obj, value) -> None:
+        obj.block[self.index] = int(value)
+
+
 class EpochControl:
     """Shared per-epoch settings for ``num_workers`` logical workers (see the module docstring)."""
 
@@ -31,29 +44,9 @@ class EpochControl:
         start = _HEAD + k * self.num_workers
         return self.block[start:start + self.num_workers]
 
-    @property
-    def epoch(self) -> int:
-        return int(self.block[_EPOCH])
-
-    @epoch.setter
-    def epoch(self, value: int) -> None:
-        self.block[_EPOCH] = int(value)
-
-    @property
-    def rotation(self) -> int:
-        return int(self.block[_ROTATION])
-
-    @rotation.setter
-    def rotation(self, value: int) -> None:
-        self.block[_ROTATION] = int(value)
-
-    @property
-    def closing(self) -> bool:
-        return bool(self.block[_CLOSING])
-
-    @closing.setter
-    def closing(self, value: bool) -> None:
-        self.block[_CLOSING] = int(bool(value))
+    epoch = _Slot(_EPOCH, int)
+    rotation = _Slot(_ROTATION, int)
+    closing = _Slot(_CLOSING, bool)
 
     @property
     def resume(self) -> list[tuple[int, int]]:
