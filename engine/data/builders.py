@@ -90,7 +90,14 @@ def band_range(manifest: Optional[dict], bands: Optional[Sequence[int]], flag: s
         raise UserError(f"{flag}: {manifest.get('dtype')} data needs the manifest's per-band p2/p98 "
                         "for photometric augmentation; re-run the converter with statistics, or set "
                         "--crops.rgb_augment false and --crops.spectral_jitter off")
-    return BandRange([float(lo[i]) for i in idx], [float(hi[i]) for i in idx])
+    mx = stats.get("max") if isinstance(stats.get("max"), list) else []
+    tops = []
+    for i in idx:  # a band whose p98 equals its p2 (mostly one value) would collapse: widen to its max
+        top = float(hi[i])
+        if top <= float(lo[i]) and i < len(mx) and mx[i] is not None:
+            top = float(mx[i])
+        tops.append(top if top > float(lo[i]) else float(lo[i]) + 1.0)
+    return BandRange([float(lo[i]) for i in idx], tops)
 
 
 def build_photometric(crops_cfg: CropConfig, manifest: Optional[dict], bands: Optional[Sequence[int]]

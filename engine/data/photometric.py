@@ -81,9 +81,10 @@ class BandRange:
     def __init__(self, lo: Optional[Sequence[float]] = None, hi: Optional[Sequence[float]] = None):
         if (lo is None) != (hi is None):
             raise ValueError("give both band bounds or neither")
+        if lo is not None and any(float(h) <= float(v) for v, h in zip(lo, hi)):
+            raise ValueError(f"every band needs hi > lo, got {list(lo)} and {list(hi)}")
         self.lo = None if lo is None else torch.tensor([float(v) for v in lo], dtype=torch.float32)
-        self.hi = None if hi is None else torch.tensor([max(float(h), float(v) + 1e-6) for v, h in zip(lo, hi)],
-                                                        dtype=torch.float32)
+        self.hi = None if hi is None else torch.tensor([float(h) for h in hi], dtype=torch.float32)
 
     def _bounds(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.lo is None:

@@ -240,3 +240,15 @@ def test_pretrain_runs_with_device_augmentation(shard_dir, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "photometric augmentation on the device" in r.stderr
     assert (tmp_path / "run" / "metrics.jsonl").read_text().count('"loss"') >= 2
+
+
+def test_band_range_from_manifest():
+    from engine.data.builders import band_range
+    from engine.errors import UserError
+
+    assert band_range({"dtype": "uint8", "num_bands": 2}, None).hi.tolist() == [255.0, 255.0]
+    stats = {"p2": [100.0, 7.0, 7.0], "p98": [900.0, 7.0, 7.0], "max": [4000.0, 50.0, 7.0]}
+    r = band_range({"dtype": "uint16", "num_bands": 3, "stats": stats}, [2, 0, 1])
+    assert r.lo.tolist() == [7.0, 100.0, 7.0] and r.hi.tolist() == [8.0, 900.0, 50.0]  # degenerate bands widened
+    with pytest.raises(UserError, match="p2/p98"):
+        band_range({"dtype": "uint16", "num_bands": 3, "stats": {}}, None)
