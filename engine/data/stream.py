@@ -17,8 +17,9 @@ rank ``r`` of ``R``, epoch ``e``:
    ``shuffle_bytes`` bytes, seeded by ``(seed, e, r, w)``; it starts yielding after
    ``shuffle_initial`` samples (:mod:`engine.data.shuffle`).
 4. **Decode + view**: zero-copy ``.npy`` decode, then the per-sample view (multi-crop, MAE crop or
-   eval crop) with a generator seeded by ``(seed, e, r, w, batch index)``; a sample that fails is
-   logged, counted and skipped.
+   eval crop) with a generator seeded by ``(seed, e, r, w, batch index)``, which also draws the
+   photometric parameters (:mod:`engine.data.photometric`); a sample that fails is logged, counted
+   and skipped.
 5. **Batching** in the worker (``view.collate``); each batch carries a small ``_position`` record
    (logical worker, batch index, raw samples consumed, skip counters) that the loader strips.
 
