@@ -105,8 +105,8 @@ class CropConfig:
     """Random flips and 90-degree rotations (overhead imagery has no canonical up)."""
     rgb_augment: bool = True
     """DINOv2 colour jitter, grayscale, blur and solarize on 3-band images, on values scaled to [0, 1] by 0-255 (uint8) or each band's manifest p2-p98 (other dtypes)."""
-    spectral_jitter: Literal["off", "shared", "per_band"] = "off"
-    """Non-RGB images: brightness/contrast jitter (0.4, p 0.8) on p2-p98-scaled values; 'shared' = one factor for all bands, contrast about each band's mean (SSL4EO-S12); 'per_band' = factors per band (changes spectral ratios); 'off' keeps spectral ratios (SatMAE)."""
+    spectral_jitter: Literal["none", "shared", "per_band"] = "none"
+    """Non-RGB images: brightness/contrast jitter (0.4, p 0.8) on p2-p98-scaled values; 'shared' = one factor for all bands, contrast about each band's mean (SSL4EO-S12); 'per_band' = factors per band (changes spectral ratios); 'none' keeps spectral ratios (SatMAE)."""
     blur_all_bands: bool = False
     """Also apply DINOv2's Gaussian blur (per band, no band mixing) to non-RGB images."""
     consistent_group_masks: bool = False

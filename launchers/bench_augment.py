@@ -188,7 +188,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=256, help="chip side (pixels)")
     p.add_argument("--bands", type=int, default=3)
     p.add_argument("--dtype", default="uint8", choices=["uint8", "uint16"])
-    p.add_argument("--spectral-jitter", default="off", choices=["off", "shared", "per_band"],
+    p.add_argument("--spectral-jitter", default="none", choices=["none", "shared", "per_band"],
                    help="photometric ops of non-RGB chips (--crops.spectral_jitter)")
     p.add_argument("--global-size", type=int, default=224)
     p.add_argument("--local-size", type=int, default=98)

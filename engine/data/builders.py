@@ -89,7 +89,7 @@ def band_range(manifest: Optional[dict], bands: Optional[Sequence[int]], flag: s
             i < len(lo) and i < len(hi) and lo[i] is not None and hi[i] is not None for i in idx)):
         raise UserError(f"{flag}: {manifest.get('dtype')} data needs the manifest's per-band p2/p98 "
                         "for photometric augmentation; re-run the converter with statistics, or set "
-                        "--crops.rgb_augment false and --crops.spectral_jitter off")
+                        "--crops.rgb_augment false and --crops.spectral_jitter none")
     mx = stats.get("max") if isinstance(stats.get("max"), list) else []
     tops = []
     for i in idx:  # a band whose p98 equals its p2 (mostly one value) would collapse: widen to its max
@@ -103,11 +103,11 @@ def band_range(manifest: Optional[dict], bands: Optional[Sequence[int]], flag: s
 def build_photometric(crops_cfg: CropConfig, manifest: Optional[dict], bands: Optional[Sequence[int]]
                       ) -> Optional[Photometric]:
     """The run's photometric augmentation, or None when no op is enabled."""
-    if not (crops_cfg.rgb_augment or crops_cfg.spectral_jitter != "off" or crops_cfg.blur_all_bands):
+    if not (crops_cfg.rgb_augment or crops_cfg.spectral_jitter != "none" or crops_cfg.blur_all_bands):
         return None
     n = len(bands) if bands is not None else (manifest or {}).get("num_bands")
     colour = crops_cfg.rgb_augment and n in (3, None)
-    scaled = colour or crops_cfg.spectral_jitter != "off"
+    scaled = colour or crops_cfg.spectral_jitter != "none"
     flag = "--crops.rgb_augment" if colour else "--crops.spectral_jitter"
     return Photometric(band_range(manifest, bands, flag) if scaled else BandRange(), crops_cfg.rgb_augment,
                        crops_cfg.spectral_jitter, crops_cfg.blur_all_bands)

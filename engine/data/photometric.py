@@ -20,7 +20,7 @@ What a crop gets depends on its band count:
   brightness factor for all bands (band ratios kept) and contrast about each band's own mean;
   ``per_band`` draws both factors independently per band (ratios change). No grayscale or
   solarize, which would mix or invert bands. Blur only with ``--crops.blur_all_bands``.
-- **off** (default for non-RGB): geometry only, as SatMAE (``util/datasets.py``: random-resized
+- **none** (default for non-RGB): geometry only, as SatMAE (``util/datasets.py``: random-resized
   crop and flip for Sentinel-2), keeping spectral ratios; ``--crops.blur_all_bands`` adds DINOv2's
   blur, applied in source units.
 
@@ -35,7 +35,7 @@ crops of a Landsat scene into std 3.6 with 16 % of values beyond |z| = 5).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -43,7 +43,6 @@ import torch
 from engine.data.color import bandwise_step, colour_matrices, colour_step, gaussian_blur, grayscale, solarize
 
 PARAMS_SUFFIX = "_photometric"  # batch key of a crop stack's parameter rows: "global_crops_photometric"
-SpectralJitter = Literal["off", "shared", "per_band"]
 
 JITTER = (0.4, 0.4, 0.2, 0.1)  # ColorJitter(brightness, contrast, saturation, hue), DINOv2 and SSL4EO
 SIGMA = (0.1, 2.0)  # Gaussian blur sigma range (pixels), DINOv2
@@ -106,10 +105,10 @@ class Photometric:
     """Draws and applies the photometric augmentation of one run (module docstring).
 
     band_range: unit range of the colour/spectral ops; rgb: the colour recipe on 3-band crops;
-    spectral: jitter of other band counts; blur_all_bands: DINOv2's blur on non-colour crops too.
+    spectral: jitter of other band counts ('none', 'shared' or 'per_band'); blur_all_bands: DINOv2's blur on non-colour crops too.
     """
 
-    def __init__(self, band_range: BandRange, rgb: bool = True, spectral: SpectralJitter = "off",
+    def __init__(self, band_range: BandRange, rgb: bool = True, spectral: str = "none",
                  blur_all_bands: bool = False):
         self.range, self.rgb, self.spectral, self.blur_all_bands = band_range, rgb, spectral, blur_all_bands
 
@@ -117,7 +116,7 @@ class Photometric:
         """'colour', 'spectral', 'blur' (source units) or None for crops with ``bands`` bands."""
         if bands == 3 and self.rgb:
             return "colour"
-        if self.spectral != "off":
+        if self.spectral != "none":
             return "spectral"
         return "blur" if self.blur_all_bands else None
 
