@@ -110,6 +110,8 @@ class Photometric:
 
     def __init__(self, band_range: BandRange, rgb: bool = True, spectral: str = "none",
                  blur_all_bands: bool = False):
+        if spectral not in ("none", "shared", "per_band"):
+            raise ValueError(f"spectral jitter {spectral!r} is not 'none', 'shared' or 'per_band'")
         self.range, self.rgb, self.spectral, self.blur_all_bands = band_range, rgb, spectral, blur_all_bands
 
     def mode(self, bands: int) -> Optional[str]:

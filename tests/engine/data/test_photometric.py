@@ -32,7 +32,7 @@ def test_batched_apply_equals_one_crop_at_a_time(mode):
     """The device path (all crops at once) computes what the worker path (one crop) computes."""
     bands = 3 if mode == "colour" else 5
     rng_range = BandRange([10.0] * bands, [900.0] * bands)
-    ph = Photometric(rng_range, rgb=mode == "colour", spectral=mode if mode in ("shared", "per_band") else "off",
+    ph = Photometric(rng_range, rgb=mode == "colour", spectral=mode if mode in ("shared", "per_band") else "none",
                      blur_all_bands=True)
     n = 24
     params = _rows(ph, n, bands)
@@ -54,7 +54,7 @@ def test_worker_and_device_paths_agree_per_crop(bands, dtype, manifest_extra):
     hi = 255.0 if dtype == np.uint8 else 4000.0
     manifest = {"dtype": np.dtype(dtype).name, "num_bands": bands, "stats": manifest_extra}
     crops = CropConfig(global_size=40, local_size=40, num_local=3, global_scale=(1.0, 1.0), local_scale=(1.0, 1.0),
-                       ratio=(1.0, 1.0), spectral_jitter="shared" if bands != 3 else "off", blur_all_bands=True)
+                       ratio=(1.0, 1.0), spectral_jitter="shared" if bands != 3 else "none", blur_all_bands=True)
     ph = build_photometric(crops, manifest, None)
     worker = DinoMultiCrop(crops, patch_size=8, photometric=ph)
     device = DinoMultiCrop(crops, patch_size=8, photometric=ph, on_device=True)
