@@ -4,7 +4,7 @@ the device, and the device-side cost per batch; both measured in the same run, i
     python launchers/bench_augment.py [--images 64] [--size 256] [--bands 3] [--dtype uint8]
                                       [--global-size 224] [--local-size 98] [--num-local 8]
                                       [--batch-size 32] [--repeat 5] [--loader-epochs 3] [--device auto]
-                                      [--threads 1] [--json PATH]
+                                      [--threads 1] [--kornia] [--json PATH]
 
 Worker side, per image, on one thread (a worker's share of a core): decode the chip's ``.npy``
 bytes, the multi-crop view (2 global + ``num_local`` local random-resized crops with flips and
@@ -108,17 +108,39 @@ def worker_cost(view: DinoMultiCrop, chips: list[bytearray], batch_size: int, se
     return cpu / (len(chips) - len(items)), batches
 
 
-def device_cost(batches: list[dict], device: torch.device, normalizer, photometric) -> dict:
-    """Wall ms and CPU seconds per batch of ``to_device`` on ``device`` (CUDA-synchronised)."""
+def device_cost(batches: list[dict], device: torch.device, normalizer, photometric, step=to_device) -> dict:
+    """Wall ms and CPU seconds per batch of ``step`` (``to_device``) on ``device`` (CUDA-synchronised)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    to_device(batches[0], device, normalizer, photometric)  # warm-up (allocations, kernels)
+    step(batches[0], device, normalizer, photometric)  # warm-up (allocations, kernels)
     sync()
     wall, cpu = time.perf_counter(), time.process_time()
     for b in batches:
-        to_device(b, device, normalizer, photometric)
+        step(b, device, normalizer, photometric)
     sync()
     n = len(batches)
     return {"wall_ms": 1000 * (time.perf_counter() - wall) / n, "cpu_s": (time.process_time() - cpu) / n}
+
+
+class KorniaRecipe:
+    """kornia's augmentation containers for the same op set (when kornia imports; it draws its own
+    parameters, so it could not keep exact resume): ColorJiggle(0.4, 0.4, 0.2, 0.1, p 0.8),
+    grayscale p 0.2, blur sigma U(0.1, 2) with a 13 px kernel, solarize; p as for global crop 1
+    and local crops. Timed on the device side for comparison only."""
+
+    def __init__(self):
+        import kornia.augmentation as K
+
+        def seq(blur_p: float, solarize_p: float):
+            return K.AugmentationSequential(K.ColorJiggle(0.4, 0.4, 0.2, 0.1, p=0.8), K.RandomGrayscale(p=0.2),
+                                            K.RandomGaussianBlur((13, 13), (0.1, 2.0), p=blur_p),
+                                            K.RandomSolarize(0.0, 0.0, p=solarize_p))
+        self.glob, self.loc = seq(1.0, 0.0), seq(0.5, 0.0)
+
+    def __call__(self, batch: dict, device: torch.device, normalizer, photometric) -> None:
+        with torch.no_grad():
+            for key, aug in (("global_crops", self.glob), ("local_crops", self.loc)):
+                if key in batch:
+                    aug(batch[key].to(device, non_blocking=True).float().div_(255.0))
 
 
 def run(a) -> dict:
@@ -137,6 +159,13 @@ def run(a) -> dict:
     per_image: dict[str, list[float]] = {k: [] for k in views}
     per_image_loader: dict[str, list[float]] = {k: [] for k in views}
     per_batch: dict[str, list[dict]] = {"normalise": [], "photometric+normalise": []}
+    kornia = None
+    if a.kornia and a.dtype == "uint8" and a.bands == 3:
+        try:
+            kornia = KorniaRecipe()
+            per_batch["kornia"] = []
+        except ImportError:
+            print("kornia does not import: its row is left out", file=sys.stderr)
     archive = write_archive(Path(tempfile.mkdtemp(prefix="geoexplora-augbench-")), chips, manifest)
     for rep in range(a.repeat + 1):  # round 0 warms caches and is discarded
         batches = {}
@@ -151,9 +180,12 @@ def run(a) -> dict:
         torch.set_num_threads(threads)
         base = device_cost(batches["worker"], device, normalizer, None)
         aug = device_cost(batches["device"], device, normalizer, photometric)
+        kor = device_cost(batches["device"], device, None, None, kornia) if kornia is not None else None
         if rep:
             per_batch["normalise"].append(base)
             per_batch["photometric+normalise"].append(aug)
+            if kor is not None:
+                per_batch["kornia"].append(kor)
     rows = []
     for side, costs in (("worker thread", per_image), ("worker process", per_image_loader)):
         if not costs["worker"]:
@@ -202,6 +234,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads of the device side on CPU (1: a clean measure of the work; more threads "
                         "spin in OpenMP barriers on a loaded machine)")
+    p.add_argument("--kornia", action="store_true",
+                   help="also time kornia's containers for the same ops on the device side (uint8 RGB; needs kornia)")
     p.add_argument("--json", default=None, help="write results as JSON to this path")
     return p
 
