@@ -231,9 +231,11 @@ def test_pretrain_runs_with_device_augmentation(shard_dir, tmp_path):
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[3]
+    tiny = next(p for p in (repo / "engine" / "presets" / "tiny_cpu.yaml", repo / "configs" / "tiny_cpu.yaml")
+                if p.is_file())  # configs/ is moving into engine/presets/
     root = shard_dir(per_shard=[8, 8], size=64, dtype="uint8")
     env = dict(os.environ, PYTHONPATH=str(repo), HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "launchers/pretrain.py", "--config", "configs/tiny_cpu.yaml", "--data.shards", str(root),
+    cmd = [sys.executable, "launchers/pretrain.py", "--config", str(tiny), "--data.shards", str(root),
            "--data.augment_on", "device", "--train.max_steps", "2", "--train.log_every", "1",
            "--train.output_dir", str(tmp_path / "run"), "--train.export", "false", "--train.tensorboard", "false"]
     r = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
