@@ -103,7 +103,7 @@ def test_pretrain_crash_at_step_zero_with_workers_exits(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "launchers/pretrain.py", "--config", str(TINY), "--data.shards",
            str(tmp_path / "ds"), "--data.num_workers", "2", "--model.in_chans", "4", "--train.max_steps", "2",
-           "--train.output_dir", str(tmp_path / "run"), "--train.tensorboard", "false"]
+           "--train.output_dir", str(tmp_path / "run")]
     try:
         r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:

@@ -237,7 +237,7 @@ def test_pretrain_runs_with_device_augmentation(shard_dir, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(repo), HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "launchers/pretrain.py", "--config", str(tiny), "--data.shards", str(root),
            "--data.augment_on", "device", "--train.max_steps", "2", "--train.log_every", "1",
-           "--train.output_dir", str(tmp_path / "run"), "--train.export", "false", "--train.tensorboard", "false"]
+           "--train.output_dir", str(tmp_path / "run"), "--train.export", "false"]
     r = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "photometric augmentation on the device" in r.stderr
