@@ -4,6 +4,7 @@ regression fails here instead of hanging CI."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -29,15 +30,25 @@ PRELUDE = textwrap.dedent("""
 """)
 
 
+def bounded(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    """Run ``cmd`` in its own process group; on timeout kill the whole group (a regression's stuck
+    workers included) and fail the test."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, **kw)
+    try:
+        out, err = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{cmd[1]} hung (killed after {TIMEOUT_S} s); stderr tail:\n{err[-2000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def run(code: str, tmp_path: Path, **fmt) -> subprocess.CompletedProcess:
     script = tmp_path / "child.py"
     script.write_text(PRELUDE.format(repo=str(REPO)) + textwrap.dedent(code).format(tmp=str(tmp_path), **fmt))
-    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    try:
-        return subprocess.run([sys.executable, str(script)], cwd=REPO, env=env, capture_output=True, text=True,
-                              timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"the process hung (killed after {TIMEOUT_S} s); stderr tail:\n{(e.stderr or b'')[-2000:]!r}")
+    return bounded([sys.executable, str(script)])
 
 
 def gone(pid: int) -> bool:
@@ -100,14 +111,10 @@ def test_pretrain_crash_at_step_zero_with_workers_exits(tmp_path):
     from fake_shards import write_shards
 
     write_shards(tmp_path / "ds", per_shard=[8, 8], size=64, dtype="uint8")
-    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "launchers/pretrain.py", "--config", str(TINY), "--data.shards",
            str(tmp_path / "ds"), "--data.num_workers", "2", "--model.in_chans", "4", "--train.max_steps", "2",
            "--train.output_dir", str(tmp_path / "run")]
-    try:
-        r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"launchers/pretrain.py hung after its crash (killed after {TIMEOUT_S} s)")
+    r = bounded(cmd)
     assert r.returncode != 0 and "channels" in r.stderr, r.stderr[-2000:]
 
 

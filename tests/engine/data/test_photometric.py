@@ -226,6 +226,7 @@ def test_pretrain_runs_with_device_augmentation(shard_dir, tmp_path):
     """The launcher hands the loader's photometric to to_device: two DINO steps with the colour ops
     applied on the (CPU) device, in a subprocess bounded by a timeout."""
     import os
+    import signal
     import subprocess
     import sys
     from pathlib import Path
@@ -238,9 +239,15 @@ def test_pretrain_runs_with_device_augmentation(shard_dir, tmp_path):
     cmd = [sys.executable, "launchers/pretrain.py", "--config", str(tiny), "--data.shards", str(root),
            "--data.augment_on", "device", "--train.max_steps", "2", "--train.log_every", "1",
            "--train.output_dir", str(tmp_path / "run"), "--train.export", "false"]
-    r = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "photometric augmentation on the device" in r.stderr
+    proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the run and its loader workers
+        pytest.fail(f"launchers/pretrain.py hung; stderr tail:\n{proc.communicate()[1][-2000:]}")
+    assert proc.returncode == 0, err[-3000:]
+    assert "photometric augmentation on the device" in err
     assert (tmp_path / "run" / "metrics.jsonl").read_text().count('"loss"') >= 2
 
 
