@@ -110,7 +110,7 @@ def build_photometric(crops_cfg: CropConfig, manifest: Optional[dict], bands: Op
     scaled = colour or crops_cfg.spectral_jitter != "none"
     flag = "--crops.rgb_augment" if colour else "--crops.spectral_jitter"
     return Photometric(band_range(manifest, bands, flag) if scaled else BandRange(), crops_cfg.rgb_augment,
-                       crops_cfg.spectral_jitter, crops_cfg.blur_all_bands)
+                       crops_cfg.spectral_jitter, crops_cfg.blur_all_bands, (manifest or {}).get("nodata"))
 
 
 def augment_on_device(data_cfg: DataConfig) -> bool:

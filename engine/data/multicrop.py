@@ -73,7 +73,7 @@ class _AugmentedCrop:
             return crop, self.photometric.draw(rng, self.kind, bands)
         x = crop_resize(arr, box, self.rrc.size, k, self.rrc.bands)
         params = torch.from_numpy(self.photometric.draw(rng, self.kind, bands))
-        return cast_back(self.photometric.apply(x[None], params[None])[0], arr.dtype), None
+        return cast_back(self.photometric.augment_crop(x, params), arr.dtype), None
 
 
 class DinoMultiCrop:

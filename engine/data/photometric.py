@@ -105,14 +105,17 @@ class Photometric:
     """Draws and applies the photometric augmentation of one run (module docstring).
 
     band_range: unit range of the colour/spectral ops; rgb: the colour recipe on 3-band crops;
-    spectral: jitter of other band counts ('none', 'shared' or 'per_band'); blur_all_bands: DINOv2's blur on non-colour crops too.
+    spectral: jitter of other band counts ('none', 'shared' or 'per_band'); blur_all_bands:
+    DINOv2's blur on non-colour crops too; nodata: the manifest's nodata value (see
+    :meth:`augment_crop`).
     """
 
     def __init__(self, band_range: BandRange, rgb: bool = True, spectral: str = "none",
-                 blur_all_bands: bool = False):
+                 blur_all_bands: bool = False, nodata: Optional[float] = None):
         if spectral not in ("none", "shared", "per_band"):
             raise ValueError(f"spectral jitter {spectral!r} is not 'none', 'shared' or 'per_band'")
         self.range, self.rgb, self.spectral, self.blur_all_bands = band_range, rgb, spectral, blur_all_bands
+        self.nodata = nodata
 
     def mode(self, bands: int) -> Optional[str]:
         """'colour', 'spectral', 'blur' (source units) or None for crops with ``bands`` bands."""
@@ -149,6 +152,15 @@ class Photometric:
         if mode == "colour":
             row[_SOLAR] = rng.random() < kind.solarize_p
         return row
+
+    def augment_crop(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        """The worker path: one float (C, H, W) crop and its (9 + 2C,) row. Pixels equal to
+        ``nodata`` keep it, so the normaliser still finds them after augmentation; on the device
+        path the normaliser takes them from the values as they arrived instead."""
+        if self.nodata is None or self.nodata != self.nodata:
+            return self.apply(x[None], params[None])[0]
+        out = self.apply(x[None].clone(), params[None])[0]
+        return torch.where(x == self.nodata, x, out)
 
     def apply(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         """x: float (N, C, H, W) in source units; params: (N, 9 + 2C) rows from :meth:`draw`, on

@@ -261,3 +261,25 @@ def test_band_range_from_manifest():
     assert r.lo.tolist() == [7.0, 100.0, 7.0] and r.hi.tolist() == [8.0, 900.0, 50.0]  # degenerate bands widened
     with pytest.raises(UserError, match="p2/p98"):
         band_range({"dtype": "uint16", "num_bands": 3, "stats": {}}, None)
+
+
+def test_nodata_pixels_stay_masked_on_both_paths():
+    """16-bit RGB with nodata 0 (a scene border): colour ops clip to [p2, p98], which would lift the
+    border off 0; after normalisation the border is still 0 ("no information") on both paths."""
+    manifest = {"dtype": "uint16", "num_bands": 3, "nodata": 0,
+                "stats": {"mean": [2000.0] * 3, "std": [500.0] * 3, "p2": [900.0] * 3, "p98": [3100.0] * 3}}
+    crops = CropConfig(global_size=24, local_size=24, num_local=1, global_scale=(1.0, 1.0), local_scale=(1.0, 1.0),
+                       ratio=(1.0, 1.0), dihedral=False)
+    ph = build_photometric(crops, manifest, None)
+    normalizer = build_normalizer(DataConfig(), manifest)
+    img = _smooth_images(1, 3, 24, np.uint16, 4000.0, seed=2)[0]
+    img[:, :, :6] = 0
+    out = {}
+    for on_device in (False, True):
+        view = DinoMultiCrop(crops, patch_size=8, photometric=ph, on_device=on_device)
+        rng = np.random.default_rng(0)
+        batch = view.collate([view(img, rng)], rng)
+        out[on_device] = to_device(batch, "cpu", normalizer, ph if on_device else None)["global_crops"]
+    for x in out.values():
+        assert torch.equal(x[..., :6], torch.zeros_like(x[..., :6]))
+        assert float(x[..., 6:].abs().min()) > 0 or float(x[..., 6:].std()) > 0
