@@ -71,7 +71,9 @@ class DataConfig:
     num_workers: int = 2
     """DataLoader worker processes per rank."""
     shuffle_buffer: int = 1000
-    """Sample shuffle buffer per worker (0 disables sample shuffling)."""
+    """Sample shuffle buffer per worker, in samples (0 disables sample shuffling); shuffle_buffer_bytes caps it too."""
+    shuffle_buffer_bytes: int = 2 * 1024**3
+    """Memory cap of one rank's shuffle buffers, all its workers together (bytes of raw samples); the start-up log gives the samples per worker it allows."""
     resampled: bool = True
     """Infinite resampled shard stream (training); False = exact epochs (evaluation)."""
     max_skip_rate: float = 0.05
@@ -98,6 +100,8 @@ class DataConfig:
     """Class names in index order for labelled data (None = the manifest's 'classes')."""
     eval_crop_pct: float = 0.875
     """Eval view: centre crop of this fraction of the short side, resized to the model's size."""
+    augment_on: Literal["auto", "worker", "device"] = "auto"
+    """Where photometric augmentation (colour jitter, grayscale, blur, solarize) runs: in the loader workers, or batched on the training device after the copy; auto = device when CUDA is available. Its random parameters are drawn in the workers either way."""
 
     def validate(self) -> None:
         _check(self.batch_size > 0, "data.batch_size", "must be > 0")
@@ -105,6 +109,9 @@ class DataConfig:
         _check(0.0 <= self.max_skip_rate <= 1.0, "data.max_skip_rate", "must be in [0, 1]")
         _check(self.steps_per_epoch >= 0, "data.steps_per_epoch", "must be >= 0 (0 = derive from the manifest)")
         _check(self.prefetch_factor >= 1, "data.prefetch_factor", "must be >= 1")
+        _check(self.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0 (0 disables sample shuffling)")
+        _check(self.shuffle_buffer_bytes > 0, "data.shuffle_buffer_bytes",
+               "must be > 0 (use --data.shuffle_buffer 0 to disable sample shuffling)")
         _check(0.0 < self.eval_crop_pct <= 1.0, "data.eval_crop_pct", "must be in (0, 1]")
         _check(self.bands is None or (len(self.bands) > 0 and min(self.bands) >= 0), "data.bands",
                "must be a non-empty list of band indices >= 0")
@@ -135,7 +142,9 @@ class CropConfig:
     dihedral: bool = True
     """Random flips and 90-degree rotations (overhead imagery has no canonical up)."""
     rgb_augment: bool = True
-    """DINOv2 colour jitter, grayscale, blur and solarize on 3-band images (never on other band counts)."""
+    """DINOv2 colour jitter, grayscale, blur and solarize on 3-band images, on values scaled to [0, 1] by 0-255 (uint8) or each band's manifest p2-p98 (other dtypes)."""
+    spectral_jitter: Literal["none", "shared", "per_band"] = "none"
+    """Non-RGB images: brightness/contrast jitter (0.4, p 0.8) on p2-p98-scaled values; 'shared' = one factor for all bands, contrast about each band's mean (SSL4EO-S12); 'per_band' = factors per band (changes spectral ratios); 'none' keeps spectral ratios (SatMAE)."""
     blur_all_bands: bool = False
     """Also apply DINOv2's Gaussian blur (per band, no band mixing) to non-RGB images."""
     consistent_group_masks: bool = False

@@ -108,7 +108,8 @@ def run(cfg: RunConfig, env) -> int:
     loader = build_pretrain_loader(cfg.data, cfg.crops, cfg.objective.name, patch_size=vit.patch_embed.patch_size[0],
                                    num_groups=num_groups(vit), mask_cfg=cfg.objective.dino, rank=env.rank,
                                    world_size=env.world_size, seed=cfg.train.seed)
-    trainer = Trainer(cfg, objective, loader, env, prepare=lambda b: to_device(b, env.device, loader.normalizer),
+    trainer = Trainer(cfg, objective, loader, env,
+                      prepare=lambda b: to_device(b, env.device, loader.normalizer, loader.photometric),
                       flops_per_image=training_flops_per_sample(cfg, vit))
     result = trainer.fit()
     if result.preempted is None and cfg.train.export:

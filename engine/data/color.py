@@ -1,129 +1,126 @@
-"""DINOv2's photometric augmentations, for 3-band RGB crops only (float (3, H, W) tensors).
+"""Batched photometric operations on float crops ``x: (N, C, H, W)`` with per-crop parameters.
 
-Colour jitter (brightness, contrast, saturation, hue in random order), grayscale and solarize mix
-or re-weight bands, which would corrupt the spectral signature of multispectral data, so the
-multi-crop transform applies them only when a crop has exactly 3 bands. Gaussian blur is spatial
-and per band; :func:`gaussian_blur` is usable on any band count (``--crops.blur_all_bands``).
+One implementation serves both places augmentation can run: a loader worker calls these with
+N = 1 per crop, the training device with every crop of a batch at once
+(:mod:`engine.data.photometric` draws the parameters and decides which ops apply). Values are in
+the unit range ``[0, 1]`` (see :class:`~engine.data.photometric.BandRange`) except for
+:func:`gaussian_blur`, which is linear and works in any units.
 
-Values are handled on a ``[0, scale]`` range: ``scale`` is the data's white point (255 for uint8,
-the manifest's max for 16-bit RGB) so that clamping and the solarize threshold (scale / 2) mean
-what they mean for 8-bit images.
+- Colour ops (3 bands): brightness, saturation and hue are 3x3 colour matrices, contrast a scale
+  plus an offset; :func:`colour_step` applies one per crop as a batched matmul and clamps to
+  [0, 1], as torchvision's ColorJitter does after each of its ops. Hue is a rotation of the YIQ
+  chroma plane (one matrix instead of torchvision's HSV round trip: 6x cheaper on 224 px crops; it
+  differs from an HSV hue shift only in how saturated colours clip).
+- Band-wise ops (any band count): brightness and contrast per band as ``a * x + t``
+  (:func:`bandwise_step`), never mixing bands.
 """
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-_LUMA = (0.299, 0.587, 0.114)
+LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, as torchvision's rgb_to_grayscale
+BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3  # colour op codes (a crop's jitter order)
 
-
-def _gray(x: torch.Tensor) -> torch.Tensor:
-    """(3, H, W) -> (1, H, W) ITU-R 601 luma."""
-    return (_LUMA[0] * x[0] + _LUMA[1] * x[1] + _LUMA[2] * x[2])[None]
-
-
-def _blend(a: torch.Tensor, b: torch.Tensor, f: float) -> torch.Tensor:
-    """f * a + (1 - f) * b, clamped to [0, 1]."""
-    return (f * a + (1.0 - f) * b).clamp_(0.0, 1.0)
-
-
-def adjust_brightness(x: torch.Tensor, f: float) -> torch.Tensor:
-    return (x * f).clamp_(0.0, 1.0)
-
-
-def adjust_contrast(x: torch.Tensor, f: float) -> torch.Tensor:
-    return _blend(x, _gray(x).mean(), f)
-
-
-def adjust_saturation(x: torch.Tensor, f: float) -> torch.Tensor:
-    return _blend(x, _gray(x), f)
-
-
-# RGB <-> YIQ (NTSC): Y is luma, (I, Q) the chroma plane. A hue shift is a rotation of (I, Q).
-_RGB2YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.5959, -0.2746, -0.3213], [0.2115, -0.5227, 0.3112]])
+# RGB <-> YIQ (NTSC): Y is luma, (I, Q) the chroma plane.
+_RGB2YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.5959, -0.2746, -0.3213], [0.2115, -0.5227, 0.3112]],
+                        dtype=torch.float64)
 _YIQ2RGB = torch.linalg.inv(_RGB2YIQ)
 
 
-def hue_matrix(shift: float) -> torch.Tensor:
-    """3x3 RGB->RGB matrix rotating hue by ``shift`` turns in the YIQ chroma plane."""
-    c, s = math.cos(2 * math.pi * shift), math.sin(2 * math.pi * shift)
-    rot = torch.tensor([[1.0, 0.0, 0.0], [0.0, c, -s], [0.0, s, c]])
-    return _YIQ2RGB @ rot @ _RGB2YIQ
+def luma(x: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) -> (N, 1, H, W)."""
+    return LUMA[0] * x[:, 0:1] + LUMA[1] * x[:, 1:2] + LUMA[2] * x[:, 2:3]
 
 
-def adjust_hue(x: torch.Tensor, shift: float) -> torch.Tensor:
-    """Rotate hue by ``shift`` turns (in [-0.5, 0.5]), keeping luma.
+def hue_matrices(shift: torch.Tensor) -> torch.Tensor:
+    """(N,) hue shifts in turns -> (N, 3, 3) RGB->RGB matrices rotating the YIQ chroma plane."""
+    a = 2 * math.pi * shift.to(torch.float64)
+    rot = torch.zeros(shift.shape[0], 3, 3, dtype=torch.float64, device=shift.device)
+    rot[:, 0, 0] = 1.0
+    rot[:, 1, 1], rot[:, 1, 2] = torch.cos(a), -torch.sin(a)
+    rot[:, 2, 1], rot[:, 2, 2] = torch.sin(a), torch.cos(a)
+    yiq2rgb, rgb2yiq = _YIQ2RGB.to(shift.device), _RGB2YIQ.to(shift.device)
+    return (yiq2rgb @ rot @ rgb2yiq).to(torch.float32)
 
-    A chroma rotation in YIQ: one 3x3 matrix per image instead of the HSV round trip
-    torchvision uses (6x cheaper on 224 px crops, which dominated RGB multi-crop time). It
-    differs from an HSV hue shift in how saturated colours clip, not in what it does.
-    """
-    m = hue_matrix(shift).to(x.dtype)
-    return torch.mm(m, x.reshape(3, -1)).reshape(x.shape).clamp_(0.0, 1.0)
+
+def colour_matrices(brightness: torch.Tensor, contrast: torch.Tensor, saturation: torch.Tensor,
+                    hue: torch.Tensor) -> torch.Tensor:
+    """(N, 4, 3, 3): per crop the matrix of each colour op, indexed by its op code.
+
+    brightness (N, 3) per-band factors; contrast, saturation (N,) factors; hue (N,) shift in turns.
+    Contrast's matrix is the scale c * I; its offset (1 - c) * mean luma depends on the crop at the
+    time the op runs and is added by :func:`colour_step`."""
+    n = brightness.shape[0]
+    eye = torch.eye(3, device=brightness.device).expand(n, 3, 3)
+    gray = torch.tensor(LUMA, device=brightness.device).expand(3, 3)  # every output band = luma
+    s = saturation.view(-1, 1, 1)
+    return torch.stack([torch.diag_embed(brightness), contrast.view(-1, 1, 1) * eye,
+                        s * eye + (1.0 - s) * gray, hue_matrices(hue)], dim=1)
+
+
+def colour_step(x: torch.Tensor, op: torch.Tensor, matrices: torch.Tensor, contrast: torch.Tensor) -> torch.Tensor:
+    """One jitter op per crop on (N, 3, H, W) in [0, 1], clamped to [0, 1] as torchvision's
+    ColorJitter does after each op. op: (N,) op codes; matrices: (N, 4, 3, 3) from
+    :func:`colour_matrices`; contrast: (N,) factors (contrast blends with the crop's mean luma,
+    saturation with its luma image: torchvision's definitions)."""
+    n = x.shape[0]
+    code = op.long()
+    m = matrices[torch.arange(n, device=x.device), code]
+    y = torch.bmm(m, x.reshape(n, 3, -1))
+    is_c = code == CONTRAST
+    if bool(is_c.any()):
+        mean_luma = x.mean(dim=(2, 3)) @ torch.tensor(LUMA, device=x.device)
+        y.add_(torch.where(is_c, (1.0 - contrast) * mean_luma, torch.zeros_like(mean_luma)).view(n, 1, 1))
+    return y.clamp_(0.0, 1.0).view_as(x)
+
+
+def bandwise_step(x: torch.Tensor, op: torch.Tensor, brightness: torch.Tensor, contrast: torch.Tensor
+                  ) -> torch.Tensor:
+    """One band-wise op per crop on (N, C, H, W) in [0, 1]: ``op`` BRIGHTNESS scales band c by
+    ``brightness[:, c]``; CONTRAST moves band c away from its own crop mean by ``contrast[:, c]``;
+    -1 keeps the crop. Clamped to [0, 1]. Bands are never mixed."""
+    code = op.long().view(-1, 1)
+    a = torch.where(code == BRIGHTNESS, brightness, torch.where(code == CONTRAST, contrast, torch.ones_like(contrast)))
+    t = torch.where(code == CONTRAST, (1.0 - contrast) * x.mean(dim=(2, 3)), torch.zeros_like(contrast))
+    return (x * a[:, :, None, None]).add_(t[:, :, None, None]).clamp_(0.0, 1.0)
 
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:
-    return _gray(x).expand(3, -1, -1).contiguous()
+    """(N, 3, H, W) -> the luma image in all three bands."""
+    return luma(x).expand(-1, 3, -1, -1).contiguous()
 
 
 def solarize(x: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """Invert values at or above ``threshold`` (torchvision's solarize on [0, 1])."""
     return torch.where(x >= threshold, 1.0 - x, x)
 
 
-def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable per-band Gaussian blur of float (C, H, W); reflect padding, radius ceil(3 sigma)."""
-    radius = min(int(math.ceil(3.0 * sigma)), x.shape[-1] - 1, x.shape[-2] - 1)
-    if radius < 1:
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Separable per-band Gaussian blur of (N, C, H, W) with a sigma per crop (N,); reflect padding.
+
+    Crop n uses radius r_n = ceil(3 sigma_n), at most min(H, W) - 1 so reflect padding fits; all
+    crops share the padding of the largest radius, with zero weights beyond their own, which gives
+    each crop exactly the result of blurring it alone. A radius below 1 leaves the crop unchanged.
+    Computed as 2(2R + 1) shifted multiply-adds: on one CPU thread a 224 px RGB crop takes 0.35-0.5
+    ms this way against 5.5 ms for the same kernel as two grouped ``conv2d`` (measured, same run)."""
+    n, c, h, w = x.shape
+    radii = torch.ceil(3.0 * sigma.to(x.device, torch.float32)).clamp_(max=min(h, w) - 1).long()
+    big = int(radii.max()) if n else 0
+    if big < 1:
         return x
-    t = torch.arange(-radius, radius + 1, dtype=x.dtype)
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
-    k = k / k.sum()
-    c = x.shape[0]
-    y = F.pad(x[None], (radius, radius, radius, radius), mode="reflect")
-    y = F.conv2d(y, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    y = F.conv2d(y, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
-    return y[0]
-
-
-class RGBAugment:
-    """DINOv2's per-crop photometric pipeline on float (3, H, W) values in ``[0, scale]``.
-
-    ``jitter_p``: probability of ColorJitter(0.4, 0.4, 0.2, 0.1); ``gray_p``: RandomGrayscale;
-    ``blur_p``: Gaussian blur with sigma ~ U(0.1, 2); ``solarize_p``: solarization.
-    DINOv2 uses (0.8, 0.2, 1.0, 0) for global crop 1, (0.8, 0.2, 0.1, 0.2) for global crop 2 and
-    (0.8, 0.2, 0.5, 0) for local crops.
-    """
-
-    brightness, contrast, saturation, hue = 0.4, 0.4, 0.2, 0.1
-
-    def __init__(self, jitter_p: float = 0.8, gray_p: float = 0.2, blur_p: float = 0.0,
-                 solarize_p: float = 0.0):
-        self.jitter_p, self.gray_p, self.blur_p, self.solarize_p = jitter_p, gray_p, blur_p, solarize_p
-
-    def jitter(self, x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-        for op in rng.permutation(4):
-            if op == 0:
-                x = adjust_brightness(x, rng.uniform(1 - self.brightness, 1 + self.brightness))
-            elif op == 1:
-                x = adjust_contrast(x, rng.uniform(1 - self.contrast, 1 + self.contrast))
-            elif op == 2:
-                x = adjust_saturation(x, rng.uniform(1 - self.saturation, 1 + self.saturation))
-            else:
-                x = adjust_hue(x, rng.uniform(-self.hue, self.hue))
-        return x
-
-    def __call__(self, x: torch.Tensor, rng: np.random.Generator, scale: float) -> torch.Tensor:
-        """x: float (3, H, W) in [0, scale] -> same shape and range."""
-        x = (x / scale).clamp_(0.0, 1.0)
-        if rng.random() < self.jitter_p:
-            x = self.jitter(x, rng)
-        if rng.random() < self.gray_p:
-            x = grayscale(x)
-        if rng.random() < self.blur_p:
-            x = gaussian_blur(x, rng.uniform(0.1, 2.0))
-        if rng.random() < self.solarize_p:
-            x = solarize(x)
-        return x * scale
+    t = torch.arange(-big, big + 1, device=x.device, dtype=x.dtype)
+    k = torch.exp(-0.5 * (t[None] / sigma.to(x.device, x.dtype).clamp_min(1e-6)[:, None]) ** 2)
+    k = k * (t[None].abs() <= radii[:, None])
+    k[radii < 1] = (t == 0).to(x.dtype)  # identity kernel
+    k = (k / k.sum(dim=1, keepdim=True)).view(n, 1, 1, 1, -1)
+    y = F.pad(x, (big, big, big, big), mode="reflect")
+    rows = y[..., :, 0:w] * k[..., 0]
+    for i in range(1, 2 * big + 1):
+        rows.addcmul_(y[..., :, i:i + w], k[..., i])
+    out = rows[..., 0:h, :] * k[..., 0]
+    for i in range(1, 2 * big + 1):
+        out.addcmul_(rows[..., i:i + h, :], k[..., i])
+    return out

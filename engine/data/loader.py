@@ -1,10 +1,18 @@
-"""The per-rank loader: one DataLoader iterator per epoch over a :class:`ShardStream`, pinned
-memory, skip-rate accounting, and a restorable position.
+"""The per-rank loader: persistent DataLoader workers over a :class:`ShardStream`, pinned memory,
+skip-rate accounting, and a restorable position.
 
 Iteration: ``for batch in loader`` yields the rest of the current epoch (``len(loader)``
 batches per epoch in resampled mode, identical on every rank), then advances ``loader.epoch``.
 Breaking out early keeps the position, so iterating again continues the same epoch.
 :meth:`ShardLoader.infinite` chains epochs for a step-based trainer.
+
+Workers. Training loaders keep their worker processes for the whole run (``persistent=True``):
+each epoch the loader writes the epoch's settings into the stream's shared
+:class:`~engine.data.epoch.EpochControl` and the workers restart their streams in place, so an
+epoch boundary costs a shuffle-buffer warm-up, not process start-up. :meth:`ShardLoader.close`
+(also ``with loader:``, garbage collection, and an exit hook) stops them with bounded waits and a
+kill fallback (:mod:`engine.data.workers`). Non-persistent loaders (evaluation, iterated once)
+stop their workers at the end of every pass.
 
 Position / resume semantics (``state_dict()`` / ``load_state_dict()``):
 
@@ -13,10 +21,11 @@ Position / resume semantics (``state_dict()`` / ``load_state_dict()``):
   skip counters. Take it after the step that consumed the last batch you want counted.
 - Restoring it on the same rank, with the same world size, num_workers, batch size, seed,
   resampling mode, shuffle buffer and shard list, continues *exactly*: the next batch is the one
-  the uninterrupted run would have delivered next, with the same augmentations and masks. Each
-  worker replays its part of the epoch up to that point by reading (not decoding) the raw samples
-  it consumed, so the cost is reading at most one epoch's share of bytes per worker; in resampled
-  mode ``--data.steps_per_epoch`` bounds it.
+  the uninterrupted run would have delivered next, with the same augmentations and masks (also
+  when photometric augmentation moved between the workers and the device: its random parameters
+  are drawn in the workers either way). Each worker replays its part of the epoch up to that point
+  by reading (not decoding) the raw samples it consumed, so the cost is reading at most one epoch's
+  share of bytes per worker; in resampled mode ``--data.steps_per_epoch`` bounds it.
 - A state saved by another rank (e.g. only rank 0's state was checkpointed) restores the same
   epoch and batch count, assuming no samples were skipped before the checkpoint; exact when none
   were.
@@ -27,80 +36,76 @@ Position / resume semantics (``state_dict()`` / ``load_state_dict()``):
 from __future__ import annotations
 
 import logging
-import signal
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
 import torch
 from torch.utils.data import DataLoader
 
-from engine.data.pipeline import POSITION_KEY, ShardStream, merge_counts
-from engine.data.skips import SkipRateExceeded, check_skip_rate, skip_rate
+from engine.data import workers
+from engine.data.epoch import EpochControl
+from engine.data.stream import POSITION_KEY, ShardStream, merge_counts
+from engine.data.skips import check_skip_rate, skip_rate
 from engine.errors import UserError
+
+if TYPE_CHECKING:
+    from engine.data.labels import ClassIndex
+    from engine.data.normalize import Normalizer
+    from engine.data.photometric import Photometric
+    from engine.data.shardspec import ShardSet
 
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 
 
-def ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: workers ignore SIGINT and SIGTERM.
-
-    Ctrl-C and schedulers (SLURM, Kubernetes) signal every process of the job; a worker killed
-    mid-batch makes the main process raise "DataLoader worker killed" while the trainer's
-    PreemptionGuard is checkpointing. Ignoring them leaves the stop to the main process, which shuts
-    the workers down through the DataLoader's queues (no signal involved); a worker whose main
-    process died exits on its own (torch's parent watchdog). Trade-off: torch's last-resort
-    ``terminate()`` of a worker that does not answer its shutdown request no longer kills it.
-    """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-def _batches(dl: DataLoader) -> Iterator[dict]:
-    """Iterate ``dl``; shut its workers down as soon as iteration stops for any reason, and re-raise
-    a worker's SkipRateExceeded as the one-line error it was (without the worker traceback)."""
-    it = iter(dl)
-    try:
-        yield from it
-    except SkipRateExceeded as e:
-        msg = str(e)
-        marker = "SkipRateExceeded: "
-        raise SkipRateExceeded(msg.rsplit(marker, 1)[-1].strip() if marker in msg else msg) from None
-    finally:
-        # Left to the garbage collector, an iterator caught in a reference cycle (an exception's
-        # traceback, an abandoned generator) finalises its queues first and then waits 5 s per
-        # worker to join; an explicit shutdown takes milliseconds.
-        shutdown = getattr(it, "_shutdown_workers", None)
-        if shutdown is not None:
-            shutdown()
+def _one_line(e: UserError) -> UserError:
+    """A worker's UserError re-raised by torch carries the worker traceback; keep its message only."""
+    msg, marker = str(e), f"{type(e).__name__}: "
+    return type(e)(msg.rsplit(marker, 1)[-1].strip() if marker in msg else msg)
 
 
 class ShardLoader:
-    """Iterable of dict batches for one rank; see the module docstring for epochs and resume.
+    """Iterable of dict batches for one rank; see the module docstring for epochs, workers and resume.
 
     dataset: the stream; num_workers: DataLoader workers (0 = in-process); pin_memory: None =
     when CUDA is available; prefetch_factor: batches buffered per worker; equalize: in exact
     mode, cut every rank's epoch to the fewest batches any rank has (per the manifest's counts), so
-    data-parallel training never waits on a rank that ran out.
+    data-parallel training never waits on a rank that ran out; persistent: keep the worker
+    processes across epochs (until :meth:`close`).
+
+    What the builders (:mod:`engine.data.builders`) attach: ``manifest`` (dict), ``shards``
+    (:class:`~engine.data.shardspec.ShardSet`), ``normalizer`` and ``photometric`` (the device-side
+    steps for :func:`~engine.data.normalize.to_device`; ``photometric`` is None when augmentation
+    runs in the workers), ``classes`` (labelled loaders), ``num_samples`` (samples per rank of
+    exact loaders).
     """
 
-    def __init__(self, dataset: ShardStream, num_workers: int = 2, pin_memory: Optional[bool] = None,
-                 prefetch_factor: int = 2, equalize: bool = False):
+    def __init__(self, dataset: ShardStream, num_workers: int, pin_memory: Optional[bool], prefetch_factor: int,
+                 equalize: bool = False, persistent: bool = True, *,
+                 manifest: Optional[dict] = None, shards: Optional["ShardSet"] = None,
+                 normalizer: Optional["Normalizer"] = None, photometric: Optional["Photometric"] = None,
+                 classes: Optional["ClassIndex"] = None, num_samples: Optional[int] = None):
         self.dataset = dataset
         self.num_workers = int(num_workers)
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
         self.prefetch_factor = int(prefetch_factor)
         self.equalize = bool(equalize)
+        self.persistent = bool(persistent)
+        self.manifest, self.shards, self.num_samples = manifest, shards, num_samples
+        self.normalizer, self.photometric, self.classes = normalizer, photometric, classes
+        if dataset.control.num_workers != self.logical_workers:
+            dataset.control = EpochControl(self.logical_workers)
         self.epoch = 0
         self._reset_position()
         self.totals = {"seen": 0, "skipped": 0, "bad_shards": 0}
-        # Set by the builders (engine.data.builders): manifest dict, resolved ShardSet, Normalizer,
-        # ClassIndex of labelled loaders, samples per rank of exact (eval) loaders.
-        self.manifest: Optional[dict] = None
-        self.shards = None
-        self.normalizer = None
-        self.classes = None
-        self.num_samples: Optional[int] = None
+        self._dl: Optional[DataLoader] = None  # the persistent DataLoader, once its workers started
+
+    @property
+    def multilabel(self) -> bool:
+        """Labels are (B, C) float32 multi-hot (a MultiLabelIndex) rather than (B,) long."""
+        from engine.data.labels import MultiLabelIndex
+
+        return isinstance(self.classes, MultiLabelIndex)
 
     # -------------------------------------------------------------------------------- sizing
     @property
@@ -145,14 +150,9 @@ class ShardLoader:
             if sum(q or 0 for q in ds.quotas) <= self.batches:
                 self._finish_epoch()
                 return
-        kwargs = {}
-        if self.num_workers > 0:
-            kwargs = {"prefetch_factor": self.prefetch_factor, "persistent_workers": False,
-                      "worker_init_fn": ignore_stop_signals}
-        dl = DataLoader(ds, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory, **kwargs)
         last_seen = [(0, 0, 0)] * self.logical_workers
         max_rate = ds.plan.max_skip_rate
-        for batch in _batches(dl):
+        for batch in self._batches():
             pos = batch.pop(POSITION_KEY)
             w = pos["worker"]
             for msg in pos["events"]:
@@ -172,6 +172,61 @@ class ShardLoader:
             self.samples += pos["size"]
             yield batch
         self._finish_epoch()
+
+    def _dataloader(self, persistent: bool) -> DataLoader:
+        self.dataset.control.closing = False
+        return DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                          prefetch_factor=self.prefetch_factor, persistent_workers=persistent,
+                          worker_init_fn=workers.init_worker)
+
+    def _batches(self) -> Iterator[dict]:
+        """This epoch's raw batches (the control block is already written): in-process, from the
+        persistent workers (started on first use), or from workers started for this pass only."""
+        stop: Optional[Callable[[], None]] = None
+        if self.num_workers == 0:
+            it: Iterator[dict] = iter(self.dataset)
+        elif self.persistent:
+            first = self._dl is None
+            if first:
+                self._dl = self._dataloader(persistent=True)
+            it = iter(self._dl)  # first call starts the workers; later ones restart their streams
+            if first:
+                workers.track(self)
+        else:
+            it = iter(self._dataloader(persistent=False))
+            stop = (lambda: workers.stop_workers(it, self.dataset.control))
+        try:
+            yield from it
+        except UserError as e:
+            self.close()
+            raise _one_line(e) from None
+        except Exception:
+            self.close()  # the run is ending: do not leave workers behind for the exit hook
+            raise
+        finally:
+            if stop is not None:
+                stop()
+
+    def close(self) -> None:
+        """Stop the persistent workers (bounded; see :mod:`engine.data.workers`). Iterating again
+        starts new ones. Called at exit for every loader still open."""
+        dl, self._dl = self._dl, None
+        workers.untrack(self)
+        it = getattr(dl, "_iterator", None)
+        if it is not None:
+            workers.stop_workers(it, self.dataset.control)
+
+    def __enter__(self) -> "ShardLoader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - nothing to report to at garbage collection
+            pass
 
     def _finish_epoch(self) -> None:
         if self.totals["skipped"]:
@@ -202,6 +257,7 @@ class ShardLoader:
         p = self.dataset.plan
         return {"world_size": p.world_size, "num_workers": self.logical_workers, "batch_size": p.batch_size,
                 "seed": p.seed, "resampled": p.resampled, "shuffle_buffer": p.shuffle_buffer,
+                "shuffle_bytes": p.shuffle_bytes, "shuffle_initial": p.shuffle_initial,
                 "shuffle_shards": p.shuffle_shards, "steps_per_epoch": p.steps_per_epoch,
                 "shards": [u.rsplit("/", 1)[-1] for u in p.urls]}
 

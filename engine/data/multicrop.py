@@ -2,18 +2,18 @@
 
 Each view is called in a loader worker as ``view(arr, rng) -> item`` on one decoded (C, H, W)
 array and ``view.collate(items, rng) -> batch`` on a micro-batch; images stay in the source dtype
-(see :mod:`engine.data.transforms`). Batches follow the data interface in CONVENTIONS.md:
+(see :mod:`engine.data.transforms`). Batches:
 
 - :class:`DinoMultiCrop`: ``global_crops`` (n_global*B, C, Hg, Wg) crop-major (crop g of sample b
   at g*B + b), ``local_crops`` (n_local*B, C, Hl, Wl) (absent when n_local == 0), ``masks``
-  (n_global*B, G*(Hg/p)*(Wg/p)) bool iBOT masks;
+  (n_global*B, G*(Hg/p)*(Wg/p)) bool iBOT masks; with photometric augmentation on the device also
+  ``global_crops_photometric`` / ``local_crops_photometric``, one float32 parameter row per crop
+  in the same order (:mod:`engine.data.photometric`), which :func:`~engine.data.normalize.to_device`
+  consumes;
 - :class:`SingleCrop`: ``images`` (B, C, S, S) (MAE pre-training; supervised fine-tuning);
 - :class:`EvalView`: ``images`` (B, C, S, S), deterministic centre crop;
-- with labels (the pipeline adds ``item["label"]``): also ``labels`` (B,) long, or (B, C) float32
+- with labels (the stream adds ``item["label"]``): also ``labels`` (B,) long, or (B, C) float32
   multi-hot when the label function returns arrays (:class:`~engine.data.labels.MultiLabelIndex`).
-
-Photometric augmentation follows DINOv2 per crop but only on 3-band crops; other band counts get
-crops, resizes, flips and 90° rotations only (optionally the per-band blur).
 """
 from __future__ import annotations
 
@@ -23,9 +23,11 @@ import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
-from engine.data.color import RGBAugment, gaussian_blur
+from engine.config import CropConfig, DinoConfig
 from engine.data.masking import BlockMaskGenerator, ibot_masks
-from engine.data.transforms import CenterCrop, RandomResizedCrop, cast_back
+from engine.data.photometric import GLOBAL_1, GLOBAL_2, LOCAL, PARAMS_SUFFIX, CropKind, Photometric
+from engine.data.transforms import CenterCrop, RandomResizedCrop, cast_back, crop_resize, crop_resize_native
+from engine.errors import UserError
 
 
 def stack(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -50,60 +52,57 @@ def _stack_labels(items: list[dict], batch: dict) -> dict:
 
 
 class _AugmentedCrop:
-    """One random-resized crop + D4 element + (RGB) photometric pipeline, returned in source dtype."""
+    """One random-resized crop + D4 element, then the photometric ops of ``kind``: applied here
+    (returned in the source dtype), or only drawn when ``on_device`` (crop in the source dtype plus
+    its parameter row, applied after the host->device copy)."""
 
-    def __init__(self, rrc: RandomResizedCrop, rgb: Optional[RGBAugment], blur_p: float, white_point: float):
-        self.rrc, self.rgb, self.blur_p, self.white_point = rrc, rgb, blur_p, white_point
+    def __init__(self, rrc: RandomResizedCrop, photometric: Optional[Photometric], kind: CropKind, on_device: bool):
+        self.rrc, self.photometric, self.kind, self.on_device = rrc, photometric, kind, on_device
 
-    def __call__(self, arr: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
-        rgb = self.rgb is not None and self._bands(arr) == 3
-        if not rgb and self.blur_p <= 0:
-            return self.rrc(arr, rng)
-        x = self.rrc.float_crop(arr, rng)
-        if rgb:
-            x = self.rgb(x, rng, self.white_point)
-        elif rng.random() < self.blur_p:
-            x = gaussian_blur(x, rng.uniform(0.1, 2.0))
-        return cast_back(x, arr.dtype)
-
-    def _bands(self, arr: np.ndarray) -> int:
-        return len(self.rrc.bands) if self.rrc.bands is not None else arr.shape[0]
+    def __call__(self, arr: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, Optional[np.ndarray]]:
+        box, k = self.rrc.params(arr, rng)
+        bands = len(self.rrc.bands) if self.rrc.bands is not None else arr.shape[0]
+        mode = None if self.photometric is None else self.photometric.mode(bands)
+        if mode is None:
+            return crop_resize_native(arr, box, self.rrc.size, k, self.rrc.bands), None
+        if mode != "blur" and self.photometric.range.lo is None and arr.dtype != np.uint8:
+            raise UserError(f"--data.manifest: photometric augmentation of {arr.dtype} images needs the manifest's "
+                            "p2/p98 band statistics; give the manifest or set --crops.rgb_augment false")
+        if self.on_device:
+            crop = crop_resize_native(arr, box, self.rrc.size, k, self.rrc.bands)
+            return crop, self.photometric.draw(rng, self.kind, bands)
+        x = crop_resize(arr, box, self.rrc.size, k, self.rrc.bands)
+        params = torch.from_numpy(self.photometric.draw(rng, self.kind, bands))
+        return cast_back(self.photometric.augment_crop(x, params), arr.dtype), None
 
 
 class DinoMultiCrop:
-    """DINOv2 multi-crop: ``n_global`` global + ``n_local`` local crops, plus iBOT masks at collate.
+    """DINOv2 multi-crop: ``crops.num_global`` global + ``crops.num_local`` local crops, plus iBOT
+    masks at collate.
 
-    sizes in pixels; scales are area-fraction ranges; ``patch_size`` and ``num_groups`` define the
-    mask grid (G * (global_size/p)^2 tokens); ``mask_ratio``/``mask_probability`` as in
-    objective.dino; ``rgb_augment``: DINOv2 colour jitter/grayscale/blur/solarize on 3-band crops;
-    ``blur_all_bands``: DINOv2's blur probabilities on non-RGB crops too; ``white_point``: the
-    value treated as white by the colour ops (255 for uint8).
+    crops: sizes, scales, aspect ratios and D4 flips of the crops; dino: ``mask_ratio`` and
+    ``mask_probability`` of the iBOT masks (None = DinoConfig's defaults); patch_size, num_groups:
+    the model's patch side and band groups (mask grid G * (global_size/p)^2 tokens); photometric:
+    the augmentation (None = geometry only); on_device: draw its parameters here, apply them on the
+    training device; bands: band indices kept (None = all).
     """
 
-    def __init__(self, global_size: int = 224, local_size: int = 96, n_global: int = 2, n_local: int = 8,
-                 global_scale: Sequence[float] = (0.32, 1.0), local_scale: Sequence[float] = (0.05, 0.32),
-                 ratio: Sequence[float] = (3 / 4, 4 / 3), dihedral: bool = True, rgb_augment: bool = True,
-                 blur_all_bands: bool = False, white_point: float = 255.0, patch_size: int = 14,
-                 num_groups: int = 1, mask_ratio: Sequence[float] = (0.1, 0.5), mask_probability: float = 0.5,
-                 consistent_group_masks: bool = False, bands: Optional[Sequence[int]] = None):
-        if global_size % patch_size:
-            raise ValueError(f"global crop size {global_size} is not a multiple of patch size {patch_size}")
-        self.n_global, self.n_local = n_global, n_local
-        g_rrc = RandomResizedCrop(global_size, global_scale, ratio, dihedral, bands)
-        l_rrc = RandomResizedCrop(local_size, local_scale, ratio, dihedral, bands)
-        # DINOv2 recipe: global crop 1 always blurred; global crop 2 rarely blurred, sometimes solarized.
-        g1 = RGBAugment(0.8, 0.2, 1.0, 0.0) if rgb_augment else None
-        g2 = RGBAugment(0.8, 0.2, 0.1, 0.2) if rgb_augment else None
-        loc = RGBAugment(0.8, 0.2, 0.5, 0.0) if rgb_augment else None
-        self.global_views = [
-            _AugmentedCrop(g_rrc, g1 if i == 0 else g2, (1.0 if i == 0 else 0.1) if blur_all_bands else 0.0,
-                           white_point)
-            for i in range(n_global)]
-        self.local_view = _AugmentedCrop(l_rrc, loc, 0.5 if blur_all_bands else 0.0, white_point)
-        self.grid = (global_size // patch_size, global_size // patch_size)
+    def __init__(self, crops: CropConfig, *, patch_size: int, num_groups: int = 1, dino: Optional[DinoConfig] = None,
+                 photometric: Optional[Photometric] = None, on_device: bool = False,
+                 bands: Optional[Sequence[int]] = None):
+        if crops.global_size % patch_size:
+            raise ValueError(f"global crop size {crops.global_size} is not a multiple of patch size {patch_size}")
+        dino = dino or DinoConfig()
+        self.n_global, self.n_local, self.on_device = crops.num_global, crops.num_local, on_device
+        g_rrc = RandomResizedCrop(crops.global_size, crops.global_scale, crops.ratio, crops.dihedral, bands)
+        l_rrc = RandomResizedCrop(crops.local_size, crops.local_scale, crops.ratio, crops.dihedral, bands)
+        self.global_views = [_AugmentedCrop(g_rrc, photometric, GLOBAL_1 if i == 0 else GLOBAL_2, on_device)
+                             for i in range(crops.num_global)]
+        self.local_view = _AugmentedCrop(l_rrc, photometric, LOCAL, on_device)
+        self.grid = (crops.global_size // patch_size, crops.global_size // patch_size)
         self.mask_gen = BlockMaskGenerator(self.grid)
-        self.num_groups, self.consistent = int(num_groups), consistent_group_masks
-        self.mask_ratio, self.mask_probability = tuple(mask_ratio), float(mask_probability)
+        self.num_groups, self.consistent = int(num_groups), crops.consistent_group_masks
+        self.mask_ratio, self.mask_probability = tuple(dino.mask_ratio), float(dino.mask_probability)
 
     def __call__(self, arr: np.ndarray, rng: np.random.Generator) -> dict:
         return {"global": [v(arr, rng) for v in self.global_views],
@@ -111,9 +110,14 @@ class DinoMultiCrop:
 
     def collate(self, items: list[dict], rng: np.random.Generator) -> dict:
         b = len(items)
-        batch = {"global_crops": stack([it["global"][g] for g in range(self.n_global) for it in items])}
-        if self.n_local:
-            batch["local_crops"] = stack([it["local"][j] for j in range(self.n_local) for it in items])
+        batch = {}
+        for key, part, n in (("global_crops", "global", self.n_global), ("local_crops", "local", self.n_local)):
+            if n == 0:
+                continue
+            crops = [it[part][j] for j in range(n) for it in items]  # crop-major
+            batch[key] = stack([c for c, _ in crops])
+            if crops[0][1] is not None:
+                batch[key + PARAMS_SUFFIX] = torch.from_numpy(np.stack([p for _, p in crops]))
         batch["masks"] = ibot_masks(self.n_global * b, self.grid, self.mask_ratio, self.mask_probability, rng,
                                     self.num_groups, self.consistent, self.mask_gen)
         return _stack_labels(items, batch)
@@ -122,9 +126,8 @@ class DinoMultiCrop:
 class SingleCrop:
     """One random-resized crop + D4 element per sample (MAE pre-training, supervised fine-tuning)."""
 
-    def __init__(self, size: int = 224, scale: Sequence[float] = (0.2, 1.0), ratio: Sequence[float] = (3 / 4, 4 / 3),
-                 dihedral: bool = True, bands: Optional[Sequence[int]] = None):
-        self.rrc = RandomResizedCrop(size, scale, ratio, dihedral, bands)
+    def __init__(self, size: int, crops: CropConfig, bands: Optional[Sequence[int]] = None):
+        self.rrc = RandomResizedCrop(size, crops.single_scale, crops.ratio, crops.dihedral, bands)
 
     def __call__(self, arr: np.ndarray, rng: np.random.Generator) -> dict:
         return {"image": self.rrc(arr, rng)}
@@ -136,7 +139,7 @@ class SingleCrop:
 class EvalView:
     """Deterministic eval view: centre square of ``crop_pct`` of the short side resized to ``size``."""
 
-    def __init__(self, size: int = 224, crop_pct: float = 0.875, bands: Optional[Sequence[int]] = None):
+    def __init__(self, size: int, crop_pct: float, bands: Optional[Sequence[int]] = None):
         self.crop = CenterCrop(size, crop_pct, bands)
 
     def __call__(self, arr: np.ndarray, rng: Optional[np.random.Generator] = None) -> dict:

@@ -1,23 +1,26 @@
-"""Device-side float conversion and per-band normalisation with the manifest's statistics.
+"""Device-side float conversion, photometric augmentation and per-band normalisation.
 
 Loader batches carry images in the source dtype (uint8/uint16/...), 2-4x fewer bytes than float32
 through worker queues, pinned memory and the host->device copy. On the training device,
 :func:`to_device` copies each tensor with ``non_blocking=True`` and :class:`Normalizer` converts to
 float32 and applies, per band c::
 
+    invalid = (x == nodata) | isnan(x) # of the values as they arrived
+    x = augment(x)                     # photometric ops, when the batch carries their parameters
     x = clamp(x, p2[c], p98[c])        # only with clip=True
     x = (x - mean[c]) / std[c]
-    x[nodata or NaN] = 0               # the band mean, i.e. "no information"
+    x[invalid] = 0                     # the band mean, i.e. "no information"
 
 ``mean``/``std``/``p2``/``p98`` come from the manifest's ``stats`` (computed by the converter over
 valid pixels), for the bands the run keeps (``--data.bands``).
 """
 from __future__ import annotations
 
-from typing import Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 
+from engine.data.photometric import PARAMS_SUFFIX, Photometric
 from engine.errors import UserError
 
 IMAGE_KEYS = ("global_crops", "local_crops", "images")
@@ -106,8 +109,10 @@ class Normalizer:
             self._cache[device] = (move(self.mean), move(self.std), move(self.clip_low), move(self.clip_high))
         return self._cache[device]
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (..., C, H, W) any dtype on any device -> float32 normalised, same shape and device."""
+    def __call__(self, x: torch.Tensor, augment: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+                 ) -> torch.Tensor:
+        """x: (..., C, H, W) any dtype on any device -> float32 normalised, same shape and device.
+        augment: applied to the float32 values in source units before clipping and normalising."""
         if x.shape[-3] != self.num_bands:
             raise ValueError(f"normalizer has {self.num_bands} bands, batch has {x.shape[-3]}")
         mean, std, lo, hi = self._on(x.device)
@@ -122,6 +127,8 @@ class Normalizer:
         if x.is_floating_point():
             nan = torch.isnan(y)
             invalid = nan if invalid is None else invalid | nan
+        if augment is not None:
+            y = augment(y)
         # In place: on a (B, C, 224, 224) batch each extra temporary costs a pass over memory.
         if lo is not None:
             y.clamp_(lo, hi)
@@ -132,19 +139,40 @@ class Normalizer:
 
 
 def to_device(batch: Mapping[str, torch.Tensor], device: torch.device | str,
-              normalizer: Optional[Normalizer] = None) -> dict:
+              normalizer: Optional[Normalizer] = None, photometric: Optional[Photometric] = None) -> dict:
     """Copy a loader batch to ``device`` (``non_blocking``; the loader pins memory on CUDA hosts),
-    then convert image keys (``global_crops``/``local_crops``/``images``) to normalised float32 there.
+    then turn image keys (``global_crops``/``local_crops``/``images``) into normalised float32 there.
 
-    Other tensors (``masks`` bool, ``labels`` long) are copied unchanged; non-tensors pass through.
-    Without a normalizer, images are only converted to float32.
+    When the batch carries photometric parameters (``<key>_photometric``, the loader's
+    ``augment_on=device`` path), ``photometric`` (the loader's ``.photometric``) applies them to the
+    crops of ``<key>`` between the float conversion and the normalisation; the parameter keys are
+    consumed. Other tensors (``masks`` bool, ``labels`` long) are copied unchanged; non-tensors
+    pass through. Without a normalizer, images are only converted to float32 (and augmented).
     """
     device = torch.device(device)
     out = {}
     for k, v in batch.items():
+        if k.endswith(PARAMS_SUFFIX):
+            continue
         if isinstance(v, torch.Tensor):
             v = v.to(device, non_blocking=True)
             if k in IMAGE_KEYS:
-                v = normalizer(v) if normalizer is not None else to_float32(v)
+                augment = _augmenter(batch.get(k + PARAMS_SUFFIX), photometric, device, k)
+                if normalizer is not None:
+                    v = normalizer(v, augment)
+                else:
+                    v = to_float32(v)
+                    v = augment(v.clone()) if augment is not None else v  # never modify the caller's tensor
         out[k] = v
     return out
+
+
+def _augmenter(params: Optional[torch.Tensor], photometric: Optional[Photometric], device: torch.device,
+               key: str) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+    if params is None:
+        return None
+    if photometric is None:
+        raise ValueError(f"the batch carries photometric parameters for '{key}' but no photometric was given; "
+                         "pass the loader's .photometric to to_device")
+    p = params.to(device, non_blocking=True)
+    return lambda y: photometric.apply(y, p)

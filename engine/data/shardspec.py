@@ -15,7 +15,8 @@ Accepted specs (``--data.shards``):
 
 Local shards are checked for existence up front so a typo fails at start-up with one line, not as
 a worker traceback hours later. The manifest is searched beside local shards when the spec does not
-name it; its per-shard ``count`` lets the pipeline size epochs and split work exactly.
+name it; its per-shard ``count`` lets the loader size epochs and split work exactly. Shards it
+lists with 0 samples are left out with a warning (an error when all are).
 """
 from __future__ import annotations
 
@@ -193,4 +194,21 @@ def resolve_shards(spec: Union[str, Sequence[str]], manifest: str = "",
         by_name = {s["name"]: s.get("count") for s in m["shards"]}
         counts = [by_name.get(os.path.basename(u.rstrip(" -").split()[-1] if is_remote(u) else u)) for u in urls]
         counts = [int(c) if isinstance(c, (int, float)) else None for c in counts]
+        urls, counts = _drop_empty(urls, counts, flag, mpath)
     return ShardSet(urls=urls, counts=counts, manifest=m, manifest_path=mpath)
+
+
+def _drop_empty(urls: list[str], counts: list[Optional[int]], flag: str, mpath: str
+                ) -> tuple[list[str], list[Optional[int]]]:
+    """Leave out shards the manifest lists with 0 samples: read endlessly, a resampled stream would
+    spin on them without ever yielding. All of them empty is an error."""
+    empty = [u for u, c in zip(urls, counts) if c == 0]
+    if not empty:
+        return urls, counts
+    if len(empty) == len(urls):
+        raise UserError(f"{flag}: every shard listed in '{mpath}' holds 0 samples ({len(urls)} shard(s)); "
+                        "re-run the converter (see its skipped.jsonl for why inputs were skipped)")
+    log.warning("%s: skipping %d shard(s) the manifest lists with 0 samples: %s%s", flag, len(empty),
+                ", ".join(os.path.basename(u) for u in empty[:3]), " ..." if len(empty) > 3 else "")
+    kept = [(u, c) for u, c in zip(urls, counts) if c != 0]
+    return [u for u, _ in kept], [c for _, c in kept]

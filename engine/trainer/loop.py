@@ -179,10 +179,12 @@ class Trainer:
             return None, True
 
     def _close_data(self) -> None:
-        """Finish the data iterator now, which shuts its DataLoader workers down."""
-        close = getattr(self._it, "close", None)
-        if close is not None:
-            close()
+        """Finish the data iterator and shut the loader's DataLoader workers down now (a training
+        loader keeps them across epochs until it is closed)."""
+        for obj in (self._it, self.loader):
+            close = getattr(obj, "close", None)
+            if close is not None:
+                close()
         self._it = None
 
     def _device_batch(self, batch: dict) -> dict:

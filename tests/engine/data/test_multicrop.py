@@ -5,6 +5,7 @@ import torch
 
 from engine.config import CropConfig, DataConfig
 from engine.data import build_pretrain_loader
+from engine.data.builders import build_photometric
 from engine.data.multicrop import DinoMultiCrop, EvalView, SingleCrop
 
 
@@ -24,7 +25,8 @@ def test_dino_batch_shapes_and_dtypes(shard_dir, bands, dtype):
 
 def test_crop_major_order_and_bands_never_mixed():
     """13-band uint16: band b of sample i is constant 1000*i + b; every crop keeps that exactly."""
-    view = DinoMultiCrop(16, 8, 2, 2, patch_size=8, num_groups=3)
+    view = DinoMultiCrop(CropConfig(global_size=16, local_size=8, num_local=2), patch_size=8, num_groups=3,
+                         photometric=build_photometric(CropConfig(), {"dtype": "uint16", "num_bands": 13}, None))
     rng = np.random.default_rng(0)
     arrs = [np.broadcast_to((1000 * i + np.arange(13, dtype=np.uint16))[:, None, None], (13, 24, 30)).copy()
             for i in range(3)]
@@ -40,20 +42,24 @@ def test_crop_major_order_and_bands_never_mixed():
 def test_rgb_colour_augmentation_only_on_three_bands():
     rng = np.random.default_rng(1)
     rgb = np.random.default_rng(2).integers(0, 255, (3, 32, 32), dtype=np.uint8)
-    view = DinoMultiCrop(32, 16, 2, 0, global_scale=(1.0, 1.0), ratio=(1.0, 1.0), dihedral=False, patch_size=8)
-    outs = [view(rgb, rng)["global"][0] for _ in range(4)]
+    crops = CropConfig(global_size=32, local_size=16, num_local=0, global_scale=(1.0, 1.0), ratio=(1.0, 1.0),
+                       dihedral=False)
+    manifest = {"dtype": "uint8", "num_bands": 3}
+    view = DinoMultiCrop(crops, patch_size=8, photometric=build_photometric(crops, manifest, None))
+    outs = [view(rgb, rng)["global"][0][0] for _ in range(4)]
     assert any(not torch.equal(o, torch.from_numpy(rgb)) for o in outs)  # jitter/blur changed the pixels
-    no_rgb = DinoMultiCrop(32, 16, 2, 0, global_scale=(1.0, 1.0), ratio=(1.0, 1.0), dihedral=False,
-                           patch_size=8, rgb_augment=False)
-    assert torch.equal(no_rgb(rgb, rng)["global"][0], torch.from_numpy(rgb))  # identity crop, no colour ops
+    off = CropConfig(**{**vars(crops), "rgb_augment": False})
+    no_rgb = DinoMultiCrop(off, patch_size=8, photometric=build_photometric(off, manifest, None))
+    assert torch.equal(no_rgb(rgb, rng)["global"][0][0], torch.from_numpy(rgb))  # identity crop, no colour ops
     four = np.concatenate([rgb, rgb[:1]])
-    assert torch.equal(view(four, rng)["global"][0], torch.from_numpy(four))  # 4 bands: never colour-jittered
+    view4 = DinoMultiCrop(crops, patch_size=8, photometric=build_photometric(crops, {**manifest, "num_bands": 4}, None))
+    assert torch.equal(view4(four, rng)["global"][0][0], torch.from_numpy(four))  # 4 bands: never colour-jittered
 
 
 def test_uint16_resize_keeps_dtype_and_range():
     arr = np.zeros((2, 10, 10), dtype=np.uint16)
     arr[:, ::2] = 65535
-    out = SingleCrop(23, scale=(0.5, 1.0))(arr, np.random.default_rng(0))["image"]
+    out = SingleCrop(23, CropConfig(single_scale=(0.5, 1.0)))(arr, np.random.default_rng(0))["image"]
     assert out.dtype == torch.uint16 and out.shape == (2, 23, 23)
     vals = out.to(torch.int32)
     assert int(vals.max()) <= 65535 and int(vals.min()) >= 0 and int(vals.max()) > 30000

@@ -13,16 +13,23 @@ rank ``r`` of ``R``, epoch ``e``:
    a generator seeded by ``(seed, e, r, w)``; no split is needed and shard count never matters.
 2. **Raw samples** are read sequentially from each shard (:mod:`engine.data.samples`); a shard
    that fails to open or breaks off is logged, counted and skipped (:mod:`engine.data.skips`).
-3. **Shuffle buffer** of ``shuffle_buffer`` raw (undecoded) samples, seeded by ``(seed, e, r, w)``.
+3. **Shuffle buffer** of raw (undecoded) samples, capped at ``shuffle_buffer`` samples and
+   ``shuffle_bytes`` bytes, seeded by ``(seed, e, r, w)``; it starts yielding after
+   ``shuffle_initial`` samples (:mod:`engine.data.shuffle`).
 4. **Decode + view**: zero-copy ``.npy`` decode, then the per-sample view (multi-crop, MAE crop or
-   eval crop) with a generator seeded by ``(seed, e, r, w, batch index)``; a sample that fails is
-   logged, counted and skipped.
+   eval crop) with a generator seeded by ``(seed, e, r, w, batch index)``, which also draws the
+   photometric parameters (:mod:`engine.data.photometric`); a sample that fails is logged, counted
+   and skipped.
 5. **Batching** in the worker (``view.collate``); each batch carries a small ``_position`` record
    (logical worker, batch index, raw samples consumed, skip counters) that the loader strips.
 
 Resampled epochs have a fixed length: ``steps_per_epoch`` batches per rank, split over workers
 as evenly as possible, so every rank yields the same number of batches and no rank waits at an
 epoch end. See :mod:`engine.data.loader` for position/resume semantics.
+
+A resampled worker whose every shard turned out to hold no sample (possible only when the manifest
+gives no counts; listed empty shards are dropped up front by :mod:`engine.data.shardspec`) stops
+with a UserError instead of re-reading them forever.
 """
 from __future__ import annotations
 
@@ -33,8 +40,11 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
+from engine.data.epoch import EpochControl
 from engine.data.samples import ShardOpener, decode_image, decode_meta, iter_shard
+from engine.data.shuffle import shuffled
 from engine.data.skips import SkipCounter, check_skip_rate
+from engine.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -44,21 +54,29 @@ _SHARD_STREAM, _SHUFFLE_STREAM, _AUG_STREAM = 0, 1, 2
 
 @dataclass
 class StreamPlan:
-    """Everything a worker needs to produce its share of an epoch (picklable, no tensors)."""
+    """Everything a worker needs to produce its share of an epoch (picklable, no tensors).
+
+    shuffle_buffer: per-worker cap in samples (<= 1: no sample shuffling); shuffle_bytes: per-worker
+    cap in payload bytes (0 = none); shuffle_initial: samples buffered before the first one leaves.
+    The run's values come from DataConfig (:mod:`engine.data.builders`); the defaults here are the
+    neutral ones (one process, no shard shuffling, no byte cap).
+    """
 
     urls: list[str]
     counts: list[Optional[int]]
+    batch_size: int
+    resampled: bool
+    shuffle_buffer: int
+    max_skip_rate: float
     rank: int = 0
     world_size: int = 1
-    batch_size: int = 32
     seed: int = 0
-    resampled: bool = True
     steps_per_epoch: int = 0
-    shuffle_shards: bool = True
-    shuffle_buffer: int = 1000
+    shuffle_shards: bool = False
+    shuffle_bytes: int = 0
+    shuffle_initial: int = 1
     drop_last: bool = True
     num_bands: Optional[int] = None
-    max_skip_rate: float = 0.05
 
 
 @dataclass
@@ -93,26 +111,35 @@ def seed_rng(*entropy: int) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(e) for e in entropy])))
 
 
+def _control_field(name: str) -> property:
+    """A ShardStream attribute stored in its shared ``control`` block."""
+    return property(lambda self: getattr(self.control, name), lambda self, v: setattr(self.control, name, v),
+                    doc=f"``control.{name}`` (see :class:`~engine.data.epoch.EpochControl`)")
+
+
 class ShardStream(IterableDataset):
     """Per-worker batch stream. ``view(arr, rng) -> item`` and ``view.collate(items, rng) -> dict``
     (see :mod:`engine.data.multicrop`); ``label_fn(meta) -> int`` (or a float32 (C,) multi-hot
     array) adds ``item["label"]``.
 
-    The loader sets ``epoch``, ``resume`` (per logical worker ``(batches, raw)`` already consumed),
-    ``rotation`` (physical worker p plays logical worker (p + rotation) % nw) and ``quotas``
-    (per logical worker batch limit, None = until the data ends) before creating each epoch's
-    DataLoader iterator; the workers get a pickled copy.
+    Before each epoch the loader sets ``epoch``, ``resume`` (per logical worker ``(batches, raw)``
+    already consumed), ``rotation`` (physical worker p plays logical worker (p + rotation) % nw) and
+    ``quotas`` (per logical worker batch limit, None = until the data ends). They live in
+    ``control`` (:class:`~engine.data.epoch.EpochControl`, shared memory), so persistent workers see
+    each epoch's values; the loader gives it one slot per logical worker.
     """
 
     def __init__(self, plan: StreamPlan, view, label_fn: Optional[Callable[[dict], int]] = None,
-                 opener: Optional[Callable] = None):
+                 opener: Optional[Callable] = None, num_workers: int = 1):
         super().__init__()
         self.plan, self.view, self.label_fn = plan, view, label_fn
         self.opener = opener or ShardOpener()
-        self.epoch = 0
-        self.resume: Optional[list[tuple[int, int]]] = None
-        self.rotation = 0
-        self.quotas: Optional[list[Optional[int]]] = None
+        self.control = EpochControl(num_workers)
+
+    epoch = _control_field("epoch")
+    rotation = _control_field("rotation")
+    resume = _control_field("resume")
+    quotas = _control_field("quotas")
 
     # ----------------------------------------------------------------------------------- plan
     def _order(self, epoch: int) -> list[int]:
@@ -181,12 +208,12 @@ class ShardStream(IterableDataset):
         return best
 
     # ---------------------------------------------------------------------------- streaming
-    def _shard_indices(self, worker: int, num_workers: int) -> tuple[Iterator[int], list[tuple[int, int]]]:
+    def _shard_indices(self, epoch: int, worker: int, num_workers: int) -> tuple[Iterator[int], list[tuple[int, int]]]:
         p = self.plan
         if not p.resampled:
-            a = self.assignment(self.epoch, worker, num_workers)
+            a = self.assignment(epoch, worker, num_workers)
             return iter(a.shards), a.sample_splits
-        rng = seed_rng(p.seed, self.epoch, p.rank, worker, _SHARD_STREAM)
+        rng = seed_rng(p.seed, epoch, p.rank, worker, _SHARD_STREAM)
         known = all(c is not None for c in p.counts)
         weights = np.asarray(p.counts, dtype=np.float64) if known else np.ones(len(p.urls))
         weights = weights / weights.sum() if weights.sum() > 0 else np.full(len(p.urls), 1.0 / len(p.urls))
@@ -197,14 +224,15 @@ class ShardStream(IterableDataset):
 
         return endless(), []
 
-    def _raw_samples(self, worker: int, num_workers: int, counter: SkipCounter) -> Iterator[dict]:
-        """Raw samples of this worker's shards after the sample-level splits."""
+    def _raw_samples(self, worker: int, num_workers: int, counter: SkipCounter, epoch: int) -> Iterator[dict]:
+        """Raw samples of this worker's shards in ``epoch`` after the sample-level splits."""
         p = self.plan
-        shard_iter, splits = self._shard_indices(worker, num_workers)
+        shard_iter, splits = self._shard_indices(epoch, worker, num_workers)
         share = 1
         for _, stride in splits:
             share *= stride
         index = 0
+        empty: set[int] = set()  # shards read whole without a sample since the last sample
         for si in shard_iter:
             url, expected = p.urls[si], p.counts[si]
             read = 0
@@ -232,22 +260,13 @@ class ShardStream(IterableDataset):
                                   -(-(expected - read) // share))
                 check_skip_rate(counter.seen, counter.skipped, p.max_skip_rate, f"worker {worker}",
                                 (counter.pending or [""])[-1])
-
-    def _shuffled(self, samples: Iterator[dict], rng: np.random.Generator) -> Iterator[dict]:
-        size = self.plan.shuffle_buffer
-        if size <= 1:
-            yield from samples
-            return
-        buf: list[dict] = []
-        for s in samples:
-            if len(buf) < size:
-                buf.append(s)
-                continue
-            k = int(rng.integers(size))
-            buf[k], s = s, buf[k]
-            yield s
-        for k in rng.permutation(len(buf)):
-            yield buf[int(k)]
+            if read:
+                empty.clear()
+            elif p.resampled:
+                empty.add(si)
+                if len(empty) == len(p.urls):
+                    raise UserError(f"--data.shards: none of the {len(p.urls)} shard(s) holds a sample "
+                                    f"(e.g. '{url}' is an empty tar); re-run the converter or point at other shards")
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -259,12 +278,15 @@ class ShardStream(IterableDataset):
         """Batches of logical ``worker``, starting after its ``resume`` position."""
         p = self.plan
         counter = SkipCounter()
-        batches_done, raw_done = self.resume[worker] if self.resume else (0, 0)
-        quota = self.quotas[worker] if self.quotas else None
+        epoch = self.epoch  # read the shared control block once: the stream's epoch never changes
+        batches_done, raw_done = self.resume[worker]
+        quotas = self.quotas
+        quota = quotas[worker] if quotas else None
         if quota is not None and batches_done >= quota:
             return
-        raw = self._shuffled(self._raw_samples(worker, num_workers, counter),
-                             seed_rng(p.seed, self.epoch, p.rank, worker, _SHUFFLE_STREAM))
+        raw = shuffled(self._raw_samples(worker, num_workers, counter, epoch),
+                       seed_rng(p.seed, epoch, p.rank, worker, _SHUFFLE_STREAM),
+                       p.shuffle_buffer, p.shuffle_bytes, p.shuffle_initial)
         for _ in range(raw_done):  # replay without decoding: reads bytes, skips all transforms
             if next(raw, None) is None:
                 return
@@ -273,7 +295,7 @@ class ShardStream(IterableDataset):
         self._reported = base
         index, raw_pos = batches_done, raw_done
         items: list[dict] = []
-        rng = seed_rng(p.seed, self.epoch, p.rank, worker, _AUG_STREAM, index)
+        rng = seed_rng(p.seed, epoch, p.rank, worker, _AUG_STREAM, index)
         for sample in raw:
             raw_pos += 1
             try:
@@ -281,6 +303,8 @@ class ShardStream(IterableDataset):
                 item = self.view(arr, rng)
                 if self.label_fn is not None:
                     item["label"] = self.label_fn(decode_meta(sample))
+            except UserError:
+                raise  # a configuration problem (e.g. photometric statistics missing), not bad data
             except Exception as e:  # noqa: BLE001 - the handler policy: log, count, skip, bounded rate
                 counter.bad_sample(sample.get("__key__", "?"), sample.get("__url__", "?"), e)
                 check_skip_rate(counter.seen, counter.skipped, p.max_skip_rate, f"worker {worker}",
@@ -294,7 +318,7 @@ class ShardStream(IterableDataset):
                 index += 1
                 if quota is not None and index >= quota:
                     return
-                rng = seed_rng(p.seed, self.epoch, p.rank, worker, _AUG_STREAM, index)
+                rng = seed_rng(p.seed, epoch, p.rank, worker, _AUG_STREAM, index)
         if items and not p.drop_last:
             yield self._emit(items, rng, worker, index, raw_pos, counter, base)
         elif counter.as_tuple() != self._reported:
