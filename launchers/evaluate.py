@@ -23,7 +23,7 @@ from engine.trainer.launch import check_output_dir, exit_fast, run_cli
 
 def check_inputs(cfg: EvalRunConfig) -> None:
     from engine.data import resolve_shards
-    from engine.model.vit import resolve_arch
+    from engine.model.architecture import resolve_arch
 
     resolve_arch(cfg.model.name)
     if not cfg.data.shards:

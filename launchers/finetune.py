@@ -35,7 +35,7 @@ from engine.trainer.launch import check_output_dir, exit_fast, run_cli
 def check_inputs(cfg: FinetuneRunConfig) -> None:
     from engine.data import resolve_shards
     from engine.eval.finetune import check_splits
-    from engine.model.vit import resolve_arch
+    from engine.model.architecture import resolve_arch
     from engine.trainer.ds_user_config import check_user_config
 
     resolve_arch(cfg.model.name)
@@ -96,7 +96,7 @@ def run(cfg: FinetuneRunConfig, env) -> int:
 
 
 def check_preflight(cfg: FinetuneRunConfig) -> None:
-    from engine.model.vit import resolve_arch
+    from engine.model.architecture import resolve_arch
 
     resolve_arch(cfg.model.name)
 
