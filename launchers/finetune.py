@@ -38,6 +38,7 @@ def check_inputs(cfg: FinetuneRunConfig) -> None:
     from engine.model.architecture import resolve_arch
     from engine.trainer.ds_user_config import check_user_config
 
+    cfg.model.check_files()
     resolve_arch(cfg.model.name)
     check_splits(cfg)
     for split in (cfg.finetune.train_split, cfg.finetune.val_split):
@@ -98,6 +99,7 @@ def run(cfg: FinetuneRunConfig, env) -> int:
 def check_preflight(cfg: FinetuneRunConfig) -> None:
     from engine.model.architecture import resolve_arch
 
+    cfg.model.check_files()
     resolve_arch(cfg.model.name)
 
 

@@ -33,11 +33,13 @@ log = logging.getLogger("geoexplora.pretrain")
 
 
 def check_inputs(cfg: RunConfig) -> None:
-    """Fail fast, before any process group: unknown model, missing shards, unwritable run dir."""
+    """Fail fast, before any process group: missing weight/adapter file, unknown model, missing
+    shards, unwritable run dir."""
     from engine.data import resolve_shards
     from engine.model.architecture import resolve_arch
     from engine.trainer.ds_user_config import check_user_config
 
+    cfg.model.check_files()
     resolve_arch(cfg.model.name)
     if not cfg.data.shards:
         raise UserError("--data.shards: not set; give the shard directory written by geoexplora-convert")
@@ -47,9 +49,10 @@ def check_inputs(cfg: RunConfig) -> None:
 
 
 def check_preflight(cfg: RunConfig) -> None:
-    """A preflight needs a known model; shards are optional (no data is read)."""
+    """A preflight needs the model's files and a known model; shards are optional (no data is read)."""
     from engine.model.architecture import resolve_arch
 
+    cfg.model.check_files()
     resolve_arch(cfg.model.name)
 
 

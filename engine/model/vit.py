@@ -44,10 +44,12 @@ def build_vit(cfg: ModelConfig, device: Union[str, torch.device, None] = None) -
     ``kernels.dispatch``, per-block gradient checkpointing set from ``cfg.grad_checkpointing``.
 
     device: where to build (weights are loaded on CPU first, then moved); ``"meta"`` skips weight
-    loading entirely.
+    loading entirely (and the check that the weight files exist).
     """
     cfg.validate()
     meta = device is not None and torch.device(device).type == "meta"
+    if not meta:
+        cfg.check_files()
     vit = create_vit(cfg, "meta" if meta else None)
     info = BaseInfo(name=cfg.name, arch=vit.geoexplora_name, model=to_dict(cfg)) if meta else _load_base(vit, cfg)
     use_dispatch_attention(vit)

@@ -39,3 +39,14 @@ def test_grad_checkpointing_flag_gives_same_gradients():
     for n in grads[0]:
         torch.testing.assert_close(grads[0][n], grads[1][n], msg=n)
 
+
+def test_weight_files_are_checked_where_they_are_read(tmp_path):
+    """A config may name files the user does not have yet (presets do): build_vit checks them before
+    reading, with the launchers' one-line error; the meta device reads nothing and checks nothing."""
+    missing = str(tmp_path / "dinov2_vitl14_pretrain.pth")
+    with pytest.raises(UserError, match=r"^--model.weights: file '.*dinov2_vitl14_pretrain.pth' not found; give a local"):
+        build_vit(tiny_cfg(weights=missing))
+    with pytest.raises(UserError, match=r"^--model.adapter: file '.*adapter.safetensors' not found$"):
+        build_vit(tiny_cfg(adapter=str(tmp_path / "adapter.safetensors")))
+    vit = build_vit(tiny_cfg(weights=missing, adapter=missing), device="meta")
+    assert vit.base_info.format == "random" and next(vit.parameters()).is_meta
