@@ -33,7 +33,7 @@ def _importable(package: str) -> bool:
     return importlib.util.find_spec(package) is not None
 
 
-# Patch side of the tiny test models (they shrink DINOv2 ViT-S/14 and MAE ViT-B/16; engine/model/vit.py).
+# Patch side of the tiny test models (they shrink DINOv2 ViT-S/14 and MAE ViT-B/16; engine/model/architecture.py).
 _TINY_PATCH = {"tiny": 14, "tiny_reg4": 14, "tiny_mae": 16}
 
 
@@ -197,16 +197,21 @@ class ModelConfig:
         _check(self.img_size > 0, "model.img_size", "must be > 0")
         _check(self.in_chans > 0, "model.in_chans", "must be > 0")
         _check(0.0 <= self.drop_path_rate < 1.0, "model.drop_path_rate", "must be in [0, 1)")
-        if self.weights:
-            _check(Path(self.weights).exists(), "model.weights",
-                   f"file '{self.weights}' not found; give a local .safetensors/.pth file or '' for random init")
-        if self.adapter:
-            _check(Path(self.adapter).is_file(), "model.adapter", f"file '{self.adapter}' not found")
         if self.band_groups is not None:
             _check(all(len(g) > 0 for g in self.band_groups) and len(self.band_groups) > 0, "model.band_groups",
                    "needs at least one non-empty group of band indices")
             _check(all(0 <= b < self.in_chans for g in self.band_groups for b in g), "model.band_groups",
                    f"band indices must lie in [0, model.in_chans={self.in_chans})")
+
+    def check_files(self) -> None:
+        """The local files ``weights`` and ``adapter`` name exist. Not part of :meth:`validate`, so a
+        config naming files the user does not have yet still parses (``--print-config``, ``--help``,
+        sizing on the meta device); the launchers' input checks and ``build_vit`` run it before reading."""
+        if self.weights:
+            _check(Path(self.weights).exists(), "model.weights",
+                   f"file '{self.weights}' not found; give a local .safetensors/.pth file or '' for random init")
+        if self.adapter:
+            _check(Path(self.adapter).is_file(), "model.adapter", f"file '{self.adapter}' not found")
 
 
 @dataclass

@@ -23,8 +23,9 @@ from engine.trainer.launch import check_output_dir, exit_fast, run_cli
 
 def check_inputs(cfg: EvalRunConfig) -> None:
     from engine.data import resolve_shards
-    from engine.model.vit import resolve_arch
+    from engine.model.architecture import resolve_arch
 
+    cfg.model.check_files()
     resolve_arch(cfg.model.name)
     if not cfg.data.shards:
         raise UserError("--data.shards: not set; give the directory holding the split sub-directories")

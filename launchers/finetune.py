@@ -35,9 +35,10 @@ from engine.trainer.launch import check_output_dir, exit_fast, run_cli
 def check_inputs(cfg: FinetuneRunConfig) -> None:
     from engine.data import resolve_shards
     from engine.eval.finetune import check_splits
-    from engine.model.vit import resolve_arch
+    from engine.model.architecture import resolve_arch
     from engine.trainer.ds_user_config import check_user_config
 
+    cfg.model.check_files()
     resolve_arch(cfg.model.name)
     check_splits(cfg)
     for split in (cfg.finetune.train_split, cfg.finetune.val_split):
@@ -96,8 +97,9 @@ def run(cfg: FinetuneRunConfig, env) -> int:
 
 
 def check_preflight(cfg: FinetuneRunConfig) -> None:
-    from engine.model.vit import resolve_arch
+    from engine.model.architecture import resolve_arch
 
+    cfg.model.check_files()
     resolve_arch(cfg.model.name)
 
 

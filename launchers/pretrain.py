@@ -33,11 +33,13 @@ log = logging.getLogger("geoexplora.pretrain")
 
 
 def check_inputs(cfg: RunConfig) -> None:
-    """Fail fast, before any process group: unknown model, missing shards, unwritable run dir."""
+    """Fail fast, before any process group: missing weight/adapter file, unknown model, missing
+    shards, unwritable run dir."""
     from engine.data import resolve_shards
-    from engine.model.vit import resolve_arch
+    from engine.model.architecture import resolve_arch
     from engine.trainer.ds_user_config import check_user_config
 
+    cfg.model.check_files()
     resolve_arch(cfg.model.name)
     if not cfg.data.shards:
         raise UserError("--data.shards: not set; give the shard directory written by geoexplora-convert")
@@ -47,9 +49,10 @@ def check_inputs(cfg: RunConfig) -> None:
 
 
 def check_preflight(cfg: RunConfig) -> None:
-    """A preflight needs a known model; shards are optional (no data is read)."""
-    from engine.model.vit import resolve_arch
+    """A preflight needs the model's files and a known model; shards are optional (no data is read)."""
+    from engine.model.architecture import resolve_arch
 
+    cfg.model.check_files()
     resolve_arch(cfg.model.name)
 
 
@@ -57,7 +60,8 @@ def build(cfg: RunConfig):
     """(vit, objective) of ``cfg`` on CPU: weights, recipe, objective (with the MAE decoder of the
     weight file), identical initial weights on every rank."""
     from engine.model.explora import apply_explora
-    from engine.model.vit import build_vit, mae_decoder_state
+    from engine.model.formats.mae import mae_decoder_state
+    from engine.model.vit import build_vit
     from engine.objectives import build_objective
     from engine.trainer.collectives import all_reduce_sum
     from engine.trainer.rng import seed_all

@@ -33,7 +33,7 @@ def _pools(cfg: EvalRunConfig) -> list[str]:
 def _split_features(cfg: EvalRunConfig, vit, env, split: str, pools: list[str]):
     """(feats {pool: (N, D)}, labels, classes, multilabel) of one split, from the cache when valid."""
     from engine.data import build_eval_loader
-    from engine.model.vit import base_info
+    from engine.model.base_identity import base_info
 
     loader = build_eval_loader(cfg.data, cfg.model.img_size, split=split, rank=env.rank,
                                world_size=env.world_size, multilabel=cfg.eval.multilabel)

@@ -8,7 +8,8 @@ train by default, as in ExPLoRA's launch scripts) and a patch embed that is new 
 group-channel, or RGB kernels adapted to other bands).
 
 ``apply_explora(vit, cfg)`` or ``apply_explora(vit, unfreeze_blocks=(-1,), lora_rank=64, ...)``
-returns a :class:`ParamReport` (trainable / frozen counts per group) and logs its table.
+returns a :class:`ParamReport` (trainable / frozen counts per group) and logs its table; the
+resolved recipe stays on the model (:func:`applied_recipe`) for adapter files and exports.
 """
 from __future__ import annotations
 
@@ -180,6 +181,14 @@ def param_report(vit: nn.Module, unfrozen_blocks: Optional[Iterable[int]] = None
         groups[g].total += p.numel()
         groups[g].trainable += p.numel() if p.requires_grad else 0
     return ParamReport(groups, recipe)
+
+
+def applied_recipe(vit: nn.Module) -> dict:
+    """The recipe :func:`apply_explora` recorded on ``vit``; ValueError when none was applied."""
+    recipe = getattr(vit, "geoexplora_recipe", None)
+    if not recipe:
+        raise ValueError("the model has no ExPLoRA recipe applied (call apply_explora first)")
+    return recipe
 
 
 def _as_config(cfg: Union[ExploraConfig, dict, None], overrides: dict) -> ExploraConfig:

@@ -11,8 +11,10 @@ Output segments put independent adapters on slices of one fused projection: LoRA
 timm's ``qkv`` (N = 3*dim) is ``segments=(0, 2*dim), segment_width=dim`` with ``A = [A_q; A_v]``
 (2r, K) and ``B = [B_q; B_v]`` (2*dim, r), exactly two separate q and v adapters.
 
-Module-level helpers follow litgpt's style: :func:`mark_only_lora_as_trainable`,
-:func:`merge_lora_weights`, :func:`lora_modules`, :func:`unwrap_lora`.
+Merging lives beside the layer, as in litgpt's ``lora.py``: :meth:`LoRALinear.merged_weight` (the
+folded weight, for exports), :meth:`LoRALinear.merge` / ``unmerge`` (in place), and the module-level
+:func:`mark_only_lora_as_trainable`, :func:`merge_lora_weights`, :func:`lora_modules` and
+:func:`unwrap_lora` (merge, then plain ``nn.Linear`` modules: timm's exact modules and keys).
 """
 from __future__ import annotations
 
@@ -108,11 +110,15 @@ class LoRALinear(nn.Linear):
             delta[off:off + d.shape[0]] += d
         return delta
 
+    def merged_weight(self) -> torch.Tensor:
+        """``W + scale * B A`` in ``weight``'s dtype (fp32 arithmetic), without changing the module."""
+        return (self.weight.detach().float() + self.delta_weight()).to(self.weight.dtype)
+
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold the update into ``weight`` (fp32 arithmetic); forward then skips the LoRA branch."""
+        """Fold the update into ``weight``; forward then skips the LoRA branch."""
         if not self.merged:
-            self.weight.data.copy_((self.weight.data.float() + self.delta_weight()).to(self.weight.dtype))
+            self.weight.data.copy_(self.merged_weight())
             self.merged = True
 
     @torch.no_grad()

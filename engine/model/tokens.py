@@ -71,7 +71,7 @@ def _assemble(vit: nn.Module, t: torch.Tensor, grid: tuple[int, int], mask: Opti
 
 class TokenAssembly(nn.Module):
     """:func:`_assemble` as a parameter-free submodule of the ViT (``vit.token_assembly``, attached by
-    ``engine.model.vit.build_vit``; no state-dict keys).
+    ``engine.model.architecture.create_vit``; no state-dict keys).
 
     Why a module: under DeepSpeed ZeRO-3 a parameter read outside its module's forward is gathered
     on access and registered with the module running at that moment. Read here, the ViT's own

@@ -87,7 +87,8 @@ def _rebuild(cfg: RunConfig, state: dict[str, torch.Tensor]) -> nn.Module:
 
 def _write(vit: nn.Module, out_dir: Path, prefix: str, seed: int) -> dict[str, Path]:
     """seed: the run's ``train.seed``, under which the launcher built a random-init base."""
-    from engine.model.adapters import export_merged, save_adapter
+    from engine.model.formats.adapter import save_adapter
+    from engine.model.formats.merged import export_merged
 
     return {f"{prefix}adapter": save_adapter(vit, out_dir / f"{prefix}adapter.safetensors", seed=seed),
             f"{prefix}merged": export_merged(vit, out_dir / f"{prefix}vit_merged.safetensors")}

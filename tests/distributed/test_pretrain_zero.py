@@ -182,9 +182,8 @@ def test_exported_adapter_reproduces_trained_features(runs, tiny_weights, run):
     from safetensors.torch import load_file
 
     from engine.config import RunConfig, load_config
-    from engine.model.adapters import build_from_adapter
     from engine.model.explora import apply_explora
-    from engine.model.vit import build_vit
+    from engine.model.vit import build_from_adapter, build_vit
 
     root = runs[0]
     cfg = load_config(RunConfig, str(TINY), ["--model.weights", str(tiny_weights)])

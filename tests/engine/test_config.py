@@ -24,13 +24,23 @@ def test_defaults_and_overrides(tmp_path):
     (["--data.nope", "1"], "--data.nope: unknown option"),
     (["--objective.name", "simclr"], "--objective.name: expected one of"),
     (["--explora.lora_targets", "q,x"], "--explora.lora_targets"),
-    (["--model.weights", "/no/such.pth"], "--model.weights"),
     (["stray"], "unexpected argument"),
 ])
 def test_errors_name_the_field(argv, needle):
     with pytest.raises(UserError) as e:
         load_config(RunConfig, None, argv)
     assert needle in str(e.value)
+
+
+def test_missing_model_files_parse_and_fail_the_file_check():
+    """Presets name weight files users get later: a config naming a missing file parses (for
+    --print-config); the launchers' input check and build_vit refuse it (ModelConfig.check_files)."""
+    cfg = load_config(RunConfig, None, ["--model.weights", "/no/such.pth", "--model.adapter", "/no/a.safetensors"])
+    with pytest.raises(UserError, match="^--model.weights: file '/no/such.pth' not found"):
+        cfg.model.check_files()
+    cfg.model.weights = ""
+    with pytest.raises(UserError, match="^--model.adapter: file '/no/a.safetensors' not found$"):
+        cfg.model.check_files()
 
 
 def test_missing_preset():

@@ -52,7 +52,8 @@ def test_finetune_and_eval_sizes():
 
 def test_patch_size_from_name_matches_the_built_model():
     from engine.config import ModelConfig
-    from engine.model.vit import DINOV2_ARCHS, MAE_ARCHS, TINY_ARCHS, build_vit
+    from engine.model.architecture import DINOV2_ARCHS, MAE_ARCHS, TINY_ARCHS
+    from engine.model.vit import build_vit
 
     for name in DINOV2_ARCHS + MAE_ARCHS + tuple(TINY_ARCHS):
         vit = build_vit(ModelConfig(name=name, img_size=112), device="meta")

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from engine.errors import UserError
-from engine.model.adapters import build_from_adapter, load_adapter, read_adapter, save_adapter
 from engine.model.explora import apply_explora
+from engine.model.formats.adapter import load_adapter, read_adapter, save_adapter
 from engine.model.tokens import forward_tokens
-from engine.model.vit import build_vit
+from engine.model.vit import build_from_adapter, build_vit
 from tests.engine.model.conftest import perturb_trainable, tiny_cfg
 
 SEED = 7

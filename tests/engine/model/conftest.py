@@ -4,6 +4,7 @@ import torch
 from safetensors.torch import save_file
 
 from engine.config import ModelConfig
+from engine.model.tokens import forward_tokens
 from engine.model.vit import build_vit
 
 
@@ -11,6 +12,12 @@ def tiny_cfg(**kw) -> ModelConfig:
     base = dict(name="tiny", img_size=56)
     base.update(kw)
     return ModelConfig(**base)
+
+
+def prenorm(vit: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The tokens before the final norm, in eval mode without autograd (what tests compare)."""
+    with torch.no_grad():
+        return forward_tokens(vit.eval(), x)["prenorm"]
 
 
 def perturb_trainable(vit: torch.nn.Module, seed: int = 1, std: float = 0.05) -> None:

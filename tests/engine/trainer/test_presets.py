@@ -56,9 +56,10 @@ def test_mae_recipe():
     s2 = _load("explora_mae_vitl16_sentinel.yaml")
     assert s2.objective.mae.norm_pix_scope == "all_bands" and s2.model.group_embed == "sincos"
     assert cfg.model.weights == ""  # our override; the preset itself names the DINOv2 file:
+    named = load_config(RunConfig, str(CONFIGS / "explora_dinov2_vitl14_fmow_rgb.yaml"),
+                        ["--model.weights", "/no/such/dinov2_vitl14_pretrain.pth"])
     with pytest.raises(UserError, match="--model.weights"):
-        load_config(RunConfig, str(CONFIGS / "explora_dinov2_vitl14_fmow_rgb.yaml"),
-                    ["--model.weights", "/no/such/dinov2_vitl14_pretrain.pth"])
+        named.model.check_files()
 
 
 @pytest.mark.parametrize("name", PRESETS)
