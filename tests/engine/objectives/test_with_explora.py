@@ -9,7 +9,7 @@ from engine.model.tokens import forward_tokens
 from engine.model.vit import build_vit
 from engine.objectives import DinoObjective, MAEObjective
 from engine.objectives.teacher import eval_mode
-from engine.objectives.teacher_memory import format_table, memory_row
+from launchers.bench.teacher_memory import format_table, memory_row
 from tests.engine.objectives.conftest import ClsToken, train_steps
 
 B = 2

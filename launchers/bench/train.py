@@ -1,10 +1,10 @@
 """Training-step benchmark: steps/s and images/s of the tiny and a small-image ViT-B DINOv2 config
 under ZeRO-0 / 2 / 3 with N ranks, plus ExPLoRA vs full fine-tuning memory for ViT-B/L.
 
-    python launchers/bench_train.py                       # CPU: 2 ranks, DS_ACCELERATOR=cpu
-    python launchers/bench_train.py --configs tiny --stages 0,3 --steps 8 --out bench.json
-    python launchers/bench_train.py --nproc 8             # on an 8-GPU node
-    python launchers/bench_train.py --configs vitl --stages 2 --nproc 1 --steps 20 --warmup 3  # one GPU
+    python -m launchers.bench.train                       # CPU: 2 ranks, DS_ACCELERATOR=cpu
+    python -m launchers.bench.train --configs tiny --stages 0,3 --steps 8 --out bench.json
+    python -m launchers.bench.train --nproc 8             # on an 8-GPU node
+    python -m launchers.bench.train --configs vitl --stages 2 --nproc 1 --steps 20 --warmup 3  # one GPU
 
 Each (config, stage) is one ``deepspeed --num_gpus N`` run of the real Trainer (DeepSpeed engine,
 objective, schedules, metrics) on synthetic in-memory batches, so the figures are the training
@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "engine" / "presets" / "tiny_cpu.yaml"
 
 # Bench configs as overrides of the tiny preset. 'vitb': ViT-B/14 at a small image size so a CPU
@@ -191,7 +191,7 @@ def run_one(config: str, stage: int, args: argparse.Namespace, tmp: Path) -> dic
 
     run_dir = tmp / f"{config}_z{stage}"
     # the runner as a module: works where deepspeed was installed without its console script beside python
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.nproc), "--master_port", str(free_port()), str(Path(__file__).resolve()),
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.nproc), "--master_port", str(free_port()), "--module", "launchers.bench.train",
            "--worker", "--config", config, "--stage", str(stage), "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--run-dir", str(run_dir)]
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))

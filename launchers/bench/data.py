@@ -1,9 +1,9 @@
 """Input-pipeline throughput: a naive per-file GeoTIFF loader against our shard stream, start-up and
 steady state reported apart, in the same run.
 
-    python launchers/bench_data.py [--workers 2] [--files 600] [--kinds s2,rgb] [--modes decode,mae]
+    python -m launchers.bench.data [--workers 2] [--files 600] [--kinds s2,rgb] [--modes decode,mae]
                                    [--latency-ms 0,20] [--epochs 3] [--repeat 3] [--json PATH]
-    python launchers/bench_data.py --shards DIR [--tifs DIR] --workers N --json PATH
+    python -m launchers.bench.data --shards DIR [--tifs DIR] --workers N --json PATH
 
 Without ``--shards`` it generates archives with ``shards.synthetic`` (s2: 13-band 128x128 uint16;
 rgb: 3-band 256x256 uint8) and converts them with ``shards.convert`` (100 samples per shard). With
@@ -33,7 +33,7 @@ normalise), ``mae`` = random-resized 224 crop + flips/rotations. ``naive`` and `
 normalise in the main process (``to_device``; on a GPU host that step runs on the device).
 ``--latency-ms`` adds a sleep per file open (per GeoTIFF for ``naive``, per shard for ``stream``)
 to model network storage. The cost of DINOv2 multi-crop augmentation is measured by
-``launchers/bench_augment.py``.
+``python -m launchers.bench.augment``.
 """
 from __future__ import annotations
 
@@ -233,7 +233,7 @@ def table(rows: list[dict]) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python launchers/bench_data.py", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m launchers.bench.data", description=__doc__.split("\n\n")[0])
     p.add_argument("--shards", default=None, help="measure this converted directory instead of generated ones")
     p.add_argument("--tifs", default=None, help="GeoTIFF directory for the naive loader (with --shards)")
     p.add_argument("--workers", type=int, default=2)

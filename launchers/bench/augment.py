@@ -1,7 +1,7 @@
 """Cost of DINOv2 multi-crop augmentation in a loader worker, with the photometric ops there or on
 the device, and the device-side cost per batch; both measured in the same run, interleaved.
 
-    python launchers/bench_augment.py [--images 64] [--size 256] [--bands 3] [--dtype uint8]
+    python -m launchers.bench.augment [--images 64] [--size 256] [--bands 3] [--dtype uint8]
                                       [--global-size 224] [--local-size 98] [--num-local 8]
                                       [--batch-size 32] [--repeat 5] [--loader-epochs 3] [--device auto]
                                       [--threads 1] [--kornia] [--json PATH]
@@ -215,7 +215,7 @@ def table(rows: list[dict]) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python launchers/bench_augment.py", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m launchers.bench.augment", description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=64, help="synthetic chips per measurement")
     p.add_argument("--size", type=int, default=256, help="chip side (pixels)")
     p.add_argument("--bands", type=int, default=3)

@@ -1,6 +1,6 @@
 """Converter throughput vs raw rasterio reading, measured in the same run (a script, not a test).
 
-    python -m shards.bench [--files 200] [--size 512] [--kind s2] [--workers 1,2] [--json out.json]
+    python -m launchers.bench.convert [--files 200] [--size 512] [--kind s2] [--workers 1,2] [--json out.json]
 
 Providers, all over the same generated archive with a warm page cache:
 

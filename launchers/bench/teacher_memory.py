@@ -4,7 +4,7 @@ Builds each model on the meta device (no weights, no memory), applies the ExPLoR
 the DINO head(s), then counts the teacher state both ways (fp32). Prints a table, optionally writes
 JSON::
 
-    python -m engine.objectives.teacher_memory --models vit_large_patch14_dinov2 --json mem.json \\
+    python -m launchers.bench.teacher_memory --models vit_large_patch14_dinov2 --json mem.json \\
         --explora.lora_rank 64 --objective.dino.head_n_prototypes 65536
 
 Remaining ``--section.field value`` arguments are run-config overrides (explora.*, objective.dino.*).

@@ -1,18 +1,18 @@
 """LoRA linear benchmark: the torch backend, the reference, a merged-weight candidate, PEFT and Triton.
 
-    python -m kernels.bench.lora_linear --out bench_lora.json                       # GPU: bf16, ViT-B/L
-    python -m kernels.bench.lora_linear --device cpu --out bench_lora_cpu.json      # CPU: fp32
-    python -m kernels.bench.lora_linear --device cpu --providers peft,merged,torch,reference
+    python -m launchers.bench.lora_linear --out bench_lora.json                       # GPU: bf16, ViT-B/L
+    python -m launchers.bench.lora_linear --device cpu --out bench_lora_cpu.json      # CPU: fp32
+    python -m launchers.bench.lora_linear --device cpu --providers peft,merged,torch,reference
 
 A case is one adapted linear layer of a ViT: M = batch x tokens rows, K -> N features, rank r, and
 either LoRA on the whole output or (``qv``) adapters on the q and v thirds of the fused qkv
 projection (N = 3*dim, ``segments=(0, 2*dim)``). Default cases follow issue 14: ViT-B/14 and
 ViT-L/14, M = 514 and 2056 tokens on CPU (64 x 257 on a GPU), qkv(q,v), fc1, fc2 at r=64, proj at r=8.
 
-Providers (all measured in one run, timings interleaved, see kernels.bench.measure):
+Providers (all measured in one run, timings interleaved, see kernels.measure):
 * ``torch`` -- ``kernels.lora_torch``, the default backend (addmm + in-place segment addmm_);
 * ``reference`` -- ``kernels.reference``: slices and concatenates, autograd's backward;
-* ``merged`` -- candidate (b), a merged weight (``kernels.bench.lora_merged``; no dropout);
+* ``merged`` -- candidate (b), a merged weight (``launchers.bench.lora_merged``; no dropout);
 * ``peft`` -- ``peft.tuners.lora.Linear`` (whole output only: PEFT has no adapters on slices of one
   Linear), when peft imports;
 * ``triton`` -- ``kernels.lora_linear`` (CUDA; on CPU one tiny interpreter row, correctness only).
@@ -40,7 +40,7 @@ if not torch.cuda.is_available():
 from engine.atomic import atomic_write_text  # noqa: E402
 from engine.errors import UserError, cli_entry  # noqa: E402
 from engine.progress import setup_logging  # noqa: E402
-from kernels.bench.measure import (default_iterations, device_label, failure_text, graph_median_ms,  # noqa: E402
+from kernels.measure import (default_iterations, device_label, failure_text, graph_median_ms,  # noqa: E402
                                    interleaved_medians, measure_memory, memory_method)
 from kernels.reference import lora_linear_reference  # noqa: E402
 
@@ -115,7 +115,7 @@ def build_provider(name: str, case: Case, inputs, scale: float, p: float) -> tup
     if name == "merged":
         if p > 0:
             raise ValueError("a merged weight cannot apply dropout to the LoRA branch alone")
-        from kernels.bench.lora_merged import lora_linear_merged
+        from launchers.bench.lora_merged import lora_linear_merged
 
         return (lambda: lora_linear_merged(x, w, b, a, bb, scale, case.segments)), [x, a, bb]
     if name == "triton":

@@ -1,7 +1,7 @@
 """Static compile report of every Triton launch: registers, spills and shared memory; no GPU needed.
 
-    python -m kernels.bench.ptxas                                   # sm_90, bf16, ViT-B/L shapes
-    python -m kernels.bench.ptxas --archs 80,90 --dtypes bf16,fp16,fp32 --out ptxas.json
+    python -m launchers.bench.ptxas                                   # sm_90, bf16, ViT-B/L shapes
+    python -m launchers.bench.ptxas --archs 80,90 --dtypes bf16,fp16,fp32 --out ptxas.json
 
 How: the launchers' own code runs on CPU tensors whose memory is never read by a kernel, inside
 ``kernels.triton_launch.recording_launches()``, which collects each launch (kernel, arguments,

@@ -1,4 +1,4 @@
-"""Timing and memory measurement shared by the kernel benchmarks (kernels/bench/*.py).
+"""Timing and memory measurement of torch callables: the kernel benchmarks (launchers/bench) and kernels.verify.
 
 Time: medians of ``iters`` calls after ``warmup`` calls. Providers compared in one run are timed
 *interleaved* (:func:`interleaved_medians`: one call of each per round, the order rotating), so a

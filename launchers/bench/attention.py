@@ -1,10 +1,10 @@
 """Attention microbenchmark: our Triton flash kernel vs PyTorch SDPA backends vs xformers vs reference.
 
-    python -m kernels.bench.attention --out bench_attention.json            # GPU: ViT-B/L shapes
-    python -m kernels.bench.attention --device cpu --out bench_attention_cpu.json
+    python -m launchers.bench.attention --out bench_attention.json            # GPU: ViT-B/L shapes
+    python -m launchers.bench.attention --device cpu --out bench_attention_cpu.json
 
 Per shape (B, H, N, D) and mode (``fwd``, ``fwd_bwd``): median time (providers interleaved, see
-kernels.bench.measure), TFLOP/s, bytes allocated during the call and its peak (each provider from a
+kernels.measure), TFLOP/s, bytes allocated during the call and its peak (each provider from a
 clean baseline after warm-up), plus the max |error| of the forward against the fp32 reference.
 ``--cuda-graph`` adds CUDA-graph replay timings. FLOPs follow the FlashAttention convention:
 fwd = 4*B*H*N^2*D, fwd+bwd = 3.5x that (backward recomputes QK^T).
@@ -16,7 +16,7 @@ softmax). A provider that cannot run a case (e.g. flash SDPA in fp32) is reporte
 
 On CPU there is no compiled Triton: the ``triton`` provider runs in the interpreter
 (TRITON_INTERPRET=1) on one tiny shape as a correctness row; its time is NOT a performance figure.
-Registers and spills of the compiled kernels: ``python -m kernels.bench.ptxas`` (no GPU needed).
+Registers and spills of the compiled kernels: ``python -m launchers.bench.ptxas`` (no GPU needed).
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ import torch
 from engine.atomic import atomic_write_text
 from engine.errors import UserError, cli_entry
 from engine.progress import setup_logging
-from kernels.bench.measure import (default_iterations, device_label, failure_text, graph_median_ms,
+from kernels.measure import (default_iterations, device_label, failure_text, graph_median_ms,
                                    interleaved_medians, measure_memory, memory_method)
 from kernels.reference import attention_reference
 
