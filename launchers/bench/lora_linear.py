@@ -9,7 +9,7 @@ either LoRA on the whole output or (``qv``) adapters on the q and v thirds of th
 projection (N = 3*dim, ``segments=(0, 2*dim)``). Default cases follow issue 14: ViT-B/14 and
 ViT-L/14, M = 514 and 2056 tokens on CPU (64 x 257 on a GPU), qkv(q,v), fc1, fc2 at r=64, proj at r=8.
 
-Providers (all measured in one run, timings interleaved, see kernels.measure):
+Providers (all measured in one run, timings interleaved, see launchers.bench.harness):
 * ``torch`` -- ``kernels.lora_torch``, the default backend (addmm + in-place segment addmm_);
 * ``reference`` -- ``kernels.reference``: slices and concatenates, autograd's backward;
 * ``merged`` -- candidate (b), a merged weight (``launchers.bench.lora_merged``; no dropout);
@@ -24,29 +24,23 @@ warm-up), ratios to the baseline provider, and max |error| of the output against
 """
 from __future__ import annotations
 
-import argparse
-import json
-import logging
 import os
-import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first triton import
 
-from engine.atomic import atomic_write_text  # noqa: E402
 from engine.errors import UserError, cli_entry  # noqa: E402
 from engine.progress import setup_logging  # noqa: E402
-from kernels.measure import (default_iterations, device_label, failure_text, graph_median_ms,  # noqa: E402
-                                   interleaved_medians, measure_memory, memory_method)
 from kernels.reference import lora_linear_reference  # noqa: E402
+from launchers.bench import harness  # noqa: E402
+from launchers.bench.harness import Column  # noqa: E402
 
-log = logging.getLogger(__name__)
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 PROVIDERS = ("torch", "reference", "merged", "peft", "triton")
+KEYS = ("layer", "M", "K", "N", "r", "mode")
 
 
 @dataclass(frozen=True)
@@ -100,10 +94,7 @@ def make_inputs(case: Case, dtype: torch.dtype, device: str, seed: int = 0):
     return x, w, b, a, bb
 
 
-Forward = Callable[[], torch.Tensor]
-
-
-def build_provider(name: str, case: Case, inputs, scale: float, p: float) -> tuple[Forward, list[torch.Tensor]]:
+def build_provider(name: str, case: Case, inputs, scale: float, p: float) -> tuple[harness.Forward, list[torch.Tensor]]:
     """(forward closure, tensors whose gradients fwd_bwd computes)."""
     x, w, b, a, bb = inputs
     if name == "torch":
@@ -148,41 +139,18 @@ def peft_available() -> bool:
 
 
 def bench_case(names: list[str], case: Case, dtype: torch.dtype, mode: str, device: str, args) -> list[dict]:
-    """Rows for every provider on one (case, mode): correctness, memory each from a clean baseline,
-    then timings interleaved across the providers."""
+    """Rows for every provider on one (case, mode), measured by the harness against the fp32 reference."""
     scale = 2.0
     inputs = make_inputs(case, dtype, device)
     dy = torch.randn(case.M, case.N, device=device, dtype=dtype)
     x, w, b, a, bb = (t.detach().float() for t in inputs)
     ref = lora_linear_reference(x, w, b, a, bb, scale, 0.0, False, case.segments) if args.dropout == 0 else None
-    rows, steps = {}, {}
-    for name in names:
-        row = rows[name] = {"provider": name, **asdict(case), "dtype": str(dtype).replace("torch.", ""),
-                            "mode": mode, "device": device, "dropout": args.dropout}
-        try:
-            forward, targets = build_provider(name, case, inputs, scale, args.dropout)
-
-            def step(forward=forward, targets=targets):
-                with torch.no_grad() if mode == "fwd" else torch.enable_grad():
-                    out = forward()
-                    if mode == "fwd_bwd":
-                        torch.autograd.grad(out, targets, dy)
-
-            if ref is not None:
-                with torch.no_grad():
-                    row["max_abs_err"] = (forward().float() - ref).abs().max().item()
-            step()  # warm-up: one-off allocations (autograd engine, BLAS buffers) stay out of the figures
-            row["alloc_mb"], row["peak_mb"] = (v / 2**20 for v in measure_memory(step, device))
-            steps[name] = step
-        except Exception as e:  # noqa: BLE001 - a provider refusing a case is a result, not a crash
-            row["error"] = failure_text(e)
-    del ref
-    for name, ms in interleaved_medians(steps, device, args.warmup, args.iters).items():
-        rows[name].update(ms=ms, tflops=case.flops(mode) / (ms * 1e-3) / 1e12)
-    if args.cuda_graph:
-        for name, step in steps.items():
-            rows[name]["graph_ms"], rows[name]["graph_timing"] = graph_median_ms(step, args.iters)
-    return list(rows.values())
+    builders = {n: (lambda n=n: build_provider(n, case, inputs, scale, args.dropout)) for n in names}
+    row = {**asdict(case), "dtype": str(dtype).replace("torch.", ""), "mode": mode, "device": device,
+           "dropout": args.dropout}
+    return harness.measure_providers(builders, row, mode=mode, grad_out=dy, reference=ref, device=device,
+                                     warmup=args.warmup, iters=args.iters, flops=case.flops(mode),
+                                     cuda_graph=args.cuda_graph)
 
 
 def interpreter_row() -> dict:
@@ -191,100 +159,72 @@ def interpreter_row() -> dict:
 
     case = Case("tiny.qkv(q,v)", 64, 64, 96, 8, qv=True)
     x, w, b, a, bb = make_inputs(case, torch.float32, "cpu")
-    dy = torch.randn(case.M, case.N)
-    t0 = time.perf_counter()
-    y = fused_lora_linear(x, w, b, a, bb, 2.0, segments=case.segments)
-    grads = torch.autograd.grad(y, [x, a, bb], dy)
-    ms = (time.perf_counter() - t0) * 1e3
-    ref = lora_linear_reference(x, w, b, a, bb, 2.0, segments=case.segments)
-    ref_grads = torch.autograd.grad(ref, [x, a, bb], dy)
-    return {"provider": "triton (INTERPRETER: correctness only)", **asdict(case), "dtype": "float32",
-            "mode": "fwd_bwd", "device": "cpu", "dropout": 0.0, "ms": ms,
-            "max_abs_err": (y - ref).abs().max().item(),
-            "max_abs_grad_err": max((g - gr).abs().max().item() for g, gr in zip(grads, ref_grads))}
+    return harness.interpreter_row(lambda: fused_lora_linear(x, w, b, a, bb, 2.0, segments=case.segments),
+                                   lambda: lora_linear_reference(x, w, b, a, bb, 2.0, segments=case.segments),
+                                   [x, a, bb], torch.randn(case.M, case.N),
+                                   {**asdict(case), "dtype": "float32", "mode": "fwd_bwd", "device": "cpu",
+                                    "dropout": 0.0})
 
 
-def _key(r: dict) -> tuple:
-    return r["layer"], r["M"], r["K"], r["N"], r["r"], r["mode"]
-
-
-def _ratio(num: Optional[float], den: Optional[float]) -> str:
-    return f"{num / den:.2f}x" if num and den else "-"
+def columns(rows: list[dict], baseline: str) -> list[Column]:
+    base = harness.baseline_of(rows, baseline, KEYS)
+    return [Column("provider", "provider", left=True), Column("layer", "layer", left=True), Column("M", "M"),
+            Column("K", "K"), Column("N", "N"), Column("r", "r"), Column("mode", "mode", left=True),
+            Column("ms", "ms", "{:.3f}"), Column("TFLOP/s", "tflops", "{:.3f}"),
+            Column("alloc MB", "alloc_mb", "{:.1f}"), Column("peak MB", "peak_mb", "{:.1f}"),
+            Column("speedup", lambda r: harness.ratio(base(r).get("ms"), r.get("ms")), "{:.2f}x"),
+            Column("alloc", lambda r: harness.ratio(r.get("alloc_mb"), base(r).get("alloc_mb")), "{:.2f}x"),
+            Column("peak", lambda r: harness.ratio(r.get("peak_mb"), base(r).get("peak_mb")), "{:.2f}x"),
+            Column("max|err|", "max_abs_err", "{:.2e}"),
+            Column("graph ms", lambda r: f"{r['graph_ms']:.3f} ({r['graph_timing']})" if "graph_ms" in r else None,
+                   left=True, optional=True)]
 
 
 def format_table(rows: list[dict], baseline: str) -> str:
-    base = {_key(r): r for r in rows if r["provider"] == baseline and "ms" in r}
-    head = (f"{'provider':<38} {'layer':<14} {'M':>5} {'K':>5} {'N':>5} {'r':>3} {'mode':<8} {'ms':>9} "
-            f"{'TFLOP/s':>8} {'alloc MB':>8} {'peak MB':>8} {'speedup':>7} {'alloc':>6} {'peak':>6} {'max|err|':>9}")
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        lead = f"{r['provider']:<38} {r['layer']:<14} {r['M']:>5} {r['K']:>5} {r['N']:>5} {r['r']:>3} {r['mode']:<8}"
-        if "error" in r:
-            lines.append(f"{lead} n/a: {r['error']}")
-            continue
-        b = base.get(_key(r), {}) if "INTERPRETER" not in r["provider"] else {}
-        tf = f"{r['tflops']:.3f}" if r.get("tflops") is not None else "-"
-        al = f"{r['alloc_mb']:.1f}" if r.get("alloc_mb") is not None else "-"
-        pk = f"{r['peak_mb']:.1f}" if r.get("peak_mb") is not None else "-"
-        err = f"{r['max_abs_err']:.2e}" if r.get("max_abs_err") is not None else "-"
-        graph = f"  graph {r['graph_ms']:.3f} ms ({r['graph_timing']})" if "graph_ms" in r else ""
-        lines.append(f"{lead} {r['ms']:>9.3f} {tf:>8} {al:>8} {pk:>8} {_ratio(b.get('ms'), r['ms']):>7} "
-                     f"{_ratio(r.get('alloc_mb'), b.get('alloc_mb')):>6} {_ratio(r.get('peak_mb'), b.get('peak_mb')):>6} "
-                     f"{err:>9}{graph}")
-    lines.append(f"speedup = {baseline} ms / provider ms; alloc, peak = provider / {baseline} "
-                 "(bytes allocated during the call; peak live bytes above its start)")
-    return "\n".join(lines)
+    return (harness.format_table(rows, columns(rows, baseline), lead=len(KEYS) + 1)
+            + f"\nspeedup = {baseline} ms / provider ms; alloc, peak = provider / {baseline} "
+              "(bytes allocated during the call; peak live bytes above its start)")
 
 
 def format_comparison(rows: list[dict], ours: str = "torch") -> str:
     """Per case: ``ours`` against each other provider (time ratio >1 = ours faster; bytes ratio <1 = ours smaller)."""
     by_key: dict[tuple, dict[str, dict]] = {}
     for r in rows:
-        if "ms" in r and "INTERPRETER" not in r["provider"]:
-            by_key.setdefault(_key(r), {})[r["provider"]] = r
+        if "ms" in r and r["provider"] != harness.INTERPRETER:
+            by_key.setdefault(tuple(r[k] for k in KEYS), {})[r["provider"]] = r
     lines = [f"{ours} vs each provider: time = their ms / {ours} ms; alloc, peak = {ours} bytes / theirs"]
+
+    def x(v: Optional[float]) -> str:
+        return f"{v:.2f}x" if v is not None else "-"
+
     for key, provs in by_key.items():
         if ours not in provs:
             continue
         o = provs[ours]
-        parts = [f"{p}: time {_ratio(r['ms'], o['ms'])} alloc {_ratio(o.get('alloc_mb'), r.get('alloc_mb'))} "
-                 f"peak {_ratio(o.get('peak_mb'), r.get('peak_mb'))}" for p, r in provs.items() if p != ours]
+        parts = [f"{p}: time {x(harness.ratio(r['ms'], o['ms']))} "
+                 f"alloc {x(harness.ratio(o.get('alloc_mb'), r.get('alloc_mb')))} "
+                 f"peak {x(harness.ratio(o.get('peak_mb'), r.get('peak_mb')))}" for p, r in provs.items() if p != ours]
         lines.append(f"  {key[0]:<14} M={key[1]:<5} r={key[4]:<3} {key[5]:<8} " + " | ".join(parts))
     return "\n".join(lines)
 
 
 def _parse_cases(text: str) -> list[Case]:
     """'M,K,N,r[,qv];...' -> cases."""
-    cases = []
-    for part in (p.strip() for p in text.split(";") if p.strip()):
-        f = [s.strip() for s in part.split(",")]
-        try:
-            M, K, N, r = (int(v) for v in f[:4])
-        except ValueError:
-            M = 0
-        qv = len(f) == 5 and f[4] == "qv"
-        if M < 1 or min(K, N, r) < 1 or len(f) not in (4, 5) or (len(f) == 5 and not qv) or (qv and N % 3):
-            raise UserError(f"--cases {text!r}: expected 'M,K,N,r' or 'M,K,N,r,qv' (N divisible by 3) groups "
-                            "separated by ';', e.g. '12608,768,2304,8,qv'")
-        cases.append(Case("custom" + (".qv" if qv else ""), M, K, N, r, qv))
-    return cases
+    groups = [g.strip() for g in text.split(";") if g.strip()]
+    qv = [g.replace(" ", "").endswith(",qv") for g in groups]
+    example = "12608,768,2304,8,qv"
+    nums = harness.int_groups(";".join(g.replace(" ", "").removesuffix(",qv") for g in groups), "--cases", 4, example)
+    if any(q and N % 3 for q, (_, _, N, _) in zip(qv, nums)):
+        raise UserError(f"--cases {text!r}: a 'qv' case needs N divisible by 3 (q, k, v thirds), e.g. {example!r}")
+    return [Case("custom" + (".qv" if q else ""), M, K, N, r, q) for q, (M, K, N, r) in zip(qv, nums)]
 
 
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
+def parse_args(argv: Optional[list[str]] = None):
+    p = harness.parser(__doc__, "python -m launchers.bench.lora_linear")
+    harness.kernel_flags(p)
     p.add_argument("--cases", default=None, help="'M,K,N,r[,qv];...' (default: the ViT-B/L set for the device)")
-    p.add_argument("--providers", default=None, help=f"comma list of {', '.join(PROVIDERS)}, in the order "
-                                                     "they are measured (default: all usable)")
-    p.add_argument("--modes", default="fwd,fwd_bwd")
     p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout p (training mode) for every provider")
-    p.add_argument("--warmup", type=int, default=None, help="default 10 on CUDA, 1 on CPU")
-    p.add_argument("--iters", type=int, default=None, help="default 50 on CUDA, 5 on CPU")
     p.add_argument("--baseline", default="reference", help="provider the ratios are against")
-    p.add_argument("--cuda-graph", action="store_true", help="CUDA: also time CUDA-graph replays")
-    p.add_argument("--no-interpreter-row", action="store_true", help="CPU: skip the Triton-interpreter row")
-    p.add_argument("--out", default=None, help="write the rows and run metadata as JSON here")
     return p.parse_args(argv)
 
 
@@ -292,52 +232,23 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[list[str]] = None) -> int:
     setup_logging()
     args = parse_args(argv)
+    dtype = harness.kernel_settings(args)
     device = args.device
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device here; use --device cpu")
-    if args.cuda_graph and device != "cuda":
-        raise UserError("--cuda-graph: CUDA graphs need --device cuda")
     if not 0.0 <= args.dropout < 1.0:
         raise UserError(f"--dropout {args.dropout}: must be in [0, 1)")
-    dtype = DTYPES[args.dtype or ("bf16" if device == "cuda" else "fp32")]
     cases = _parse_cases(args.cases) if args.cases else default_cases(device)
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if not modes or any(m not in ("fwd", "fwd_bwd") for m in modes):
-        raise UserError(f"--modes {args.modes!r}: use fwd, fwd_bwd or both (comma separated)")
     has_peft = peft_available()
     if not has_peft:
         print("peft is not installed: the PEFT provider is skipped (pip install peft, or the 'bench' extra)")
     usable = [n for n in PROVIDERS if (n != "peft" or has_peft) and (n != "triton" or device == "cuda")]
-    names = usable
-    if args.providers:
-        names = [n.strip() for n in args.providers.split(",") if n.strip()]
-        bad = [n for n in names if n not in usable]
-        if bad:
-            raise UserError(f"--providers: {', '.join(bad)} not usable here (usable: {', '.join(usable)}; "
-                            "triton needs CUDA, peft needs `pip install peft`)")
-    args.warmup, args.iters = default_iterations(device, args.warmup, args.iters)
-
-    rows = []
-    for case in cases:
-        for mode in modes:
-            for row in bench_case(names, case, dtype, mode, device, args):
-                log.info("%s", row)
-                rows.append(row)
-    if device == "cpu" and not args.no_interpreter_row:
-        rows.append(interpreter_row())
-    print(format_table(rows, args.baseline))
-    print(format_comparison(rows))
-    for r in rows:
-        if "max_abs_grad_err" in r:
-            print(f"{r['provider']}: max |dx, dA, dB - reference| = {r['max_abs_grad_err']:.2e}")
-    meta = {"device": device_label(device), "torch": torch.__version__, "dtype": str(dtype),
-            "providers": names, "baseline": args.baseline, "warmup": args.warmup, "iters": args.iters,
-            "scale": 2.0, "dropout": args.dropout, "timing": "medians, providers interleaved per round",
-            "flops": "fwd 2MNK + 2M(K*S*r + S*n*r); fwd_bwd 4MNK + 3*(rank-r part)",
-            "memory": memory_method(device)}
-    if args.out:
-        atomic_write_text(args.out, json.dumps({"meta": meta, "rows": rows}, indent=2))
-        print(f"wrote {args.out}")
+    names = usable if not args.providers else harness.comma_list(
+        args.providers, "--providers", usable, hint="triton needs CUDA, peft needs `pip install peft`")
+    record = harness.start("lora_linear", args, device)
+    rows = [row for case in cases for mode in args.modes for row in bench_case(names, case, dtype, mode, device, args)]
+    harness.kernel_report(args, record, rows, interpreter_row,
+                          lambda rows: format_table(rows, args.baseline) + "\n" + format_comparison(rows), "dx, dA, dB",
+                          dtype, args.baseline, providers=names, scale=2.0, dropout=args.dropout,
+                          flops="fwd 2MNK + 2M(K*S*r + S*n*r); fwd_bwd 4MNK + 3*(rank-r part)")
     return 0
 
 
