@@ -30,6 +30,7 @@ import io
 import itertools
 import json
 import resource
+import shutil
 import statistics
 import sys
 import tarfile
@@ -180,7 +181,10 @@ def run(a, device: torch.device) -> list[dict]:
             out["device"]["kornia"] = device_cost(batches["device"], device, None, None, kornia)
         return out
 
-    runs = harness.rounds({"round": one_round}, a.repeat, warmup=1)["round"]  # round 0 warms caches
+    try:
+        runs = harness.rounds({"round": one_round}, a.repeat, warmup=1)["round"]  # round 0 warms caches
+    finally:
+        shutil.rmtree(archive, ignore_errors=True)
     rows = []
     for side in ("worker thread", "worker process"):
         if not runs[0][side]:
