@@ -38,6 +38,7 @@ to model network storage. The cost of DINOv2 multi-crop augmentation is measured
 from __future__ import annotations
 
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -252,15 +253,19 @@ def main(argv=None) -> int:
     # (and spin-wait in OpenMP barriers on a loaded machine).
     torch.set_num_threads(max(1, a.main_threads))
     targets = []
-    if a.shards:
-        ss = resolve_shards(a.shards, flag="--shards")
-        targets.append((Path(a.shards).name, Path(a.shards), _tif_dir(ss, a.tifs)))
-    else:
-        work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="geoexplora-databench-"))
-        for kind in kinds:
-            src, out = _generate(work, kind, a.files)
-            targets.append((kind, out, src))
-    rows = [r for name, shard_dir, tif_dir in targets for r in bench_archive(name, shard_dir, tif_dir, a)]
+    temp = None if a.shards or a.work else Path(tempfile.mkdtemp(prefix="geoexplora-databench-"))
+    try:
+        if a.shards:
+            ss = resolve_shards(a.shards, flag="--shards")
+            targets.append((Path(a.shards).name, Path(a.shards), _tif_dir(ss, a.tifs)))
+        else:
+            for kind in kinds:
+                src, out = _generate(Path(a.work) if a.work else temp, kind, a.files)
+                targets.append((kind, out, src))
+        rows = [r for name, shard_dir, tif_dir in targets for r in bench_archive(name, shard_dir, tif_dir, a)]
+    finally:
+        if temp is not None:  # generated for this run only (--work keeps archives for the next)
+            shutil.rmtree(temp, ignore_errors=True)
     print(harness.format_table(rows, COLUMNS, markdown=True))
     harness.save(a.out, record, rows=rows)
     return 0
