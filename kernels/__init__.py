@@ -1,1 +1,1 @@
-"""Triton kernels, pure-torch references, backend dispatch and benchmarks."""
+"""Triton kernels, pure-torch references, backend dispatch, the per-machine record and timing primitives."""

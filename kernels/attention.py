@@ -208,11 +208,11 @@ def _attn_bwd_dq_kernel(
 
 # Tile shapes (BLOCK_M, BLOCK_N, num_warps, num_stages): fixed per (head dim, dtype), never timed at run
 # time, so every rank launches the same tiles. Speed NOT yet measured on a GPU. What was measured
-# (`python -m kernels.bench.ptxas`: triton.compile for sm_80 and sm_90 + ptxas -v,
+# (`python -m launchers.bench.ptxas`: triton.compile for sm_80 and sm_90 + ptxas -v,
 # no GPU needed): every choice below compiles with 0 bytes of register spill on both architectures, while
 # the FA-2 tutorial defaults spill there (e.g. fwd 128x64 with 4 warps: 16 B on sm_80; bwd 64x64
 # with 4 warps: 64 B dK/dV, 16 B dQ on sm_80; fp32 fwd 64x32 with 4 warps: 9 KB on sm_90).
-# Retune with `python -m kernels.bench.attention` on the target GPU and record the table in the README.
+# Retune with `python -m launchers.bench.attention` on the target GPU and record the table in the README.
 def _fwd_config(block_d: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
     if dtype == torch.float32:  # 64x32 spills 4-52 B on sm_80 (D 64-128); 32x32 does not
         return 32, 32, 8, 2

@@ -204,7 +204,7 @@ def _dropout_mask_kernel(SEED, OUT, M, K, p_drop, BLOCK_M: tl.constexpr, BLOCK_K
 # Tile choice: a pure function of the shape, dtype and GPU model, never timed at run time, so every
 # rank of a run (and every rerun) launches the same tiles, hence the same summation order. (Autotuning
 # picks per process, so ranks could differ.) UNTUNED for speed: no GPU was available; the tiles
-# are the usual Triton matmul starting points, checked statically with `python -m kernels.bench.ptxas`
+# are the usual Triton matmul starting points, checked statically with `python -m launchers.bench.ptxas`
 # (sm_80/sm_90 compile: shared memory, registers, spills; figures in the README).
 # ------------------------------------------------------------------------------------------------
 def gemm_tiles(M: int, N: int, dtype: torch.dtype, sm_count: int, dropout: bool) -> dict:
@@ -249,7 +249,7 @@ def wgrad_tiles(A_LEN: int, B_LEN: int, dtype: torch.dtype, dropout: bool) -> di
 
 
 def _sm_count(device: torch.device) -> int:
-    # meta tensors (kernels.bench.ptxas compiling without a GPU) stand for an H100/H200 (132 SMs)
+    # meta tensors (launchers.bench.ptxas compiling without a GPU) stand for an H100/H200 (132 SMs)
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
 

@@ -1,6 +1,6 @@
 """What every Triton kernel launch here needs: interpreter mode, the device guard, the dot precision.
 
-Shared by ``kernels.attention`` and ``kernels.lora_linear`` (and read by ``kernels.bench.ptxas``,
+Shared by ``kernels.attention`` and ``kernels.lora_linear`` (and read by ``launchers.bench.ptxas``,
 which compiles the same launch configurations ahead of time). Nothing here imports triton, so
 ``kernels.dispatch`` can ask :func:`runnable_on` before paying for a triton import.
 """
@@ -39,7 +39,7 @@ def device_guard(t: torch.Tensor) -> ContextManager:
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-# A launch goes through :func:`launch`, so ``kernels.bench.ptxas`` can collect the exact kernel,
+# A launch goes through :func:`launch`, so ``launchers.bench.ptxas`` can collect the exact kernel,
 # arguments and meta-parameters the launchers would use (on meta tensors) and compile them for a GPU
 # it does not have, instead of keeping a second copy of every launch configuration.
 _recorded: Optional[list] = None

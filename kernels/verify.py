@@ -140,7 +140,7 @@ def lora_shapes(models: dict, ranks, tokens) -> list[tuple]:
 def verify(args, dtypes, device) -> dict:
     """shape class -> record entry, printing one line per class as it goes."""
     from kernels import record
-    from kernels.bench.measure import interleaved_medians
+    from kernels.measure import interleaved_medians
 
     entries = {}
     jobs = []

@@ -6,7 +6,7 @@ they apply the same mask: every comparison here, dropout included, is exact up t
 import pytest
 import torch
 
-from kernels.bench.measure import measure_memory
+from kernels.measure import measure_memory
 from kernels.lora_torch import lora_linear_torch
 from kernels.reference import lora_linear_reference
 

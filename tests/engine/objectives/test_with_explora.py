@@ -2,14 +2,13 @@
 import pytest
 import torch
 
-from engine.config import DinoConfig, ExploraConfig, MAEConfig, ModelConfig, RunConfig
+from engine.config import DinoConfig, ExploraConfig, MAEConfig, ModelConfig
 from engine.model.explora import apply_explora
 from engine.model.lora import LoRALinear
 from engine.model.tokens import forward_tokens
 from engine.model.vit import build_vit
 from engine.objectives import DinoObjective, MAEObjective
 from engine.objectives.teacher import eval_mode
-from engine.objectives.teacher_memory import format_table, memory_row
 from tests.engine.objectives.conftest import ClsToken, train_steps
 
 B = 2
@@ -90,17 +89,3 @@ def test_mae_on_the_group_channel_embed():
     loss, _ = obj({"images": x}, step=0)
     loss.backward()
     assert vit.patch_embed.proj[0].weight.grad is not None  # a fresh group embed trains
-
-
-def test_teacher_memory_report_with_the_real_recipe():
-    cfg = RunConfig()
-    cfg.objective.dino = DinoConfig(**HEAD)
-    cfg.explora = ExploraConfig(lora_rank=4)
-    row = memory_row(cfg, "tiny")
-    report = apply_explora(build_vit(ModelConfig(name="tiny"), device="meta"), ExploraConfig(lora_rank=4))
-    head_params = 64 * 16 + 16 + 16 * 16 + 16 + 16 * 8 + 8 + 32 * 8 + 32  # MLP 64-16-16-8 + 32 prototypes + gains
-    assert row["backbone_only"]["trainable_params"] == report.trainable
-    assert row["trainable_params"] == report.trainable + head_params
-    assert row["total_params"] == report.total + head_params
-    assert row["shared_bytes"] == 4 * row["trainable_params"] < row["naive_bytes"] == 4 * row["total_params"]
-    assert "| tiny |" in format_table([row])

@@ -1,6 +1,6 @@
 """Converter throughput vs raw rasterio reading, measured in the same run (a script, not a test).
 
-    python -m shards.bench [--files 200] [--size 512] [--kind s2] [--workers 1,2] [--json out.json]
+    python -m launchers.bench.convert [--files 200] [--size 512] [--kind s2] [--workers 1,2] [--json out.json]
 
 Providers, all over the same generated archive with a warm page cache:
 
@@ -24,7 +24,6 @@ core, which a loaded machine distorts far less than wall time.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -35,10 +34,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import rasterio
 
+from engine.errors import cli_entry
+from launchers.bench import harness
+from launchers.bench.harness import Column
 from shards.options import ConvertOptions, parse_size
 from shards.pipeline import convert
 from shards.raster import reading_env
@@ -111,8 +114,42 @@ def ours(root: Path, out: Path, workers: int, max_bytes: int, fsync: bool) -> tu
     return time.perf_counter() - t, s.read_bytes
 
 
+def providers(a, workers: list[int], work: Path, paths: list[str], max_bytes: int
+              ) -> dict[str, Callable[[], tuple[float, float, int]]]:
+    """name -> one run: (wall seconds, CPU seconds of the process and its workers, decoded bytes)."""
+    def timed(name: str, fn: Callable[[Path], tuple[float, int]]) -> Callable[[], tuple[float, float, int]]:
+        out = work / f"out-{name.replace('/', '')}"
+
+        def run() -> tuple[float, float, int]:
+            shutil.rmtree(out, ignore_errors=True)
+            c0 = _cpu()
+            secs, n = fn(out)
+            cpu = _cpu() - c0
+            shutil.rmtree(out, ignore_errors=True)
+            return secs, cpu, n
+        return run
+
+    table = {"raw": timed("raw", lambda out: raw_read(paths)),
+             "raw-tuned": timed("raw-tuned", lambda out: raw_read_tuned(paths))}
+    if not a.no_prototype:
+        table["prototype"] = timed("prototype", lambda out: prototype(paths, out, max_bytes))
+    for w in workers:
+        table[f"convert/{w}"] = timed(f"convert/{w}", lambda out, w=w: ours(work / "archive", out, w, max_bytes,
+                                                                            a.fsync))
+    return table
+
+
+COLUMNS = [Column("provider", "provider", left=True), Column("seconds", "seconds", "{:.2f}"),
+           Column("cpu s", "cpu_seconds", "{:.2f}"), Column("MB/s", "mb_per_s", "{:.1f}"),
+           Column("vs raw", "vs_raw", "{:.2f}"), Column("vs tuned", "vs_raw_tuned", "{:.2f}"),
+           Column("/worker vs raw", "per_worker_vs_raw", "{:.2f}"),
+           Column("/worker vs tuned", "per_worker_vs_raw_tuned", "{:.2f}"),
+           Column("vs 1 worker", "speedup_vs_1_worker", "{:.2f}x"), Column("cpu vs raw", "cpu_vs_raw", "{:.2f}")]
+
+
+@cli_entry
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = harness.parser(__doc__, "python -m launchers.bench.convert")
     p.add_argument("--files", type=int, default=200)
     p.add_argument("--size", type=int, default=512, help="image side in pixels")
     p.add_argument("--kind", choices=("s2", "rgb"), default="s2")
@@ -125,63 +162,39 @@ def main(argv=None) -> int:
     p.add_argument("--no-prototype", action="store_true")
     p.add_argument("--repeats", type=int, default=3, help="round-robin repetitions; the best time counts")
     p.add_argument("--workdir", default=None, help="where to keep the archive (reused across runs); default a temp dir")
-    p.add_argument("--json", default=None, help="write the results here")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     max_bytes = parse_size(a.max_shard_bytes, "--max-shard-bytes")
+    workers = harness.comma_list(a.workers, "--workers", cast=int)
+    record = harness.start("convert", a)
     work = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="geoexplora-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     paths = _archive(work, a)
     raw_read(paths)  # warm the page cache so every provider reads from memory
-    names = ["raw", "raw-tuned"] + ([] if a.no_prototype else ["prototype"]) + [
-        f"convert/{w}" for w in (int(x) for x in a.workers.split(","))]
-    times: dict[str, list[tuple[float, float]]] = {n: [] for n in names}
-    nbytes = 0
     # Round-robin repeats, best (minimum) time per provider: on a shared machine the minimum is
     # the least disturbed measurement, and every provider gets the same chances.
-    for _ in range(a.repeats):
-        for name in names:
-            out = work / f"out-{name.replace('/', '')}"
-            shutil.rmtree(out, ignore_errors=True)
-            c0 = _cpu()
-            if name == "raw":
-                secs, n = raw_read(paths)
-            elif name == "raw-tuned":
-                secs, n = raw_read_tuned(paths)
-            elif name == "prototype":
-                secs, n = prototype(paths, out, max_bytes)
-            else:
-                secs, n = ours(work / "archive", out, int(name.split("/")[1]), max_bytes, a.fsync)
-            times[name].append((secs, _cpu() - c0))
-            shutil.rmtree(out, ignore_errors=True)
-            nbytes = n
-    best = {n: min(v) for n, v in times.items()}
-    least_cpu = {n: min(c for _, c in v) for n, v in times.items()}
-    mbs = {n: nbytes / 1e6 / best[n][0] for n in names}
+    runs = harness.rounds(providers(a, workers, work, paths, max_bytes), a.repeats, warmup=0)
+    nbytes = list(runs.values())[-1][-1][2]  # every provider reads the same pixels
+    best = {n: min((s, c) for s, c, _ in v) for n, v in runs.items()}
+    least_cpu = {n: min(c for _, c, _ in v) for n, v in runs.items()}
+    mbs = {n: nbytes / 1e6 / best[n][0] for n in runs}
     rows = []
-    for name in names:
+    for name in runs:
         workers = int(name.split("/")[1]) if name.startswith("convert/") else 1
         rows.append({"provider": name, "seconds": best[name][0], "cpu_seconds": best[name][1],
-                     "all_seconds": [t for t, _ in times[name]], "mb_per_s": mbs[name],
+                     "all_seconds": [s for s, _, _ in runs[name]], "mb_per_s": mbs[name],
                      "vs_raw": mbs[name] / mbs["raw"], "vs_raw_tuned": mbs[name] / mbs["raw-tuned"],
                      "per_worker_vs_raw": mbs[name] / mbs["raw"] / workers,
                      "per_worker_vs_raw_tuned": mbs[name] / mbs["raw-tuned"] / workers,
                      "cpu_vs_raw": least_cpu["raw"] / max(least_cpu[name], 1e-9),
                      "speedup_vs_1_worker": (mbs[name] / mbs["convert/1"])
                      if "convert/1" in mbs and name.startswith("convert/") else None})
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    load = (harness.load_average() or [float("nan")])[0]
     print(f"archive: {a.files} x {a.size}x{a.size} {a.kind} ({nbytes / 1e6:.0f} MB decoded), compress={a.compress}, "
           f"interleave={a.interleave}, tiled={a.tiled}; shards {a.max_shard_bytes}, fsync={a.fsync}; "
           f"cpus={os.cpu_count()}, load {load:.1f}; best of {a.repeats}")
-    print(f"{'provider':<11} {'seconds':>7} {'cpu s':>6} {'MB/s':>7} {'vs raw':>6} {'vs tuned':>8} "
-          f"{'/worker vs raw':>14} {'/worker vs tuned':>16} {'vs 1 worker':>11} {'cpu vs raw':>10}")
-    for r in rows:
-        sp = r["speedup_vs_1_worker"]
-        print(f"{r['provider']:<11} {r['seconds']:7.2f} {r['cpu_seconds']:6.2f} {r['mb_per_s']:7.1f} "
-              f"{r['vs_raw']:6.2f} {r['vs_raw_tuned']:8.2f} {r['per_worker_vs_raw']:14.2f} "
-              f"{r['per_worker_vs_raw_tuned']:16.2f} {(f'{sp:.2f}x' if sp else '-'):>11} {r['cpu_vs_raw']:10.2f}")
-    if a.json:
-        Path(a.json).write_text(json.dumps({"archive": vars(a), "decoded_bytes": nbytes, "load": load, "rows": rows}, indent=1))
+    print(harness.format_table(rows, COLUMNS))
+    harness.save(a.out, record, decoded_bytes=nbytes, rows=rows)
     if not a.workdir:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -1,7 +1,7 @@
 """Static compile report of every Triton launch: registers, spills and shared memory; no GPU needed.
 
-    python -m kernels.bench.ptxas                                   # sm_90, bf16, ViT-B/L shapes
-    python -m kernels.bench.ptxas --archs 80,90 --dtypes bf16,fp16,fp32 --out ptxas.json
+    python -m launchers.bench.ptxas                                   # sm_90, bf16, ViT-B/L shapes
+    python -m launchers.bench.ptxas --archs 80,90 --dtypes bf16,fp16,fp32 --out ptxas.json
 
 How: the launchers' own code runs on CPU tensors whose memory is never read by a kernel, inside
 ``kernels.triton_launch.recording_launches()``, which collects each launch (kernel, arguments,
@@ -17,8 +17,6 @@ backward at ViT-B/L global and local crops (D = 64) plus D = 80 and 128.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import os
 import re
@@ -28,12 +26,12 @@ from typing import Optional
 
 import torch
 
-from engine.atomic import atomic_write_text
 from engine.errors import UserError, cli_entry
 from engine.progress import setup_logging
+from launchers.bench import harness
+from launchers.bench.harness import Column
 
 log = logging.getLogger(__name__)
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # (name, M, K, N, r, qv): the adapted layers of ViT-B/14 and ViT-L/14 at 64 images x 257 tokens
 LORA_CASES = [(f"{m}.{layer}", 64 * 257, k, n, r, qv) for m, d in (("vitb", 768), ("vitl", 1024))
               for layer, k, n, r, qv in (("qkv(q,v)", d, 3 * d, 64, True), ("proj", d, d, 8, False),
@@ -135,54 +133,42 @@ def report(archs: list[int], dtypes: list[torch.dtype], ops: list[str]) -> list[
     return rows
 
 
+def _tile(r: dict) -> str:
+    c = r["config"]
+    dims = "x".join(str(c[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_A", "BLOCK_B", "BLOCK_R",
+                                         "BLOCK_D") if k in c)
+    flags = "".join(f" {k.lower()}" for k in ("DROPOUT", "SEG_ALIGNED") if c.get(k))
+    return f"{dims} w{c.get('num_warps', 4)} s{c.get('num_stages', 3)}{flags}"
+
+
+COLUMNS = [Column("arch", "arch", left=True), Column("dtype", "dtype", left=True),
+           Column("kernel", "kernel", left=True), Column("first case", "case", left=True),
+           Column("tile", _tile, left=True), Column("smem KB", lambda r: r["smem_bytes"] / 1024, "{:.1f}"),
+           Column("regs", "registers"), Column("spill B", "spill_store_bytes")]
+
+
 def format_table(rows: list[dict]) -> str:
-    head = (f"{'arch':<6} {'dtype':<9} {'kernel':<20} {'first case':<26} {'tile':<34} {'smem KB':>8} "
-            f"{'regs':>5} {'spill B':>8}")
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        c = r["config"]
-        dims = "x".join(str(c[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_A", "BLOCK_B", "BLOCK_R",
-                                             "BLOCK_D") if k in c)
-        tile = f"{dims} w{c.get('num_warps', 4)} s{c.get('num_stages', 3)}"
-        flags = "".join(f" {k.lower()}" for k in ("DROPOUT", "SEG_ALIGNED") if c.get(k))
-        lines.append(f"{r['arch']:<6} {r['dtype']:<9} {r['kernel']:<20} {r['case']:<26} {tile + flags:<34} "
-                     f"{r['smem_bytes'] / 1024:>8.1f} {r['registers']:>5} {r['spill_store_bytes']:>8}")
     spills = sum(r["spill_store_bytes"] > 0 for r in rows)
-    lines.append(f"{len(rows)} distinct compiles, {spills} with register spills")
-    return "\n".join(lines)
-
-
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--archs", default="90", help="comma list of compute capabilities, e.g. 80,90")
-    p.add_argument("--dtypes", default="bf16", help=f"comma list of {', '.join(DTYPES)}")
-    p.add_argument("--ops", default="lora,attention", help="comma list of lora, attention")
-    p.add_argument("--out", default=None, help="write the rows as JSON here")
-    return p.parse_args(argv)
+    return harness.format_table(rows, COLUMNS) + f"\n{len(rows)} distinct compiles, {spills} with register spills"
 
 
 @cli_entry
 def main(argv: Optional[list[str]] = None) -> int:
     setup_logging()
-    args = parse_args(argv)
+    p = harness.parser(__doc__, "python -m launchers.bench.ptxas")
+    p.add_argument("--archs", default="90", help="comma list of compute capabilities, e.g. 80,90")
+    p.add_argument("--dtypes", default="bf16", help=f"comma list of {', '.join(harness.DTYPES)}")
+    p.add_argument("--ops", default="lora,attention", help="comma list of lora, attention")
+    args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise UserError("TRITON_INTERPRET=1: this report compiles real kernels; unset it")
-    try:
-        archs = [int(a) for a in args.archs.split(",") if a.strip()]
-        dtypes = [DTYPES[d.strip()] for d in args.dtypes.split(",") if d.strip()]
-    except (ValueError, KeyError):
-        raise UserError(f"--archs {args.archs!r} / --dtypes {args.dtypes!r}: e.g. --archs 80,90 --dtypes bf16,fp32")
-    ops = [o.strip() for o in args.ops.split(",") if o.strip()]
-    if not ops or any(o not in ("lora", "attention") for o in ops):
-        raise UserError(f"--ops {args.ops!r}: use lora, attention or both")
-    import triton
-
+    archs = harness.comma_list(args.archs, "--archs", cast=int, hint="compute capabilities, e.g. 80,90")
+    dtypes = [harness.DTYPES[d] for d in harness.comma_list(args.dtypes, "--dtypes", tuple(harness.DTYPES))]
+    ops = harness.comma_list(args.ops, "--ops", ("lora", "attention"))
+    record = harness.start("ptxas", args)
     rows = report(archs, dtypes, ops)
     print(format_table(rows))
-    if args.out:
-        atomic_write_text(args.out, json.dumps({"meta": {"triton": triton.__version__, "torch": torch.__version__},
-                                                "rows": rows}, indent=2))
-        print(f"wrote {args.out}")
+    harness.save(args.out, record, rows=rows)
     return 0
 
 

@@ -1,10 +1,10 @@
 """Training-step benchmark: steps/s and images/s of the tiny and a small-image ViT-B DINOv2 config
 under ZeRO-0 / 2 / 3 with N ranks, plus ExPLoRA vs full fine-tuning memory for ViT-B/L.
 
-    python launchers/bench_train.py                       # CPU: 2 ranks, DS_ACCELERATOR=cpu
-    python launchers/bench_train.py --configs tiny --stages 0,3 --steps 8 --out bench.json
-    python launchers/bench_train.py --nproc 8             # on an 8-GPU node
-    python launchers/bench_train.py --configs vitl --stages 2 --nproc 1 --steps 20 --warmup 3  # one GPU
+    python -m launchers.bench.train                       # CPU: 2 ranks, DS_ACCELERATOR=cpu
+    python -m launchers.bench.train --configs tiny --stages 0,3 --steps 8 --out bench.json
+    python -m launchers.bench.train --nproc 8             # on an 8-GPU node
+    python -m launchers.bench.train --configs vitl --stages 2 --nproc 1 --steps 20 --warmup 3  # one GPU
 
 Each (config, stage) is one ``deepspeed --num_gpus N`` run of the real Trainer (DeepSpeed engine,
 objective, schedules, metrics) on synthetic in-memory batches, so the figures are the training
@@ -26,7 +26,11 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-REPO = Path(__file__).resolve().parents[1]
+from engine.errors import cli_entry
+from launchers.bench import harness
+from launchers.bench.harness import Column
+
+REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "engine" / "presets" / "tiny_cpu.yaml"
 
 # Bench configs as overrides of the tiny preset. 'vitb': ViT-B/14 at a small image size so a CPU
@@ -191,7 +195,7 @@ def run_one(config: str, stage: int, args: argparse.Namespace, tmp: Path) -> dic
 
     run_dir = tmp / f"{config}_z{stage}"
     # the runner as a module: works where deepspeed was installed without its console script beside python
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.nproc), "--master_port", str(free_port()), str(Path(__file__).resolve()),
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.nproc), "--master_port", str(free_port()), "--module", "launchers.bench.train",
            "--worker", "--config", config, "--stage", str(stage), "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--run-dir", str(run_dir)]
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -209,12 +213,28 @@ def run_one(config: str, stage: int, args: argparse.Namespace, tmp: Path) -> dic
     return result
 
 
-def _gib(n: float) -> str:
-    return f"{n / 2**30:.3f}"
+def _gib(title: str, key: str) -> Column:
+    return Column(title, lambda r: r[key] / 2**30, "{:.3f}")
 
 
+RUN_COLUMNS = [Column("config", "config", left=True), Column("ZeRO", "stage"), Column("gbatch", "global_batch"),
+               Column("steps/s", "steps_per_s", "{:.3f}"), Column("img/s", "images_per_s", "{:.1f}"),
+               Column("img/s/dev", "images_per_s_per_device", "{:.1f}"), Column("vs Z0", "ratio_vs_zero0", "{:.2f}"),
+               Column("data%", lambda r: 100 * r["data_wait_frac"], "{:.1f}%"),
+               Column("optim MiB/rank", lambda r: max(r["optimizer_state_bytes_per_rank"]) / 2**20, "{:.3f}")]
+
+
+def memory_columns(zero_ranks: int) -> list[Column]:
+    return [Column("model", "model", left=True), Column("regime", "regime", left=True),
+            Column("trainable", "trainable_params", "{:,}"), _gib("trainable", "trainable_bytes"),
+            _gib("grads", "grad_bytes"), _gib("AdamW", "optimizer_state_bytes"),
+            _gib("state/copy", "training_state_bytes"),
+            _gib(f"AdamW/rank@{zero_ranks}", f"optimizer_state_bytes_per_rank_zero1+_{zero_ranks}")]
+
+
+@cli_entry
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = harness.parser(__doc__, "python -m launchers.bench.train", out="bench_train.json")
     p.add_argument("--configs", default="tiny,vitb", help=f"comma list of {', '.join(CONFIGS)}")
     p.add_argument("--stages", default="0,2,3", help="ZeRO stages to compare")
     p.add_argument("--nproc", type=int, default=2, help="ranks per run (CPU processes or GPUs)")
@@ -222,7 +242,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--warmup", type=int, default=2, help="untimed first steps")
     p.add_argument("--memory-models", default="vit_base_patch14_dinov2,vit_large_patch14_dinov2")
     p.add_argument("--zero-ranks", type=int, default=8, help="ranks for the per-rank optimizer-state column")
-    p.add_argument("--out", default="bench_train.json")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--config", help=argparse.SUPPRESS)
     p.add_argument("--stage", type=int, help=argparse.SUPPRESS)
@@ -237,46 +256,33 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from engine.progress import setup_logging
 
     setup_logging()
-    configs = [c for c in args.configs.split(",") if c]
-    unknown = [c for c in configs if c not in CONFIGS]
-    if unknown:
-        p.error(f"--configs: unknown {unknown}; choose from {list(CONFIGS)}")
-    stages = [int(s) for s in args.stages.split(",") if s]
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    configs = harness.comma_list(args.configs, "--configs", tuple(CONFIGS))
+    stages = harness.comma_list(args.stages, "--stages", ("0", "1", "2", "3"), cast=int)
+    models = harness.comma_list(args.memory_models, "--memory-models", allow_empty=True)
+    record = harness.start("train", {k: v for k, v in vars(args).items()
+                                     if k not in ("worker", "config", "stage", "run_dir", "local_rank")},
+                           "cuda" if torch.cuda.is_available() else "cpu")
     runs = []
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         for c in configs:
             for s in stages:
                 print(f"running {c} ZeRO-{s} on {args.nproc} rank(s) ...", flush=True)
                 runs.append(run_one(c, s, args, Path(tmp)))
-    print(f"\nTraining step, {args.nproc} ranks, {device}; {args.steps} timed steps after {args.warmup} warm-up")
-    print(f"{'config':8} {'ZeRO':>4} {'gbatch':>6} {'steps/s':>8} {'img/s':>8} {'img/s/dev':>9} {'vs Z0':>6} "
-          f"{'data%':>6} {'optim MiB/rank':>15}")
     base = {r["config"]: r["steps_per_s"] for r in runs if r["stage"] == 0}
     for r in runs:
-        rel = r["steps_per_s"] / base[r["config"]] if r["config"] in base else float("nan")
-        r["ratio_vs_zero0"] = rel
-        opt = max(r["optimizer_state_bytes_per_rank"]) / 2**20
-        print(f"{r['config']:8} {r['stage']:>4} {r['global_batch']:>6} {r['steps_per_s']:>8.3f} "
-              f"{r['images_per_s']:>8.1f} {r['images_per_s_per_device']:>9.1f} {rel:>6.2f} "
-              f"{100 * r['data_wait_frac']:>5.1f}% {opt:>15.3f}")
-    mem = memory_rows([m for m in args.memory_models.split(",") if m], args.zero_ranks)
-    key = f"optimizer_state_bytes_per_rank_zero1+_{args.zero_ranks}"
-    print(f"\nExPLoRA (last block + LoRA r64 q,v + norms + cls token) vs full fine-tuning, backbone only (GiB)")
-    print(f"{'model':26} {'regime':8} {'trainable':>12} {'trainable':>9} {'grads':>7} {'AdamW':>7} "
-          f"{'state/copy':>10} {'AdamW/rank@' + str(args.zero_ranks):>14}")
-    for r in mem:
-        print(f"{r['model']:26} {r['regime']:8} {r['trainable_params']:>12,} {_gib(r['trainable_bytes']):>9} "
-              f"{_gib(r['grad_bytes']):>7} {_gib(r['optimizer_state_bytes']):>7} "
-              f"{_gib(r['training_state_bytes']):>10} {_gib(r[key]):>14}")
-    for m in {r["model"] for r in mem}:
+        r["ratio_vs_zero0"] = r["steps_per_s"] / base[r["config"]] if r["config"] in base else float("nan")
+    print(f"\nTraining step, {args.nproc} ranks, {record['environment']['device']}; {args.steps} timed steps "
+          f"after {args.warmup} warm-up")
+    print(harness.format_table(runs, RUN_COLUMNS))
+    mem = memory_rows(models, args.zero_ranks)
+    print("\nExPLoRA (last block + LoRA r64 q,v + norms + cls token) vs full fine-tuning, backbone only (GiB)")
+    print(harness.format_table(mem, memory_columns(args.zero_ranks)))
+    for m in dict.fromkeys(r["model"] for r in mem):
         e, f = (next(r for r in mem if r["model"] == m and r["regime"] == g) for g in ("explora", "full"))
         print(f"{m}: full fine-tuning needs {f['optimizer_state_bytes'] / e['optimizer_state_bytes']:.1f}x the "
               f"optimizer state of ExPLoRA")
-    out = {"device": device, "nproc": args.nproc, "steps": args.steps, "warmup": args.warmup, "runs": runs,
-           "memory": mem}
-    Path(args.out).write_text(json.dumps(out, indent=1))
-    print(f"\nwrote {args.out}")
+    print()
+    harness.save(args.out, record, runs=runs, memory=mem)
     return 0
 
 

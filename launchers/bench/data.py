@@ -1,9 +1,9 @@
 """Input-pipeline throughput: a naive per-file GeoTIFF loader against our shard stream, start-up and
 steady state reported apart, in the same run.
 
-    python launchers/bench_data.py [--workers 2] [--files 600] [--kinds s2,rgb] [--modes decode,mae]
+    python -m launchers.bench.data [--workers 2] [--files 600] [--kinds s2,rgb] [--modes decode,mae]
                                    [--latency-ms 0,20] [--epochs 3] [--repeat 3] [--json PATH]
-    python launchers/bench_data.py --shards DIR [--tifs DIR] --workers N --json PATH
+    python -m launchers.bench.data --shards DIR [--tifs DIR] --workers N --json PATH
 
 Without ``--shards`` it generates archives with ``shards.synthetic`` (s2: 13-band 128x128 uint16;
 rgb: 3-band 256x256 uint8) and converts them with ``shards.convert`` (100 samples per shard). With
@@ -33,16 +33,12 @@ normalise), ``mae`` = random-resized 224 crop + flips/rotations. ``naive`` and `
 normalise in the main process (``to_device``; on a GPU host that step runs on the device).
 ``--latency-ms`` adds a sleep per file open (per GeoTIFF for ``naive``, per shard for ``stream``)
 to model network storage. The cost of DINOv2 multi-crop augmentation is measured by
-``launchers/bench_augment.py``.
+``python -m launchers.bench.augment``.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
 import resource
-import statistics
+import shutil
 import sys
 import tempfile
 import time
@@ -62,6 +58,8 @@ from engine.data.samples import ShardOpener, decode_image, iter_shard
 from engine.data.shardspec import ShardSet, resolve_shards
 from engine.data.stream import ShardStream, StreamPlan
 from engine.errors import UserError, cli_entry
+from launchers.bench import harness
+from launchers.bench.harness import Column
 
 KINDS = {"s2": 128, "rgb": 256}
 
@@ -204,16 +202,11 @@ def bench_archive(name: str, shard_dir: Path, tif_dir: Optional[Path], a) -> lis
             providers["stream"] = lambda: run_stream(shards, view, normalizer, a, lat / 1000)
             if mode == "decode" and lat == 0:
                 providers["stream-f32"] = lambda: run_stream(shards, _FloatInWorker(view, normalizer), None, a, 0.0)
-            runs: dict[str, list[dict]] = {k: [] for k in providers}
-            for rep in range(a.repeat + 1):  # round 0 warms the page cache and is discarded
-                for provider, fn in providers.items():
-                    r = fn()
-                    if rep:
-                        runs[provider].append(r)
+            # round 0 warms the page cache and is dropped; providers alternate within a round
+            runs = harness.rounds(providers, a.repeat, warmup=1)
             base = None
             for provider, rs in runs.items():
-                med = {k: statistics.median(r[k] for r in rs) for k in ("startup_s", "steady_samples_per_s",
-                                                                        "worker_cpu_ms_per_sample")}
+                med = harness.medians(rs, ("startup_s", "steady_samples_per_s", "worker_cpu_ms_per_sample"))
                 base = med["steady_samples_per_s"] if provider == "naive" else base
                 rows.append({"archive": name, "mode": mode, "latency_ms": lat, "provider": provider,
                              "workers": a.workers, **med, "mb_per_s": med["steady_samples_per_s"] * px / 1e6,
@@ -221,19 +214,15 @@ def bench_archive(name: str, shard_dir: Path, tif_dir: Optional[Path], a) -> lis
     return rows
 
 
-def table(rows: list[dict]) -> str:
-    lines = ["| archive | view | open latency | loader | start-up s | steady samples/s | MB/s | vs naive "
-             "| worker CPU ms/sample |", "|---|---|---|---|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        vs = f"{r['vs_naive']:.2f}x" if r["vs_naive"] else "-"
-        lines.append(f"| {r['archive']} | {r['mode']} | {r['latency_ms']:g} ms | {r['provider']} "
-                     f"| {r['startup_s']:.2f} | {r['steady_samples_per_s']:.0f} | {r['mb_per_s']:.1f} | {vs} "
-                     f"| {r['worker_cpu_ms_per_sample']:.2f} |")
-    return "\n".join(lines)
+COLUMNS = [Column("archive", "archive", left=True), Column("view", "mode", left=True),
+           Column("open latency", "latency_ms", "{:g} ms", left=True), Column("loader", "provider", left=True),
+           Column("start-up s", "startup_s", "{:.2f}"), Column("steady samples/s", "steady_samples_per_s", "{:.0f}"),
+           Column("MB/s", "mb_per_s", "{:.1f}"), Column("vs naive", "vs_naive", "{:.2f}x"),
+           Column("worker CPU ms/sample", "worker_cpu_ms_per_sample", "{:.2f}")]
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python launchers/bench_data.py", description=__doc__.split("\n\n")[0])
+def parser():
+    p = harness.parser(__doc__, "python -m launchers.bench.data")
     p.add_argument("--shards", default=None, help="measure this converted directory instead of generated ones")
     p.add_argument("--tifs", default=None, help="GeoTIFF directory for the naive loader (with --shards)")
     p.add_argument("--workers", type=int, default=2)
@@ -248,39 +237,37 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--work", default=None, help="where to generate archives (default: a temp dir)")
     p.add_argument("--main-threads", type=int, default=1,
                    help="torch threads of the main process (normalisation); the workers use 1 each")
-    p.add_argument("--json", default=None, help="write results as JSON to this path")
     return p
 
 
 @cli_entry
 def main(argv=None) -> int:
     a = parser().parse_args(argv)
-    a.modes = [m.strip() for m in a.modes.split(",") if m.strip()]
-    a.latency_ms = [float(v) for v in str(a.latency_ms).split(",") if v.strip()]
-    if any(m not in ("decode", "mae") for m in a.modes):
-        raise UserError(f"--modes '{','.join(a.modes)}': use decode and/or mae")
+    a.modes = harness.comma_list(a.modes, "--modes", ("decode", "mae"))
+    a.latency_ms = harness.comma_list(a.latency_ms, "--latency-ms", cast=float, hint="milliseconds, e.g. 0,20")
+    kinds = harness.comma_list(a.kinds, "--kinds", tuple(KINDS))
     if a.workers < 0 or a.repeat < 1 or a.epochs < 1:
         raise UserError("--workers must be >= 0, --repeat and --epochs >= 1")
+    record = harness.start("data", a)
     # With 2 cores and 2 workers, intra-op threads in the main process only fight the workers
     # (and spin-wait in OpenMP barriers on a loaded machine).
     torch.set_num_threads(max(1, a.main_threads))
     targets = []
-    if a.shards:
-        ss = resolve_shards(a.shards, flag="--shards")
-        targets.append((Path(a.shards).name, Path(a.shards), _tif_dir(ss, a.tifs)))
-    else:
-        work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="geoexplora-databench-"))
-        for kind in [k.strip() for k in a.kinds.split(",") if k.strip()]:
-            if kind not in KINDS:
-                raise UserError(f"--kinds: unknown archive kind {kind!r}; use s2 and/or rgb")
-            src, out = _generate(work, kind, a.files)
-            targets.append((kind, out, src))
-    rows = [r for name, shard_dir, tif_dir in targets for r in bench_archive(name, shard_dir, tif_dir, a)]
-    print(table(rows))
-    if a.json:
-        result = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
-                  "settings": {k: v for k, v in vars(a).items() if k != "json"}, "results": rows}
-        Path(a.json).write_text(json.dumps(result, indent=1))
+    temp = None if a.shards or a.work else Path(tempfile.mkdtemp(prefix="geoexplora-databench-"))
+    try:
+        if a.shards:
+            ss = resolve_shards(a.shards, flag="--shards")
+            targets.append((Path(a.shards).name, Path(a.shards), _tif_dir(ss, a.tifs)))
+        else:
+            for kind in kinds:
+                src, out = _generate(Path(a.work) if a.work else temp, kind, a.files)
+                targets.append((kind, out, src))
+        rows = [r for name, shard_dir, tif_dir in targets for r in bench_archive(name, shard_dir, tif_dir, a)]
+    finally:
+        if temp is not None:  # generated for this run only (--work keeps archives for the next)
+            shutil.rmtree(temp, ignore_errors=True)
+    print(harness.format_table(rows, COLUMNS, markdown=True))
+    harness.save(a.out, record, rows=rows)
     return 0
 
 

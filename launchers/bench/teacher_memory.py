@@ -4,22 +4,19 @@ Builds each model on the meta device (no weights, no memory), applies the ExPLoR
 the DINO head(s), then counts the teacher state both ways (fp32). Prints a table, optionally writes
 JSON::
 
-    python -m engine.objectives.teacher_memory --models vit_large_patch14_dinov2 --json mem.json \\
+    python -m launchers.bench.teacher_memory --models vit_large_patch14_dinov2 --json mem.json \\
         --explora.lora_rank 64 --objective.dino.head_n_prototypes 65536
 
 Remaining ``--section.field value`` arguments are run-config overrides (explora.*, objective.dino.*).
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import logging
 from typing import Optional
 
 import torch
 
-from engine.atomic import atomic_write_text
 from engine.config import RunConfig, load_config
 from engine.errors import cli_entry
 from engine.model.explora import apply_explora
@@ -27,6 +24,8 @@ from engine.model.vit import build_vit
 from engine.objectives.dino_head import DINOHead
 from engine.objectives.teacher import teacher_memory
 from engine.progress import setup_logging
+from launchers.bench import harness
+from launchers.bench.harness import Column
 
 DEFAULT_MODELS = ("vit_base_patch14_dinov2", "vit_large_patch14_dinov2", "vit_giant_patch14_dinov2")
 MIB = 2 ** 20
@@ -50,28 +49,28 @@ def memory_row(cfg: RunConfig, model_name: str) -> dict:
     return row
 
 
+COLUMNS = [Column("base", "model", left=True), Column("params", lambda r: r["total_params"] / 1e6, "{:.1f} M"),
+           Column("trainable", lambda r: r["trainable_params"] / 1e6, "{:.1f} M"),
+           Column("naive deep-copy teacher", lambda r: r["naive_bytes"] / MIB, "{:.1f} MiB"),
+           Column("shared-base teacher", lambda r: r["shared_bytes"] / MIB, "{:.1f} MiB"),
+           Column("saving", lambda r: 100 * r["saving"], "{:.1f} %")]
+
+
 def format_table(rows: list[dict]) -> str:
-    head = "| base | params | trainable | naive deep-copy teacher | shared-base teacher | saving |"
-    lines = [head, "|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['model']} | {r['total_params'] / 1e6:.1f} M | {r['trainable_params'] / 1e6:.1f} M | "
-                     f"{r['naive_bytes'] / MIB:.1f} MiB | {r['shared_bytes'] / MIB:.1f} MiB | "
-                     f"{100 * r['saving']:.1f} % |")
-    return "\n".join(lines)
+    return harness.format_table(rows, COLUMNS, markdown=True)
 
 
 @cli_entry
 def main(argv: Optional[list[str]] = None) -> int:
     setup_logging()
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = harness.parser(__doc__, "python -m launchers.bench.teacher_memory")
     ap.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated architecture names")
-    ap.add_argument("--json", default="", help="also write the rows to this JSON file")
     args, overrides = ap.parse_known_args(argv)
     cfg = load_config(RunConfig, None, overrides)
-    rows = [memory_row(cfg, m) for m in args.models.split(",") if m]
+    record = harness.start("teacher_memory", {**vars(args), "overrides": overrides})
+    rows = [memory_row(cfg, m) for m in harness.comma_list(args.models, "--models")]
     print(format_table(rows))
-    if args.json:
-        atomic_write_text(args.json, json.dumps({"rows": rows}, indent=2))
+    harness.save(args.out, record, rows=rows)
     return 0
 
 

@@ -4,7 +4,7 @@ Forward: ``W_eff = W`` with ``s * B_s A_s`` added into the rows of each adapted 
 GEMM ``y = x W_eff^T + b``. Backward, factored: ``dx = dy W_eff``; ``g_s = s * dy_s B_s``,
 ``dA_s = g_s^T x``; ``dB_s = s * dy_s^T (x A_s^T)`` (the rank-r activations recomputed, thin GEMMs).
 It costs an (N, K) weight per call and cannot apply dropout to the LoRA branch alone, so it is
-measured (``python -m kernels.bench.lora_linear``), not used; ``kernels.lora_torch`` is the backend.
+measured (``python -m launchers.bench.lora_linear``), not used; ``kernels.lora_torch`` is the backend.
 """
 from __future__ import annotations
 

@@ -6,18 +6,18 @@
 #      which the later stages' `auto` then reads;
 #   3. LoRA and attention benchmarks at ViT-L shapes in bf16, with CUDA-graph timings: Triton, the
 #      fast torch path, the reference, the merged-weight candidate, PEFT; SDPA flash/cuDNN/efficient;
-#   4. ViT-L/14 ExPLoRA DINOv2 training throughput (launchers/bench_train.py --configs vitl: bf16,
+#   4. ViT-L/14 ExPLoRA DINOv2 training throughput (python -m launchers.bench.train --configs vitl: bf16,
 #      batch 32, 2x224 + 8x98 crops, ZeRO-2, 20 steps after 3 warm-up steps), `auto` and forced
 #      Triton: images/s, MFU, peak memory.
 # Every stage runs under `timeout` (its cap, or what is left of the budget); all output lands in one
 # folder, at its top level, 7 files: summary.txt pytest.log bench.log kernels.json bench_lora.json
 # bench_attention.json bench_train.json.
 #
-#   bash kernels/bench/gpu_check.sh [OUTDIR]     # OUTDIR default: $OUT if set, else ./gpu_check_out
-#   GX_SMOKE=1 bash kernels/bench/gpu_check.sh   # no GPU: every stage's CPU stand-in (interpreter,
+#   bash launchers/bench/gpu_check.sh [OUTDIR]     # OUTDIR default: $OUT if set, else ./gpu_check_out
+#   GX_SMOKE=1 bash launchers/bench/gpu_check.sh   # no GPU: every stage's CPU stand-in (interpreter,
 #                                                # tiny shapes, 1 training step) to prove the plumbing
 #   GX_SKIP=tests,train bash ...                 # leave stages out: tests, verify, bench, train
-#   bash kernels/bench/gpu_check.sh --fetch-wheels   # on a machine with network: fill .whl (below)
+#   bash launchers/bench/gpu_check.sh --fetch-wheels   # on a machine with network: fill .whl (below)
 #
 # Environment: GX_PYTHON (default python3), GX_BUDGET, GX_WHEELS (default .whl), GX_SMOKE, GX_SKIP.
 # Without CUDA (and without GX_SMOKE) it prints the environment and stops with exit code 3.
@@ -47,7 +47,7 @@ if [ "${1:-}" = "--fetch-wheels" ]; then
   exit 0
 fi
 
-[ -f kernels/attention.py ] && [ -f launchers/bench_train.py ] || { echo "run from the geoexplora tree"; exit 2; }
+[ -f kernels/attention.py ] && [ -f launchers/bench/train.py ] || { echo "run from the geoexplora tree"; exit 2; }
 OUT="${1:-${OUT:-$ROOT/gpu_check_out}}"
 mkdir -p "$OUT" || exit 2
 SMOKE="${GX_SMOKE:-0}"
@@ -148,18 +148,18 @@ fi
 # ---- 3. microbenchmarks at ViT-L shapes, bf16, with CUDA-graph timings --------------------------
 if ! skipped bench; then
   if [ "$SMOKE" = 1 ]; then
-    stage bench_lora 40 "$LOG" "$PY" -m kernels.bench.lora_linear --device cpu --cases "64,32,96,8,qv" \
+    stage bench_lora 40 "$LOG" "$PY" -m launchers.bench.lora_linear --device cpu --cases "64,32,96,8,qv" \
       --modes fwd_bwd --iters 1 --no-interpreter-row --out "$OUT/bench_lora.json"
-    stage bench_attention 40 "$LOG" "$PY" -m kernels.bench.attention --device cpu --shapes "1,2,17,16" \
+    stage bench_attention 40 "$LOG" "$PY" -m launchers.bench.attention --device cpu --shapes "1,2,17,16" \
       --modes fwd_bwd --iters 1 --no-interpreter-row --out "$OUT/bench_attention.json"
   else
     # LoRA: qkv(q,v) r=64 at the global (32 x 2 x 257) and local (32 x 8 x 50) crops' rows; fc1 r=64; proj r=8
-    stage bench_lora 60 "$LOG" "$PY" -m kernels.bench.lora_linear --dtype bf16 --modes fwd_bwd --cuda-graph \
+    stage bench_lora 60 "$LOG" "$PY" -m launchers.bench.lora_linear --dtype bf16 --modes fwd_bwd --cuda-graph \
       --providers triton,torch,reference,merged,peft --baseline torch \
       --cases "16448,1024,3072,64,qv;12800,1024,3072,64,qv;16448,1024,4096,64;16448,1024,1024,8" \
       --out "$OUT/bench_lora.json"
     # attention: the same crops, 16 heads of 64
-    stage bench_attention 50 "$LOG" "$PY" -m kernels.bench.attention --dtype bf16 --modes fwd,fwd_bwd --cuda-graph \
+    stage bench_attention 50 "$LOG" "$PY" -m launchers.bench.attention --dtype bf16 --modes fwd,fwd_bwd --cuda-graph \
       --providers triton,sdpa-flash,sdpa-cudnn,sdpa-efficient --baseline sdpa-flash \
       --shapes "64,16,257,64;256,16,50,64" --out "$OUT/bench_attention.json"
   fi
@@ -168,10 +168,10 @@ fi
 # ---- 4. training throughput: auto (reads the record) vs forced Triton --------------------------
 if ! skipped train; then
   if [ "$SMOKE" = 1 ]; then
-    BT=(launchers/bench_train.py --configs tiny --stages 2 --nproc 1 --steps 1 --warmup 1 --memory-models "")
+    BT=(-m launchers.bench.train --configs tiny --stages 2 --nproc 1 --steps 1 --warmup 1 --memory-models "")
     MODES=(auto)
   else
-    BT=(launchers/bench_train.py --configs vitl --stages 2 --nproc 1 --steps 20 --warmup 3
+    BT=(-m launchers.bench.train --configs vitl --stages 2 --nproc 1 --steps 20 --warmup 3
         --memory-models vit_large_patch14_dinov2)
     MODES=(auto triton)
   fi
@@ -195,7 +195,7 @@ for mode, v in res.items():
               f"peak {r['peak_mem_gb']} GB, {r['timed_steps']} timed steps")
 EOF
   else
-    note "SKIP  train: deepspeed does not import (bring wheels: bash kernels/bench/gpu_check.sh --fetch-wheels)"
+    note "SKIP  train: deepspeed does not import (bring wheels: bash launchers/bench/gpu_check.sh --fetch-wheels)"
   fi
 fi
 

@@ -1,7 +1,7 @@
 """Cost of DINOv2 multi-crop augmentation in a loader worker, with the photometric ops there or on
 the device, and the device-side cost per batch; both measured in the same run, interleaved.
 
-    python launchers/bench_augment.py [--images 64] [--size 256] [--bands 3] [--dtype uint8]
+    python -m launchers.bench.augment [--images 64] [--size 256] [--bands 3] [--dtype uint8]
                                       [--global-size 224] [--local-size 98] [--num-local 8]
                                       [--batch-size 32] [--repeat 5] [--loader-epochs 3] [--device auto]
                                       [--threads 1] [--kornia] [--json PATH]
@@ -26,12 +26,11 @@ baseline) against photometric ops + normalisation, on ``--device`` (CUDA when pr
 """
 from __future__ import annotations
 
-import argparse
 import io
+import itertools
 import json
-import os
-import platform
 import resource
+import shutil
 import statistics
 import sys
 import tarfile
@@ -48,6 +47,8 @@ from engine.data.multicrop import DinoMultiCrop
 from engine.data.normalize import to_device
 from engine.data.samples import decode_npy
 from engine.errors import UserError, cli_entry
+from launchers.bench import harness
+from launchers.bench.harness import Column
 
 
 def synthetic_chips(n: int, bands: int, size: int, dtype: str, seed: int = 0) -> tuple[list[bytearray], dict]:
@@ -143,7 +144,7 @@ class KorniaRecipe:
                     aug(batch[key].to(device, non_blocking=True).float().div_(255.0))
 
 
-def run(a) -> dict:
+def run(a, device: torch.device) -> list[dict]:
     crops = CropConfig(global_size=a.global_size, local_size=a.local_size, num_local=a.num_local,
                        spectral_jitter=a.spectral_jitter)
     chips, manifest = synthetic_chips(a.images, a.bands, a.size, a.dtype)
@@ -153,69 +154,71 @@ def run(a) -> dict:
     normalizer = build_normalizer(DataConfig(), manifest)
     views = {"worker": DinoMultiCrop(crops, patch_size=a.patch_size, photometric=photometric),
              "device": DinoMultiCrop(crops, patch_size=a.patch_size, photometric=photometric, on_device=True)}
-    device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if a.device == "auto" else a.device))
     threads = a.threads if device.type == "cpu" else torch.get_num_threads()
-    per_image: dict[str, list[float]] = {k: [] for k in views}
-    per_image_loader: dict[str, list[float]] = {k: [] for k in views}
-    per_batch: dict[str, list[dict]] = {"normalise": [], "photometric+normalise": []}
     kornia = None
     if a.kornia and a.dtype == "uint8" and a.bands == 3:
         try:
             kornia = KorniaRecipe()
-            per_batch["kornia"] = []
         except ImportError:
             print("kornia does not import: its row is left out", file=sys.stderr)
     archive = write_archive(Path(tempfile.mkdtemp(prefix="geoexplora-augbench-")), chips, manifest)
-    for rep in range(a.repeat + 1):  # round 0 warms caches and is discarded
-        batches = {}
+    seeds = itertools.count()
+
+    def one_round() -> dict:
+        """Worker side per image (CPU s) on one thread and through a loader process, then the device side
+        per batch on what the worker side produced."""
+        seed, batches = next(seeds), {}
+        out: dict = {"worker thread": {}, "worker process": {}}
         torch.set_num_threads(1)  # a worker's thread
         for name, view in views.items():
-            cost, batches[name] = worker_cost(view, chips, a.batch_size, seed=rep)
-            loader = loader_cost(archive, crops, name, a) if a.loader_epochs else None
-            if rep:
-                per_image[name].append(cost)
-                if loader is not None:
-                    per_image_loader[name].append(loader)
+            out["worker thread"][name], batches[name] = worker_cost(view, chips, a.batch_size, seed=seed)
+            if a.loader_epochs:
+                out["worker process"][name] = loader_cost(archive, crops, name, a)
         torch.set_num_threads(threads)
-        base = device_cost(batches["worker"], device, normalizer, None)
-        aug = device_cost(batches["device"], device, normalizer, photometric)
-        kor = device_cost(batches["device"], device, None, None, kornia) if kornia is not None else None
-        if rep:
-            per_batch["normalise"].append(base)
-            per_batch["photometric+normalise"].append(aug)
-            if kor is not None:
-                per_batch["kornia"].append(kor)
+        out["device"] = {"normalise": device_cost(batches["worker"], device, normalizer, None),
+                         "photometric+normalise": device_cost(batches["device"], device, normalizer, photometric)}
+        if kornia is not None:
+            out["device"]["kornia"] = device_cost(batches["device"], device, None, None, kornia)
+        return out
+
+    try:
+        runs = harness.rounds({"round": one_round}, a.repeat, warmup=1)["round"]  # round 0 warms caches
+    finally:
+        shutil.rmtree(archive, ignore_errors=True)
     rows = []
-    for side, costs in (("worker thread", per_image), ("worker process", per_image_loader)):
-        if not costs["worker"]:
+    for side in ("worker thread", "worker process"):
+        if not runs[0][side]:
             continue
-        base_rate = 1.0 / statistics.median(costs["worker"])
-        for name, runs in costs.items():
-            rate = 1.0 / statistics.median(runs)
+        base_rate = 1.0 / statistics.median(r[side]["worker"] for r in runs)
+        for name in views:
+            costs = [r[side][name] for r in runs]
+            rate = 1.0 / statistics.median(costs)
             rows.append({"side": side, "provider": name, "images_per_cpu_s": rate, "cpu_ms_per_image": 1000 / rate,
-                         "vs_worker": rate / base_rate, "runs_images_per_cpu_s": [1 / r for r in runs]})
-    for name, runs in per_batch.items():
+                         "vs_worker": rate / base_rate, "runs_images_per_cpu_s": [1 / c for c in costs]})
+    for name in runs[0]["device"]:
+        med = harness.medians([r["device"][name] for r in runs], ("wall_ms", "cpu_s"))
         rows.append({"side": str(device), "provider": name, "batch_size": a.batch_size,
-                     "wall_ms_per_batch": statistics.median(r["wall_ms"] for r in runs),
-                     "cpu_s_per_batch": statistics.median(r["cpu_s"] for r in runs),
+                     "wall_ms_per_batch": med["wall_ms"], "cpu_s_per_batch": med["cpu_s"],
                      "threads": threads if device.type == "cpu" else None})
-    return {"rows": rows, "device": str(device)}
+    return rows
+
+
+WORKER_COLUMNS = [Column("worker side", "side", left=True), Column("photometric ops", "provider", left=True),
+                  Column("images / CPU-s", "images_per_cpu_s", "{:.0f}"),
+                  Column("CPU ms / image", "cpu_ms_per_image", "{:.2f}"), Column("vs worker", "vs_worker", "{:.2f}x")]
+DEVICE_COLUMNS = [Column("device side", lambda r: f"{r['provider']} ({r['side']})", left=True),
+                  Column("batch", "batch_size"), Column("wall ms / batch", "wall_ms_per_batch", "{:.1f}"),
+                  Column("CPU s / batch", "cpu_s_per_batch", "{:.3f}")]
 
 
 def table(rows: list[dict]) -> str:
-    out = ["| worker side | photometric ops | images / CPU-s | CPU ms / image | vs worker |",
-           "|---|---|---:|---:|---:|"]
-    out += [f"| {r['side']} | {r['provider']} | {r['images_per_cpu_s']:.0f} | {r['cpu_ms_per_image']:.2f} "
-            f"| {r['vs_worker']:.2f}x |" for r in rows if "worker" in r["side"]]
-    out += ["", "| device side | batch | wall ms / batch | CPU s / batch |", "|---|---:|---:|---:|"]
-    out += [f"| {r['provider']} ({r['side']}) | {r['batch_size']} | {r['wall_ms_per_batch']:.1f} | "
-            f"{r['cpu_s_per_batch']:.3f} |" for r in rows if "worker" not in r["side"]]
-    return "\n".join(out)
+    worker = [r for r in rows if "worker" in r["side"]]
+    return (harness.format_table(worker, WORKER_COLUMNS, markdown=True) + "\n\n"
+            + harness.format_table([r for r in rows if r not in worker], DEVICE_COLUMNS, markdown=True))
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python launchers/bench_augment.py", description=__doc__.split("\n\n")[0])
+def parser():
+    p = harness.parser(__doc__, "python -m launchers.bench.augment")
     p.add_argument("--images", type=int, default=64, help="synthetic chips per measurement")
     p.add_argument("--size", type=int, default=256, help="chip side (pixels)")
     p.add_argument("--bands", type=int, default=3)
@@ -236,7 +239,6 @@ def parser() -> argparse.ArgumentParser:
                         "spin in OpenMP barriers on a loaded machine)")
     p.add_argument("--kornia", action="store_true",
                    help="also time kornia's containers for the same ops on the device side (uint8 RGB; needs kornia)")
-    p.add_argument("--json", default=None, help="write results as JSON to this path")
     return p
 
 
@@ -247,13 +249,12 @@ def main(argv=None) -> int:
         raise UserError("--repeat must be >= 1 and --images >= --batch-size")
     if a.device not in ("auto", "cpu", "cuda") or (a.device == "cuda" and not torch.cuda.is_available()):
         raise UserError(f"--device {a.device}: use auto, cpu, or cuda on a machine with a GPU")
-    result = run(a)
-    print(table(result["rows"]))
-    if a.json:
-        result.update(machine={"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
-                               "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
-                      settings={k: v for k, v in vars(a).items() if k != "json"})
-        Path(a.json).write_text(json.dumps(result, indent=1))
+    device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if a.device == "auto" else a.device))
+    record = harness.start("augment", a, device.type)
+    rows = run(a, device)
+    print(table(rows))
+    harness.save(a.out, record, device=str(device), rows=rows)
     return 0
 
 

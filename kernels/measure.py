@@ -1,4 +1,4 @@
-"""Timing and memory measurement shared by the kernel benchmarks (kernels/bench/*.py).
+"""Timing and memory measurement of torch callables, for kernels.verify and the benchmarks (launchers/bench).
 
 Time: medians of ``iters`` calls after ``warmup`` calls. Providers compared in one run are timed
 *interleaved* (:func:`interleaved_medians`: one call of each per round, the order rotating), so a
@@ -16,19 +16,11 @@ unlike the process's RSS, which charged whichever provider ran first for one-off
 from __future__ import annotations
 
 import gc
-import platform
 import statistics
 import time
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
-
-
-def default_iterations(device: str, warmup: Optional[int], iters: Optional[int]) -> tuple[int, int]:
-    """(warmup, iters), filling what the user left unset: 10 / 50 on CUDA, 1 / 5 on CPU (2 shared
-    cores: a few calls already give a stable median for the ratios one run reports)."""
-    return (warmup if warmup is not None else (10 if device == "cuda" else 1),
-            iters if iters is not None else (50 if device == "cuda" else 5))
 
 
 def _time_once(fn: Callable[[], object], device: str) -> float:
@@ -116,19 +108,6 @@ def measure_memory(fn: Callable[[], object], device: str) -> tuple[int, int]:
         peak = max(peak, live)
         allocated += max(nbytes, 0)
     return allocated, peak
-
-
-def failure_text(exc: BaseException) -> str:
-    """One line for a row whose measurement failed (a provider refusing a case is a result)."""
-    first = str(exc).splitlines()[0][:160] if str(exc) else ""
-    return f"{type(exc).__name__}: {first}"
-
-
-def device_label(device: str) -> str:
-    """The measuring machine for a result file's metadata: GPU name, or CPU model and thread count."""
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    return f"cpu ({platform.processor() or 'unknown'}, {torch.get_num_threads()} threads)"
 
 
 def memory_method(device: str) -> str:

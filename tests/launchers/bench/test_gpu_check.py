@@ -1,4 +1,4 @@
-"""kernels/bench/gpu_check.sh, the one-shot GPU check: its plumbing, without a GPU."""
+"""launchers/bench/gpu_check.sh, the one-shot GPU check: its plumbing, without a GPU."""
 import json
 import os
 import subprocess
@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
-SCRIPT = REPO / "kernels" / "bench" / "gpu_check.sh"
+REPO = Path(__file__).resolve().parents[3]
+SCRIPT = REPO / "launchers" / "bench" / "gpu_check.sh"
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the script runs the real check")
 
 
