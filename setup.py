@@ -29,7 +29,8 @@ setup(
     package_data={"": ["*.yaml", "*.json"]},  # engine/presets/*.yaml: --config NAME
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "test": ["pytest"],
+        # pytest, and the lint, format and type tools `.ci/run` runs before it (settings: pyproject.toml).
+        "test": ["pytest", "ruff", "mypy", "types-PyYAML", "types-tqdm"],
         # Benchmark-only: PEFT's LoRA layer as a comparison provider.
         "bench": ["peft"],
         # Experiment loggers besides TensorBoard (--train.logger wandb,mlflow).
