@@ -13,9 +13,10 @@ from __future__ import annotations
 import importlib.util
 import re
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional, Sequence
+from typing import Literal
 
 from engine.config_io import check_field as _check
 from engine.config_io import describe, from_dict, load_config, parse_overrides, save_config, to_dict
@@ -37,7 +38,7 @@ def _importable(package: str) -> bool:
 _TINY_PATCH = {"tiny": 14, "tiny_reg4": 14, "tiny_mae": 16}
 
 
-def patch_size_of(name: str) -> Optional[int]:
+def patch_size_of(name: str) -> int | None:
     """Patch side of ``--model.name`` read from the name (``vit_large_patch14_dinov2`` -> 14), before
     any model is built; None when the name does not say (then the model builder checks)."""
     base = name.split(".", 1)[0]
@@ -78,7 +79,7 @@ class DataConfig:
     """Infinite resampled shard stream (training); False = exact epochs (evaluation)."""
     max_skip_rate: float = 0.05
     """Abort when more than this fraction of samples is corrupt/undecodable."""
-    bands: Optional[list[int]] = None
+    bands: list[int] | None = None
     """Band indices to keep from the shards (None = all)."""
     manifest: str = ""
     """manifest.json to use when the spec has none beside it (e.g. pipe:/https shards); '' = auto."""
@@ -88,15 +89,15 @@ class DataConfig:
     """Exact mode: permute the shard order every epoch (same permutation on all ranks)."""
     prefetch_factor: int = 2
     """Batches each worker prepares ahead."""
-    pin_memory: Optional[bool] = None
+    pin_memory: bool | None = None
     """Pin host batches for async host->device copies (None = when CUDA is available)."""
     clip_percentiles: bool = False
     """Clamp each band to the manifest's p2/p98 before mean/std normalisation."""
-    mean: Optional[list[float]] = None
+    mean: list[float] | None = None
     """Per-band means (of the kept bands) overriding the manifest's stats."""
-    std: Optional[list[float]] = None
+    std: list[float] | None = None
     """Per-band standard deviations (of the kept bands) overriding the manifest's stats."""
-    classes: Optional[list[str]] = None
+    classes: list[str] | None = None
     """Class names in index order for labelled data (None = the manifest's 'classes')."""
     eval_crop_pct: float = 0.875
     """Eval view: centre crop of this fraction of the short side, resized to the model's size."""
@@ -176,7 +177,7 @@ class ModelConfig:
     """Input bands."""
     patch_embed: Literal["plain", "group"] = "plain"
     """'plain' conv patch embed, or 'group' = SatMAE-style group-channel embedding."""
-    band_groups: Optional[list[list[int]]] = None
+    band_groups: list[list[int]] | None = None
     """Band index groups for patch_embed=group (None = Sentinel-2 default after dropping B1,B9,B10)."""
     group_embed: Literal["learned", "sincos"] = "learned"
     """Band-group encoding of patch_embed=group: a learned (G, D) table, or SatMAE's fixed 1-D sin-cos of the group index in the last 256 channels (the MAE decoder's in its last 128)."""
@@ -186,11 +187,11 @@ class ModelConfig:
     """Same drop-path rate in every block (DINOv2's drop_path_uniform); False = timm's linear ramp from 0."""
     grad_checkpointing: bool = False
     """Recompute each block in backward to save activation memory."""
-    embed_dim: Optional[int] = None
+    embed_dim: int | None = None
     """Override the architecture's width (tiny test models)."""
-    depth: Optional[int] = None
+    depth: int | None = None
     """Override the number of blocks (tiny test models)."""
-    num_heads: Optional[int] = None
+    num_heads: int | None = None
     """Override the number of heads (tiny test models)."""
 
     def validate(self) -> None:

@@ -12,7 +12,8 @@ import sys
 import textwrap
 import types
 import typing
-from typing import Any, Literal, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Any, Literal, Union
 
 import yaml
 
@@ -24,7 +25,7 @@ HELP_FLAGS = ("-h", "--help")
 PRINT_CONFIG = "--print-config"
 
 
-def split_config_arg(argv: Sequence[str]) -> tuple[Optional[str], list[str]]:
+def split_config_arg(argv: Sequence[str]) -> tuple[str | None, list[str]]:
     """``[--config NAME|PATH] [--a.b v ...]`` -> (NAME|PATH, overrides)."""
     rest, path = [], None
     it = iter(range(len(argv)))

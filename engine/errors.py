@@ -6,8 +6,8 @@ import errno
 import functools
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 
 class UserError(Exception):
@@ -49,7 +49,7 @@ _FS_ADVICE = {
 }
 
 
-def probe_writable(path: str | os.PathLike) -> Optional[OSError]:
+def probe_writable(path: str | os.PathLike) -> OSError | None:
     """Why ``path`` (a directory, created with its parents if missing) cannot take a new file, or
     None. Writes and removes a 1-byte hidden file, so a full disk shows as well as a read-only one."""
     path = Path(path)
@@ -75,7 +75,7 @@ def probe_writable(path: str | os.PathLike) -> Optional[OSError]:
     return None
 
 
-def fs_user_error(err: BaseException, path: str | os.PathLike, flag: str, doing: str) -> Optional[UserError]:
+def fs_user_error(err: BaseException, path: str | os.PathLike, flag: str, doing: str) -> UserError | None:
     """A one-line UserError for a write into ``path`` that failed with ``err``, or None when the
     failure is not the file system's fault (then the caller re-raises ``err``).
 

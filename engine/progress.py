@@ -6,7 +6,8 @@ import datetime
 import logging
 import sys
 import time
-from typing import Iterable, Iterator, Optional, TypeVar
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
 
 T = TypeVar("T")
 log = logging.getLogger("geoexplora.progress")
@@ -77,13 +78,13 @@ class _LogProgress:
 
 
 def progress(
-    iterable: Optional[Iterable[T]] = None,
-    total: Optional[int] = None,
+    iterable: Iterable[T] | None = None,
+    total: int | None = None,
     desc: str = "",
     unit: str = "it",
     interval: float = 10.0,
     disable: bool = False,
-    every: Optional[int] = None,
+    every: int | None = None,
     initial: int = 0,
 ):
     """tqdm on an interactive stderr, else log lines with rate, elapsed time and ETA: every ``every``

@@ -31,7 +31,6 @@ SDPA; called directly, the kernel raises ``ValueError`` for them.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import triton
@@ -347,7 +346,7 @@ def check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
                          f"v {tuple(v.shape)} (need q (B, H, Nq, D), k = v (B, H, Nk, D))")
 
 
-def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optional[str]:
+def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
     """Why the kernel cannot take (q, k, v) (None when it can): ``kernels.dispatch`` then uses SDPA."""
     D = q.shape[-1]
     if not 1 <= D <= MAX_HEAD_DIM:
@@ -359,7 +358,7 @@ def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Opt
     return None
 
 
-def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None
                     ) -> torch.Tensor:
     """``softmax(q k^T * scale) v``; q: (B, H, Nq, D), k, v: (B, H, Nk, D) -> (B, H, Nq, D).
 

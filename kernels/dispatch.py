@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -92,7 +92,7 @@ def measured_faster(device: torch.device, shape_class: str) -> bool:
     return record.kernel_allowed(data, machine, shape_class)
 
 
-def resolve(op: str, device: torch.device, shape_class: Optional[str] = None) -> str:
+def resolve(op: str, device: torch.device, shape_class: str | None = None) -> str:
     """The backend ``op`` runs with on ``device`` for a call of ``shape_class`` (logged once per
     op / device type / backend)."""
     name = requested_backend(op)
@@ -109,7 +109,7 @@ def _fallback(op: str, reason: str) -> str:
     return fallback
 
 
-def _lora_class(x: torch.Tensor, weight: torch.Tensor, lora_b: torch.Tensor, segments) -> Optional[str]:
+def _lora_class(x: torch.Tensor, weight: torch.Tensor, lora_b: torch.Tensor, segments) -> str | None:
     if x.device.type != "cuda":
         return None
     dev = x.device.type
@@ -122,13 +122,13 @@ def _lora_class(x: torch.Tensor, weight: torch.Tensor, lora_b: torch.Tensor, seg
 def lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
+    bias: torch.Tensor | None,
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
     scale: float,
     dropout_p: float = 0.0,
     training: bool = False,
-    segments: Optional[Sequence[int]] = None,
+    segments: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """``y = x W^T + b + scale * (drop(x) A^T) B^T`` (see kernels.reference for ``segments``)."""
     requested = requested_backend("lora_linear")
@@ -154,7 +154,7 @@ def xformers_available() -> bool:
     return True
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """Non-causal self-attention ``softmax(q k^T * scale) v``; q, k, v: (B, H, N, D) -> (B, H, N, D)."""
     auto = requested_backend("attention") == "auto" and q.device.type == "cuda"
     shape_class = record.attention_class(k.shape[2], q.shape[3], q.dtype) if auto else None

@@ -27,7 +27,7 @@ autotuning), so every rank runs the same tiles.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -87,7 +87,7 @@ def _lowrank_update(acc, H, BT, SEG, rows, row_ok, cols, n0, N, R, NW, S, shm, s
                     SEG_ALIGNED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
                     PRECISION: tl.constexpr):
     """acc += H[:, s*R:(s+1)*R] BT[s*NW:(s+1)*NW]^T on the columns of segment s, for the segments the tile meets."""
-    for s in range(0, S):
+    for s in range(S):
         off = tl.load(SEG + s)
         if SEG_ALIGNED:
             off = tl.multiple_of(off, 16)
@@ -324,9 +324,9 @@ def _wgrad(lm, rm, rm_strides, segs, A_LEN, B_LEN, r_step, p, seed, drop_cols, d
 
 # Custom ops: x is 2-D (M, K); segments: start columns, each ``n`` wide; seed: (1,) int64 or None.
 @torch.library.custom_op("geoexplora::lora_linear_fwd", mutates_args=())
-def _lora_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
+def _lora_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
               lora_b: torch.Tensor, segments: list[int], n: int, scale: float, dropout_p: float,
-              seed: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+              seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (y (M, N), hs = scale * drop(x) A^T (M, S*r), kept for the backward)."""
     M, K = x.shape
     N = weight.shape[0]
@@ -357,7 +357,7 @@ def _(dy, lora_b, segments, n, scale):
 
 @torch.library.custom_op("geoexplora::lora_linear_bwd_dx", mutates_args=())
 def _lora_bwd_dx(dy: torch.Tensor, weight: torch.Tensor, g: torch.Tensor, lora_a: torch.Tensor,
-                 dropout_p: float, seed: Optional[torch.Tensor]) -> torch.Tensor:
+                 dropout_p: float, seed: torch.Tensor | None) -> torch.Tensor:
     """dx = dy W + (g A) * keep / (1 - p) -> (M, K), one GEMM with the rank-r term in its epilogue."""
     K = weight.shape[1]
     SR = lora_a.shape[0]
@@ -372,7 +372,7 @@ def _(dy, weight, g, lora_a, dropout_p, seed):
 
 
 @torch.library.custom_op("geoexplora::lora_linear_bwd_da", mutates_args=())
-def _lora_bwd_da(g: torch.Tensor, x: torch.Tensor, dropout_p: float, seed: Optional[torch.Tensor]) -> torch.Tensor:
+def _lora_bwd_da(g: torch.Tensor, x: torch.Tensor, dropout_p: float, seed: torch.Tensor | None) -> torch.Tensor:
     """dA = g^T drop(x) -> (S*r, K)."""
     K = x.shape[1]
     return _wgrad(g, x, x.stride(), [0], g.shape[1], K, 0, dropout_p, seed, K, x.dtype)
@@ -430,7 +430,7 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
 
-def unsupported_reason(x: torch.Tensor) -> Optional[str]:
+def unsupported_reason(x: torch.Tensor) -> str | None:
     """Why the kernel cannot take x (None when it can): ``kernels.dispatch`` then uses the torch path."""
     if not runnable_on(x.device):
         return f"tensors on {x.device}: the Triton kernel needs CUDA (or TRITON_INTERPRET=1)"
@@ -439,7 +439,7 @@ def unsupported_reason(x: torch.Tensor) -> Optional[str]:
     return None
 
 
-def _seed_tensor(seed: Optional[int], device: torch.device) -> torch.Tensor:
+def _seed_tensor(seed: int | None, device: torch.device) -> torch.Tensor:
     if seed is None:  # drawn from torch's generator, so torch.manual_seed / checkpoint RNG replay apply
         return torch.randint(0, 2**31 - 1, (1,), device=device, dtype=torch.int64)
     return torch.full((1,), int(seed), device=device, dtype=torch.int64)
@@ -448,15 +448,15 @@ def _seed_tensor(seed: Optional[int], device: torch.device) -> torch.Tensor:
 def fused_lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
+    bias: torch.Tensor | None,
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
     scale: float,
     dropout_p: float = 0.0,
     training: bool = False,
-    segments: Optional[Sequence[int]] = None,
+    segments: Sequence[int] | None = None,
     *,
-    seed: Optional[int] = None,
+    seed: int | None = None,
 ) -> torch.Tensor:
     """``y = x W^T + b + scale * (drop(x) A^T) B^T``; x: (..., K) -> (..., N). Same contract as
     ``kernels.reference.lora_linear_reference`` (W (N, K), A (S*r, K), B (S*n, r), ``segments``).

@@ -23,7 +23,7 @@ backward instead of being stored.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -105,13 +105,13 @@ class _LoRALinear(torch.autograd.Function):
 def lora_linear_torch(
     x: torch.Tensor,
     weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
+    bias: torch.Tensor | None,
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
     scale: float,
     dropout_p: float = 0.0,
     training: bool = False,
-    segments: Optional[Sequence[int]] = None,
+    segments: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """``y = x W^T + b + scale * (drop(x) A^T) B^T``; x: (..., K) -> (..., N). Same contract as
     ``kernels.reference.lora_linear_reference`` (W (N, K), A (S*r, K), B (S*n, r), ``segments``).

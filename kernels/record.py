@@ -22,7 +22,6 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -77,7 +76,7 @@ def machine_key(info: dict) -> str:
     return f"{info['device']}|sm{major}{minor}|torch {info['torch']}|triton {info['triton']}"
 
 
-def load_record(path: Optional[Path] = None) -> dict:
+def load_record(path: Path | None = None) -> dict:
     """The record at ``path`` (default :func:`record_path`); an empty one if absent or unreadable."""
     path = record_path() if path is None else path
     try:

@@ -5,7 +5,7 @@ segments that carry an adapter (1 = the whole output, n = N); q, k, v (B, H, N, 
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -14,11 +14,11 @@ import torch.nn.functional as F
 def check_lora_args(
     x: torch.Tensor,
     weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
+    bias: torch.Tensor | None,
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
     dropout_p: float,
-    segments: Optional[Sequence[int]],
+    segments: Sequence[int] | None,
 ) -> int:
     """Validate the shapes, segments and devices of the LoRA-linear contract; return the segment width n.
 
@@ -52,14 +52,14 @@ def check_lora_args(
 def lora_linear_reference(
     x: torch.Tensor,
     weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
+    bias: torch.Tensor | None,
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
     scale: float,
     dropout_p: float = 0.0,
     training: bool = False,
-    segments: Optional[Sequence[int]] = None,
-    dropout_mask: Optional[torch.Tensor] = None,
+    segments: Sequence[int] | None = None,
+    dropout_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``y = x W^T + b + scale * (drop(x) A_s^T) B_s^T`` added into output segment s.
 
@@ -96,7 +96,7 @@ def lora_linear_reference(
 
 
 def attention_reference(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None
 ) -> torch.Tensor:
     """Explicit ``softmax(q k^T * scale) v`` in fp32, cast back to q's dtype. q,k,v: (B, H, N, D)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import ContextManager, Iterator, Optional
+from collections.abc import Iterator
+from typing import ContextManager
 
 import torch
 
@@ -42,7 +43,7 @@ def device_guard(t: torch.Tensor) -> ContextManager:
 # A launch goes through :func:`launch`, so ``launchers.bench.ptxas`` can collect the exact kernel,
 # arguments and meta-parameters the launchers would use (on meta tensors) and compile them for a GPU
 # it does not have, instead of keeping a second copy of every launch configuration.
-_recorded: Optional[list] = None
+_recorded: list | None = None
 
 
 @contextlib.contextmanager

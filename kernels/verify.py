@@ -26,8 +26,8 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 
@@ -189,7 +189,7 @@ def _csv(text: str, cast=str) -> list:
     return [cast(v.strip()) for v in text.split(",") if v.strip()]
 
 
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ops", default="lora,attention", help="comma list of lora, attention")
     p.add_argument("--models", default="vitb,vitl", help=f"comma list of {', '.join(MODELS)}")
@@ -207,7 +207,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 
 @cli_entry
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.interpret:
         os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton

@@ -26,16 +26,15 @@ import argparse
 import json
 import logging
 import shutil
-import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
 
 from engine.atomic import atomic_write_text
 from engine.config import RunConfig, load_config
-from engine.eval.config import EvalRunConfig, FinetuneRunConfig
 from engine.errors import UserError, cli_entry
+from engine.eval.config import EvalRunConfig, FinetuneRunConfig
 from engine.progress import setup_logging
 from engine.trainer.launch import exit_fast
 
@@ -185,7 +184,7 @@ def run_demo(out: Path, sizes: Sizes, env) -> dict:
 
 
 @cli_entry
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/demo", help="output directory (new, empty, or a previous demo's)")
     p.add_argument("--quick", action="store_true", help="tiny archives and a few steps per stage (< 1 min)")

@@ -13,11 +13,11 @@ split, when given, is only ever scored with the lr chosen on val). Features are 
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
-from engine.eval.config import EvalRunConfig
 from engine.errors import UserError, cli_entry
+from engine.eval.config import EvalRunConfig
 from engine.trainer.launch import check_output_dir, exit_fast, run_cli
 
 
@@ -44,7 +44,7 @@ def run(cfg: EvalRunConfig, env) -> int:
 
 
 @cli_entry
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     return run_cli(EvalRunConfig, argv, run, check_inputs, __doc__)
 
 

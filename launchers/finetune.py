@@ -25,10 +25,10 @@ from the train split's manifest when ``--data.shards`` is given, else for 1000 c
 from __future__ import annotations
 
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
-from engine.eval.config import FinetuneRunConfig
 from engine.errors import UserError, cli_entry
+from engine.eval.config import FinetuneRunConfig
 from engine.trainer.launch import check_output_dir, exit_fast, run_cli
 
 
@@ -104,7 +104,7 @@ def check_preflight(cfg: FinetuneRunConfig) -> None:
 
 
 @cli_entry
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     from engine.trainer.preflight import take_flag
 
     argv, samples = take_flag(sys.argv[1:] if argv is None else argv)

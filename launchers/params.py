@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from engine.config import ExploraConfig, ModelConfig
 from engine.errors import UserError, cli_entry
@@ -36,7 +36,7 @@ def _ints(values: Sequence[str]) -> list[int]:
     return out
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="vit_large_patch14_dinov2", help="architecture (see --model.name in configs)")
     p.add_argument("--unfreeze-blocks", nargs="+", default=["-1"],
@@ -78,7 +78,7 @@ def report_for(args: argparse.Namespace):
 
 
 @cli_entry
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(level=logging.WARNING)
     report, model = report_for(args)

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 from engine.config import RunConfig, save_config
 from engine.errors import UserError, cli_entry
@@ -122,7 +122,7 @@ def run(cfg: RunConfig, env) -> int:
 
 
 @cli_entry
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     from engine.trainer.preflight import take_flag
 
     argv, samples = take_flag(sys.argv[1:] if argv is None else argv)

@@ -22,8 +22,8 @@ import errno
 import logging
 import os
 import shutil
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Optional, Sequence
 
 from engine.atomic import TMP_PREFIX
 from engine.errors import UserError
@@ -47,7 +47,7 @@ def fold_stats(records: Sequence[dict], load: Callable[[int], dict], num_bands: 
 
 def assemble(out: Path, records: Sequence[dict], stats: BandStats, scan_skipped: Sequence[dict], args: dict,
              labelled: bool, how: str, dirs: Sequence[Path], fallback: dict, opts, imap=map,
-             extra: Optional[dict] = None) -> dict:
+             extra: dict | None = None) -> dict:
     """Write the shards (per ``how``), skipped.jsonl and manifest.json into ``out``; return the manifest.
 
     dirs: the folder of each record's shard file (used by "link" and "repack"); fallback: band_names,

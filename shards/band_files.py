@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 from engine.errors import UserError
 from shards.chips import SENTINEL2_L1C

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 from rasterio.crs import CRS
@@ -33,10 +32,10 @@ class BandHeader:
     width: int
     height: int
     dtype: str
-    nodata: Optional[float]
-    crs: Optional[str]
+    nodata: float | None
+    crs: str | None
     transform: Affine
-    timestamp: Optional[str]
+    timestamp: str | None
 
     @property
     def pixel_area(self) -> float:
@@ -51,7 +50,7 @@ def _header(path: str, relpath: str) -> BandHeader:
                           ds.transform, ds.tags().get("TIFFTAG_DATETIME"))
 
 
-def scene_grid(ref: BandHeader, resolution: Optional[float]) -> tuple[Affine, int, int]:
+def scene_grid(ref: BandHeader, resolution: float | None) -> tuple[Affine, int, int]:
     """(transform, width, height) of the scene: ``ref``'s grid, or its bounds at ``resolution``."""
     if resolution is None:
         return ref.transform, ref.width, ref.height
@@ -117,7 +116,7 @@ class BandStack:
             self.close()
             raise
 
-    def read(self, indexes, window: Optional[Window] = None, out_shape=None, resampling=None) -> np.ndarray:
+    def read(self, indexes, window: Window | None = None, out_shape=None, resampling=None) -> np.ndarray:
         """(len(indexes), h, w) in the scene dtype; ``indexes`` are 1-based positions in --bands."""
         win = window if window is not None else Window(0, 0, self.width, self.height)
         hw = tuple(out_shape[-2:]) if out_shape is not None else (int(win.height), int(win.width))

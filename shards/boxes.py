@@ -19,8 +19,6 @@ CSV and crops nothing itself, so the baseline is the reference for the crop.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 from shards.chips import Window, plan_windows
 from shards.inputs import chip_key
 
@@ -45,7 +43,7 @@ def sidecar_boxes(extra: dict) -> list:
     return boxes if isinstance(boxes, list) else [boxes]
 
 
-def box_window(box, width: int, height: int, context: Optional[float]) -> Optional[Window]:
+def box_window(box, width: int, height: int, context: float | None) -> Window | None:
     """``[x, y, w, h]`` -> the clipped crop window ``(col, row, w, h)``, or None (tiny or empty)."""
     try:
         x, y, w, h = (int(v) for v in box)
@@ -63,7 +61,7 @@ def box_window(box, width: int, height: int, context: Optional[float]) -> Option
     return c1, r1, c2 - c1, r2 - r1
 
 
-def box_windows(extra: dict, width: int, height: int, context: Optional[float]) -> list[tuple[int, Window]]:
+def box_windows(extra: dict, width: int, height: int, context: float | None) -> list[tuple[int, Window]]:
     """(index in ``bounding_boxes``, window) for every usable box, in sidecar order."""
     out = []
     for i, entry in enumerate(sidecar_boxes(extra)):

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
 
 import numpy as np
 
@@ -17,8 +17,16 @@ from shards.chips import invalid_fraction, pad_value_for, place
 from shards.inputs import label_names, load_sidecar, not_regular
 from shards.manifest import json_number
 from shards.plan import ShardTask
-from shards.raster import (DatasetCache, SourceInfo, read_rows, read_window, reading_env, resampling_method,
-                           scan_source, window_transform)
+from shards.raster import (
+    DatasetCache,
+    SourceInfo,
+    read_rows,
+    read_window,
+    reading_env,
+    resampling_method,
+    scan_source,
+    window_transform,
+)
 from shards.state import RunState, chunk_dir
 from shards.stats import BandStats
 from shards.workers import note
@@ -45,7 +53,7 @@ class ShardResult:
     labels: list = field(default_factory=list)
     kept: bool = False
     offsets: list = field(default_factory=list)   # sample starts + end of data (writer.offsets)
-    first: Optional[dict] = None                   # band_names/nodata/dtype of the first written source
+    first: dict | None = None                   # band_names/nodata/dtype of the first written source
     zeros: list = field(default_factory=list)      # [source, pixels, zeros per band] where nodata is undeclared
 
 
@@ -131,7 +139,7 @@ def _meta(info: SourceInfo, win, out_hw) -> dict:
     return m
 
 
-def build_shard(task: ShardTask, opts, dead: Optional[dict] = None) -> ShardResult:
+def build_shard(task: ShardTask, opts, dead: dict | None = None) -> ShardResult:
     """Write ``task`` as ``<out>/<name>``, commit its stats + done record, return the result.
     ``dead``: {task index: {source relpath: reason}}, inputs that killed a worker building this
     shard before; they are recorded as skipped and not read again."""
@@ -223,7 +231,7 @@ def task_dir(task: ShardTask, out: Path) -> Path:
     return chunk_dir(out) if task.chunk else out
 
 
-def check_kept(name: str, digest: str, shard_dir: str, out_dir: str) -> Optional[ShardResult]:
+def check_kept(name: str, digest: str, shard_dir: str, out_dir: str) -> ShardResult | None:
     """Resume: the done record of ``name`` if it belongs to this plan and the shard's bytes (in
     ``shard_dir``, see ``task_dir``) still hash to it (and its stats load); None means rebuild it."""
     state = RunState(Path(out_dir))

@@ -7,7 +7,7 @@ first, left to right), which fixes the order of samples in a shard.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -34,8 +34,8 @@ def parse_hw(text: str, flag: str) -> tuple[int, int]:
     return vals[0], vals[1]
 
 
-def plan_windows(width: int, height: int, chip: Optional[tuple[int, int]],
-                 stride: Optional[tuple[int, int]], edge: str) -> list[Window]:
+def plan_windows(width: int, height: int, chip: tuple[int, int] | None,
+                 stride: tuple[int, int] | None, edge: str) -> list[Window]:
     """Windows of one image. ``chip``/``stride`` are (h, w); None chip = the whole image.
 
     edge 'drop': only windows fully inside the image. edge 'pad': windows continue until the
@@ -58,7 +58,7 @@ def _offsets(size: int, chip: int, stride: int, edge: str) -> list[int]:
     return out
 
 
-def parse_band_tokens(text: Optional[str], flag: str = "--bands") -> Optional[list[str]]:
+def parse_band_tokens(text: str | None, flag: str = "--bands") -> list[str] | None:
     """'B2,B3,4-6' -> ['B2', 'B3', '4', '5', '6']: index ranges expanded, in the order written (so
     '3-1' -> ['3', '2', '1'], e.g. BGR files to RGB samples); names kept. UserError for index 0
     (indexes are 1-based, like GDAL's) and for a band listed twice ('1,1,2', '2,1-3', 'B2,b2'): a
@@ -85,7 +85,7 @@ def parse_band_tokens(text: Optional[str], flag: str = "--bands") -> Optional[li
     return out
 
 
-def parse_band_names(text: Optional[str]) -> Optional[list[str]]:
+def parse_band_names(text: str | None) -> list[str] | None:
     """--band-names: a preset ('s2', 'rgb') or a comma list naming every source band in order."""
     if text is None or str(text).strip() == "":
         return None
@@ -95,8 +95,8 @@ def parse_band_names(text: Optional[str]) -> Optional[list[str]]:
     return [t.strip() for t in str(text).split(",") if t.strip()]
 
 
-def select_bands(names: Sequence[str], keep: Optional[list[str]],
-                 drop: Optional[list[str]]) -> list[int]:
+def select_bands(names: Sequence[str], keep: list[str] | None,
+                 drop: list[str] | None) -> list[int]:
     """1-based source band indexes to read, in output order.
 
     ``keep`` tokens are 1-based indexes (GDAL's convention) or band names (case-insensitive), in
@@ -127,7 +127,7 @@ def select_bands(names: Sequence[str], keep: Optional[list[str]],
     return chosen
 
 
-def pad_value_for(dtype: str, nodata: Optional[float]) -> float:
+def pad_value_for(dtype: str, nodata: float | None) -> float:
     """Edge padding fill: the nodata value, else NaN for floats, else 0 (then excluded from stats
     by count, since 0 may be a real value)."""
     if nodata is not None:
@@ -145,7 +145,7 @@ def place(valid: np.ndarray, out_hw: tuple[int, int], at: tuple[int, int], fill:
     return out
 
 
-def invalid_fraction(chip: np.ndarray, nodata: Optional[float], pad_pixels: int) -> float:
+def invalid_fraction(chip: np.ndarray, nodata: float | None, pad_pixels: int) -> float:
     """Fraction of pixels (H*W) where any band is nodata/NaN or that came from edge padding.
 
     Padding filled with nodata is found by the nodata test; ``pad_pixels`` is added only when the

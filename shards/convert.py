@@ -18,7 +18,7 @@ import logging
 import os
 import signal
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from engine.errors import UserError, cli_entry
 from engine.progress import setup_logging
@@ -192,7 +192,7 @@ def run_convert(argv: Sequence[str]) -> int:
 
 
 @cli_entry
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     setup_logging()
     # GDAL's own complaints about a bad file arrive as rasterio INFO lines; skipped.jsonl has them

@@ -14,9 +14,9 @@ import logging
 import os
 import re
 import stat
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
 
 from engine.errors import UserError
 
@@ -33,7 +33,7 @@ class InputFile:
     path: str        # as given/found (absolute or relative to the cwd)
     relpath: str     # relative to the input root, '/'-separated: recorded as "source"
     # --band-files scenes only: band token -> [(path, relpath)] of the files that match it
-    bands: Optional[dict[str, list[tuple[str, str]]]] = None
+    bands: dict[str, list[tuple[str, str]]] | None = None
 
 
 def _is_glob(s: str) -> bool:
@@ -50,8 +50,8 @@ def _glob_root(pattern: str) -> str:
     return str(Path(*fixed)) if fixed else "."
 
 
-def list_inputs(specs: Sequence[str], exts: Sequence[str] = DEFAULT_EXTS, root: Optional[str] = None,
-                exclude: Optional[str] = None) -> list[InputFile]:
+def list_inputs(specs: Sequence[str], exts: Sequence[str] = DEFAULT_EXTS, root: str | None = None,
+                exclude: str | None = None) -> list[InputFile]:
     """Expand directories/globs/list files into sorted, de-duplicated InputFiles.
 
     Relative paths are taken from ``root`` when given, else from the directory input, the fixed
@@ -78,7 +78,7 @@ def list_inputs(specs: Sequence[str], exts: Sequence[str] = DEFAULT_EXTS, root: 
     return sorted(found.values(), key=lambda x: x.relpath)
 
 
-def _expand(spec: str, suffixes: set[str], excl: Optional[str]) -> tuple[list[str], str]:
+def _expand(spec: str, suffixes: set[str], excl: str | None) -> tuple[list[str], str]:
     p = Path(spec)
     if p.is_dir():
         out = []
@@ -114,7 +114,7 @@ _KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"), (
           (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a directory"))
 
 
-def not_regular(path: str) -> Optional[str]:
+def not_regular(path: str) -> str | None:
     """None for a regular file (or a link to one); else the skipped.jsonl reason. Checked before
     anything opens the path: opening a FIFO blocks until a writer appears, a device never ends."""
     try:
@@ -160,7 +160,7 @@ def chip_key(base: str, window, whole: bool) -> str:
 
 
 # ---- labels --------------------------------------------------------------------------------------
-def parse_label_spec(spec: Optional[str]) -> tuple[str, object]:
+def parse_label_spec(spec: str | None) -> tuple[str, object]:
     """--labels: '' / 'none', 'folder' (parent folder), 'folder:N' (N-th ancestor), or a CSV path."""
     if spec is None or spec in ("", "none"):
         return "none", None
@@ -201,7 +201,7 @@ def canonical_label(cell: str) -> str:
     return LABEL_SEP.join(dict.fromkeys(n.strip() for n in cell.split(LABEL_SEP) if n.strip()))
 
 
-def label_names(label: Optional[str]) -> list[str]:
+def label_names(label: str | None) -> list[str]:
     """The class names of one sample's label string: ``"a;b"`` -> ``["a", "b"]``, ``"a"`` -> ``["a"]``,
     None -> []. A label with no separator is one name as is (folder names, single-label CSVs)."""
     if label is None:
@@ -211,7 +211,7 @@ def label_names(label: Optional[str]) -> list[str]:
     return [n for n in label.split(LABEL_SEP) if n]
 
 
-def label_for(f: InputFile, kind: str, arg) -> Optional[str]:
+def label_for(f: InputFile, kind: str, arg) -> str | None:
     if kind == "folder":
         parts = f.relpath.split("/")[:-1]
         abs_parts = Path(os.path.abspath(f.path)).parts[:-1]
@@ -227,7 +227,7 @@ def label_for(f: InputFile, kind: str, arg) -> Optional[str]:
 
 
 # ---- sidecars ------------------------------------------------------------------------------------
-def sidecar_path(path: str) -> Optional[str]:
+def sidecar_path(path: str) -> str | None:
     """fMoW style ``x_rgb.json`` beside ``x_rgb.jpg``, or ``x.tif.json``; None when absent."""
     for cand in (str(Path(path).with_suffix(".json")), path + ".json"):
         if os.path.isfile(cand):
@@ -235,7 +235,7 @@ def sidecar_path(path: str) -> Optional[str]:
     return None
 
 
-def load_sidecar(path: str) -> Optional[dict]:
+def load_sidecar(path: str) -> dict | None:
     """The sidecar's JSON object; None (with a warning) when absent or unreadable."""
     sc = sidecar_path(path)
     if sc is None:

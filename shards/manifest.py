@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 from engine.atomic import atomic_write_text
 from engine.errors import UserError
@@ -36,7 +36,7 @@ def converter_version() -> str:
     return __version__
 
 
-def json_number(v: Optional[float]):
+def json_number(v: float | None):
     """A float for strict JSON: NaN/inf become the strings "nan"/"inf"/"-inf" (STAC raster's nodata
     convention); None and finite values pass through."""
     if isinstance(v, float) and not math.isfinite(v):
@@ -45,7 +45,7 @@ def json_number(v: Optional[float]):
 
 
 def build_manifest(args: dict, shards: Sequence[dict], band_names: list[str], dtype: str,
-                   nodata: Optional[float], classes: Optional[list[str]], stats: dict,
+                   nodata: float | None, classes: list[str] | None, stats: dict,
                    multilabel: bool = False) -> dict:
     """shards: [{"name", "count", "bytes", "sha256"}] in shard order; multilabel: some sample has
     several class names (adds ``"multilabel": true``)."""

@@ -16,8 +16,8 @@ import logging
 import multiprocessing as mp
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from engine.errors import UserError
 from shards.assemble import assemble

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import re
 from dataclasses import asdict, dataclass
-from typing import Optional
 
 from engine.errors import UserError
 
@@ -45,19 +44,19 @@ class ConvertOptions:
     inputs: list[str]
     out: str
     prefix: str = "shard"
-    root: Optional[str] = None
+    root: str | None = None
     exts: tuple[str, ...] = ("tif", "tiff", "png", "jpg", "jpeg")
-    labels: Optional[str] = None
+    labels: str | None = None
     sidecars: bool = True
-    chip: Optional[tuple[int, int]] = None
-    stride: Optional[tuple[int, int]] = None
+    chip: tuple[int, int] | None = None
+    stride: tuple[int, int] | None = None
     edge: str = "drop"
     max_nodata: float = 1.0
-    bands: Optional[list[str]] = None
-    drop_bands: Optional[list[str]] = None
-    band_names: Optional[list[str]] = None
-    nodata: Optional[float] = None
-    resize: Optional[tuple[int, int]] = None
+    bands: list[str] | None = None
+    drop_bands: list[str] | None = None
+    band_names: list[str] | None = None
+    nodata: float | None = None
+    resize: tuple[int, int] | None = None
     resampling: str = "bilinear"
     max_samples: int = 10000
     max_bytes: int = 1 << 30
@@ -66,13 +65,13 @@ class ConvertOptions:
     overwrite: bool = False
     strict: bool = False
     fsync: bool = False
-    band_files: Optional[str] = None
-    resolution: Optional[float] = None
+    band_files: str | None = None
+    resolution: float | None = None
     crop_boxes: bool = False
-    box_context: Optional[float] = None
-    part: Optional[tuple[int, int]] = None
+    box_context: float | None = None
+    part: tuple[int, int] | None = None
 
-    def validate(self) -> "ConvertOptions":
+    def validate(self) -> ConvertOptions:
         if not re.fullmatch(r"[A-Za-z0-9_\-]+", self.prefix):
             raise UserError(f"--prefix '{self.prefix}': use letters, digits, '_' or '-' only")
         if self.edge not in ("drop", "pad"):
@@ -137,7 +136,7 @@ class ConvertOptions:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
 
 
-def parse_part(text: Optional[str]) -> Optional[tuple[int, int]]:
+def parse_part(text: str | None) -> tuple[int, int] | None:
     """--part 'K/N' -> (K, N), 1-based."""
     if text is None:
         return None
@@ -147,7 +146,7 @@ def parse_part(text: Optional[str]) -> Optional[tuple[int, int]]:
     return int(m.group(1)), int(m.group(2))
 
 
-def parse_box_context(text: Optional[str]) -> Optional[float]:
+def parse_box_context(text: str | None) -> float | None:
     """--box-context 'fmow' (the fMoW baseline's size-dependent margin) -> None, else a float."""
     if text is None or str(text).strip().lower() == "fmow":
         return None

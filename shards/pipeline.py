@@ -14,9 +14,9 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Optional
 
 from engine.errors import UserError
 from engine.progress import progress
@@ -24,11 +24,13 @@ from shards.assemble import assemble, fold_stats
 from shards.band_files import group_band_files, input_exts
 from shards.build import ShardResult, build_shard, check_kept, close_rasters, scan_one, task_dir, worker_init
 from shards.inputs import assign_keys, label_for, list_inputs, parse_label_spec
-from shards.manifest import NAME as MANIFEST_NAME, read_manifest
+from shards.manifest import NAME as MANIFEST_NAME
+from shards.manifest import read_manifest
 from shards.options import ConvertOptions
 from shards.parts import part_manifest_entry, write_part
 from shards.plan import filter_signature, make_plan, part_range, plan_digest, repacked
-from shards.skips import summary_lines as skip_lines, write_skipped
+from shards.skips import summary_lines as skip_lines
+from shards.skips import write_skipped
 from shards.state import SKIPPED, RunState, chunk_dir, prepare_out_dir, remove_temps, remove_unplanned_shards
 from shards.workers import Crash, WorkerCrashed, WorkerPool
 
@@ -46,7 +48,7 @@ class Summary:
     read_bytes: int
     written_bytes: int
     seconds: float
-    manifest: Optional[dict] = None
+    manifest: dict | None = None
     already_complete: bool = False
 
     @property
@@ -63,7 +65,7 @@ class Summary:
                 f"{self.seconds:.1f} s = {self.mb_per_s:.1f} MB/s")
 
 
-def convert(opts: ConvertOptions, on_shard: Optional[Callable[[ShardResult], None]] = None) -> Summary:
+def convert(opts: ConvertOptions, on_shard: Callable[[ShardResult], None] | None = None) -> Summary:
     """Run one conversion (see module docstring). ``on_shard`` is called in the main process
     after each shard is finished (tests use it to interrupt a run at a known point)."""
     t0 = time.monotonic()
@@ -90,7 +92,7 @@ def convert(opts: ConvertOptions, on_shard: Optional[Callable[[ShardResult], Non
     return summary
 
 
-def _already_complete(out: Path, state: RunState, fingerprint: dict, t0: float) -> Optional[Summary]:
+def _already_complete(out: Path, state: RunState, fingerprint: dict, t0: float) -> Summary | None:
     """--resume on a finished conversion: nothing to do when the settings match."""
     if state.dir.exists() or not (out / MANIFEST_NAME).exists():
         return None

@@ -17,8 +17,8 @@ import hashlib
 import json
 import logging
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
 
 from shards.boxes import no_window_reason, sample_windows
 from shards.raster import SourceInfo
@@ -56,7 +56,7 @@ def repacked(opts) -> bool:
     return opts.max_nodata < 1.0
 
 
-def part_range(num_tasks: int, part: Optional[tuple[int, int]]) -> range:
+def part_range(num_tasks: int, part: tuple[int, int] | None) -> range:
     """The planned shards that ``--part K/N`` builds: the K-th of N contiguous, near-equal ranges."""
     if part is None:
         return range(num_tasks)
@@ -100,7 +100,7 @@ def make_plan(sources: Sequence[SourceInfo], opts, fingerprint: dict) -> tuple[l
     """-> (tasks in shard order, skipped entries for images that yield no window)."""
     tasks: list[ShardTask] = []
     skipped: list[dict] = []
-    cur: Optional[ShardTask] = None
+    cur: ShardTask | None = None
     cur_bytes = 0
     chunk = repacked(opts) and opts.part is None  # a part's chunks are its shards; merge repacks them
     for src in sources:

@@ -13,7 +13,6 @@ import math
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Optional
 
 import numpy as np
 import rasterio
@@ -39,14 +38,14 @@ class SourceInfo:
     height: int
     count: int
     dtype: str
-    nodata: Optional[float]
+    nodata: float | None
     band_names: list[str]
     indexes: list[int]
-    crs: Optional[str]
+    crs: str | None
     transform: tuple[float, ...]
-    gsd: Optional[float]
-    timestamp: Optional[str]
-    label: Optional[str] = None
+    gsd: float | None
+    timestamp: str | None
+    label: str | None = None
     key: str = ""
     extra: dict = field(default_factory=dict)
     band_paths: list[str] = field(default_factory=list)   # --band-files: one file per band, in order
@@ -85,7 +84,7 @@ def open_dataset(path: str):
 _CRS_NAMES: dict[str, str] = {}
 
 
-def crs_string(crs) -> Optional[str]:
+def crs_string(crs) -> str | None:
     """'EPSG:n' when the CRS is exactly an EPSG code, else its WKT; None when absent.
 
     Cached by WKT: the EPSG lookup searches PROJ's database (~1 ms) and archives reuse a few CRSs."""
@@ -98,7 +97,7 @@ def crs_string(crs) -> Optional[str]:
     return _CRS_NAMES[wkt]
 
 
-def source_band_names(ds, override: Optional[list[str]]) -> list[str]:
+def source_band_names(ds, override: list[str] | None) -> list[str]:
     """Band names: --band-names, else the GeoTIFF band descriptions, else RGB colour
     interpretation, else 'band1'..'bandN'."""
     if override is not None:
@@ -113,7 +112,7 @@ def source_band_names(ds, override: Optional[list[str]]) -> list[str]:
     return names
 
 
-def _gsd(ds) -> Optional[float]:
+def _gsd(ds) -> float | None:
     """Ground sample distance in metres from the transform, for projected metre CRSs only."""
     crs = ds.crs
     if crs is None or not crs.is_projected:
@@ -124,7 +123,7 @@ def _gsd(ds) -> Optional[float]:
     return float(abs(ds.transform.a))
 
 
-def scan_source(index: int, path: str, relpath: str, opts, sidecar: Optional[dict]) -> SourceInfo:
+def scan_source(index: int, path: str, relpath: str, opts, sidecar: dict | None) -> SourceInfo:
     """Header-only read of one file; raises (any exception) when it is not a usable raster or the
     band selection does not apply; the caller turns that into a skipped.jsonl entry."""
     with open_dataset(path) as ds:
@@ -157,7 +156,7 @@ class DatasetCache:
     ``band_stack.BandStack`` for a --band-files scene."""
 
     def __init__(self):
-        self.path: Optional[str] = None
+        self.path: str | None = None
         self.ds = None
 
     def get(self, info: SourceInfo, resampling: str = "bilinear"):
@@ -179,7 +178,7 @@ class DatasetCache:
         self.ds, self.path = None, None
 
 
-def window_transform(info: SourceInfo, window, out_hw: Optional[tuple[int, int]]) -> list[float]:
+def window_transform(info: SourceInfo, window, out_hw: tuple[int, int] | None) -> list[float]:
     """Affine [a, b, c, d, e, f] of a chip: the window's origin, scaled when resized to out_hw."""
     a, b, c, d, e, f = info.transform
     col, row, w, h = window
@@ -188,7 +187,7 @@ def window_transform(info: SourceInfo, window, out_hw: Optional[tuple[int, int]]
     return [a * sx, b * sy, a * col + b * row + c, d * sx, e * sy, d * col + e * row + f]
 
 
-def read_window(ds, info: SourceInfo, window, out_hw: Optional[tuple[int, int]],
+def read_window(ds, info: SourceInfo, window, out_hw: tuple[int, int] | None,
                 resampling: Resampling) -> tuple[np.ndarray, int]:
     """Read one window -> (chip (C, H, W) in the source dtype, padded pixels per band).
 
@@ -234,5 +233,5 @@ def resampling_method(name: str) -> Resampling:
         raise ValueError(name) from None
 
 
-def is_nan(v: Optional[float]) -> bool:
+def is_nan(v: float | None) -> bool:
     return v is not None and isinstance(v, float) and math.isnan(v)

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import mmap
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 from shards.plan import shard_name
 from shards.writer import ShardWriter

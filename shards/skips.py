@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 import re
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from engine.atomic import atomic_write_text
 from shards.state import SKIPPED
@@ -35,7 +35,7 @@ def reason_kind(entry: dict) -> str:
 def summary_lines(skipped: Sequence[dict], limit: int = SHOWN_KINDS) -> list[str]:
     """``["3 x <first reason> (e.g. 'a.tif')", ...]``, the most frequent kind first (ties: the kind
     seen first), at most ``limit`` kinds and then a line counting the rest."""
-    groups: "OrderedDict[str, list[dict]]" = OrderedDict()
+    groups: OrderedDict[str, list[dict]] = OrderedDict()
     for e in skipped:
         groups.setdefault(reason_kind(e), []).append(e)
     ranked = sorted(groups.values(), key=len, reverse=True)  # stable: ties keep first-seen order

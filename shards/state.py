@@ -17,7 +17,6 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -84,7 +83,7 @@ class RunState:
         self.dir = self.out / STATE_DIR
 
     # -- plan ----------------------------------------------------------------------------------
-    def read_plan(self) -> Optional[dict]:
+    def read_plan(self) -> dict | None:
         p = self.dir / "plan.json"
         try:
             return json.loads(p.read_text())
@@ -103,7 +102,7 @@ class RunState:
         _replace(self.dir / f"{name}.stats.npz", buf.getvalue())
         _replace(self.dir / f"{name}.done.json", json.dumps(record, sort_keys=True).encode())
 
-    def done(self, name: str) -> Optional[dict]:
+    def done(self, name: str) -> dict | None:
         try:
             return json.loads((self.dir / f"{name}.done.json").read_text())
         except (OSError, ValueError):

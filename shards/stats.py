@@ -19,7 +19,6 @@ Two exact-or-bounded strategies, chosen by dtype:
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import numpy as np
 
@@ -71,8 +70,8 @@ class BandStats:
             self.zeros = np.zeros(self.num_bands, dtype=np.int64)
 
     # ---- accumulation -------------------------------------------------------------------------
-    def add(self, chip: np.ndarray, nodata: Optional[float] = None, pad_pixels: int = 0,
-            pad_value: Optional[float] = None) -> None:
+    def add(self, chip: np.ndarray, nodata: float | None = None, pad_pixels: int = 0,
+            pad_value: float | None = None) -> None:
         """Fold one chip (C, H, W) into the statistics."""
         for b in range(self.num_bands):
             band = chip[b].reshape(-1)
@@ -81,7 +80,7 @@ class BandStats:
             else:
                 self._add_float(b, band, nodata)
 
-    def band_adder(self, nodata: Optional[float] = None, pad_pixels: int = 0, pad_value: Optional[float] = None):
+    def band_adder(self, nodata: float | None = None, pad_pixels: int = 0, pad_value: float | None = None):
         """For 8/16-bit data: ``fn(b, band)`` that folds band ``b`` (1-D) of one chip in, as ``add``
         does for the whole chip (``ShardWriter.write(visit=...)`` calls it band by band); None for
         other dtypes (use ``add``)."""
@@ -139,7 +138,7 @@ class BandStats:
         return self.hist[:, self.offset].copy() if self.exact else self.zeros.copy()
 
     # ---- merge / persistence --------------------------------------------------------------------
-    def merge(self, other: "BandStats") -> None:
+    def merge(self, other: BandStats) -> None:
         """Fold ``other`` into self. Exact: order-free; float: merge in a fixed order."""
         if self.exact:
             self.hist += other.hist
@@ -171,7 +170,7 @@ class BandStats:
         return out
 
     @classmethod
-    def from_arrays(cls, d) -> "BandStats":
+    def from_arrays(cls, d) -> BandStats:
         s = cls(int(d["num_bands"]), str(d["dtype"]))
         if s.exact:
             s.hist[np.asarray(d["band"]), np.asarray(d["value"])] = np.asarray(d["count"])
@@ -235,7 +234,7 @@ ZERO_SHARE_WARN = 0.01
 band: a scene border (the Landsat scene of issue 17: 3.5 %, mean 6544 instead of 6783)."""
 
 
-def undeclared_nodata_warning(records) -> Optional[str]:
+def undeclared_nodata_warning(records) -> str | None:
     """records: [source, pixels, zeros per band] of files that declare no nodata (build.ShardResult
     .zeros, several per file when it spans shards) -> a warning suggesting --nodata 0, or None.
     A file's share is that of its band with the fewest zeros: an upper bound on the pixels that are
@@ -318,7 +317,7 @@ class FloatHist:
         out[o.k0 - start:o.k0 - start + o.counts.size] += o.counts
         self.k0, self.counts = start, out
 
-    def merge(self, other: "FloatHist") -> None:
+    def merge(self, other: FloatHist) -> None:
         if not other.counts.size:
             return
         o = FloatHist()
@@ -349,7 +348,7 @@ class FloatHist:
         return np.concatenate([[self.exp, self.k0], self.counts]).astype(np.int64)
 
     @classmethod
-    def from_array(cls, a: np.ndarray) -> "FloatHist":
+    def from_array(cls, a: np.ndarray) -> FloatHist:
         h = cls()
         h.exp, h.k0, h.counts = int(a[0]), int(a[1]), a[2:].astype(np.int64)
         return h

@@ -14,9 +14,9 @@ import csv
 import json
 import os
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import rasterio
@@ -37,8 +37,8 @@ BAD_KINDS = ("garbage", "truncated", "bandcount")
 class SyntheticFile:
     path: str
     relpath: str
-    label: Optional[str]
-    class_index: Optional[int]
+    label: str | None
+    class_index: int | None
 
 
 @dataclass
@@ -46,9 +46,9 @@ class Archive:
     root: str
     files: list[SyntheticFile]
     bad: dict[str, str] = field(default_factory=dict)
-    labels_csv: Optional[str] = None
+    labels_csv: str | None = None
     band_names: list[str] = field(default_factory=list)
-    nodata: Optional[float] = None
+    nodata: float | None = None
 
 
 def smooth_field(rng: np.random.Generator, h: int, w: int, cells: int = 6) -> np.ndarray:
@@ -74,14 +74,14 @@ def default_pixels(rng: np.random.Generator, class_index: int, c: int, h: int, w
     return profile[:, None, None] * (bright[None] + 0.08 * texture)
 
 
-def _cast(x: np.ndarray, dtype: str, nodata: Optional[float]) -> np.ndarray:
+def _cast(x: np.ndarray, dtype: str, nodata: float | None) -> np.ndarray:
     info = np.iinfo(dtype)
     lo = info.min + 1 if nodata is not None and nodata == info.min else info.min
     return np.clip(np.rint(x), lo, info.max).astype(dtype)
 
 
-def _write(path: Path, data: np.ndarray, fmt: str, crs: Optional[str], transform, nodata, names,
-           compress: Optional[str], interleave: str, tiled: bool) -> None:
+def _write(path: Path, data: np.ndarray, fmt: str, crs: str | None, transform, nodata, names,
+           compress: str | None, interleave: str, tiled: bool) -> None:
     c, h, w = data.shape
     path.parent.mkdir(parents=True, exist_ok=True)
     if fmt in ("png", "jpg"):
@@ -105,10 +105,10 @@ def _write(path: Path, data: np.ndarray, fmt: str, crs: Optional[str], transform
                 dst.set_band_description(i + 1, n)
 
 
-def generate_archive(out_dir: Union[str, os.PathLike], n_files: int, size: Union[int, tuple[int, int]] = 64,
-                     kind: str = "rgb", classes: Optional[Sequence[str]] = None, pixel_fn: Optional[PixelFn] = None,
-                     seed: int = 0, nodata: Union[str, float, None] = "auto", layout: str = "class_folders",
-                     fmt: str = "tif", compress: Optional[str] = None, interleave: str = "pixel",
+def generate_archive(out_dir: str | os.PathLike, n_files: int, size: int | tuple[int, int] = 64,
+                     kind: str = "rgb", classes: Sequence[str] | None = None, pixel_fn: PixelFn | None = None,
+                     seed: int = 0, nodata: str | float | None = "auto", layout: str = "class_folders",
+                     fmt: str = "tif", compress: str | None = None, interleave: str = "pixel",
                      tiled: bool = False, sidecars: bool = False, labels_csv: bool = False,
                      nodata_fraction: float = 0.0, bad_files: Sequence[str] = ()) -> Archive:
     """Write ``n_files`` images under ``out_dir`` and return what was written.

@@ -19,13 +19,12 @@ import os
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
 from engine.progress import progress
-from shards.manifest import read_manifest
 from shards.manifest import NAME as MANIFEST_NAME
+from shards.manifest import read_manifest
 from shards.state import classify
 from shards.workers import Crash, WorkerPool
 from shards.writer import IMAGE_EXT, META_EXT
@@ -145,7 +144,7 @@ def check_manifest_json(out_dir: str) -> list[str]:
     return []
 
 
-def check_stats(stats: dict, num_bands: int, pixels: Optional[int]) -> list[str]:
+def check_stats(stats: dict, num_bands: int, pixels: int | None) -> list[str]:
     """Problems of the manifest's ``stats`` (see module docstring); ``pixels``: H*W summed over
     every sample the shards hold (a band's valid-pixel count can't exceed it), None if unknown."""
     out = []

@@ -31,9 +31,9 @@ import signal
 import threading
 import traceback
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import wait
-from typing import Callable, Iterable, Iterator, Optional
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +54,8 @@ _SIGNAL_HINTS = {
 class Crash:
     """The result of an item whose worker died while running it."""
 
-    exitcode: Optional[int]
-    note: Optional[str] = None      # the last note() the worker sent for this item, if any
+    exitcode: int | None
+    note: str | None = None      # the last note() the worker sent for this item, if any
 
     def how(self) -> str:
         """'died from SIGSEGV (segmentation fault, ...)' / 'exited with code 3'."""
@@ -81,7 +81,7 @@ class RemoteTraceback(Exception):
         return "\n" + self.args[0]
 
 
-def note(text: Optional[str]) -> None:
+def note(text: str | None) -> None:
     """From inside an item's work: tell the parent what this worker is on now (the input it opens
     next; None when it reads none), so that a crash is blamed on it. No-op outside a pool worker."""
     if _CONN is not None:
@@ -106,7 +106,7 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def _worker_main(conn, initializer: Optional[Callable[[], None]], parent_pid: int) -> None:
+def _worker_main(conn, initializer: Callable[[], None] | None, parent_pid: int) -> None:
     global _CONN
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -151,8 +151,8 @@ class _Worker:
         self.proc = ctx.Process(target=_worker_main, args=(child, initializer, os.getpid()), daemon=True)
         self.proc.start()
         child.close()
-        self.task: Optional[list] = None   # [(index, item), ...] not yet answered; None when idle
-        self.note: Optional[str] = None
+        self.task: list | None = None   # [(index, item), ...] not yet answered; None when idle
+        self.note: str | None = None
 
     def send(self, msg) -> bool:
         try:
@@ -176,7 +176,7 @@ class _Worker:
 class WorkerPool:
     """``workers`` processes (none when 1) running :meth:`run`'s items; see the module docstring."""
 
-    def __init__(self, workers: int, initializer: Optional[Callable[[], None]] = None):
+    def __init__(self, workers: int, initializer: Callable[[], None] | None = None):
         self.initializer = initializer
         self.ctx = _context() if workers > 1 else None
         self.workers = [_Worker(self.ctx, initializer) for _ in range(workers)] if self.ctx else []

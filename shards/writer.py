@@ -16,7 +16,6 @@ import os
 import tarfile
 import tempfile
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -84,7 +83,7 @@ class ShardWriter:
         self.count = 0
         self.bytes = 0
         self.offsets: list[int] = []
-        self.sha256: Optional[str] = None
+        self.sha256: str | None = None
 
     def _put(self, data) -> None:
         self._f.write(data)
@@ -140,7 +139,7 @@ class ShardWriter:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.tmp)
 
-    def __enter__(self) -> "ShardWriter":
+    def __enter__(self) -> ShardWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

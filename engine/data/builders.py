@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Literal, Optional, Sequence, Union
+from typing import Literal
 
 import numpy as np
 import torch
@@ -38,7 +39,7 @@ from engine.errors import UserError
 log = logging.getLogger(__name__)
 
 
-def rank_and_world(rank: Optional[int] = None, world_size: Optional[int] = None) -> tuple[int, int]:
+def rank_and_world(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
     """(rank, world size) from the arguments, torch.distributed, or RANK/WORLD_SIZE."""
     if rank is not None and world_size is not None:
         r, w = int(rank), int(world_size)
@@ -54,7 +55,7 @@ def rank_and_world(rank: Optional[int] = None, world_size: Optional[int] = None)
     return r, w
 
 
-def _num_bands(shards: ShardSet, bands: Optional[Sequence[int]]) -> Optional[int]:
+def _num_bands(shards: ShardSet, bands: Sequence[int] | None) -> int | None:
     m = shards.manifest or {}
     n = m.get("num_bands")
     if bands is not None and n is not None:
@@ -64,7 +65,7 @@ def _num_bands(shards: ShardSet, bands: Optional[Sequence[int]]) -> Optional[int
     return int(n) if n is not None else None
 
 
-def build_normalizer(data_cfg: DataConfig, manifest: Optional[dict]) -> Normalizer:
+def build_normalizer(data_cfg: DataConfig, manifest: dict | None) -> Normalizer:
     """Normalizer for the kept bands from the manifest, or from --data.mean/--data.std."""
     if manifest is None:
         if data_cfg.mean is None:
@@ -74,7 +75,7 @@ def build_normalizer(data_cfg: DataConfig, manifest: Optional[dict]) -> Normaliz
     return Normalizer.from_manifest(manifest, data_cfg.bands, data_cfg.clip_percentiles, data_cfg.mean, data_cfg.std)
 
 
-def band_range(manifest: Optional[dict], bands: Optional[Sequence[int]], flag: str = "--crops.rgb_augment"
+def band_range(manifest: dict | None, bands: Sequence[int] | None, flag: str = "--crops.rgb_augment"
                ) -> BandRange:
     """Unit range of the photometric ops: 0-255 for uint8, else each kept band's p2-p98."""
     if not manifest:
@@ -100,8 +101,8 @@ def band_range(manifest: Optional[dict], bands: Optional[Sequence[int]], flag: s
     return BandRange([float(lo[i]) for i in idx], tops)
 
 
-def build_photometric(crops_cfg: CropConfig, manifest: Optional[dict], bands: Optional[Sequence[int]]
-                      ) -> Optional[Photometric]:
+def build_photometric(crops_cfg: CropConfig, manifest: dict | None, bands: Sequence[int] | None
+                      ) -> Photometric | None:
     """The run's photometric augmentation, or None when no op is enabled."""
     if not (crops_cfg.rgb_augment or crops_cfg.spectral_jitter != "none" or crops_cfg.blur_all_bands):
         return None
@@ -170,9 +171,9 @@ def _plan(data_cfg: DataConfig, shards: ShardSet, *, rank: int, world: int, seed
                       num_bands=_num_bands(shards, data_cfg.bands), max_skip_rate=data_cfg.max_skip_rate)
 
 
-def _loader(data_cfg: DataConfig, shards: ShardSet, view, plan: StreamPlan, label_fn: Optional[Callable],
-            equalize: bool, opener: Optional[Callable], *, persistent: bool = True,
-            photometric: Optional[Photometric] = None, classes: Optional[ClassIndex] = None) -> ShardLoader:
+def _loader(data_cfg: DataConfig, shards: ShardSet, view, plan: StreamPlan, label_fn: Callable | None,
+            equalize: bool, opener: Callable | None, *, persistent: bool = True,
+            photometric: Photometric | None = None, classes: ClassIndex | None = None) -> ShardLoader:
     nw = max(1, data_cfg.num_workers)
     dataset = ShardStream(plan, view, label_fn, opener, num_workers=nw)
     if equalize and not plan.resampled and shards.total_samples is None:
@@ -188,9 +189,9 @@ def _loader(data_cfg: DataConfig, shards: ShardSet, view, plan: StreamPlan, labe
 
 
 def build_pretrain_loader(data_cfg: DataConfig, crops_cfg: CropConfig, objective: Literal["dino", "mae"] = "dino", *,
-                          patch_size: int, num_groups: int = 1, mask_cfg: Optional[DinoConfig] = None,
-                          rank: Optional[int] = None, world_size: Optional[int] = None, seed: int = 0,
-                          opener: Optional[Callable] = None) -> ShardLoader:
+                          patch_size: int, num_groups: int = 1, mask_cfg: DinoConfig | None = None,
+                          rank: int | None = None, world_size: int | None = None, seed: int = 0,
+                          opener: Callable | None = None) -> ShardLoader:
     """Self-supervised pre-training loader for this rank.
 
     objective: 'dino' -> batches {global_crops, local_crops, masks} (+ photometric parameters when
@@ -204,7 +205,7 @@ def build_pretrain_loader(data_cfg: DataConfig, crops_cfg: CropConfig, objective
     shards = resolve_shards(data_cfg.shards, data_cfg.manifest)
     rank, world = rank_and_world(rank, world_size)
     bands = data_cfg.bands
-    photometric: Optional[Photometric] = None
+    photometric: Photometric | None = None
     if objective == "dino":
         if crops_cfg.global_size % patch_size:
             raise UserError(f"--crops.global_size {crops_cfg.global_size} must be a multiple of the model's "
@@ -214,7 +215,7 @@ def build_pretrain_loader(data_cfg: DataConfig, crops_cfg: CropConfig, objective
         if rank == 0 and photometric is not None:
             log.info("photometric augmentation on the %s (--data.augment_on %s)",
                      "device" if on_device else "loader workers", data_cfg.augment_on)
-        view: Union[DinoMultiCrop, SingleCrop] = DinoMultiCrop(
+        view: DinoMultiCrop | SingleCrop = DinoMultiCrop(
             crops_cfg, patch_size=patch_size, num_groups=num_groups, dino=mask_cfg, photometric=photometric,
             on_device=on_device, bands=bands)
         photometric = photometric if on_device else None
@@ -225,7 +226,7 @@ def build_pretrain_loader(data_cfg: DataConfig, crops_cfg: CropConfig, objective
     return _loader(data_cfg, shards, view, plan, None, equalize=True, opener=opener, photometric=photometric)
 
 
-def _labelled_shards(data_cfg: DataConfig, split: Optional[str], shards: Union[str, Sequence[str], None]
+def _labelled_shards(data_cfg: DataConfig, split: str | None, shards: str | Sequence[str] | None
                      ) -> ShardSet:
     spec = shards if shards is not None else data_cfg.shards
     if split:
@@ -237,17 +238,17 @@ def _labelled_shards(data_cfg: DataConfig, split: Optional[str], shards: Union[s
     return resolve_shards(spec, data_cfg.manifest if shards is None and not split else "")
 
 
-def _label_index(data_cfg: DataConfig, manifest: Optional[dict], multilabel: Optional[bool]) -> ClassIndex:
+def _label_index(data_cfg: DataConfig, manifest: dict | None, multilabel: bool | None) -> ClassIndex:
     """ClassIndex, or MultiLabelIndex when ``multilabel`` (None = the manifest's "multilabel")."""
     if multilabel is None:
         multilabel = bool((manifest or {}).get("multilabel", False))
     return (MultiLabelIndex if multilabel else ClassIndex).from_manifest(manifest, data_cfg.classes)
 
 
-def build_finetune_loader(data_cfg: DataConfig, crops_cfg: CropConfig, img_size: int, *, split: Optional[str] = None,
-                          shards: Union[str, Sequence[str], None] = None, rank: Optional[int] = None, world_size: Optional[int] = None,
-                          seed: int = 0, opener: Optional[Callable] = None,
-                          multilabel: Optional[bool] = None) -> ShardLoader:
+def build_finetune_loader(data_cfg: DataConfig, crops_cfg: CropConfig, img_size: int, *, split: str | None = None,
+                          shards: str | Sequence[str] | None = None, rank: int | None = None, world_size: int | None = None,
+                          seed: int = 0, opener: Callable | None = None,
+                          multilabel: bool | None = None) -> ShardLoader:
     """Supervised training loader: {images (B, C, S, S) source dtype, labels (B,) long}.
 
     Random-resized crop (crops.single_scale) + D4 element, resampled per ``data.resampled``.
@@ -263,10 +264,10 @@ def build_finetune_loader(data_cfg: DataConfig, crops_cfg: CropConfig, img_size:
     return _loader(data_cfg, ss, view, plan, classes, equalize=True, opener=opener, classes=classes)
 
 
-def build_eval_loader(data_cfg: DataConfig, img_size: int, *, split: Optional[str] = None,
-                      shards: Union[str, Sequence[str], None] = None, labels: bool = True, batch_size: Optional[int] = None,
-                      rank: Optional[int] = None, world_size: Optional[int] = None,
-                      opener: Optional[Callable] = None, multilabel: Optional[bool] = None) -> ShardLoader:
+def build_eval_loader(data_cfg: DataConfig, img_size: int, *, split: str | None = None,
+                      shards: str | Sequence[str] | None = None, labels: bool = True, batch_size: int | None = None,
+                      rank: int | None = None, world_size: int | None = None,
+                      opener: Callable | None = None, multilabel: bool | None = None) -> ShardLoader:
     """Deterministic loader: {images (B, C, S, S) source dtype[, labels (B,) long]}.
 
     multilabel: labels (B, num_classes) float32 multi-hot; None = the manifest's "multilabel".

@@ -12,7 +12,7 @@ quota[nw]]``, quota -1 = unlimited.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -54,20 +54,20 @@ class EpochControl:
         return list(zip(self._vec(0).tolist(), self._vec(1).tolist()))
 
     @resume.setter
-    def resume(self, value: Optional[Sequence[tuple[int, int]]]) -> None:
+    def resume(self, value: Sequence[tuple[int, int]] | None) -> None:
         pairs = list(value) if value else [(0, 0)] * self.num_workers
         self._check(len(pairs))
         self._vec(0).copy_(torch.tensor([int(b) for b, _ in pairs], dtype=torch.int64))
         self._vec(1).copy_(torch.tensor([int(r) for _, r in pairs], dtype=torch.int64))
 
     @property
-    def quotas(self) -> Optional[list[Optional[int]]]:
+    def quotas(self) -> list[int | None] | None:
         """Per logical worker batch limit (None = until the data ends); None when no worker has one."""
         q = [None if v < 0 else int(v) for v in self._vec(2).tolist()]
         return None if all(v is None for v in q) else q
 
     @quotas.setter
-    def quotas(self, value: Optional[Sequence[Optional[int]]]) -> None:
+    def quotas(self, value: Sequence[int | None] | None) -> None:
         q = list(value) if value is not None else [None] * self.num_workers
         self._check(len(q))
         self._vec(2).copy_(torch.tensor([-1 if v is None else int(v) for v in q], dtype=torch.int64))

@@ -13,7 +13,7 @@ vector over ``classes``.
 """
 from __future__ import annotations
 
-from typing import Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -39,8 +39,8 @@ class ClassIndex:
         return len(self.classes)
 
     @classmethod
-    def from_manifest(cls, manifest: Optional[Mapping], classes: Optional[Sequence[str]] = None,
-                      source: str = "--data.shards") -> "ClassIndex":
+    def from_manifest(cls, manifest: Mapping | None, classes: Sequence[str] | None = None,
+                      source: str = "--data.shards") -> ClassIndex:
         """``classes`` if given, else ``manifest["classes"]``; UserError when neither exists."""
         if classes:
             return cls(classes)

@@ -36,15 +36,16 @@ Position / resume semantics (``state_dict()`` / ``load_state_dict()``):
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Callable, Iterator, Optional
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.data import DataLoader
 
 from engine.data import workers
 from engine.data.epoch import EpochControl
-from engine.data.stream import POSITION_KEY, ShardStream, merge_counts
 from engine.data.skips import check_skip_rate, skip_rate
+from engine.data.stream import POSITION_KEY, ShardStream, merge_counts
 from engine.errors import UserError
 
 if TYPE_CHECKING:
@@ -80,11 +81,11 @@ class ShardLoader:
     exact loaders).
     """
 
-    def __init__(self, dataset: ShardStream, num_workers: int, pin_memory: Optional[bool], prefetch_factor: int,
+    def __init__(self, dataset: ShardStream, num_workers: int, pin_memory: bool | None, prefetch_factor: int,
                  equalize: bool = False, persistent: bool = True, *,
-                 manifest: Optional[dict] = None, shards: Optional["ShardSet"] = None,
-                 normalizer: Optional["Normalizer"] = None, photometric: Optional["Photometric"] = None,
-                 classes: Optional["ClassIndex"] = None, num_samples: Optional[int] = None):
+                 manifest: dict | None = None, shards: ShardSet | None = None,
+                 normalizer: Normalizer | None = None, photometric: Photometric | None = None,
+                 classes: ClassIndex | None = None, num_samples: int | None = None):
         self.dataset = dataset
         self.num_workers = int(num_workers)
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
@@ -98,7 +99,7 @@ class ShardLoader:
         self.epoch = 0
         self._reset_position()
         self.totals = {"seen": 0, "skipped": 0, "bad_shards": 0}
-        self._dl: Optional[DataLoader] = None  # the persistent DataLoader, once its workers started
+        self._dl: DataLoader | None = None  # the persistent DataLoader, once its workers started
 
     @property
     def multilabel(self) -> bool:
@@ -112,7 +113,7 @@ class ShardLoader:
     def logical_workers(self) -> int:
         return max(1, self.num_workers)
 
-    def _worker_totals(self, epoch: int) -> list[Optional[int]]:
+    def _worker_totals(self, epoch: int) -> list[int | None]:
         totals = self.dataset.expected_batches(epoch, self.logical_workers)
         if self.equalize and not self.dataset.plan.resampled and all(t is not None for t in totals):
             cut = self.dataset.min_rank_batches(epoch, self.logical_workers)
@@ -182,7 +183,7 @@ class ShardLoader:
     def _batches(self) -> Iterator[dict]:
         """This epoch's raw batches (the control block is already written): in-process, from the
         persistent workers (started on first use), or from workers started for this pass only."""
-        stop: Optional[Callable[[], None]] = None
+        stop: Callable[[], None] | None = None
         if self.num_workers == 0:
             it: Iterator[dict] = iter(self.dataset)
         elif self.persistent:
@@ -216,7 +217,7 @@ class ShardLoader:
         if it is not None:
             workers.stop_workers(it, self.dataset.control)
 
-    def __enter__(self) -> "ShardLoader":
+    def __enter__(self) -> ShardLoader:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -13,7 +13,7 @@ one spatial mask for all groups instead), so a crop's mask is (G*h*w,).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

@@ -17,7 +17,7 @@ array and ``view.collate(items, rng) -> batch`` on a micro-batch; images stay in
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -56,10 +56,10 @@ class _AugmentedCrop:
     (returned in the source dtype), or only drawn when ``on_device`` (crop in the source dtype plus
     its parameter row, applied after the host->device copy)."""
 
-    def __init__(self, rrc: RandomResizedCrop, photometric: Optional[Photometric], kind: CropKind, on_device: bool):
+    def __init__(self, rrc: RandomResizedCrop, photometric: Photometric | None, kind: CropKind, on_device: bool):
         self.rrc, self.photometric, self.kind, self.on_device = rrc, photometric, kind, on_device
 
-    def __call__(self, arr: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, Optional[np.ndarray]]:
+    def __call__(self, arr: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, np.ndarray | None]:
         box, k = self.rrc.params(arr, rng)
         bands = len(self.rrc.bands) if self.rrc.bands is not None else arr.shape[0]
         mode = None if self.photometric is None else self.photometric.mode(bands)
@@ -87,9 +87,9 @@ class DinoMultiCrop:
     training device; bands: band indices kept (None = all).
     """
 
-    def __init__(self, crops: CropConfig, *, patch_size: int, num_groups: int = 1, dino: Optional[DinoConfig] = None,
-                 photometric: Optional[Photometric] = None, on_device: bool = False,
-                 bands: Optional[Sequence[int]] = None):
+    def __init__(self, crops: CropConfig, *, patch_size: int, num_groups: int = 1, dino: DinoConfig | None = None,
+                 photometric: Photometric | None = None, on_device: bool = False,
+                 bands: Sequence[int] | None = None):
         if crops.global_size % patch_size:
             raise ValueError(f"global crop size {crops.global_size} is not a multiple of patch size {patch_size}")
         dino = dino or DinoConfig()
@@ -126,7 +126,7 @@ class DinoMultiCrop:
 class SingleCrop:
     """One random-resized crop + D4 element per sample (MAE pre-training, supervised fine-tuning)."""
 
-    def __init__(self, size: int, crops: CropConfig, bands: Optional[Sequence[int]] = None):
+    def __init__(self, size: int, crops: CropConfig, bands: Sequence[int] | None = None):
         self.rrc = RandomResizedCrop(size, crops.single_scale, crops.ratio, crops.dihedral, bands)
 
     def __call__(self, arr: np.ndarray, rng: np.random.Generator) -> dict:
@@ -139,11 +139,11 @@ class SingleCrop:
 class EvalView:
     """Deterministic eval view: centre square of ``crop_pct`` of the short side resized to ``size``."""
 
-    def __init__(self, size: int, crop_pct: float, bands: Optional[Sequence[int]] = None):
+    def __init__(self, size: int, crop_pct: float, bands: Sequence[int] | None = None):
         self.crop = CenterCrop(size, crop_pct, bands)
 
-    def __call__(self, arr: np.ndarray, rng: Optional[np.random.Generator] = None) -> dict:
+    def __call__(self, arr: np.ndarray, rng: np.random.Generator | None = None) -> dict:
         return {"image": self.crop(arr)}
 
-    def collate(self, items: list[dict], rng: Optional[np.random.Generator] = None) -> dict:
+    def collate(self, items: list[dict], rng: np.random.Generator | None = None) -> dict:
         return _stack_labels(items, {"images": stack([it["image"] for it in items])})

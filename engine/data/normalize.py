@@ -16,7 +16,7 @@ valid pixels), for the bands the run keeps (``--data.bands``).
 """
 from __future__ import annotations
 
-from typing import Callable, Mapping, Optional, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -53,8 +53,8 @@ class Normalizer:
     """
 
     def __init__(self, mean: Sequence[float], std: Sequence[float],
-                 clip_low: Optional[Sequence[float]] = None, clip_high: Optional[Sequence[float]] = None,
-                 nodata: Optional[float] = None):
+                 clip_low: Sequence[float] | None = None, clip_high: Sequence[float] | None = None,
+                 nodata: float | None = None):
         if len(mean) != len(std):
             raise UserError(f"normalization: {len(mean)} means but {len(std)} stds; give one of each per band")
         if (clip_low is None) != (clip_high is None):
@@ -71,9 +71,9 @@ class Normalizer:
         return int(self.mean.numel())
 
     @classmethod
-    def from_manifest(cls, manifest: Mapping, bands: Optional[Sequence[int]] = None, clip: bool = False,
-                      mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None
-                      ) -> "Normalizer":
+    def from_manifest(cls, manifest: Mapping, bands: Sequence[int] | None = None, clip: bool = False,
+                      mean: Sequence[float] | None = None, std: Sequence[float] | None = None
+                      ) -> Normalizer:
         """Stats of ``bands`` (None = all) from ``manifest["stats"]``; ``mean``/``std`` override them
         (already restricted to the kept bands). ``clip`` clamps to the manifest's p2/p98 first."""
         stats = manifest.get("stats") or {}
@@ -109,7 +109,7 @@ class Normalizer:
             self._cache[device] = (move(self.mean), move(self.std), move(self.clip_low), move(self.clip_high))
         return self._cache[device]
 
-    def __call__(self, x: torch.Tensor, augment: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    def __call__(self, x: torch.Tensor, augment: Callable[[torch.Tensor], torch.Tensor] | None = None
                  ) -> torch.Tensor:
         """x: (..., C, H, W) any dtype on any device -> float32 normalised, same shape and device.
         augment: applied to the float32 values in source units before clipping and normalising."""
@@ -139,7 +139,7 @@ class Normalizer:
 
 
 def to_device(batch: Mapping[str, torch.Tensor], device: torch.device | str,
-              normalizer: Optional[Normalizer] = None, photometric: Optional[Photometric] = None) -> dict:
+              normalizer: Normalizer | None = None, photometric: Photometric | None = None) -> dict:
     """Copy a loader batch to ``device`` (``non_blocking``; the loader pins memory on CUDA hosts),
     then turn image keys (``global_crops``/``local_crops``/``images``) into normalised float32 there.
 
@@ -167,8 +167,8 @@ def to_device(batch: Mapping[str, torch.Tensor], device: torch.device | str,
     return out
 
 
-def _augmenter(params: Optional[torch.Tensor], photometric: Optional[Photometric], device: torch.device,
-               key: str) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+def _augmenter(params: torch.Tensor | None, photometric: Photometric | None, device: torch.device,
+               key: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
     if params is None:
         return None
     if photometric is None:

@@ -34,8 +34,8 @@ crops of a Landsat scene into std 3.6 with 16 % of values beyond |z| = 5).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -77,7 +77,7 @@ class BandRange:
     lo, hi: (C,) values of the kept bands in source units; None = uint8 data without a manifest
     (0 and 255 for every band)."""
 
-    def __init__(self, lo: Optional[Sequence[float]] = None, hi: Optional[Sequence[float]] = None):
+    def __init__(self, lo: Sequence[float] | None = None, hi: Sequence[float] | None = None):
         if (lo is None) != (hi is None):
             raise ValueError("give both band bounds or neither")
         if lo is not None and any(float(h) <= float(v) for v, h in zip(lo, hi)):
@@ -111,13 +111,13 @@ class Photometric:
     """
 
     def __init__(self, band_range: BandRange, rgb: bool = True, spectral: str = "none",
-                 blur_all_bands: bool = False, nodata: Optional[float] = None):
+                 blur_all_bands: bool = False, nodata: float | None = None):
         if spectral not in ("none", "shared", "per_band"):
             raise ValueError(f"spectral jitter {spectral!r} is not 'none', 'shared' or 'per_band'")
         self.range, self.rgb, self.spectral, self.blur_all_bands = band_range, rgb, spectral, blur_all_bands
         self.nodata = nodata
 
-    def mode(self, bands: int) -> Optional[str]:
+    def mode(self, bands: int) -> str | None:
         """'colour', 'spectral', 'blur' (source units) or None for crops with ``bands`` bands."""
         if bands == 3 and self.rgb:
             return "colour"
@@ -125,7 +125,7 @@ class Photometric:
             return "spectral"
         return "blur" if self.blur_all_bands else None
 
-    def draw(self, rng: np.random.Generator, kind: CropKind, bands: int) -> Optional[np.ndarray]:
+    def draw(self, rng: np.random.Generator, kind: CropKind, bands: int) -> np.ndarray | None:
         """One crop's parameter row (float32, 9 + 2 * bands), or None when no op applies."""
         mode = self.mode(bands)
         if mode is None:

@@ -15,7 +15,7 @@ import functools
 import io
 import json
 import time
-from typing import Callable, Iterator, Optional
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import webdataset as wds
@@ -79,7 +79,7 @@ def _octal(field: bytes) -> int:
         raise TarFormatError("bad tar header checksum/size field (not a tar file, or corrupt)") from None
 
 
-def _pax_path(data: bytes) -> Optional[str]:
+def _pax_path(data: bytes) -> str | None:
     """The ``path`` record of a pax extended header (records are ``"<len> key=value\n"``)."""
     path = None
     pos = 0
@@ -101,7 +101,7 @@ def iter_members(f) -> Iterator[tuple[str, bytearray]]:
     member straight into its own buffer. Header checksums are verified so garbage is reported,
     not misparsed. Compressed shards are refused (use ``pipe:gunzip -c shard.tar.gz``).
     """
-    long_name: Optional[str] = None
+    long_name: str | None = None
     while True:
         try:
             header = _read_exact(f, _BLOCK)
@@ -141,7 +141,7 @@ def iter_shard(url: str, opener: Callable[[str], io.RawIOBase]) -> Iterator[dict
     """
     fileobj = opener(url)
     try:
-        current: Optional[dict] = None
+        current: dict | None = None
         for name, data in iter_members(fileobj):
             head, sep, tail = name.rpartition("/")
             dot = tail.find(".")
@@ -201,7 +201,7 @@ def decode_npy(buf: bytearray) -> np.ndarray:
     return arr
 
 
-def decode_image(sample: dict, num_bands: Optional[int]) -> np.ndarray:
+def decode_image(sample: dict, num_bands: int | None) -> np.ndarray:
     """The sample's (C, H, W) image (a view of its buffer); CorruptSample if missing or malformed."""
     buf = sample.get(IMAGE_EXT)
     if buf is None:

@@ -24,9 +24,9 @@ import glob as globlib
 import json
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
 
 import braceexpand
 
@@ -44,12 +44,12 @@ class ShardSet:
     """Resolved shards: ``urls`` in spec order, ``counts[i]`` samples in ``urls[i]`` (None = unknown)."""
 
     urls: list[str]
-    counts: list[Optional[int]]
-    manifest: Optional[dict]
-    manifest_path: Optional[str]
+    counts: list[int | None]
+    manifest: dict | None
+    manifest_path: str | None
 
     @property
-    def total_samples(self) -> Optional[int]:
+    def total_samples(self) -> int | None:
         """Sum of known counts, or None when any shard's count is unknown."""
         if any(c is None for c in self.counts):
             return None
@@ -60,7 +60,7 @@ def is_remote(url: str) -> bool:
     return url.startswith(_REMOTE_PREFIXES)
 
 
-def load_manifest(path: Union[str, Path], flag: str = "--data.shards") -> dict:
+def load_manifest(path: str | Path, flag: str = "--data.shards") -> dict:
     """Read and sanity-check a converter manifest; UserError on anything a user must fix."""
     p = Path(path)
     try:
@@ -119,7 +119,7 @@ def _from_list_file(path: Path, flag: str) -> list[str]:
     return urls
 
 
-def _expand_one(spec: str, flag: str) -> tuple[list[str], Optional[tuple[Path, dict]]]:
+def _expand_one(spec: str, flag: str) -> tuple[list[str], tuple[Path, dict] | None]:
     """One spec string -> (urls, (manifest path, manifest) when the spec itself names it)."""
     if is_remote(spec):
         return list(braceexpand.braceexpand(spec)), None
@@ -145,7 +145,7 @@ def _expand_one(spec: str, flag: str) -> tuple[list[str], Optional[tuple[Path, d
     return urls, None
 
 
-def _find_manifest(urls: list[str], flag: str) -> Optional[tuple[Path, dict]]:
+def _find_manifest(urls: list[str], flag: str) -> tuple[Path, dict] | None:
     """The manifest beside the local shards, when they all share one directory that has one."""
     dirs = {str(Path(u).parent) for u in urls if not is_remote(u)}
     if len(dirs) != 1 or any(is_remote(u) for u in urls):
@@ -154,7 +154,7 @@ def _find_manifest(urls: list[str], flag: str) -> Optional[tuple[Path, dict]]:
     return (mp, load_manifest(mp, flag)) if mp.is_file() else None
 
 
-def resolve_shards(spec: Union[str, Sequence[str]], manifest: str = "",
+def resolve_shards(spec: str | Sequence[str], manifest: str = "",
                    flag: str = "--data.shards") -> ShardSet:
     """Expand ``spec`` (see module docstring) and attach the manifest (``manifest`` path wins).
 
@@ -168,7 +168,7 @@ def resolve_shards(spec: Union[str, Sequence[str]], manifest: str = "",
     if not parts:
         raise UserError(f"{flag}: empty shard spec; give a shard directory, a glob, a brace pattern or a list file")
     urls: list[str] = []
-    found: Optional[tuple[Path, dict]] = None
+    found: tuple[Path, dict] | None = None
     for part in parts:
         got, named = _expand_one(part.strip(), flag)
         urls.extend(got)
@@ -186,7 +186,7 @@ def resolve_shards(spec: Union[str, Sequence[str]], manifest: str = "",
         found = (mp, load_manifest(mp, "--data.manifest"))
     elif found is None:
         found = _find_manifest(urls, flag)
-    counts: list[Optional[int]] = [None] * len(urls)
+    counts: list[int | None] = [None] * len(urls)
     m = None
     mpath = None
     if found is not None:
@@ -198,8 +198,8 @@ def resolve_shards(spec: Union[str, Sequence[str]], manifest: str = "",
     return ShardSet(urls=urls, counts=counts, manifest=m, manifest_path=mpath)
 
 
-def _drop_empty(urls: list[str], counts: list[Optional[int]], flag: str, mpath: str
-                ) -> tuple[list[str], list[Optional[int]]]:
+def _drop_empty(urls: list[str], counts: list[int | None], flag: str, mpath: str
+                ) -> tuple[list[str], list[int | None]]:
     """Leave out shards the manifest lists with 0 samples: read endlessly, a resampled stream would
     spin on them without ever yielding. All of them empty is an error."""
     empty = [u for u, c in zip(urls, counts) if c == 0]

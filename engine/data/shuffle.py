@@ -16,7 +16,7 @@ resume relies on (it replays the shuffled stream by count).
 """
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 

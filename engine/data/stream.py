@@ -34,8 +34,8 @@ with a UserError instead of re-reading them forever.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
@@ -63,7 +63,7 @@ class StreamPlan:
     """
 
     urls: list[str]
-    counts: list[Optional[int]]
+    counts: list[int | None]
     batch_size: int
     resampled: bool
     shuffle_buffer: int
@@ -76,7 +76,7 @@ class StreamPlan:
     shuffle_bytes: int = 0
     shuffle_initial: int = 1
     drop_last: bool = True
-    num_bands: Optional[int] = None
+    num_bands: int | None = None
 
 
 @dataclass
@@ -88,7 +88,7 @@ class Assignment:
     sample_splits: list[tuple[int, int]]
 
 
-def merge_counts(totals: Sequence[Optional[int]], k: int) -> tuple[list[int], int]:
+def merge_counts(totals: Sequence[int | None], k: int) -> tuple[list[int], int]:
     """Consume ``k`` batches from workers in DataLoader order (round-robin, exhausted workers drop
     out; ``None`` = endless). Returns (batches taken per worker, worker that supplies the next)."""
     nw = len(totals)
@@ -129,8 +129,8 @@ class ShardStream(IterableDataset):
     each epoch's values; the loader gives it one slot per logical worker.
     """
 
-    def __init__(self, plan: StreamPlan, view, label_fn: Optional[Callable[[dict], int]] = None,
-                 opener: Optional[Callable] = None, num_workers: int = 1):
+    def __init__(self, plan: StreamPlan, view, label_fn: Callable[[dict], int] | None = None,
+                 opener: Callable | None = None, num_workers: int = 1):
         super().__init__()
         self.plan, self.view, self.label_fn = plan, view, label_fn
         self.opener = opener or ShardOpener()
@@ -161,11 +161,11 @@ class ShardStream(IterableDataset):
             splits.append((worker, num_workers))
         return Assignment(order, splits)
 
-    def assignment(self, epoch: int, worker: int, num_workers: int, rank: Optional[int] = None) -> Assignment:
+    def assignment(self, epoch: int, worker: int, num_workers: int, rank: int | None = None) -> Assignment:
         """Exact-mode share of logical ``worker`` of ``rank`` (default: this rank); module docstring step 1."""
         return self._split(self._order(epoch), self.plan.rank if rank is None else rank, worker, num_workers)
 
-    def _samples_of(self, a: Assignment) -> Optional[int]:
+    def _samples_of(self, a: Assignment) -> int | None:
         counts = [self.plan.counts[i] for i in a.shards]
         if any(c is None for c in counts):
             return None
@@ -174,12 +174,12 @@ class ShardStream(IterableDataset):
             n = len(range(offset, n, stride))
         return n
 
-    def expected_samples(self, epoch: int, worker: int, num_workers: int, rank: Optional[int] = None
-                         ) -> Optional[int]:
+    def expected_samples(self, epoch: int, worker: int, num_workers: int, rank: int | None = None
+                         ) -> int | None:
         """Samples logical ``worker`` yields in an exact epoch per the manifest (None if unknown)."""
         return self._samples_of(self.assignment(epoch, worker, num_workers, rank))
 
-    def expected_batches(self, epoch: int, num_workers: int, rank: Optional[int] = None) -> list[Optional[int]]:
+    def expected_batches(self, epoch: int, num_workers: int, rank: int | None = None) -> list[int | None]:
         """Per logical worker batch count of an epoch (resampled: its share of steps_per_epoch)."""
         p = self.plan
         if p.resampled:
@@ -187,16 +187,16 @@ class ShardStream(IterableDataset):
                     for w in range(num_workers)]
         order = self._order(epoch)
         rank = p.rank if rank is None else rank
-        out: list[Optional[int]] = []
+        out: list[int | None] = []
         for w in range(num_workers):
             n = self._samples_of(self._split(order, rank, w, num_workers))
             out.append(None if n is None else (n // p.batch_size if p.drop_last else -(-n // p.batch_size)))
         return out
 
-    def min_rank_batches(self, epoch: int, num_workers: int) -> Optional[int]:
+    def min_rank_batches(self, epoch: int, num_workers: int) -> int | None:
         """Fewest batches any rank yields in an exact epoch (None if counts are unknown)."""
         order = self._order(epoch)
-        best: Optional[int] = None
+        best: int | None = None
         for r in range(self.plan.world_size):
             b = 0
             for w in range(num_workers):

@@ -22,7 +22,7 @@ stream reproduces the augmentations of the original run.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -85,7 +85,7 @@ def crop_view(arr: np.ndarray, box: Box, dihedral: int = 0) -> np.ndarray:
     return v
 
 
-def select_bands(view: np.ndarray, bands: Optional[Sequence[int]]) -> np.ndarray:
+def select_bands(view: np.ndarray, bands: Sequence[int] | None) -> np.ndarray:
     """Keep ``bands`` (indices into C); a contiguous ascending run stays a view."""
     if bands is None:
         return view
@@ -124,13 +124,13 @@ def cast_back(x: torch.Tensor, dtype: np.dtype) -> torch.Tensor:
 
 
 def crop_resize(arr: np.ndarray, box: Box, size: int, dihedral: int = 0,
-                bands: Optional[Sequence[int]] = None) -> torch.Tensor:
+                bands: Sequence[int] | None = None) -> torch.Tensor:
     """Float32 (C', size, size) crop of ``arr`` (C', the selected bands), before any cast back."""
     return resize(to_float(select_bands(crop_view(arr, box, dihedral), bands)), size)
 
 
 def crop_resize_native(arr: np.ndarray, box: Box, size: int, dihedral: int = 0,
-                       bands: Optional[Sequence[int]] = None) -> torch.Tensor:
+                       bands: Sequence[int] | None = None) -> torch.Tensor:
     """Like :func:`crop_resize` but returned in the source dtype; skips the float round trip when
     the box already has the output size (e.g. eval on chips converted at the model's size), and
     resizes uint8 directly: torch's uint8 kernel is ~3x faster than float32 on a 224 px RGB crop
@@ -151,7 +151,7 @@ class RandomResizedCrop:
     """
 
     def __init__(self, size: int, scale: Sequence[float], ratio: Sequence[float], dihedral: bool,
-                 bands: Optional[Sequence[int]] = None):
+                 bands: Sequence[int] | None = None):
         self.size, self.scale, self.ratio = int(size), tuple(scale), tuple(ratio)
         self.dihedral, self.bands = dihedral, bands
 
@@ -167,9 +167,9 @@ class RandomResizedCrop:
 class CenterCrop:
     """Deterministic eval view: centre square of ``crop_pct`` of the short side, resized to ``size``."""
 
-    def __init__(self, size: int, crop_pct: float, bands: Optional[Sequence[int]] = None):
+    def __init__(self, size: int, crop_pct: float, bands: Sequence[int] | None = None):
         self.size, self.crop_pct, self.bands = int(size), float(crop_pct), bands
 
-    def __call__(self, arr: np.ndarray, rng: Optional[np.random.Generator] = None) -> torch.Tensor:
+    def __call__(self, arr: np.ndarray, rng: np.random.Generator | None = None) -> torch.Tensor:
         box = center_box(arr.shape[1], arr.shape[2], self.crop_pct)
         return crop_resize_native(arr, box, self.size, 0, self.bands)

@@ -23,7 +23,7 @@ import os
 import signal
 import threading
 import weakref
-from typing import Callable
+from collections.abc import Callable
 
 from torch.utils.data import get_worker_info
 
@@ -61,7 +61,7 @@ def stop_workers(it, control) -> None:
         w.join(KILL_WAIT_S)
 
 
-_live: "weakref.WeakSet" = weakref.WeakSet()
+_live: weakref.WeakSet = weakref.WeakSet()
 _lock = threading.Lock()
 _hooked = False
 

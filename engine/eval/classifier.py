@@ -9,7 +9,7 @@ for layer-wise lr decay.
 from __future__ import annotations
 
 import logging
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -86,7 +86,7 @@ class Classifier(nn.Module):
 
 
 def build_classifier(cfg: FinetuneRunConfig, num_classes: int, multilabel: bool = False,
-                     device: Optional[torch.device] = None) -> tuple[Classifier, ParamReport]:
+                     device: torch.device | None = None) -> tuple[Classifier, ParamReport]:
     """ViT from ``cfg.model`` (weights + merged adapter) with the fine-tuning recipe applied, plus head.
 
     'lora': every block keeps its weights frozen and gets LoRA on ``finetune.lora_targets``; norms

@@ -4,10 +4,19 @@ frozen-feature evaluation (``launchers/evaluate.py``). They reuse the pre-traini
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal
 
-from engine.config import (CropConfig, DataConfig, DeepSpeedFileConfig, KernelConfig, ModelConfig, OptimConfig,
-                           TrainConfig, ZeroConfig, check_image_sizes)
+from engine.config import (
+    CropConfig,
+    DataConfig,
+    DeepSpeedFileConfig,
+    KernelConfig,
+    ModelConfig,
+    OptimConfig,
+    TrainConfig,
+    ZeroConfig,
+    check_image_sizes,
+)
 from engine.config_io import check_field as _check
 
 
@@ -100,7 +109,7 @@ class EvalConfig:
     """Neighbours of the weighted kNN classifier."""
     knn_temperature: float = 0.07
     """Temperature of the kNN vote weights exp(cos / T)."""
-    multilabel: Optional[bool] = None
+    multilabel: bool | None = None
     """Multi-label targets scored by mAP (None = the manifest's 'multilabel' flag)."""
     reuse_features: bool = True
     """Reuse cached features in output_dir/features when they were extracted with the same model and data."""

@@ -13,8 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -71,8 +71,8 @@ def lockstep(loader: Iterable, device: torch.device) -> Iterator[tuple[dict, boo
 
 @torch.no_grad()
 def run_over(loader: Iterable, device: torch.device, fn: Callable[[torch.Tensor], dict[str, torch.Tensor]],
-             normalizer=None, precision: str = "fp32", desc: str = "eval", total: Optional[int] = None,
-             input_dtype: Optional[torch.dtype] = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+             normalizer=None, precision: str = "fp32", desc: str = "eval", total: int | None = None,
+             input_dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Apply ``fn(images) -> {name: (B, ...)}`` to every batch; returns ({name: (N, ...)} fp32 CPU,
     labels (N, ...)) over all ranks. input_dtype: cast the normalised images (a model stored in 16 bits)."""
     outs: dict[str, list[torch.Tensor]] = {}
@@ -120,7 +120,7 @@ def save_features(path: Path, feats: dict[str, torch.Tensor], labels: torch.Tens
         torch.save({"key": key, "feats": feats, "labels": labels}, fh)
 
 
-def load_features(path: Path, key: str, pools: Sequence[str]) -> Optional[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+def load_features(path: Path, key: str, pools: Sequence[str]) -> tuple[dict[str, torch.Tensor], torch.Tensor] | None:
     """The cache at ``path`` if it was written for ``key`` and holds every pool in ``pools``; else None."""
     if not path.is_file():
         return None

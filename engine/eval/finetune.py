@@ -16,16 +16,15 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 from torch import nn
 
 from engine.atomic import atomic_write, atomic_write_text
 from engine.config import save_config
-from engine.eval.config import FinetuneRunConfig
 from engine.errors import UserError
 from engine.eval.classifier import Classifier, build_classifier
+from engine.eval.config import FinetuneRunConfig
 from engine.eval.features import run_over
 from engine.eval.metrics import mean_average_precision, topk_accuracy
 
@@ -33,7 +32,7 @@ log = logging.getLogger(__name__)
 
 
 def validate(model: Classifier, loader, device: torch.device, multilabel: bool,
-             input_dtype: Optional[torch.dtype] = None) -> dict[str, float]:
+             input_dtype: torch.dtype | None = None) -> dict[str, float]:
     """Top-1/top-5 (%) or mAP (%) of ``model`` over the whole val split, and the number of samples
     scored (every rank gets the same)."""
     out, labels = run_over(loader, device, lambda x: {"logits": model.logits(x)}, loader.normalizer,
@@ -44,7 +43,7 @@ def validate(model: Classifier, loader, device: torch.device, multilabel: bool,
     return {**scores, "samples": int(labels.shape[0])}
 
 
-def _gathered_trainable(model: nn.Module, is_main: bool) -> Optional[dict[str, torch.Tensor]]:
+def _gathered_trainable(model: nn.Module, is_main: bool) -> dict[str, torch.Tensor] | None:
     """Trainable tensors as fp32 CPU copies on the main rank (all ranks call it: ZeRO-3 gathers)."""
     from engine.trainer.export import gathered_params
 
@@ -60,7 +59,7 @@ class BestKeeper:
 
     def __init__(self, run_dir: Path, metric: str, is_main: bool, meta: dict):
         self.dir, self.metric, self.is_main, self.meta = run_dir / "best", metric, is_main, meta
-        self.best: Optional[dict] = None
+        self.best: dict | None = None
         prev = self.dir / "meta.json"
         if prev.is_file():
             self.best = json.loads(prev.read_text())

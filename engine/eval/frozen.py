@@ -17,8 +17,8 @@ import torch
 
 from engine.atomic import atomic_write_text
 from engine.config import save_config, to_dict
-from engine.eval.config import EvalRunConfig
 from engine.errors import UserError
+from engine.eval.config import EvalRunConfig
 from engine.eval.features import extract_features, fingerprint, load_features, save_features
 from engine.eval.knn import knn_eval
 from engine.eval.linear_probe import linear_probe

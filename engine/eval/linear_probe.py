@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -24,14 +23,14 @@ class ProbeResult:
     best_lr: float
     val: dict[str, float]
     """Metrics of the chosen head on the validation split (top1/top5, or mAP for multi-label)."""
-    test: Optional[dict[str, float]] = None
+    test: dict[str, float] | None = None
     """Same metrics on the held-out test split, when one was given."""
     sweep: dict[float, float] = field(default_factory=dict)
     """lr -> validation score (top1 or mAP) of every head."""
-    head: Optional[nn.Linear] = None
+    head: nn.Linear | None = None
     """The chosen head, in the standardised feature space (see ``mean``/``std``)."""
-    mean: Optional[torch.Tensor] = None
-    std: Optional[torch.Tensor] = None
+    mean: torch.Tensor | None = None
+    std: torch.Tensor | None = None
 
 
 def _score(logits: torch.Tensor, labels: torch.Tensor, multilabel: bool) -> dict[str, float]:
@@ -46,8 +45,8 @@ def linear_probe(
     val_feats: torch.Tensor,
     val_labels: torch.Tensor,
     num_classes: int,
-    test_feats: Optional[torch.Tensor] = None,
-    test_labels: Optional[torch.Tensor] = None,
+    test_feats: torch.Tensor | None = None,
+    test_labels: torch.Tensor | None = None,
     lrs: tuple[float, ...] = DEFAULT_LRS,
     epochs: int = 100,
     batch_size: int = 256,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Union
 
 import timm
 import torch
@@ -54,7 +53,7 @@ def resolve_arch(name: str) -> tuple[str, dict]:
                     f"{', '.join(DINOV2_ARCHS + MAE_ARCHS + tuple(TINY_ARCHS))}")
 
 
-def create_vit(cfg: ModelConfig, device: Union[str, torch.device, None] = None) -> nn.Module:
+def create_vit(cfg: ModelConfig, device: str | torch.device | None = None) -> nn.Module:
     """The architecture of ``cfg`` at random init (no weights, no dispatch swap); on ``device``."""
     arch, shape = resolve_arch(cfg.name)
     for k in ("embed_dim", "depth", "num_heads"):

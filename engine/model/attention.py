@@ -19,8 +19,6 @@ working; nothing here reads ``qkv.weight``.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from timm.layers.attention import Attention
@@ -54,7 +52,7 @@ class DispatchAttention(nn.Module):
         self.proj_drop = src.proj_drop
 
     def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-              attn_mask: Optional[torch.Tensor], is_causal: bool) -> torch.Tensor:
+              attn_mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
         """q, k, v: (B, H, N, D) -> (B, H, N, D)."""
         dropout_p = self.attn_drop.p if self.training else 0.0
         if dropout_p > 0.0 or attn_mask is not None or is_causal:
@@ -62,7 +60,7 @@ class DispatchAttention(nn.Module):
                                                   is_causal=is_causal, scale=self.scale)
         return dispatch.attention(q, k, v, self.scale)
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
                 is_causal: bool = False) -> torch.Tensor:
         """x: (B, N, C) tokens; attn_mask: optional (.., N, N) bool/additive mask (SDPA semantics)."""
         B, N, _ = x.shape

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import torch
 from torch import nn
@@ -29,7 +28,7 @@ class BaseInfo:
     format: str = "random"
     extra: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
-    def weights_sha256(self) -> Optional[str]:
+    def weights_sha256(self) -> str | None:
         return file_sha256(self.weights) if self.weights else None
 
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Optional, Sequence, Union
 
 from timm.layers import LayerScale
 from torch import nn
@@ -57,7 +57,7 @@ def add_lora(vit: nn.Module, blocks: Iterable[int], targets: Sequence[str], rank
 
 
 def add_lora_to_blocks(blocks: Sequence[nn.Module], targets: Sequence[str], rank: int, alpha: float,
-                       dropout: float = 0.0, labels: Optional[Sequence[int]] = None) -> int:
+                       dropout: float = 0.0, labels: Sequence[int] | None = None) -> int:
     """LoRA on ``targets`` of timm-style transformer blocks (``attn.qkv``, ``attn.proj``,
     ``mlp.fc1``, ``mlp.fc2``): the ViT's blocks, or the MAE decoder's. Returns layers wrapped."""
     bad = sorted(set(targets) - set(LORA_TARGETS))
@@ -142,8 +142,8 @@ class ParamReport:
         return self.table()
 
 
-def param_report(vit: nn.Module, unfrozen_blocks: Optional[Iterable[int]] = None,
-                 recipe: Optional[dict] = None) -> ParamReport:
+def param_report(vit: nn.Module, unfrozen_blocks: Iterable[int] | None = None,
+                 recipe: dict | None = None) -> ParamReport:
     """Count ``vit``'s parameters by group from their current ``requires_grad`` flags.
 
     unfrozen_blocks: non-negative block indices reported as 'unfrozen_blocks' (default: the recipe
@@ -191,7 +191,7 @@ def applied_recipe(vit: nn.Module) -> dict:
     return recipe
 
 
-def _as_config(cfg: Union[ExploraConfig, dict, None], overrides: dict) -> ExploraConfig:
+def _as_config(cfg: ExploraConfig | dict | None, overrides: dict) -> ExploraConfig:
     if cfg is None:
         cfg = ExploraConfig()
     elif isinstance(cfg, dict):
@@ -207,7 +207,7 @@ def _as_config(cfg: Union[ExploraConfig, dict, None], overrides: dict) -> Explor
     return cfg
 
 
-def apply_explora(vit: nn.Module, cfg: Union[ExploraConfig, dict, None] = None, **overrides) -> ParamReport:
+def apply_explora(vit: nn.Module, cfg: ExploraConfig | dict | None = None, **overrides) -> ParamReport:
     """Freeze ``vit`` per the ExPLoRA recipe and add LoRA, in place; returns the parameter report.
 
     cfg: an :class:`~engine.config.ExploraConfig`, a dict of its fields, or None (defaults);

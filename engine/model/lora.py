@@ -19,7 +19,7 @@ folded weight, for exports), :meth:`LoRALinear.merge` / ``unmerge`` (in place), 
 from __future__ import annotations
 
 import math
-from typing import Iterator, Optional, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -43,8 +43,8 @@ class LoRALinear(nn.Linear):
         rank: int,
         alpha: float,
         dropout: float = 0.0,
-        segments: Optional[Sequence[int]] = None,
-        segment_width: Optional[int] = None,
+        segments: Sequence[int] | None = None,
+        segment_width: int | None = None,
     ):
         # nn.Linear.__init__ would allocate a fresh weight; we adopt base's Parameters instead.
         nn.Module.__init__(self)

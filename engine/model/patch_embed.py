@@ -23,7 +23,8 @@ weights were adapted to C != 3 bands) carries ``fresh = True``; the ExPLoRA reci
 """
 from __future__ import annotations
 
-from typing import Literal, Optional, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import nn
@@ -88,7 +89,7 @@ class GroupChannelPatchEmbed(nn.Module):
     fresh = True
 
     def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int,
-                 band_groups: Optional[Sequence[Sequence[int]]] = None, bias: bool = True,
+                 band_groups: Sequence[Sequence[int]] | None = None, bias: bool = True,
                  encoding: GroupEncoding = "learned"):
         super().__init__()
         groups = [list(map(int, g)) for g in (band_groups if band_groups is not None
@@ -122,7 +123,7 @@ class GroupChannelPatchEmbed(nn.Module):
             nn.init.trunc_normal_(self.group_embed, std=0.02)
 
     @torch.no_grad()
-    def init_from_rgb(self, weight: torch.Tensor, bias: Optional[torch.Tensor], mode: AdaptMode = "timm") -> None:
+    def init_from_rgb(self, weight: torch.Tensor, bias: torch.Tensor | None, mode: AdaptMode = "timm") -> None:
         """Start every group's conv from pre-trained RGB kernels (D, 3, p, p), adapted to its bands."""
         for conv, g in zip(self.proj, self.band_groups):
             conv.weight.copy_(adapt_rgb_weight(weight, len(g), mode).to(conv.weight.dtype))
@@ -139,8 +140,8 @@ class GroupChannelPatchEmbed(nn.Module):
         return f"groups={self.band_groups}, patch={self.patch_size[0]}, dim={self.embed_dim}, encoding={self.encoding}"
 
 
-def use_group_channel_embed(vit: nn.Module, band_groups: Optional[Sequence[Sequence[int]]] = None,
-                            in_chans: Optional[int] = None,
+def use_group_channel_embed(vit: nn.Module, band_groups: Sequence[Sequence[int]] | None = None,
+                            in_chans: int | None = None,
                             encoding: GroupEncoding = "learned") -> GroupChannelPatchEmbed:
     """Replace ``vit.patch_embed`` by a group-channel embed of the same patch size, grid and width.
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Optional
 
 import torch
 from timm.layers import resample_abs_pos_embed
@@ -93,7 +92,7 @@ def fit_mask_token(sd: StateDict, vit: nn.Module) -> StateDict:
     return sd
 
 
-def _resampled(pe: torch.Tensor, vit: nn.Module) -> Optional[torch.Tensor]:
+def _resampled(pe: torch.Tensor, vit: nn.Module) -> torch.Tensor | None:
     """File pos_embed (1, P + n*n, D) -> the model's grid, or None when it cannot be resampled."""
     own = vit.pos_embed
     n_prefix = 0 if vit.no_embed_class else vit.num_prefix_tokens

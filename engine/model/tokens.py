@@ -13,8 +13,6 @@ embedding is shared by all groups (the group embed adds the spectral identity).
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from timm.layers import resample_abs_pos_embed
 from torch import nn
@@ -25,7 +23,7 @@ def num_groups(vit: nn.Module) -> int:
     return int(getattr(vit.patch_embed, "num_groups", 1))
 
 
-def _pos_embeds(vit: nn.Module, grid: tuple[int, int]) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+def _pos_embeds(vit: nn.Module, grid: tuple[int, int]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Split ``vit.pos_embed`` into (prefix part (1, P, D) or None, patch part resampled to (1, h*w, D))."""
     pe = vit.pos_embed
     if pe is None:
@@ -38,8 +36,8 @@ def _pos_embeds(vit: nn.Module, grid: tuple[int, int]) -> tuple[Optional[torch.T
     return (prefix if n_prefix else None), patch
 
 
-def _assemble(vit: nn.Module, t: torch.Tensor, grid: tuple[int, int], mask: Optional[torch.Tensor],
-              mask_token: Optional[torch.Tensor], ids_keep: Optional[torch.Tensor]) -> torch.Tensor:
+def _assemble(vit: nn.Module, t: torch.Tensor, grid: tuple[int, int], mask: torch.Tensor | None,
+              mask_token: torch.Tensor | None, ids_keep: torch.Tensor | None) -> torch.Tensor:
     """Patch tokens t (B, G*h*w, D) -> [prefix][patch] tokens, with every tensor that lives on the
     ViT itself (mask token, position embedding, cls/register tokens) read here."""
     B, _, D = t.shape
@@ -80,17 +78,17 @@ class TokenAssembly(nn.Module):
     EMA teacher's swap of trainable tensors (engine/objectives/teacher.py).
     """
 
-    def forward(self, vit: nn.Module, t: torch.Tensor, grid: tuple[int, int], mask: Optional[torch.Tensor] = None,
-                mask_token: Optional[torch.Tensor] = None, ids_keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, vit: nn.Module, t: torch.Tensor, grid: tuple[int, int], mask: torch.Tensor | None = None,
+                mask_token: torch.Tensor | None = None, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
         return _assemble(vit, t, grid, mask, mask_token, ids_keep)
 
 
 def embed(
     vit: nn.Module,
     x: torch.Tensor,
-    mask: Optional[torch.Tensor] = None,
-    mask_token: Optional[torch.Tensor] = None,
-    ids_keep: Optional[torch.Tensor] = None,
+    mask: torch.Tensor | None = None,
+    mask_token: torch.Tensor | None = None,
+    ids_keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Images -> input tokens of the first block.
 
@@ -125,9 +123,9 @@ def run_blocks(vit: nn.Module, t: torch.Tensor) -> torch.Tensor:
 def forward_tokens(
     vit: nn.Module,
     x: torch.Tensor,
-    mask: Optional[torch.Tensor] = None,
-    mask_token: Optional[torch.Tensor] = None,
-    ids_keep: Optional[torch.Tensor] = None,
+    mask: torch.Tensor | None = None,
+    mask_token: torch.Tensor | None = None,
+    ids_keep: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Full encoder pass returning normalised tokens split by role.
 

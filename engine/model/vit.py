@@ -15,7 +15,6 @@ base, the recorded recipe, the file's tensors.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -39,7 +38,7 @@ def _load_base(vit: nn.Module, cfg: ModelConfig) -> BaseInfo:
     return info
 
 
-def build_vit(cfg: ModelConfig, device: Union[str, torch.device, None] = None) -> nn.Module:
+def build_vit(cfg: ModelConfig, device: str | torch.device | None = None) -> nn.Module:
     """timm VisionTransformer for ``cfg``: local weights loaded, adapter merged, attention through
     ``kernels.dispatch``, per-block gradient checkpointing set from ``cfg.grad_checkpointing``.
 
@@ -60,8 +59,8 @@ def build_vit(cfg: ModelConfig, device: Union[str, torch.device, None] = None) -
     return vit
 
 
-def build_from_adapter(path: str | Path, weights: Optional[str] = None, seed: Optional[int] = None,
-                       device: Optional[str | torch.device] = None) -> nn.Module:
+def build_from_adapter(path: str | Path, weights: str | None = None, seed: int | None = None,
+                       device: str | torch.device | None = None) -> nn.Module:
     """Rebuild the trained model from an adapter: base from its recorded model config, recipe
     applied, tensors loaded.
 

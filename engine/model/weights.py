@@ -19,9 +19,9 @@ seems to hold.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -29,8 +29,14 @@ from torch import nn
 from engine.errors import UserError
 from engine.model.formats import dinov2, mae, trainer_checkpoint
 from engine.model.patch_embed import AdaptMode
-from engine.model.state_fit import (check_not_partitioned, drop_head, fit_mask_token, fit_patch_embed,
-                                    resample_pos_embed, strict_load)
+from engine.model.state_fit import (
+    check_not_partitioned,
+    drop_head,
+    fit_mask_token,
+    fit_patch_embed,
+    resample_pos_embed,
+    strict_load,
+)
 from engine.model.tensor_files import StateDict, read_safetensors, torch_load
 
 log = logging.getLogger(__name__)

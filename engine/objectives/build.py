@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-from typing import Optional, Union
 
 from torch import nn
 
@@ -17,11 +16,11 @@ log = logging.getLogger(__name__)
 
 
 def build_objective(
-    cfg: Union[RunConfig, ObjectiveConfig],
+    cfg: RunConfig | ObjectiveConfig,
     vit: nn.Module,
     total_steps: int,
-    all_reduce: Optional[AllReduce] = None,
-    decoder_state: Optional[dict] = None,
+    all_reduce: AllReduce | None = None,
+    decoder_state: dict | None = None,
 ) -> nn.Module:
     """DinoObjective or MAEObjective per ``objective.name``.
 

@@ -7,7 +7,7 @@ must call these functions in the same order, also a rank that holds zero rows th
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

@@ -14,7 +14,7 @@ One ``forward(batch, step)`` is one DINOv2 iteration on this rank's micro-batch:
 from __future__ import annotations
 
 import logging
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -50,7 +50,7 @@ class DinoObjective(nn.Module):
         cfg: DinoConfig,
         total_steps: int,
         n_global_crops: int = 2,
-        all_reduce: Optional[AllReduce] = None,
+        all_reduce: AllReduce | None = None,
         layer_decay: LayerDecay = LayerDecay(),
     ):
         super().__init__()

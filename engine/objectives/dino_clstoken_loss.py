@@ -7,8 +7,6 @@ summed over the (s, t) pairs with s != t, divided by the number of pairs.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
@@ -25,7 +23,7 @@ class DINOClsLoss(TeacherTargetLoss):
     def forward(
         self,
         student_global: torch.Tensor,
-        student_local: Optional[torch.Tensor],
+        student_local: torch.Tensor | None,
         teacher_probs: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Multi-crop cross-entropy, split into its global-view and local-view parts.

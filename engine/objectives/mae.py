@@ -12,7 +12,7 @@ every group from its own bands.
 from __future__ import annotations
 
 import logging
-from typing import Iterator, Optional, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 
 def random_masking(
-    batch: int, length: int, mask_ratio: float, device: torch.device, generator: Optional[torch.Generator] = None
+    batch: int, length: int, mask_ratio: float, device: torch.device, generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-sample uniform masking of ``length`` tokens, keeping int(length * (1 - ratio)).
 
@@ -44,7 +44,7 @@ def random_masking(
     return ids_keep, ids_restore, mask
 
 
-def patchify(images: torch.Tensor, patch_size: int, band_groups: Optional[Sequence[Sequence[int]]] = None) -> list[torch.Tensor]:
+def patchify(images: torch.Tensor, patch_size: int, band_groups: Sequence[Sequence[int]] | None = None) -> list[torch.Tensor]:
     """images: (B, C, H, W) -> per group (B, h*w, p*p*c_g) in MAE's (p, p, c) value order.
 
     band_groups: band indices of each group (None = one group of all bands).
@@ -63,7 +63,7 @@ def patchify(images: torch.Tensor, patch_size: int, band_groups: Optional[Sequen
 
 def masked_mse(
     preds: Sequence[torch.Tensor], targets: Sequence[torch.Tensor], mask: torch.Tensor, norm_pix_loss: bool,
-    pix_stats: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    pix_stats: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Mean over masked tokens of the per-token mean squared error.
 
@@ -91,7 +91,7 @@ def patch_stats(images: torch.Tensor, patch_size: int) -> tuple[torch.Tensor, to
     return full.mean(dim=-1, keepdim=True), full.var(dim=-1, keepdim=True)
 
 
-def _band_groups(vit: nn.Module, band_groups: Optional[Sequence[Sequence[int]]]) -> Optional[list[list[int]]]:
+def _band_groups(vit: nn.Module, band_groups: Sequence[Sequence[int]] | None) -> list[list[int]] | None:
     G = num_groups(vit)
     groups = band_groups if band_groups is not None else getattr(vit.patch_embed, "band_groups", None)
     if G == 1:
@@ -123,8 +123,8 @@ class MAEObjective(nn.Module):
         self,
         vit: nn.Module,
         cfg: MAEConfig,
-        decoder_state: Optional[dict] = None,
-        band_groups: Optional[Sequence[Sequence[int]]] = None,
+        decoder_state: dict | None = None,
+        band_groups: Sequence[Sequence[int]] | None = None,
         train_norms: bool = True,
         layer_decay: LayerDecay = LayerDecay(),
     ):
@@ -185,7 +185,7 @@ class MAEObjective(nn.Module):
         """MAE has no EMA or per-step schedule; kept for the common objective interface."""
 
     def reconstruct(
-        self, images: torch.Tensor, generator: Optional[torch.Generator] = None
+        self, images: torch.Tensor, generator: torch.Generator | None = None
     ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
         """images: (B, C, H, W) normalised -> (preds, targets, mask, encoder tokens).
 

@@ -18,8 +18,8 @@ drops mismatching ``decoder_pred`` keys before loading (its mae/pretrain.py).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from functools import partial
-from typing import Optional, Sequence
 
 import torch
 from timm.layers import resample_abs_pos_embed
@@ -182,7 +182,7 @@ def _fresh_keys(decoder: MAEDecoder, sd: dict) -> list[str]:
     return fresh
 
 
-def load_mae_decoder(decoder: MAEDecoder, state: Optional[dict]) -> Optional[list[str]]:
+def load_mae_decoder(decoder: MAEDecoder, state: dict | None) -> list[str] | None:
     """Load official-MAE decoder tensors from ``state`` (a full MAE state dict, ``{'model': ...}``
     or decoder keys only).
 

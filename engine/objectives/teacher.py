@@ -27,7 +27,7 @@ with teacher weights (or the reverse).
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable, Iterator, Mapping, Optional
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -76,7 +76,7 @@ class EMATeacher:
         self.names: list[str] = []
         self.params: list[nn.Parameter] = []
         self.ema: list[torch.Tensor] = []
-        self._pending: Optional[dict] = None
+        self._pending: dict | None = None
         self.initialized = False
 
     # ---------------------------------------------------------------- setup

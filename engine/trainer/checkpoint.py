@@ -28,7 +28,7 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -53,7 +53,7 @@ def rank_file(rank: int) -> str:
     return f"rank_{rank:05d}.pt"
 
 
-def read_meta(path: Path) -> Optional[dict]:
+def read_meta(path: Path) -> dict | None:
     """meta.json of checkpoint dir ``path`` if it is complete, else None."""
     if path.name.startswith(TMP_PREFIX) or not _TAG_RE.match(path.name):
         return None
@@ -78,7 +78,7 @@ def complete_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def resolve_resume(spec: str, output_dir: Path) -> Optional[Path]:
+def resolve_resume(spec: str, output_dir: Path) -> Path | None:
     """``--train.resume`` -> the checkpoint directory to load, or None to start fresh.
 
     'none': start fresh. 'auto': the newest complete checkpoint in ``output_dir`` (None if there
@@ -181,7 +181,7 @@ class CheckpointManager:
         tmp_tag = TMP_PREFIX + tag
         tmp = self.dir / tmp_tag
         t0 = time.perf_counter()
-        err: Optional[UserError] = None
+        err: UserError | None = None
         if self.rank == 0:
             try:
                 self.dir.mkdir(parents=True, exist_ok=True)
@@ -213,7 +213,7 @@ class CheckpointManager:
             log.info("checkpoint %s saved in %.1fs", final, time.perf_counter() - t0)
         return final
 
-    def _check_space(self, tag: str) -> Optional[UserError]:
+    def _check_space(self, tag: str) -> UserError | None:
         """Rank 0: an error when the free space is below the size of the last complete checkpoint
         (the new one is written before the oldest is pruned, so it needs that much again)."""
         previous = complete_checkpoints(self.dir)
@@ -260,7 +260,7 @@ class CheckpointManager:
         shutil.rmtree(old, ignore_errors=True)
         atomic_write_text(self.dir / LATEST, final.name)
 
-    def _agree(self, err: Optional[UserError], tmp: Path) -> None:
+    def _agree(self, err: UserError | None, tmp: Path) -> None:
         """All ranks: raise on every rank the error of the lowest rank that had one (rank 0 removes
         ``tmp``); return when every rank's writes succeeded. A barrier either way."""
         failed = torch.tensor([0.0 if err is None else 1.0], dtype=torch.float64)
@@ -282,7 +282,7 @@ class CheckpointManager:
             if p != keep:
                 shutil.rmtree(p, ignore_errors=True)
 
-    def load(self, engine, path: Path) -> tuple[dict, Optional[dict]]:
+    def load(self, engine, path: Path) -> tuple[dict, dict | None]:
         """Restore engine (module, optimizer) from ``path``; returns (meta, this rank's rank state
         or None when the checkpoint was written by a different world size)."""
         meta = read_meta(path)

@@ -11,8 +11,8 @@ The lr and weight decay are set on the param groups every step by ``schedules.Op
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional
 
 import torch
 from torch import nn
@@ -42,8 +42,8 @@ def is_no_decay(name: str, p: nn.Parameter, no_decay_lora_b: bool) -> bool:
 
 
 def param_groups(named: Iterable[tuple[str, nn.Parameter]], no_decay_lora_b: bool = True,
-                 lr_mult: Optional[Callable[[str], float]] = None,
-                 frozen_steps: Optional[Callable[[str], int]] = None) -> list[dict]:
+                 lr_mult: Callable[[str], float] | None = None,
+                 frozen_steps: Callable[[str], int] | None = None) -> list[dict]:
     """AdamW param groups over the given (trainable) parameters: 'decay' (wd_mult 1) and
     'no_decay' (wd_mult 0); empty groups are dropped (ZeRO cannot partition an empty group).
     lr_mult: name -> lr multiplier (layer-wise lr decay); frozen_steps: name -> number of first
@@ -125,7 +125,7 @@ def _deepspeed_fused_adam_prebuilt() -> bool:
 
 
 def build_ds_config(cfg: RunConfig, world_size: int, device_type: str,
-                    zero_overrides: Optional[dict] = None, user_config: bool = True) -> dict:
+                    zero_overrides: dict | None = None, user_config: bool = True) -> dict:
     """The DeepSpeed config dict for ``cfg`` on ``world_size`` ranks of ``device_type``.
 
     zero_overrides: zero_optimization entries the objective requires (e.g. the shared-base EMA

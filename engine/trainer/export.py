@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -41,7 +40,7 @@ def gathered_params(params: list[nn.Parameter]):
     return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
-def gather_state_dict(module: nn.Module, is_main: bool) -> Optional[dict[str, torch.Tensor]]:
+def gather_state_dict(module: nn.Module, is_main: bool) -> dict[str, torch.Tensor] | None:
     """Full state dict of ``module`` as fp32 CPU tensors on the main rank (None on the others).
 
     Every rank must call it (ZeRO-3 all-gathers). Buffers are never partitioned and are copied

@@ -11,8 +11,8 @@ import gc
 import logging
 import os
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Optional, Sequence
 
 from engine.config_cli import parse_config_args
 from engine.errors import UserError, fs_user_error, probe_writable
@@ -33,7 +33,7 @@ def apply_kernel_config(cfg) -> None:
         dispatch.set_backend("attention", k.attention)
 
 
-def output_dir_of(cfg) -> Optional[tuple[str, str]]:
+def output_dir_of(cfg) -> tuple[str, str] | None:
     """(run directory, its flag) of a run config: ``train.output_dir`` or ``eval.output_dir``."""
     for section in ("train", "eval"):
         out = getattr(getattr(cfg, section, None), "output_dir", None)
@@ -56,7 +56,7 @@ def check_output_dir(cfg) -> None:
             f"{flag} '{out}': cannot write there ({cause.strerror}); choose another directory")
 
 
-def _run_dir_error(err: Exception, cfg) -> Optional[UserError]:
+def _run_dir_error(err: Exception, cfg) -> UserError | None:
     """A write error inside the run directory (disk full, read-only, ...) as one line, else None.
 
     An OSError that names a file counts when the file is inside the run directory. One that names
@@ -73,7 +73,7 @@ def _run_dir_error(err: Exception, cfg) -> Optional[UserError]:
     return None if cause is None else fs_user_error(cause, out, flag, "writing the run directory")
 
 
-def run_cli(config_cls: type, argv: Optional[Sequence[str]], run: Callable, check: Callable = lambda cfg: None,
+def run_cli(config_cls: type, argv: Sequence[str] | None, run: Callable, check: Callable = lambda cfg: None,
             doc: str = "") -> int:
     """Parse, check, join the process group, ``run(cfg, env) -> exit code``, leave the group.
 
@@ -83,8 +83,13 @@ def run_cli(config_cls: type, argv: Optional[Sequence[str]], run: Callable, chec
     :mod:`engine.trainer.supervise` when one runs the launcher.
     """
     from engine.trainer.loop import NonFiniteLoss
-    from engine.trainer.process_group import (RUNNER_OPTIONS, init_distributed, launcher_rank, shutdown,
-                                              strip_launcher_args)
+    from engine.trainer.process_group import (
+        RUNNER_OPTIONS,
+        init_distributed,
+        launcher_rank,
+        shutdown,
+        strip_launcher_args,
+    )
 
     register_rank()
     raw = list(sys.argv[1:] if argv is None else argv)
@@ -106,7 +111,7 @@ def run_cli(config_cls: type, argv: Optional[Sequence[str]], run: Callable, chec
     apply_kernel_config(cfg)
     env = init_distributed()
     setup_logging(env.rank)
-    code: Optional[int] = None
+    code: int | None = None
     try:
         code = int(run(cfg, env) or 0)
     except NonFiniteLoss as e:

@@ -24,9 +24,9 @@ import logging
 import math
 import signal
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Optional
 
 import torch
 import torch.distributed as dist
@@ -57,10 +57,10 @@ class NonFiniteLoss(RuntimeError):
 class FitResult:
     step: int
     """Optimizer steps done when fit() returned."""
-    preempted: Optional[str] = None
+    preempted: str | None = None
     """Name of the signal that stopped the run early (SIGTERM/SIGINT; the same on every rank, even one
     that was not signalled itself); a checkpoint of the last completed step was saved."""
-    checkpoint: Optional[Path] = None
+    checkpoint: Path | None = None
     """The last checkpoint written or resumed from."""
     last: dict = field(default_factory=dict)
     """The last metrics record."""
@@ -95,15 +95,15 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, objective: nn.Module, loader: Iterable, env: DistEnv, *,
                  prepare: Callable[[dict], dict] = lambda b: b, flops_per_image: float = 0.0,
-                 evaluate: Optional[Callable[[int, nn.Module], dict]] = None, eval_every: int = 0):
+                 evaluate: Callable[[int, nn.Module], dict] | None = None, eval_every: int = 0):
         self.cfg, self.objective, self.loader, self.env = cfg, objective, loader, env
         self.prepare, self.flops_per_image = prepare, flops_per_image
         self.evaluate, self.eval_every = evaluate, int(eval_every)
         self.output_dir = Path(cfg.train.output_dir)
         self.global_batch = cfg.data.batch_size * cfg.train.grad_accum_steps * env.world_size
         self.engine = None
-        self.report: Optional[deepspeed_setup.OptimizerReport] = None
-        self.resumed_from: Optional[Path] = None
+        self.report: deepspeed_setup.OptimizerReport | None = None
+        self.resumed_from: Path | None = None
         self.ckpt = CheckpointManager(self.output_dir, env.rank, env.world_size, cfg.train.keep_last)
         self.metrics = MetricsWriter(self.output_dir, enabled=env.is_main, loggers=cfg.train.logger,
                                      config=to_dict(cfg) if env.is_main else None)
@@ -149,7 +149,7 @@ class Trainer:
         return {"rng": rng_state(),
                 "data": self.loader.state_dict() if hasattr(self.loader, "state_dict") else None}
 
-    def save(self, step: int, boundary: Optional[dict] = None) -> Path:
+    def save(self, step: int, boundary: dict | None = None) -> Path:
         """Checkpoint after ``step`` optimizer steps (all ranks call it). boundary: the data position
         and RNG states of that step boundary when the loop has moved past it (abandoned step)."""
         rank_state = dict(boundary or self._boundary(), extra=extra_state(self.objective))
@@ -159,7 +159,7 @@ class Trainer:
         return self.ckpt.save(self.engine, step, rank_state, meta)
 
     # ------------------------------------------------------------------ data
-    def _fetch(self, guard: PreemptionGuard) -> tuple[Optional[dict], bool]:
+    def _fetch(self, guard: PreemptionGuard) -> tuple[dict | None, bool]:
         """(next host batch, False), or (None, True) when the fetch failed after a stop request
         (the same signal killed this rank's DataLoader workers); any other failure propagates."""
         try:
@@ -261,7 +261,7 @@ class Trainer:
         self.metrics.write(step, {"split": "val", **record}, prefix="val/")
 
     def _optimizer_step(self, step: int, guard: PreemptionGuard, meter: ThroughputMeter,
-                        last_checkpoint: Optional[Path]) -> tuple[int, dict]:
+                        last_checkpoint: Path | None) -> tuple[int, dict]:
         """``grad_accum_steps`` good micro-batches, each followed by ``engine.step()`` (DeepSpeed steps
         the optimizer at the accumulation boundary). Returns (stop: the number of the stop signal
         some rank received, 0 = none; abandon this step when set, last logs)."""
@@ -295,7 +295,7 @@ class Trainer:
         self._bad = 0
         return 0, logs
 
-    def _skip(self, step: int, ranks: int, last_checkpoint: Optional[Path]) -> None:
+    def _skip(self, step: int, ranks: int, last_checkpoint: Path | None) -> None:
         """A micro-batch whose loss was NaN/inf on ``ranks`` rank(s): warn, or halt after too many."""
         self._bad += 1
         if self.env.is_main:

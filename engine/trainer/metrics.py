@@ -13,8 +13,8 @@ import logging
 import math
 import resource
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import torch
 
@@ -85,7 +85,7 @@ class MetricsWriter:
     """
 
     def __init__(self, output_dir: Path, enabled: bool = True, loggers: Sequence[str] = ("tensorboard",),
-                 config: Optional[dict] = None):
+                 config: dict | None = None):
         self.enabled = enabled
         self.path = Path(output_dir) / "metrics.jsonl"
         self._fh = None
@@ -140,7 +140,7 @@ def read_metrics(path: Path) -> list[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def format_metrics(record: dict, keys: Optional[list[str]] = None) -> str:
+def format_metrics(record: dict, keys: list[str] | None = None) -> str:
     """Compact human line: ``loss 3.21 lr 0.00012 ... images_per_s 850``."""
     keys = keys or ["loss", "lr", "grad_norm", "images_per_s", "data_wait_frac", "mfu", "peak_mem_gb"]
     return " ".join(f"{k} {record[k]:.3g}" for k in keys if isinstance(record.get(k), float))

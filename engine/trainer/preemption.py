@@ -30,14 +30,13 @@ import logging
 import signal
 import threading
 from types import FrameType
-from typing import Optional
 
 log = logging.getLogger(__name__)
 
 HANDLED = (signal.SIGTERM, signal.SIGINT)
 
 
-def stop_exit_code(signal_name: Optional[str]) -> int:
+def stop_exit_code(signal_name: str | None) -> int:
     """Exit code of a run that stopped on ``signal_name`` after its checkpoint (0 when None)."""
     return 0 if signal_name is None else 128 + int(signal.Signals[signal_name])
 
@@ -48,11 +47,11 @@ class PreemptionGuard:
     def __init__(self) -> None:
         self.requested = False
         self.signum = 0  # the first stop signal received (0 = none)
-        self.signal_name: Optional[str] = None
+        self.signal_name: str | None = None
         self._previous: dict[int, object] = {}
-        self._sigchld: Optional[object] = None
+        self._sigchld: object | None = None
 
-    def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
         if self.requested and signum == signal.SIGINT:
             self.restore()
@@ -65,7 +64,7 @@ class PreemptionGuard:
         log.warning("%s received: saving a checkpoint at the next step boundary, then exiting "
                     "(Ctrl-C again to abort without saving)", name)
 
-    def install(self) -> "PreemptionGuard":
+    def install(self) -> PreemptionGuard:
         if threading.current_thread() is not threading.main_thread():
             log.warning("not on the main thread: preemption signals are not handled")
             return self
@@ -81,7 +80,7 @@ class PreemptionGuard:
             signal.signal(signal.SIGCHLD, self._sigchld)
             self._sigchld = None
 
-    def __enter__(self) -> "PreemptionGuard":
+    def __enter__(self) -> PreemptionGuard:
         return self.install()
 
     def __exit__(self, *exc) -> None:

@@ -19,8 +19,8 @@ import json
 import logging
 import resource
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 import torch

@@ -69,7 +69,7 @@ class OptimSchedule:
     weight_decay_end: float
 
     @classmethod
-    def from_config(cls, optim: OptimConfig, global_batch: int, total_steps: int) -> "OptimSchedule":
+    def from_config(cls, optim: OptimConfig, global_batch: int, total_steps: int) -> OptimSchedule:
         """global_batch: images per optimizer step over all ranks (micro-batch x accumulation x world)."""
         peak = scaled_lr(optim.lr, global_batch, optim.lr_scaling)
         return cls(peak_lr=peak, min_lr=min(optim.min_lr, peak), warmup_steps=min(optim.warmup_steps, total_steps),

@@ -36,8 +36,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 log = logging.getLogger("geoexplora.supervise")
 
@@ -93,7 +93,7 @@ class Supervisor:
     def __init__(self, command: Sequence[str], grace: float = 120.0):
         self.command, self.grace = list(command), float(grace)
         self.dir = Path(tempfile.mkdtemp(prefix="geoexplora-supervise-"))
-        self.proc: Optional[subprocess.Popen] = None
+        self.proc: subprocess.Popen | None = None
         self.signum = 0  # the first stop signal received
 
     def ranks(self) -> list[int]:
@@ -195,7 +195,7 @@ def parse_args(argv: Sequence[str]) -> tuple[float, list[str]]:
     return grace, argv
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     from engine.errors import cli_entry
     from engine.progress import setup_logging
 

@@ -21,7 +21,7 @@ Registers and spills of the compiled kernels: ``python -m launchers.bench.ptxas`
 from __future__ import annotations
 
 import os
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 
@@ -30,7 +30,6 @@ from engine.progress import setup_logging
 from kernels.reference import attention_reference
 from launchers.bench import harness
 from launchers.bench.harness import Column
-
 
 GPU_SHAPES = [  # (B, H, N, D): ViT-B (12 heads) and ViT-L (16 heads), 224/256/512 px at patch 16
     (64, 12, 197, 64), (64, 12, 257, 64), (16, 12, 1025, 64),
@@ -42,7 +41,7 @@ KEYS = ("B", "H", "N", "D", "mode")
 Attn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
 
 
-def _sdpa(backend: Optional[str]) -> Attn:
+def _sdpa(backend: str | None) -> Attn:
     def run(q, k, v, scale):
         if backend is None:
             return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
@@ -66,7 +65,7 @@ def _triton(q, k, v, scale):
     return flash_attention(q, k, v, scale)
 
 
-def providers(device: str, names: Optional[str]) -> dict[str, Attn]:
+def providers(device: str, names: str | None) -> dict[str, Attn]:
     from kernels.dispatch import xformers_available
 
     table: dict[str, Attn] = {"reference": attention_reference, "sdpa": _sdpa(None)}
@@ -136,7 +135,7 @@ def format_table(rows: list[dict], baseline: str) -> str:
     return harness.format_table(rows, columns, lead=len(KEYS) + 1)
 
 
-def parse_args(argv: Optional[list[str]] = None):
+def parse_args(argv: list[str] | None = None):
     p = harness.parser(__doc__, "python -m launchers.bench.attention")
     harness.kernel_flags(p)
     p.add_argument("--shapes", default=None, help="'B,H,N,D;B,H,N,D;...' (default: ViT-B/L set for the device)")
@@ -146,7 +145,7 @@ def parse_args(argv: Optional[list[str]] = None):
 
 
 @cli_entry
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = parse_args(argv)
     if args.device == "cpu":

@@ -42,8 +42,8 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable, Optional
 
 import numpy as np
 import rasterio
@@ -112,11 +112,11 @@ def _children_cpu() -> float:
 
 
 def measure(epochs: Callable[[], Iterable[Iterable[dict]]], close: Callable[[], None],
-            normalizer: Optional[Normalizer], workers: int) -> dict:
+            normalizer: Normalizer | None, workers: int) -> dict:
     """Read every epoch of ``epochs()``; start-up, steady rate and worker CPU (see the docstring)."""
     cpu0, main0 = _children_cpu(), time.process_time()
     t0 = time.perf_counter()
-    first: Optional[float] = None
+    first: float | None = None
     n = 0
     for epoch in epochs():
         for b in epoch:
@@ -174,7 +174,7 @@ def _generate(work: Path, kind: str, files: int) -> tuple[Path, Path]:
     return src, out
 
 
-def _tif_dir(shards: ShardSet, tifs: Optional[str]) -> Optional[Path]:
+def _tif_dir(shards: ShardSet, tifs: str | None) -> Path | None:
     if tifs:
         return Path(tifs)
     args = ((shards.manifest or {}).get("converter") or {}).get("args") or {}
@@ -183,7 +183,7 @@ def _tif_dir(shards: ShardSet, tifs: Optional[str]) -> Optional[Path]:
     return Path(cand) if isinstance(cand, str) and Path(cand).is_dir() else None
 
 
-def bench_archive(name: str, shard_dir: Path, tif_dir: Optional[Path], a) -> list[dict]:
+def bench_archive(name: str, shard_dir: Path, tif_dir: Path | None, a) -> list[dict]:
     shards = resolve_shards(str(shard_dir), flag="--shards")
     m = shards.manifest or {}
     normalizer = Normalizer.from_manifest(m)

@@ -35,10 +35,11 @@ import platform
 import statistics
 import subprocess
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence, TypeVar, Union
+from typing import Any, TypeVar
 
 import torch
 
@@ -55,7 +56,7 @@ Forward = Callable[[], torch.Tensor]
 
 
 # ---- environment record and result file ------------------------------------------------------------
-def _git(*args: str) -> Optional[str]:
+def _git(*args: str) -> str | None:
     try:
         proc = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
@@ -63,14 +64,14 @@ def _git(*args: str) -> Optional[str]:
     return proc.stdout.strip() if proc.returncode == 0 else None
 
 
-def _version(distribution: str) -> Optional[str]:
+def _version(distribution: str) -> str | None:
     try:
         return importlib.metadata.version(distribution)
     except importlib.metadata.PackageNotFoundError:
         return None
 
 
-def load_average() -> Optional[list[float]]:
+def load_average() -> list[float] | None:
     """1, 5 and 15-minute load averages (None where the platform has none)."""
     return [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
 
@@ -102,7 +103,7 @@ def environment(device: str = "cpu") -> dict:
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "load_average": load_average()}
 
 
-def start(benchmark: str, args: Union[argparse.Namespace, Mapping[str, Any]], device: str = "cpu") -> dict:
+def start(benchmark: str, args: argparse.Namespace | Mapping[str, Any], device: str = "cpu") -> dict:
     """The head of a result file: the benchmark's name, the environment now and the settings (the parsed
     flags but ``out``). Refuses an ``out`` that cannot be written before anything is measured."""
     settings = dict(vars(args) if isinstance(args, argparse.Namespace) else args)
@@ -114,7 +115,7 @@ def start(benchmark: str, args: Union[argparse.Namespace, Mapping[str, Any]], de
     return {"benchmark": benchmark, "environment": environment(device), "settings": settings}
 
 
-def save(path: Optional[str], record: dict, **sections: Any) -> dict:
+def save(path: str | None, record: dict, **sections: Any) -> dict:
     """``record`` + ``sections`` (rows, meta, ...), the load average at the end added to the environment;
     written as JSON to ``path`` (atomically) when one is given. Returns the result."""
     result = {**record, "environment": {**record["environment"], "load_average_end": load_average()}, **sections}
@@ -125,7 +126,7 @@ def save(path: Optional[str], record: dict, **sections: Any) -> dict:
 
 
 # ---- command line ------------------------------------------------------------------------------------
-def parser(doc: str, prog: str, out: Optional[str] = None) -> argparse.ArgumentParser:
+def parser(doc: str, prog: str, out: str | None = None) -> argparse.ArgumentParser:
     """A benchmark's parser: its docstring's first paragraph as description, ``--out`` (or ``--json``)."""
     p = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
     p.add_argument("--out", "--json", dest="out", default=out, metavar="PATH",
@@ -134,7 +135,7 @@ def parser(doc: str, prog: str, out: Optional[str] = None) -> argparse.ArgumentP
     return p
 
 
-def comma_list(text: str, flag: str, choices: Optional[Sequence[str]] = None, cast: Callable[[str], T] = str,
+def comma_list(text: str, flag: str, choices: Sequence[str] | None = None, cast: Callable[[str], T] = str,
                hint: str = "", allow_empty: bool = False) -> list[T]:
     """``'a,b'`` -> ``[cast('a'), cast('b')]`` in the given order; an empty list (unless allowed), a value
     outside ``choices`` or one ``cast`` refuses is a UserError naming ``flag`` (``hint`` says more)."""
@@ -215,7 +216,7 @@ def failure_text(exc: BaseException) -> str:
 
 
 def measure_providers(builders: Mapping[str, Callable[[], tuple[Forward, Sequence[torch.Tensor]]]], case: dict,
-                      *, mode: str, grad_out: torch.Tensor, reference: Optional[torch.Tensor], device: str,
+                      *, mode: str, grad_out: torch.Tensor, reference: torch.Tensor | None, device: str,
                       warmup: int, iters: int, flops: float, cuda_graph: bool = False) -> list[dict]:
     """One row per provider on one case. ``builders[name]()`` gives (forward, the tensors ``fwd_bwd``
     differentiates with ``grad_out``). Per provider: max |forward - reference| (when a reference is
@@ -290,7 +291,7 @@ class Column:
     """One table column: title, the row's value (a key, or a function of the row; None prints '-'), its
     format, whether it is left-aligned, and whether it is left out when no row has a value."""
     title: str
-    value: Union[str, Callable[[dict], Any]]
+    value: str | Callable[[dict], Any]
     fmt: str = "{}"
     left: bool = False
     optional: bool = False
@@ -303,7 +304,7 @@ class Column:
         return "-" if v is None else self.fmt.format(v)
 
 
-def ratio(num: Optional[float], den: Optional[float]) -> Optional[float]:
+def ratio(num: float | None, den: float | None) -> float | None:
     """num / den, or None when either is missing or zero."""
     return num / den if num and den else None
 

@@ -26,18 +26,17 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass
-from typing import Optional
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first triton import
 
-from engine.errors import UserError, cli_entry  # noqa: E402
-from engine.progress import setup_logging  # noqa: E402
-from kernels.reference import lora_linear_reference  # noqa: E402
-from launchers.bench import harness  # noqa: E402
-from launchers.bench.harness import Column  # noqa: E402
+from engine.errors import UserError, cli_entry
+from engine.progress import setup_logging
+from kernels.reference import lora_linear_reference
+from launchers.bench import harness
+from launchers.bench.harness import Column
 
 PROVIDERS = ("torch", "reference", "merged", "peft", "triton")
 KEYS = ("layer", "M", "K", "N", "r", "mode")
@@ -54,7 +53,7 @@ class Case:
     qv: bool = False
 
     @property
-    def segments(self) -> Optional[tuple[int, int]]:
+    def segments(self) -> tuple[int, int] | None:
         return (0, 2 * self.N // 3) if self.qv else None
 
     @property
@@ -194,7 +193,7 @@ def format_comparison(rows: list[dict], ours: str = "torch") -> str:
             by_key.setdefault(tuple(r[k] for k in KEYS), {})[r["provider"]] = r
     lines = [f"{ours} vs each provider: time = their ms / {ours} ms; alloc, peak = {ours} bytes / theirs"]
 
-    def x(v: Optional[float]) -> str:
+    def x(v: float | None) -> str:
         return f"{v:.2f}x" if v is not None else "-"
 
     for key, provs in by_key.items():
@@ -219,7 +218,7 @@ def _parse_cases(text: str) -> list[Case]:
     return [Case("custom" + (".qv" if q else ""), M, K, N, r, q) for q, (M, K, N, r) in zip(qv, nums)]
 
 
-def parse_args(argv: Optional[list[str]] = None):
+def parse_args(argv: list[str] | None = None):
     p = harness.parser(__doc__, "python -m launchers.bench.lora_linear")
     harness.kernel_flags(p)
     p.add_argument("--cases", default=None, help="'M,K,N,r[,qv];...' (default: the ViT-B/L set for the device)")
@@ -229,7 +228,7 @@ def parse_args(argv: Optional[list[str]] = None):
 
 
 @cli_entry
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = parse_args(argv)
     dtype = harness.kernel_settings(args)

@@ -8,7 +8,7 @@ measured (``python -m launchers.bench.lora_linear``), not used; ``kernels.lora_t
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -45,8 +45,8 @@ class _MergedLoRALinear(torch.autograd.Function):
         return dx, None, None, da, db, None, None, None
 
 
-def lora_linear_merged(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
-                       lora_b: torch.Tensor, scale: float, segments: Optional[Sequence[int]] = None) -> torch.Tensor:
+def lora_linear_merged(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                       lora_b: torch.Tensor, scale: float, segments: Sequence[int] | None = None) -> torch.Tensor:
     """``y = x (W + s * B A)^T + b`` without dropout; W and b frozen (no gradient)."""
     n = lora_b.shape[0] // (1 if segments is None else len(segments))
     segs = (0,) if segments is None else tuple(int(s) for s in segments)

@@ -22,7 +22,6 @@ import os
 import re
 import subprocess
 import tempfile
-from typing import Optional
 
 import torch
 
@@ -153,7 +152,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 @cli_entry
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     setup_logging()
     p = harness.parser(__doc__, "python -m launchers.bench.ptxas")
     p.add_argument("--archs", default="90", help="comma list of compute capabilities, e.g. 80,90")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Optional
 
 import torch
 
@@ -61,7 +60,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 @cli_entry
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     setup_logging()
     ap = harness.parser(__doc__, "python -m launchers.bench.teacher_memory")
     ap.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated architecture names")

@@ -23,8 +23,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 from engine.errors import cli_entry
 from launchers.bench import harness
@@ -233,7 +233,7 @@ def memory_columns(zero_ranks: int) -> list[Column]:
 
 
 @cli_entry
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     p = harness.parser(__doc__, "python -m launchers.bench.train", out="bench_train.json")
     p.add_argument("--configs", default="tiny,vitb", help=f"comma list of {', '.join(CONFIGS)}")
     p.add_argument("--stages", default="0,2,3", help="ZeRO stages to compare")

@@ -84,7 +84,8 @@ def _worker(rank: int, port: int) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        from engine.trainer.collectives import all_reduce_sum, rank as get_rank, world_size
+        from engine.trainer.collectives import all_reduce_sum, world_size
+        from engine.trainer.collectives import rank as get_rank
 
         assert world_size() == WORLD and get_rank() == rank
         _check_primitives(rank, all_reduce_sum)

@@ -12,9 +12,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
 
 import pytest
 
@@ -58,7 +58,7 @@ def python_cmd(*args: str) -> list[str]:
     return [sys.executable, *map(str, args)]
 
 
-def run_cli(args: Sequence[str], timeout: float = TIMEOUT_S, env: Optional[dict] = None,
+def run_cli(args: Sequence[str], timeout: float = TIMEOUT_S, env: dict | None = None,
             prefix: Sequence[str] = ()) -> Result:
     """Run ``python <args>`` (or ``<prefix> python <args>``) from the repository root; returns rc,
     stdout and stderr. A run past ``timeout`` is killed with its whole process group and fails."""
@@ -74,7 +74,7 @@ def run_cli(args: Sequence[str], timeout: float = TIMEOUT_S, env: Optional[dict]
     return Result(proc.returncode, out, err)
 
 
-def start_cli(args: Sequence[str], log: Path, env: Optional[dict] = None, prefix: Sequence[str] = ()) -> subprocess.Popen:
+def start_cli(args: Sequence[str], log: Path, env: dict | None = None, prefix: Sequence[str] = ()) -> subprocess.Popen:
     """Start ``<prefix> python <args>`` in its own session (so ``kill -<sig> -<pid>`` reaches all of it),
     stdout and stderr to ``log``; stop it with :func:`kill_group` in a ``finally``."""
     with open(log, "w") as fh:
@@ -103,8 +103,8 @@ def kill_group(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
-def wait_for(what: str, done: Callable[[], bool], proc: Optional[subprocess.Popen] = None,
-             timeout: float = TIMEOUT_S, log: Optional[Path] = None) -> None:
+def wait_for(what: str, done: Callable[[], bool], proc: subprocess.Popen | None = None,
+             timeout: float = TIMEOUT_S, log: Path | None = None) -> None:
     """Poll ``done()`` until true; fail after ``timeout`` or when ``proc`` ends first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -124,7 +124,7 @@ def metrics_reached(run_dir: Path, step: int) -> Callable[[], bool]:
 
 
 # ---------------------------------------------------------------------------- file systems
-def namespace_prefix() -> Optional[list[str]]:
+def namespace_prefix() -> list[str] | None:
     """``unshare -rm`` (a user + mount namespace: private mounts, allowed to unprivileged users where
     user namespaces are on) when it works here, else None."""
     exe = shutil.which("unshare")

@@ -27,7 +27,8 @@ from shards.convert import main
 from shards.inputs import list_inputs, not_regular
 from shards.synthetic import generate_archive
 from shards.verify import verify
-from tests.shards.conftest import deadline, fork_workers, read_samples, run as run_convert  # noqa: F401 (fixtures)
+from tests.shards.conftest import deadline, fork_workers, read_samples  # noqa: F401 (fixtures)
+from tests.shards.conftest import run as run_convert
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")

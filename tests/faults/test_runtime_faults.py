@@ -18,8 +18,18 @@ import pytest
 import torch
 
 from engine.trainer.checkpoint import complete_checkpoints, read_meta, tag_for
-from tests.faults.conftest import (REPO, TIMEOUT_S, TINY, TINY_ARGS, in_namespace, kill_group, metrics_reached,
-                                   run_cli, start_cli, wait_for)
+from tests.faults.conftest import (
+    REPO,
+    TIMEOUT_S,
+    TINY,
+    TINY_ARGS,
+    in_namespace,
+    kill_group,
+    metrics_reached,
+    run_cli,
+    start_cli,
+    wait_for,
+)
 
 PRETRAIN = str(REPO / "launchers" / "pretrain.py")
 

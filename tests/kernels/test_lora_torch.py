@@ -6,8 +6,8 @@ they apply the same mask: every comparison here, dropout included, is exact up t
 import pytest
 import torch
 
-from kernels.measure import measure_memory
 from kernels.lora_torch import lora_linear_torch
+from kernels.measure import measure_memory
 from kernels.reference import lora_linear_reference
 
 F64 = dict(atol=1e-11, rtol=1e-11)

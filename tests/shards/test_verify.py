@@ -49,8 +49,7 @@ def test_undecodable_sample_is_reported_even_with_matching_checksum(converted):
     # rebuild shard 0 with a wrong-dtype array and re-sign the manifest, so only decoding can tell
     with ShardWriter(converted, "shard-000000.tar") as w:
         w.write("x", np.zeros((13, 4, 4), np.float32), {"source": "x"})
-        w.write("y", np.zeros((13, 4, 4), np.uint16), {k: None for k in ("source", "window", "crs", "transform",
-                                                                        "band_names", "nodata", "dtype", "label")})
+        w.write("y", np.zeros((13, 4, 4), np.uint16), dict.fromkeys(("source", "window", "crs", "transform", "band_names", "nodata", "dtype", "label")))
     m = json.loads((converted / "manifest.json").read_text())
     m["shards"][0].update(bytes=w.bytes, sha256=w.sha256)
     (converted / "manifest.json").write_text(json.dumps(m))

@@ -20,7 +20,6 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Optional
 
 import torch
 from torch import nn
@@ -61,7 +60,7 @@ def adapter_state(vit: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach() for n, p in vit.named_parameters() if p.requires_grad}
 
 
-def save_adapter(vit: nn.Module, path: str | Path, seed: Optional[int] = None) -> Path:
+def save_adapter(vit: nn.Module, path: str | Path, seed: int | None = None) -> Path:
     """Write the trainable tensors + recipe + model config + base identity to ``path`` (.safetensors).
 
     seed: for a random-init base, the seed it was built under (``train.seed``; recorded as a hint
@@ -122,7 +121,7 @@ def _check_frozen(vit: nn.Module, tensors: dict[str, torch.Tensor], base: dict, 
 
 
 def _load_tensors(vit: nn.Module, tensors: dict[str, torch.Tensor], path: str | Path, flag: str,
-                  required: Optional[set[str]] = None) -> None:
+                  required: set[str] | None = None) -> None:
     own = vit.state_dict()
     unexpected = [k for k in tensors if k not in own]
     mismatched = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
@@ -149,7 +148,7 @@ def load_adapter(vit: nn.Module, path: str | Path, check_base: bool = True, flag
     return recipe
 
 
-def rebuild_config(path: str | Path, weights: Optional[str] = None, seed: Optional[int] = None) -> dict:
+def rebuild_config(path: str | Path, weights: str | None = None, seed: int | None = None) -> dict:
     """The recorded model config (as a dict) to rebuild an adapter's base under: no adapter,
     ``weights`` when given. An adapter trained on a random-init base with neither a seed nor a base
     file is refused: building a fresh random base would silently give another model."""

@@ -15,7 +15,6 @@ The mask token is kept as ``vit.mask_token`` (1, D) for the iBOT objective
 from __future__ import annotations
 
 import re
-from typing import Optional
 
 from torch import nn
 
@@ -26,7 +25,7 @@ FORMAT = "dinov2_hub"
 BACKBONE_PREFIXES = ("teacher.backbone.", "backbone.")
 
 
-def take_backbone(sd: StateDict) -> Optional[StateDict]:
+def take_backbone(sd: StateDict) -> StateDict | None:
     """The backbone of a DINOv2 training checkpoint (prefix removed), or None when there is none."""
     for prefix in BACKBONE_PREFIXES:
         if any(k.startswith(prefix) for k in sd):

@@ -4,8 +4,6 @@ is kept for the MAE objective (``BaseInfo.extra``, read back with :func:`mae_dec
 """
 from __future__ import annotations
 
-from typing import Optional
-
 from torch import nn
 
 from engine.model.base_identity import base_info
@@ -33,7 +31,7 @@ def filter_state_dict(sd: StateDict, vit: nn.Module) -> StateDict:
     return {k: v for k, v in sd.items() if not _is_decoder(k)}
 
 
-def mae_decoder_state(vit: nn.Module) -> Optional[StateDict]:
+def mae_decoder_state(vit: nn.Module) -> StateDict | None:
     """The official-MAE decoder tensors of the loaded checkpoint (for the MAE objective), or None."""
     extra = base_info(vit).extra
     return dict(extra) if any(k.startswith("decoder_") for k in extra) else None

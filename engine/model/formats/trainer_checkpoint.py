@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from torch import nn
 
@@ -36,7 +36,7 @@ def read_checkpoint_dir(p: Path, flag: str) -> tuple[Any, dict]:
     return torch_load(states, flag, trusted=True), {"geoexplora_meta": json.loads(meta_file.read_text())}
 
 
-def take_objective_vit(sd: StateDict) -> Optional[StateDict]:
+def take_objective_vit(sd: StateDict) -> StateDict | None:
     """The ViT inside our objectives' state (``vit.*``), or None when there is none.
 
     The MAE objective keeps its decoder (official MAE names) beside the encoder: ``decoder.decoder_*``

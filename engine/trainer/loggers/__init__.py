@@ -9,8 +9,9 @@ SQLite store in the run directory unless MLFLOW_TRACKING_URI names another.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Protocol, Sequence
+from typing import Optional, Protocol
 
 LOGGERS = ("tensorboard", "wandb", "mlflow")
 
@@ -45,7 +46,7 @@ def open_loggers(names: Sequence[str], output_dir: Path, config: dict) -> list[E
     return out
 
 
-def saved_run_id(output_dir: Path, name: str) -> Optional[str]:
+def saved_run_id(output_dir: Path, name: str) -> str | None:
     """The ``name`` (wandb, mlflow) run id this run directory was logged under, if any: kept in
     ``<output_dir>/<name>_run_id`` so that a resumed run continues the same logged run."""
     path = Path(output_dir) / f"{name}_run_id"

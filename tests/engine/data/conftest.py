@@ -8,7 +8,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from fake_shards import write_shards  # noqa: E402
+from fake_shards import write_shards
 
 
 @pytest.fixture

@@ -9,8 +9,8 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence, Union
 
 import numpy as np
 
@@ -27,9 +27,9 @@ def npy_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def write_shards(root: Union[str, Path], per_shard: Union[int, Sequence[int]] = 4, n_shards: int = 4,
-                 bands: int = 3, size: int = 16, dtype: str = "uint16", classes: Optional[Sequence[str]] = None,
-                 nodata: Optional[float] = None, seed: int = 0, bad_ids: Sequence[int] = ()) -> dict:
+def write_shards(root: str | Path, per_shard: int | Sequence[int] = 4, n_shards: int = 4,
+                 bands: int = 3, size: int = 16, dtype: str = "uint16", classes: Sequence[str] | None = None,
+                 nodata: float | None = None, seed: int = 0, bad_ids: Sequence[int] = ()) -> dict:
     """Write shards into ``root``; returns the manifest (also written as root/manifest.json).
 
     ``bad_ids``: samples whose ``.img.npy`` member is garbage (corrupt-sample tests)."""

@@ -4,11 +4,11 @@ import tarfile
 
 import numpy as np
 import pytest
+from fake_shards import npy_bytes
 
 from engine.config import DataConfig
 from engine.data import build_eval_loader
 from engine.data.samples import CorruptSample, ShardOpener, TarFormatError, decode_npy, iter_shard
-from fake_shards import npy_bytes
 
 
 @pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])

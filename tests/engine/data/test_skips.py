@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 
 from engine.config import CropConfig, DataConfig
-from engine.data import SkipRateExceeded, build_eval_loader, build_pretrain_loader
-from engine.data import skips
+from engine.data import SkipRateExceeded, build_eval_loader, build_pretrain_loader, skips
 
 
 def ids(loader):

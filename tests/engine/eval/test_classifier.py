@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from engine.config import load_config
-from engine.eval.config import FinetuneRunConfig
 from engine.eval.classifier import build_classifier
+from engine.eval.config import FinetuneRunConfig
 from engine.trainer.deepspeed_setup import param_groups
 
 

@@ -4,8 +4,8 @@ import json
 import pytest
 
 from engine.config import load_config
-from engine.eval.config import EvalRunConfig, FinetuneRunConfig
 from engine.errors import UserError
+from engine.eval.config import EvalRunConfig, FinetuneRunConfig
 
 TINY = ["--model.name", "tiny", "--model.img_size", "28", "--data.num_workers", "1"]
 

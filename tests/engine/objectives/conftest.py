@@ -1,6 +1,6 @@
 """Shared by the objective tests: tiny timm ViTs with an ExPLoRA-like freeze (last block + norms
 train), an optimisation loop, and the CLS output of the token-level forward as a module."""
-from typing import Callable, Union
+from collections.abc import Callable
 
 import pytest
 import timm
@@ -31,7 +31,7 @@ def tiny_vit():
     return make_vit
 
 
-def train_steps(obj, batch: Union[dict, Callable[[int], dict]], steps: int, lr: float) -> list[dict]:
+def train_steps(obj, batch: dict | Callable[[int], dict], steps: int, lr: float) -> list[dict]:
     """AdamW on ``obj.trainable_parameters()`` for ``steps`` steps (forward, backward, step,
     ``on_step_end``); ``batch`` is one batch for every step or ``step -> batch``. Returns each step's logs."""
     opt = torch.optim.AdamW([p for _, p in obj.trainable_parameters()], lr=lr)

@@ -7,7 +7,13 @@ from torch import nn
 
 from engine.errors import UserError
 from engine.trainer.checkpoint import (
-    CheckpointManager, complete_checkpoints, extra_state, load_extra_state, read_meta, resolve_resume, tag_for,
+    CheckpointManager,
+    complete_checkpoints,
+    extra_state,
+    load_extra_state,
+    read_meta,
+    resolve_resume,
+    tag_for,
 )
 from engine.trainer.rng import rng_state, seed_all, set_rng_state
 

@@ -70,7 +70,8 @@ def test_unreadable_files_are_one_line_errors(tmp_path):
 
 def test_trainer_runs_with_it_and_saves_the_merged_config(single_rank_env, tmp_path):
     from engine.trainer.loop import Trainer
-    from tests.engine.trainer.test_loop import Stream, ToyObjective, _cfg as toy_cfg
+    from tests.engine.trainer.test_loop import Stream, ToyObjective
+    from tests.engine.trainer.test_loop import _cfg as toy_cfg
 
     user = tmp_path / "ds.json"
     user.write_text(json.dumps({"zero_optimization": {"round_robin_gradients": True}}))

@@ -1,8 +1,8 @@
 import pytest
 
+from engine.config_cli import split_config_arg
 from engine.errors import UserError
 from engine.trainer.process_group import strip_launcher_args
-from engine.config_cli import split_config_arg
 
 # Bad flags and values, one error line each, before any process group: tests/faults/test_runtime_faults.py
 
