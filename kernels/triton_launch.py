@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
-from typing import ContextManager
 
 import torch
 
@@ -35,7 +34,7 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def device_guard(t: torch.Tensor) -> ContextManager:
+def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
     """Launch on ``t``'s GPU (not the current one); a no-op for CPU tensors in the interpreter."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 

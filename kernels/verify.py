@@ -177,9 +177,9 @@ def verify(args, dtypes, device) -> dict:
         if "error" in entry:
             print(f"{cls:<48} {label:<22} FAILED: {entry['error']}", flush=True)
         else:
+            verdict = "" if entry["passed"] else "  FAILED parity"
             print(f"{cls:<48} {label:<22} {entry['max_rel_err']:>8.1e} {entry['kernel_ms']:>10.3f} "
-                  f"{entry['baseline_ms']:>12.3f} {entry['speedup']:>7.2f}x{'' if entry['passed'] else '  FAILED parity'}",
-                  flush=True)
+                  f"{entry['baseline_ms']:>12.3f} {entry['speedup']:>7.2f}x{verdict}", flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return entries
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         dtypes = [DTYPES[d] for d in _csv(args.dtypes)]
         args.ranks, args.tokens, args.seq_lens = _csv(args.ranks, int), _csv(args.tokens, int), _csv(args.seq_lens, int)
     except (KeyError, ValueError) as e:
-        raise UserError(f"--models/--dtypes/--ranks/--tokens/--seq-lens: cannot read {e}; see --help")
+        raise UserError(f"--models/--dtypes/--ranks/--tokens/--seq-lens: cannot read {e}; see --help") from None
     if not args.ops or not set(args.ops) <= {"lora", "attention"}:
         raise UserError(f"--ops {','.join(args.ops)}: use lora, attention or both")
     from kernels import record

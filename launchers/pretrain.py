@@ -8,10 +8,11 @@
     DS_ACCELERATOR=cpu deepspeed --num_gpus 2 launchers/pretrain.py --config tiny_cpu ...   # in a checkout
 
 Any config field is an override (``--help`` lists them all): ``--train.max_steps 100``,
-``--zero.stage 3``, ``--train.resume auto|none|PATH``; ``--print-config`` shows the resolved config. The run directory ``train.output_dir`` receives config.yaml,
-run.json, metrics.jsonl, tb/, checkpoints/ and export/. Exit codes: 0 done, 143 (SIGTERM) / 130
-(SIGINT) stopped after saving a checkpoint (rerun the same command to resume), 1 halted on NaN/inf,
-2 bad config/path or a run directory that cannot be written.
+``--zero.stage 3``, ``--train.resume auto|none|PATH``; ``--print-config`` shows the resolved config.
+The run directory ``train.output_dir`` receives config.yaml, run.json, metrics.jsonl, tb/, checkpoints/
+and export/. Exit codes: 0 done, 143 (SIGTERM) / 130 (SIGINT) stopped after saving a checkpoint (rerun
+the same command to resume), 1 halted on NaN/inf, 2 bad config/path or a run directory that cannot be
+written.
 
 ``--preflight`` (``--preflight=N``: N samples per rank) builds everything at real size, runs one
 synthetic forward + backward + optimizer step per rank, prints the trainable/frozen split, peak

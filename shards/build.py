@@ -85,7 +85,7 @@ def scan_one(job: tuple, opts) -> tuple[int, object]:
         sidecar = load_sidecar(path) if opts.sidecars else None
         with reading_env():
             return index, scan_source(index, path, relpath, opts, sidecar)
-    except Exception as e:  # anything GDAL or the band selection rejects is a skip, not a crash
+    except Exception as e:  # noqa: BLE001 - anything GDAL or the band selection rejects is a skip, not a crash
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         return index, f"{e.__class__.__name__}: {msg}" if msg else e.__class__.__name__
 
@@ -220,7 +220,7 @@ def _read_chips(info: SourceInfo, windows: list, opts) -> Iterator:
                               "nodata value in the source")
                 return
             yield win, chip, pad
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - any read failure is the chip's skip reason, not a crash
         _CACHE.close()
         yield _Failed("read failed", f": {e.__class__.__name__}: {e}")
 

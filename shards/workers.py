@@ -128,7 +128,7 @@ def _worker_main(conn, initializer: Callable[[], None] | None, parent_pid: int) 
         for index, item in msg[1]:
             try:
                 value = fn(item)
-            except Exception as e:  # the parent re-raises it and stops the run
+            except Exception as e:  # noqa: BLE001 - the parent re-raises it and stops the run
                 conn.send(("error", index, _picklable(e), traceback.format_exc()))
                 break
             conn.send(("result", index, value))
@@ -141,7 +141,7 @@ def _picklable(e: BaseException) -> BaseException:
     try:
         pickle.loads(pickle.dumps(e))
         return e
-    except Exception:
+    except Exception:  # noqa: BLE001 - whatever pickling refuses, the parent gets the message
         return RuntimeError(f"{e.__class__.__name__}: {e}")
 
 

@@ -32,8 +32,8 @@ _BUFFER = 1 << 16
 
 def npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
     """The ``.npy`` v1.0 header for a C-order array (``np.load`` reads header + raw bytes)."""
-    d = "{'descr': %r, 'fortran_order': False, 'shape': %r, }" % (
-        np.lib.format.dtype_to_descr(np.dtype(dtype)), tuple(int(s) for s in shape))
+    descr, dims = np.lib.format.dtype_to_descr(np.dtype(dtype)), tuple(int(s) for s in shape)
+    d = f"{{'descr': {descr!r}, 'fortran_order': False, 'shape': {dims!r}, }}"
     # magic(6) + version(2) + len(2) + dict + padding + '\n', total a multiple of 64
     pad = -(10 + len(d) + 1) % 64
     body = (d + " " * pad + "\n").encode("latin1")

@@ -1,5 +1,8 @@
-"""Suite-wide settings: offline hub, CPU-friendly threads, and the `gpu` marker's skip rule."""
+"""Suite-wide settings (offline hub, CPU-friendly threads, the `gpu` marker's skip rule) and the fixtures
+more than one test folder uses."""
+import multiprocessing as mp
 import os
+import signal
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -37,3 +40,25 @@ def single_rank_env():
     for k, v in saved.items():
         os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
     assert not dist.is_initialized()
+
+
+@pytest.fixture
+def deadline():
+    """``deadline(seconds)`` arms SIGALRM for an in-process test: a hang raises TimeoutError instead of
+    blocking the suite."""
+
+    def _alarm(signum, frame):
+        raise TimeoutError("in-process test ran past its deadline: a hang")
+
+    previous = signal.signal(signal.SIGALRM, _alarm)
+    yield lambda seconds: signal.setitimer(signal.ITIMER_REAL, seconds)
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.fixture
+def fork_workers(monkeypatch):
+    """The converter's pool workers forked from this process, so they inherit this test's monkeypatches."""
+    import shards.workers
+
+    monkeypatch.setattr(shards.workers, "_context", lambda: mp.get_context("fork"))

@@ -35,6 +35,7 @@ Position / resume semantics (``state_dict()`` / ``load_state_dict()``):
 """
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
@@ -195,7 +196,7 @@ class ShardLoader:
                 workers.track(self)
         else:
             it = iter(self._dataloader(persistent=False))
-            stop = (lambda: workers.stop_workers(it, self.dataset.control))
+            stop = functools.partial(workers.stop_workers, it, self.dataset.control)
         try:
             yield from it
         except UserError as e:
@@ -272,8 +273,9 @@ class ShardLoader:
     def load_state_dict(self, state: dict) -> None:
         """Restore a position from :meth:`state_dict` (semantics in the module docstring)."""
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-            raise UserError(f"--train.resume: data-loader state version {state.get('version') if isinstance(state, dict) else state!r} "
-                            f"is not {STATE_VERSION}; this checkpoint was written by another version")
+            got = state.get("version") if isinstance(state, dict) else repr(state)
+            raise UserError(f"--train.resume: data-loader state version {got} is not {STATE_VERSION}; this "
+                            "checkpoint was written by another version")
         self.totals = {k: int(state.get("totals", {}).get(k, 0)) for k in ("seen", "skipped", "bad_shards")}
         epoch, batches = int(state["epoch"]), int(state["batches"])
         if state.get("topology") != self._topology():

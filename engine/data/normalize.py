@@ -104,8 +104,10 @@ class Normalizer:
 
     def _on(self, device: torch.device) -> tuple:
         if device not in self._cache:
-            view = (-1, 1, 1)
-            move = (lambda t: None if t is None else t.to(device).view(view))
+
+            def move(t: torch.Tensor | None) -> torch.Tensor | None:
+                return None if t is None else t.to(device).view(-1, 1, 1)
+
             self._cache[device] = (move(self.mean), move(self.std), move(self.clip_low), move(self.clip_high))
         return self._cache[device]
 

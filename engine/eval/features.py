@@ -126,7 +126,7 @@ def load_features(path: Path, key: str, pools: Sequence[str]) -> tuple[dict[str,
         return None
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a cache from another version or a damaged file: recompute
+    except Exception as e:  # noqa: BLE001 - a cache from another version or a damaged file: recompute
         log.warning("ignoring feature cache %s (%s)", path, e)
         return None
     if blob.get("key") != key or not all(p in blob["feats"] for p in pools):

@@ -100,10 +100,10 @@ def load_best(cfg: FinetuneRunConfig, path: str | Path) -> Classifier:
 def check_splits(cfg: FinetuneRunConfig) -> None:
     if not cfg.data.shards:
         raise UserError("--data.shards: not set; give the directory holding the train/ and val/ shard splits")
-    for split in (cfg.finetune.train_split, cfg.finetune.val_split):
+    for which, split in (("train", cfg.finetune.train_split), ("val", cfg.finetune.val_split)):
         if not (Path(cfg.data.shards) / split).is_dir():
             raise UserError(f"--data.shards '{cfg.data.shards}': no '{split}' sub-directory; convert that split "
-                            f"into {Path(cfg.data.shards) / split} (or set --finetune.{'train' if split == cfg.finetune.train_split else 'val'}_split)")
+                            f"into {Path(cfg.data.shards) / split} (or set --finetune.{which}_split)")
 
 
 def run_finetune(cfg: FinetuneRunConfig, env) -> dict:

@@ -180,7 +180,7 @@ class EMATeacher:
     def state_dict(self) -> dict:
         """{'ema': {name: fp32 tensor}, 'partitioned': bool}. Partitioned = this rank's shards only."""
         self.ensure_initialized()
-        return {"ema": {n: e for n, e in zip(self.names, self.ema)}, "partitioned": self.partitioned}
+        return {"ema": dict(zip(self.names, self.ema)), "partitioned": self.partitioned}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore the EMA; before the first use the values are kept and applied at initialisation."""

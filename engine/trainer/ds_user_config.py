@@ -119,7 +119,7 @@ def validate_with_deepspeed(ds_config: dict, path: str) -> None:
 
     try:
         DeepSpeedConfig(copy.deepcopy(ds_config))
-    except Exception as e:  # pydantic ValidationError, AssertionError, ValueError, KeyError...
+    except Exception as e:  # noqa: BLE001 - pydantic ValidationError, AssertionError, ValueError, KeyError...
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         detail = "; ".join(lines[:3]) or type(e).__name__
         raise UserError(f"{FLAG} {path}: DeepSpeed rejects the merged config: {detail}") from None

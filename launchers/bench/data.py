@@ -37,6 +37,7 @@ to model network storage. The cost of DINOv2 multi-crop augmentation is measured
 """
 from __future__ import annotations
 
+import functools
 import resource
 import shutil
 import sys
@@ -198,10 +199,11 @@ def bench_archive(name: str, shard_dir: Path, tif_dir: Path | None, a) -> list[d
         for lat in a.latency_ms:
             providers: dict[str, Callable[[], dict]] = {}
             if paths:
-                providers["naive"] = lambda: run_naive(paths, view, normalizer, a, lat / 1000)
-            providers["stream"] = lambda: run_stream(shards, view, normalizer, a, lat / 1000)
+                providers["naive"] = functools.partial(run_naive, paths, view, normalizer, a, lat / 1000)
+            providers["stream"] = functools.partial(run_stream, shards, view, normalizer, a, lat / 1000)
             if mode == "decode" and lat == 0:
-                providers["stream-f32"] = lambda: run_stream(shards, _FloatInWorker(view, normalizer), None, a, 0.0)
+                providers["stream-f32"] = functools.partial(run_stream, shards, _FloatInWorker(view, normalizer), None, a,
+                                                            0.0)
             # round 0 warms the page cache and is dropped; providers alternate within a round
             runs = harness.rounds(providers, a.repeat, warmup=1)
             base = None

@@ -22,7 +22,7 @@ def _tiny_objective(all_reduce, centering: str):
     vit = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=28, dynamic_img_size=True,
                             embed_dim=32, depth=2, num_heads=2, init_values=1.0)
     for n, p in vit.named_parameters():
-        p.requires_grad = n.startswith("blocks.1.") or n.startswith("norm.")
+        p.requires_grad = n.startswith(("blocks.1.", "norm."))
     cfg = DinoConfig(head_n_prototypes=16, head_hidden_dim=16, head_bottleneck_dim=8, koleo_loss_weight=0.0,
                      centering=centering)
     return DinoObjective(vit, cfg, total_steps=10, all_reduce=all_reduce)
@@ -72,7 +72,7 @@ def _check_objective(rank: int, all_reduce, centering: str) -> None:
         avg = all_reduce(torch.tensor(logs[key], dtype=torch.float64)) / WORLD
         assert abs(avg.item() - ref_logs[key]) < 1e-5 * max(1.0, abs(ref_logs[key])), (key, avg, ref_logs[key])
     for (n, p), (_, q) in zip(single.trainable_parameters(), multi.trainable_parameters()):
-        torch.testing.assert_close(all_reduce(q.grad.clone()) / WORLD, p.grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"{n}: {m}")
+        torch.testing.assert_close(all_reduce(q.grad.clone()) / WORLD, p.grad, rtol=1e-4, atol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
     if centering == "centering":
         torch.testing.assert_close(multi.dino_loss.center.center, single.dino_loss.center.center)
         torch.testing.assert_close(multi.ibot_loss.center.center, single.ibot_loss.center.center)

@@ -108,7 +108,7 @@ def test_sigterm_on_one_rank_leaves_complete_resumable_checkpoint(runs):
     assert len(stopped) == 1 and not exported_early
     k = stopped[0][0]
     assert 1 <= k < STEPS  # the step in flight when the flag was seen is abandoned, not half-saved
-    events = [json.loads(l) for l in (root / "z2" / "metrics.jsonl").read_text().splitlines() if '"event"' in l]
+    events = [json.loads(line) for line in (root / "z2" / "metrics.jsonl").read_text().splitlines() if '"event"' in line]
     assert [(e["event"], e["step"]) for e in events] == [("preempted", k), ("resume", k)]
     assert events[0]["signal"] == "SIGTERM"
     ckpt = _step(root, "z2", k)
@@ -138,7 +138,7 @@ def test_stop_and_resume_equals_straight_run(runs):
         assert ema_a.keys() == ema_b.keys() and {"vit.cls_token", "vit.mask_token"} <= set(ema_a)
         for k in ema_a:
             torch.testing.assert_close(ema_b[k], ema_a[k], rtol=1e-5, atol=1e-6, msg=k)
-    events = [json.loads(l) for l in (root / "z3r" / "metrics.jsonl").read_text().splitlines() if '"event"' in l]
+    events = [json.loads(line) for line in (root / "z3r" / "metrics.jsonl").read_text().splitlines() if '"event"' in line]
     assert [(e["event"], e["step"]) for e in events] == [("resume", 3)]
 
 

@@ -48,7 +48,8 @@ def test_help_lists_every_field_with_type_default_and_doc(cls):
 def test_type_and_default_rendering():
     from typing import Literal, Optional
 
-    assert type_name(Literal["a", "b"]) == "{a,b}" and type_name(Optional[list[int]]) == "list[int]|null"
+    assert type_name(Literal["a", "b"]) == "{a,b}" and type_name(list[int] | None) == "list[int]|null"
+    assert type_name(Optional[list[int]]) == "list[int]|null"  # noqa: UP045 - the typing spelling reads too
     assert type_name(tuple[float, float]) == "float,float" and type_name(list[str]) == "list[str]"
     assert [format_default(v) for v in ("", None, True, [-1], ["q", "v"], (0.9, 0.999), [], [[0, 1], [2]])] == \
         ["''", "null", "true", "-1", "q,v", "0.9,0.999", "''", "[[0, 1], [2]]"]

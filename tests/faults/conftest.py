@@ -1,5 +1,6 @@
 """Shared pieces of the fault suite: bounded runs of our command lines, tiny synthetic shards, a
-private mount namespace for real read-only / full file systems, and a deadline for in-process tests.
+private mount namespace for real read-only / full file systems (the in-process ``deadline`` fixture
+is in tests/conftest.py).
 
 Every wait here is bounded, so a regression that hangs fails the test instead of blocking CI.
 """
@@ -174,17 +175,3 @@ def tiny_shards(tmp_path_factory) -> Path:
 def shards_copy(tiny_shards, tmp_path) -> Path:
     """A private copy of ``tiny_shards`` that a test may damage."""
     return Path(shutil.copytree(tiny_shards, tmp_path / "shards"))
-
-
-# ---------------------------------------------------------------------------- in-process bound
-@pytest.fixture
-def deadline():
-    """``deadline(seconds)`` arms SIGALRM for an in-process test: a hang raises TimeoutError."""
-
-    def _alarm(signum, frame):
-        raise TimeoutError("in-process fault test ran past its deadline")
-
-    previous = signal.signal(signal.SIGALRM, _alarm)
-    yield lambda seconds: signal.alarm(int(seconds))
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)

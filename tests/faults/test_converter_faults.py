@@ -27,7 +27,7 @@ from shards.convert import main
 from shards.inputs import list_inputs, not_regular
 from shards.synthetic import generate_archive
 from shards.verify import verify
-from tests.shards.conftest import deadline, fork_workers, read_samples  # noqa: F401 (fixtures)
+from tests.shards.conftest import read_samples
 from tests.shards.conftest import run as run_convert
 
 REPO = Path(__file__).resolve().parents[2]
@@ -236,6 +236,7 @@ def test_out_below_a_regular_file(tmp_path, capsys):
 def test_disk_full_injected_at_the_writer(archive, capsys, monkeypatch, fork_workers, deadline, nworkers):
     """ENOSPC from the shard writer's write (as a full disk raises it: no file name), in the main
     process or in a pool worker (where it used to surface as a RemoteTraceback)."""
+    deadline(60)
     put = ShardWriter._put
 
     def full(self, data):
@@ -386,6 +387,7 @@ def _die_on(relpath, sig):
 
 @pytest.mark.parametrize("sig", [signal.SIGSEGV, signal.SIGKILL])
 def test_worker_killed_by_an_input_is_skipped_and_the_run_goes_on(archive, monkeypatch, fork_workers, deadline, sig):
+    deadline(60)
     import shards.build as build
 
     monkeypatch.setattr(build, "read_rows", _die_on("img_00003.tif", sig))
@@ -400,6 +402,7 @@ def test_worker_killed_by_an_input_is_skipped_and_the_run_goes_on(archive, monke
 
 
 def test_worker_killed_while_scanning_headers(archive, monkeypatch, fork_workers, deadline):
+    deadline(60)
     import shards.build as build
 
     scan = build.scan_source
@@ -417,6 +420,7 @@ def test_worker_killed_while_scanning_headers(archive, monkeypatch, fork_workers
 
 
 def test_worker_crash_with_strict_or_outside_any_input_stops(archive, monkeypatch, fork_workers, deadline, capsys):
+    deadline(60)
     import shards.build as build
 
     monkeypatch.setattr(build, "read_rows", _die_on("img_00003.tif", signal.SIGSEGV))

@@ -36,7 +36,7 @@ PRETRAIN = str(REPO / "launchers" / "pretrain.py")
 
 def _events(run_dir):
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(l) for l in lines if '"event"' in l]
+    return [json.loads(line) for line in lines if '"event"' in line]
 
 
 @pytest.fixture
@@ -136,7 +136,7 @@ def test_skip_rate_abort_is_one_error_line(shards_copy, tmp_path, capsys, launch
               "--data.max_skip_rate", "0.5"])
     assert e.value.code == 2
     err = capsys.readouterr().err
-    errors = [l for l in err.splitlines() if l.startswith("error: ")]
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "Traceback" not in err, err[-3000:]
     assert errors[0].startswith("error: --data.max_skip_rate:") and "re-convert" in errors[0]
     assert not complete_checkpoints(tmp_path / "run" / "checkpoints")
@@ -199,7 +199,7 @@ def splits(tiny_shards, tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("launcher, extra, flag", BAD_VALUES, ids=[f"{l}:{' '.join(a)}" for l, a, _ in BAD_VALUES])
+@pytest.mark.parametrize("launcher, extra, flag", BAD_VALUES, ids=[f"{launcher}:{' '.join(a)}" for launcher, a, _ in BAD_VALUES])
 def test_bad_value_is_one_error_line_exit_2(launcher, extra, flag, tiny_shards, splits, bad_presets, tmp_path,
                                             capsys, launcher_env, deadline):
     import torch.distributed as dist

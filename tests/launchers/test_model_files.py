@@ -10,8 +10,12 @@ from engine.eval.config import FinetuneRunConfig
 from engine.presets import preset_names
 from launchers import evaluate, finetune, pretrain
 
-MISSING_WEIGHTS = ("error: --model.weights: file 'weights/dinov2_vitb14_pretrain.pth' not found; give a local "
-                   ".safetensors/.pth file or '' for random init")
+
+def _missing_weights(path: str) -> str:
+    return f"error: --model.weights: file '{path}' not found; give a local .safetensors/.pth file or '' for random init"
+
+
+MISSING_WEIGHTS = _missing_weights("weights/dinov2_vitb14_pretrain.pth")
 
 
 def _launcher(preset: str):
@@ -41,9 +45,9 @@ def test_evaluate_prints_a_config_naming_missing_files(tmp_path, capsys):
     (finetune, ["--config", "finetune_tiny_cpu", "--model.adapter", "adapter.safetensors"],
      "error: --model.adapter: file 'adapter.safetensors' not found"),
     (finetune, ["--config", "finetune_tiny_cpu", "--model.weights", "base.pth", "--preflight"],
-     "error: --model.weights: file 'base.pth' not found; give a local .safetensors/.pth file or '' for random init"),
+     _missing_weights("base.pth")),
     (evaluate, ["--model.name", "tiny", "--model.weights", "base.pth"],
-     "error: --model.weights: file 'base.pth' not found; give a local .safetensors/.pth file or '' for random init"),
+     _missing_weights("base.pth")),
 ], ids=["pretrain", "pretrain-preflight", "finetune-adapter", "finetune-preflight", "evaluate"])
 def test_a_run_checks_the_model_files_first(launcher, argv, line, tmp_path, monkeypatch, capsys):
     """No shards, no output directory given: the missing file is what the run reports."""

@@ -1,16 +1,13 @@
-"""Helpers for converter tests: run a conversion in-process, read shards back with plain tarfile;
-fixtures bounding pool runs (tests/faults imports them too)."""
+"""Helpers for converter tests: run a conversion in-process, read shards back with plain tarfile
+(tests/faults imports them too)."""
 import io
 import json
-import multiprocessing as mp
-import signal
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-import shards.workers as workers
 from shards.convert import convert_parser, options_from_args
 from shards.pipeline import convert
 
@@ -46,22 +43,3 @@ def run_convert():
 @pytest.fixture
 def read_shards():
     return read_samples
-
-
-@pytest.fixture
-def deadline():
-    """In-process runs that use the pool fail after 60 s instead of hanging the suite."""
-    def hang(signum, frame):
-        raise TimeoutError("converter test exceeded 60 s: a hang")
-
-    old = signal.signal(signal.SIGALRM, hang)
-    signal.setitimer(signal.ITIMER_REAL, 60)
-    yield
-    signal.setitimer(signal.ITIMER_REAL, 0)
-    signal.signal(signal.SIGALRM, old)
-
-
-@pytest.fixture
-def fork_workers(monkeypatch):
-    """Workers forked from this process, so they inherit this test's monkeypatches."""
-    monkeypatch.setattr(workers, "_context", lambda: mp.get_context("fork"))

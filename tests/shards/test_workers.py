@@ -22,6 +22,7 @@ def _pool_item(x):
 
 
 def test_pool_blames_exactly_the_item_a_worker_died_on(deadline, fork_workers):
+    deadline(60)
     pool = WorkerPool(2)
     try:
         got = dict(pool.run(_pool_item, [0, 1, 2, 3, 4, 5, 6, 7], chunk=3))
@@ -40,6 +41,7 @@ def _always_dies(x):
 
 
 def test_workers_that_keep_dying_stop_the_run(deadline, fork_workers):
+    deadline(60)
     pool = WorkerPool(2)
     try:
         with pytest.raises(WorkerCrashed, match="keep dying"):

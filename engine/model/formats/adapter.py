@@ -36,7 +36,7 @@ from engine.model.tensor_files import read_safetensors, write_safetensors
 log = logging.getLogger(__name__)
 
 ADAPTER_FORMAT = "geoexplora-adapter/1"
-_RECIPE_FIELDS = {f for f in ExploraConfig.__dataclass_fields__}
+_RECIPE_FIELDS = set(ExploraConfig.__dataclass_fields__)
 # frozen_fingerprint of a model whose every tensor trained: any base of the architecture fits
 _NOTHING_FROZEN = hashlib.sha256().hexdigest()
 

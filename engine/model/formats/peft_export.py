@@ -71,7 +71,7 @@ def _peft_tensors(vit: nn.Module) -> tuple[dict[str, torch.Tensor], list[str], l
     for mname in to_save:
         for pname, p in vit.get_submodule(mname).named_parameters():
             tensors[f"{PREFIX}{mname}.{pname}"] = p.detach()
-    covered = set(k[len(PREFIX):] for k in tensors)
+    covered = {k[len(PREFIX):] for k in tensors}
     lost = [n for n, p in vit.named_parameters() if p.requires_grad and n not in NOT_TIMM
             and not is_lora_param(n) and n not in covered]
     if lost:

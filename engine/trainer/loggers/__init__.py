@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Protocol
+from typing import Protocol
 
 LOGGERS = ("tensorboard", "wandb", "mlflow")
 

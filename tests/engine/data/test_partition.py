@@ -51,7 +51,7 @@ def test_exact_epoch_disjoint_and_complete_per_rank_and_worker(shard_dir, per_sh
 def test_eval_loader_two_ranks_two_workers_every_sample_once(shard_dir):
     root = shard_dir(per_shard=[3, 5, 2, 4, 6], size=8, classes=["a", "b", "c"])
     cfg = _cfg(root, num_workers=2)
-    got, order = [], []
+    got = []
     for r in range(2):
         loader = build_eval_loader(cfg, 8, rank=r, world_size=2)
         batches = list(loader)

@@ -18,7 +18,7 @@ def _smooth_images(n, bands=3, size=48, dtype=np.uint8, hi=255.0, seed=0):
     rng = np.random.default_rng(seed)
     coarse = torch.from_numpy(rng.uniform(0, hi, (n, bands, 6, 6)).astype(np.float32))
     x = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
-    return [a for a in x.round().clamp(0, hi).numpy().astype(dtype)]
+    return list(x.round().clamp(0, hi).numpy().astype(dtype))
 
 
 def _rows(photometric, n, bands, seed=0):

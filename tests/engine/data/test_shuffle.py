@@ -50,7 +50,10 @@ def test_loader_state_changes_with_the_byte_cap(shard_dir):
     """The byte cap is part of the stream's topology: a changed cap cannot resume exactly."""
     root = shard_dir(per_shard=[5, 4], size=8, dtype="uint8")
     crops = CropConfig(global_size=8, local_size=8, num_local=0)
-    make = (lambda b: build_pretrain_loader(DataConfig(shards=str(root), batch_size=2, num_workers=0,
-                                                       shuffle_buffer_bytes=b, steps_per_epoch=2),
-                                            crops, "dino", patch_size=8, rank=0, world_size=1))
+
+    def make(buffer_bytes):
+        data = DataConfig(shards=str(root), batch_size=2, num_workers=0, shuffle_buffer_bytes=buffer_bytes,
+                          steps_per_epoch=2)
+        return build_pretrain_loader(data, crops, "dino", patch_size=8, rank=0, world_size=1)
+
     assert make(2**20).state_dict()["topology"] != make(2**21).state_dict()["topology"]

@@ -55,7 +55,7 @@ def _assert_matches_timm(ref, x, tol: float, grad_rtol: float):
 def test_swap_keeps_state_dict_and_counts():
     vit = _tiny_vit()
     before = {k: v.clone() for k, v in vit.state_dict().items()}
-    params_before = {n: p for n, p in vit.named_parameters()}
+    params_before = dict(vit.named_parameters())
     assert use_dispatch_attention(vit) == 2
     assert all(isinstance(b.attn, DispatchAttention) for b in vit.blocks)
     assert not any(isinstance(m, Attention) for m in vit.modules())

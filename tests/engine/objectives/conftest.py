@@ -22,7 +22,7 @@ def make_vit(kind: str = "dino", img_size: int = 42, dim: int = 64, depth: int =
     if recipe:
         last = f"blocks.{depth - 1}."
         for n, p in vit.named_parameters():
-            p.requires_grad = n.startswith(last) or ".norm" in n or n.startswith("norm.")
+            p.requires_grad = n.startswith((last, "norm.")) or ".norm" in n
     return vit
 
 

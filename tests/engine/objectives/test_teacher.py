@@ -86,7 +86,7 @@ def test_teacher_pass_equals_functional_call_with_ema_values(tiny_vit):
     with teacher.teacher_mode():
         got = head(forward_tokens(vit, x)["cls"])
     # reference: the student modules called with the EMA tensors substituted (names "vit.*", "head.*")
-    ema = {n: e for n, e in zip(teacher.names, teacher.ema)}
+    ema = dict(zip(teacher.names, teacher.ema))
     head_over = {n[len("head."):]: v for n, v in ema.items() if n.startswith("head.")}
     with torch.no_grad(), eval_mode([vit, head]):
         cls = torch.func.functional_call(ClsToken(vit), {n: v for n, v in ema.items() if n.startswith("vit.")}, (x,))
@@ -169,6 +169,6 @@ def test_state_dict_roundtrip_before_and_after_init(tiny_vit):
     fresh.ensure_initialized()
     for n, e in zip(fresh.names, fresh.ema):
         assert torch.equal(e, state["ema"][n])
-    bad = dict(state, ema={k: v for k, v in list(state["ema"].items())[1:]})
+    bad = dict(state, ema=dict(list(state["ema"].items())[1:]))
     with pytest.raises(UserError, match="missing"):
         fresh.load_state_dict(bad)

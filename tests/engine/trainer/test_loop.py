@@ -96,7 +96,7 @@ def test_nonfinite_micro_batch_is_skipped_then_halts(env, tmp_path):
     result = Trainer(_cfg(tmp_path / "a", "--train.max_steps", "3"), obj, Stream(), env).fit()
     assert result.step == 3 and obj.calls == 4  # the bad micro-batch was replaced by the next one
     assert all(torch.isfinite(p).all() for p in obj.parameters())
-    events = [l for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines() if "skip_nonfinite" in l]
+    events = [line for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines() if "skip_nonfinite" in line]
     assert len(events) == 1
     obj = ToyObjective(nan_at={2, 3, 4})
     with pytest.raises(NonFiniteLoss, match="3 consecutive"):
