@@ -3,66 +3,28 @@
 ``load_config(RunConfig, "tiny_cpu", ["--data.batch_size", "64"])`` (machinery in
 :mod:`engine.config_io`, re-exported here) reads a YAML preset plus dotted CLI overrides into these
 sections and validates them; errors name the dotted field. The fine-tuning and evaluation runs
-reuse these sections (``engine/eval/config.py``).
+reuse these sections (``engine/eval/config.py``). The training sections (optimizer, ZeRO, DeepSpeed
+file, kernels, train) are defined in :mod:`engine.config_train` and re-exported here.
 
 Sections are owned by the subsystems that read them; a new field needs a type, a default and a
 docstring (the string literal under it) so that ``describe(RunConfig)`` can document it.
 """
 from __future__ import annotations
 
-import importlib.util
-import re
-import sys
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from engine.config_io import check_field as _check
 from engine.config_io import describe, from_dict, load_config, parse_overrides, save_config, to_dict
-from engine.errors import UserError
+from engine.config_train import DeepSpeedFileConfig, KernelConfig, OptimConfig, TrainConfig, ZeroConfig
+from engine.model_names import check_image_sizes
 
 __all__ = ["DataConfig", "CropConfig", "ModelConfig", "ExploraConfig", "DinoConfig", "MAEConfig", "ObjectiveConfig",
            "OptimConfig", "ZeroConfig", "DeepSpeedFileConfig", "KernelConfig", "TrainConfig", "RunConfig",
-           "check_image_sizes", "describe", "from_dict", "load_config", "parse_overrides", "patch_size_of",
-           "save_config", "to_dict"]
-
-def _importable(package: str) -> bool:
-    """Whether ``import package`` can work, without importing it (slow for wandb/mlflow)."""
-    if package in sys.modules:
-        return sys.modules[package] is not None
-    return importlib.util.find_spec(package) is not None
+           "describe", "from_dict", "load_config", "parse_overrides", "save_config", "to_dict"]
 
 
-# Patch side of the tiny test models (they shrink DINOv2 ViT-S/14 and MAE ViT-B/16; engine/model/architecture.py).
-_TINY_PATCH = {"tiny": 14, "tiny_reg4": 14, "tiny_mae": 16}
-
-
-def patch_size_of(name: str) -> int | None:
-    """Patch side of ``--model.name`` read from the name (``vit_large_patch14_dinov2`` -> 14), before
-    any model is built; None when the name does not say (then the model builder checks)."""
-    base = name.split(".", 1)[0]
-    if base in _TINY_PATCH:
-        return _TINY_PATCH[base]
-    m = re.search(r"patch(\d+)", base)
-    return int(m.group(1)) if m else None
-
-
-def check_image_sizes(model_name: str, sizes: Sequence[tuple[str, int]]) -> None:
-    """Every ``(flag, pixels)`` must be a multiple of the model's patch size; else one UserError
-    naming the flag, the model and the nearest valid size (``--crops.local_size 96: not a multiple
-    of patch size 14 (vit_large_patch14_dinov2); use 98``)."""
-    p = patch_size_of(model_name)
-    if not p:
-        return
-    for flag, size in sizes:
-        if size % p:
-            near = max(p, round(size / p) * p)
-            raise UserError(f"--{flag} {size}: not a multiple of patch size {p} ({model_name}); use {near}")
-
-# --------------------------------------------------------------------------------------------
-# Sections
-# --------------------------------------------------------------------------------------------
 @dataclass
 class DataConfig:
     shards: str = ""
@@ -74,7 +36,8 @@ class DataConfig:
     shuffle_buffer: int = 1000
     """Sample shuffle buffer per worker, in samples (0 disables sample shuffling); shuffle_buffer_bytes caps it too."""
     shuffle_buffer_bytes: int = 2 * 1024**3
-    """Memory cap of one rank's shuffle buffers, all its workers together (bytes of raw samples); the start-up log gives the samples per worker it allows."""
+    """Memory cap of one rank's shuffle buffers, all its workers together (bytes of raw samples); the start-up log gives
+    the samples per worker it allows."""
     resampled: bool = True
     """Infinite resampled shard stream (training); False = exact epochs (evaluation)."""
     max_skip_rate: float = 0.05
@@ -102,7 +65,9 @@ class DataConfig:
     eval_crop_pct: float = 0.875
     """Eval view: centre crop of this fraction of the short side, resized to the model's size."""
     augment_on: Literal["auto", "worker", "device"] = "auto"
-    """Where photometric augmentation (colour jitter, grayscale, blur, solarize) runs: in the loader workers, or batched on the training device after the copy; auto = device when CUDA is available. Its random parameters are drawn in the workers either way."""
+    """Where photometric augmentation (colour jitter, grayscale, blur, solarize) runs: in the loader workers, or batched
+    on the training device after the copy; auto = device when CUDA is available. Its random parameters are drawn in the
+    workers either way."""
 
     def validate(self) -> None:
         _check(self.batch_size > 0, "data.batch_size", "must be > 0")
@@ -127,7 +92,8 @@ class CropConfig:
     global_size: int = 224
     """Global crop side (pixels); also the MAE view. A multiple of the patch size."""
     local_size: int = 98
-    """Local crop side (pixels); a multiple of the patch size (DINOv2 vitl14.yaml and ExPLoRA's fMoW configs: 98 = 7 x 14)."""
+    """Local crop side (pixels); a multiple of the patch size (DINOv2 vitl14.yaml and ExPLoRA's fMoW configs: 98 = 7 x
+    14)."""
     num_global: int = 2
     """Number of global crops (DINOv2: 2)."""
     num_local: int = 8
@@ -143,9 +109,12 @@ class CropConfig:
     dihedral: bool = True
     """Random flips and 90-degree rotations (overhead imagery has no canonical up)."""
     rgb_augment: bool = True
-    """DINOv2 colour jitter, grayscale, blur and solarize on 3-band images, on values scaled to [0, 1] by 0-255 (uint8) or each band's manifest p2-p98 (other dtypes)."""
+    """DINOv2 colour jitter, grayscale, blur and solarize on 3-band images, on values scaled to [0, 1] by 0-255 (uint8)
+    or each band's manifest p2-p98 (other dtypes)."""
     spectral_jitter: Literal["none", "shared", "per_band"] = "none"
-    """Non-RGB images: brightness/contrast jitter (0.4, p 0.8) on p2-p98-scaled values; 'shared' = one factor for all bands, contrast about each band's mean (SSL4EO-S12); 'per_band' = factors per band (changes spectral ratios); 'none' keeps spectral ratios (SatMAE)."""
+    """Non-RGB images: brightness/contrast jitter (0.4, p 0.8) on p2-p98-scaled values; 'shared' = one factor for all
+    bands, contrast about each band's mean (SSL4EO-S12); 'per_band' = factors per band (changes spectral ratios); 'none'
+    keeps spectral ratios (SatMAE)."""
     blur_all_bands: bool = False
     """Also apply DINOv2's Gaussian blur (per band, no band mixing) to non-RGB images."""
     consistent_group_masks: bool = False
@@ -164,13 +133,17 @@ class CropConfig:
 @dataclass
 class ModelConfig:
     name: str = "vit_small_patch14_dinov2"
-    """timm architecture: DINOv2 vit_{small,base,large,giant}_patch14[_reg4]_dinov2, MAE vit_{base,large}_patch16_224 / vit_huge_patch14_224 (a '.mae'-style tag is ignored), or 'tiny' / 'tiny_reg4' / 'tiny_mae' (dim 64, depth 2, 2 heads; for tests and demos)."""
+    """timm architecture: DINOv2 vit_{small,base,large,giant}_patch14[_reg4]_dinov2, MAE vit_{base,large}_patch16_224 /
+    vit_huge_patch14_224 (a '.mae'-style tag is ignored), or 'tiny' / 'tiny_reg4' / 'tiny_mae' (dim 64, depth 2, 2
+    heads; for tests and demos)."""
     weights: str = ""
-    """Local pre-trained weight file (timm .safetensors/.pth, DINOv2 hub .pth, MAE .pth, geoexplora merged export or trainer checkpoint dir); '' = random init."""
+    """Local pre-trained weight file (timm .safetensors/.pth, DINOv2 hub .pth, MAE .pth, geoexplora merged export or
+    trainer checkpoint dir); '' = random init."""
     adapter: str = ""
     """ExPLoRA adapter file (geoexplora .safetensors) merged onto `weights` at build time; '' = none."""
     patch_embed_adapt: Literal["timm", "mean"] = "timm"
-    """RGB -> in_chans patch-embed weights: 'timm' (cycle RGB kernels, scale 3/C) or 'mean' (every band gets the RGB mean, scaled 3/C)."""
+    """RGB -> in_chans patch-embed weights: 'timm' (cycle RGB kernels, scale 3/C) or 'mean' (every band gets the RGB
+    mean, scaled 3/C)."""
     img_size: int = 224
     """Input side the position embedding is built for (interpolated for other sizes)."""
     in_chans: int = 3
@@ -180,9 +153,11 @@ class ModelConfig:
     band_groups: list[list[int]] | None = None
     """Band index groups for patch_embed=group (None = Sentinel-2 default after dropping B1,B9,B10)."""
     group_embed: Literal["learned", "sincos"] = "learned"
-    """Band-group encoding of patch_embed=group: a learned (G, D) table, or SatMAE's fixed 1-D sin-cos of the group index in the last 256 channels (the MAE decoder's in its last 128)."""
+    """Band-group encoding of patch_embed=group: a learned (G, D) table, or SatMAE's fixed 1-D sin-cos of the group
+    index in the last 256 channels (the MAE decoder's in its last 128)."""
     drop_path_rate: float = 0.0
-    """Stochastic depth of the blocks; only the student sees it (the EMA teacher runs in eval mode). DINOv2: 0.3 default, 0.4 ViT-L; ExPLoRA's fMoW configs: 0.0."""
+    """Stochastic depth of the blocks; only the student sees it (the EMA teacher runs in eval mode). DINOv2: 0.3
+    default, 0.4 ViT-L; ExPLoRA's fMoW configs: 0.0."""
     drop_path_uniform: bool = True
     """Same drop-path rate in every block (DINOv2's drop_path_uniform); False = timm's linear ramp from 0."""
     grad_checkpointing: bool = False
@@ -292,7 +267,8 @@ class DinoConfig:
     momentum_schedule: Literal["cosine", "linear"] = "cosine"
     """Ramp of the EMA momentum from momentum_teacher to final_momentum_teacher over the run."""
     freeze_last_layer_steps: int = 0
-    """First optimizer steps in which the heads' prototype layer (direction and gain) has lr 0, as DINOv2's last_layer_lr schedule (1 epoch = 1250 steps by default; ExPLoRA: 3 epochs)."""
+    """First optimizer steps in which the heads' prototype layer (direction and gain) has lr 0, as DINOv2's
+    last_layer_lr schedule (1 epoch = 1250 steps by default; ExPLoRA: 3 epochs)."""
 
     def validate(self) -> None:
         _check(self.head_n_prototypes > 0, "objective.dino.head_n_prototypes", "must be > 0")
@@ -315,7 +291,8 @@ class MAEConfig:
     norm_pix_loss: bool = True
     """Normalise each target patch by its own mean/std (MAE's default for the released models)."""
     norm_pix_scope: Literal["group", "all_bands"] = "group"
-    """Group-channel models: normalise each patch over its band group's values, or over all bands of the spatial patch (SatMAE's forward_loss)."""
+    """Group-channel models: normalise each patch over its band group's values, or over all bands of the spatial patch
+    (SatMAE's forward_loss)."""
     decoder_embed_dim: int = 512
     """Decoder width."""
     decoder_depth: int = 8
@@ -323,7 +300,9 @@ class MAEConfig:
     decoder_num_heads: int = 16
     """Decoder heads."""
     decoder_lora_rank: int = 0
-    """LoRA rank on q,v of the decoder blocks when the decoder comes from the weight file (ExPLoRA: 8); that decoder is then frozen except these adapters, its LayerNorms (with explora.train_norms) and layers the file lacks. 0 = the whole decoder trains; a decoder that starts from scratch always trains fully."""
+    """LoRA rank on q,v of the decoder blocks when the decoder comes from the weight file (ExPLoRA: 8); that decoder is
+    then frozen except these adapters, its LayerNorms (with explora.train_norms) and layers the file lacks. 0 = the
+    whole decoder trains; a decoder that starts from scratch always trains fully."""
     decoder_lora_alpha: float = 8.0
     """Decoder LoRA alpha; the update is scaled by alpha / decoder_lora_rank."""
 
@@ -340,133 +319,6 @@ class ObjectiveConfig:
     """DINOv2 objective settings."""
     mae: MAEConfig = field(default_factory=MAEConfig)
     """MAE objective settings."""
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 1e-3
-    """Base learning rate at lr_scaling's reference batch: per 256 images ('linear', 'sqrt'), per 1024 ('sqrt_wrt_1024'), or absolute ('none')."""
-    min_lr: float = 1e-6
-    """Final learning rate of the cosine schedule."""
-    warmup_steps: int = 0
-    """Linear warm-up steps."""
-    weight_decay: float = 0.04
-    """Decoupled weight decay at step 0."""
-    weight_decay_end: float = 0.04
-    """Weight decay at the last step (cosine)."""
-    betas: tuple[float, float] = (0.9, 0.999)
-    """AdamW betas."""
-    clip_grad: float = 3.0
-    """Gradient-norm clipping (0 disables)."""
-    no_decay_lora_b: bool = True
-    """Exempt LoRA B from weight decay (norms and biases are always exempt)."""
-    lr_scaling: Literal["linear", "sqrt", "sqrt_wrt_1024", "none"] = "linear"
-    """Peak lr = lr * global_batch / 256 ('linear', MAE), lr * sqrt(global_batch / 256) ('sqrt'), lr * sqrt(global_batch / 1024) ('sqrt_wrt_1024', DINOv2), or lr ('none'); global_batch counts accumulation."""
-    layerwise_decay: float = 1.0
-    """DINOv2 layer-wise lr decay d: block i of L gets lr * d^(L - i), the embeddings (patch/pos embed, cls/register/mask tokens) d^(L + 1), the final norm, heads and decoder 1 (1.0 disables)."""
-    patch_embed_lr_mult: float = 1.0
-    """Extra lr factor of the patch embedding, on top of layerwise_decay (DINOv2: 0.2)."""
-    eps: float = 1e-8
-    """AdamW epsilon."""
-    optimizer: Literal["auto", "fused", "apex", "torch"] = "auto"
-    """AdamW implementation: 'auto' = apex or prebuilt DeepSpeed FusedAdam on GPU, else torch AdamW (fused on GPU); 'fused' = DeepSpeed FusedAdam (JIT-compiled if not prebuilt); 'apex'; 'torch'."""
-
-    def validate(self) -> None:
-        _check(self.lr > 0, "optim.lr", "must be > 0")
-        _check(self.min_lr >= 0, "optim.min_lr", "must be >= 0")
-        _check(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
-        _check(self.weight_decay >= 0 and self.weight_decay_end >= 0, "optim.weight_decay", "must be >= 0")
-        _check(all(0 <= b < 1 for b in self.betas), "optim.betas", "each beta must be in [0, 1)")
-        _check(self.clip_grad >= 0, "optim.clip_grad", "must be >= 0 (0 disables clipping)")
-        _check(self.eps > 0, "optim.eps", "must be > 0")
-        _check(0.0 < self.layerwise_decay <= 1.0, "optim.layerwise_decay", "must be in (0, 1] (1.0 disables)")
-        _check(self.patch_embed_lr_mult >= 0, "optim.patch_embed_lr_mult", "must be >= 0")
-
-
-@dataclass
-class ZeroConfig:
-    stage: int = 0
-    """DeepSpeed ZeRO stage 0/1/2/3."""
-    offload_optimizer: bool = False
-    """Offload optimizer state to CPU memory."""
-    offload_param: bool = False
-    """Offload partitioned parameters to CPU memory (stage 3 only)."""
-    bucket_size: int = 200_000_000
-    """Elements per gradient-reduce / parameter all-gather bucket."""
-
-    def validate(self) -> None:
-        _check(self.stage in (0, 1, 2, 3), "zero.stage", "must be 0, 1, 2 or 3")
-        _check(not self.offload_param or self.stage == 3, "zero.offload_param",
-               "parameter offload needs --zero.stage 3")
-        _check(not self.offload_optimizer or self.stage >= 1, "zero.offload_optimizer",
-               "optimizer offload needs --zero.stage 1, 2 or 3")
-        _check(self.bucket_size > 0, "zero.bucket_size", "must be > 0")
-
-
-@dataclass
-class DeepSpeedFileConfig:
-    config: str = ""
-    """DeepSpeed JSON/YAML file merged over the generated DeepSpeed config (e.g. comms_logger, flops_profiler, extra zero_optimization keys); keys that other flags set are refused; '' = none."""
-
-    def validate(self) -> None:
-        _check(not self.config or Path(self.config).is_file(), "deepspeed.config",
-               f"file '{self.config}' not found")
-
-
-@dataclass
-class KernelConfig:
-    lora: Literal["auto", "torch", "triton", "reference"] = "auto"
-    """LoRA linear backend: 'auto' takes the Triton kernel only where this machine's kernel record (python -m kernels.verify) says it passed and was faster, else 'torch' (the fast pure-torch path); 'reference' is the unfused ground truth."""
-    attention: Literal["auto", "triton", "xformers", "sdpa", "reference"] = "auto"
-    """Attention backend: 'auto' takes the Triton kernel only where this machine's kernel record says it passed and was faster, else 'sdpa'."""
-
-
-@dataclass
-class TrainConfig:
-    max_steps: int = 1000
-    """Optimizer steps to run."""
-    output_dir: str = "runs/default"
-    """Run directory: resolved config, checkpoints, logs, exports."""
-    resume: str = "auto"
-    """'auto' (newest complete checkpoint in output_dir), a checkpoint path, or 'none'."""
-    seed: int = 0
-    """Base seed (each rank/worker derives its own)."""
-    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
-    """Training precision (bf16 recommended on GPU)."""
-    grad_accum_steps: int = 1
-    """Micro-batches per optimizer step."""
-    log_every: int = 10
-    """Steps between log lines / metric records."""
-    save_every: int = 500
-    """Steps between checkpoints (0 = only at the end / on preemption)."""
-    keep_last: int = 3
-    """Checkpoints to keep."""
-    max_bad_steps: int = 5
-    """Halt after this many consecutive non-finite losses."""
-    amp: Literal["autocast", "cast"] = "autocast"
-    """bf16 style: 'autocast' keeps fp32 weights (exact EMA teacher) and runs matmuls in bf16; 'cast' stores the model in bf16 with fp32 master copies of the trainable tensors only (fp16 always casts, with dynamic loss scaling)."""
-    peak_tflops: float = 0.0
-    """Per-device peak dense TFLOPS for MFU (0 = look the GPU up by name; no MFU on CPU)."""
-    export: bool = True
-    """At the end, write the ExPLoRA adapter file and the merged ViT weights to <output_dir>/export."""
-    logger: list[Literal["tensorboard", "wandb", "mlflow"]] = field(default_factory=lambda: ["tensorboard"])
-    """Experiment loggers besides metrics.jsonl (always written), e.g. tensorboard,wandb; '' = none. Offline by default: TensorBoard to <output_dir>/tb, W&B in offline mode unless WANDB_MODE is set, MLflow to <output_dir>/mlflow.db unless MLFLOW_TRACKING_URI is set."""
-
-    def validate(self) -> None:
-        _check(self.max_steps > 0, "train.max_steps", "must be > 0")
-        _check(self.grad_accum_steps >= 1, "train.grad_accum_steps", "must be >= 1")
-        _check(self.log_every >= 1, "train.log_every", "must be >= 1")
-        _check(self.save_every >= 0, "train.save_every", "must be >= 0 (0 = only at the end)")
-        _check(self.keep_last >= 1, "train.keep_last", "must be >= 1")
-        _check(self.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1")
-        _check(self.peak_tflops >= 0, "train.peak_tflops", "must be >= 0")
-        _check(bool(self.output_dir), "train.output_dir", "must name a directory")
-        _check(self.resume in ("auto", "none") or Path(self.resume).exists(), "train.resume",
-               f"'{self.resume}' is neither 'auto', 'none' nor an existing checkpoint")
-        _check(len(set(self.logger)) == len(self.logger), "train.logger", f"names a logger twice: {self.logger}")
-        for name in self.logger:
-            _check(_importable(name), "train.logger", f"{name}: the {name} package is not installed; "
-                   f"pip install {name} (or geoexplora[{name}]), or leave it out")
 
 
 @dataclass

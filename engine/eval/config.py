@@ -15,15 +15,16 @@ from engine.config import (
     OptimConfig,
     TrainConfig,
     ZeroConfig,
-    check_image_sizes,
 )
 from engine.config_io import check_field as _check
+from engine.model_names import check_image_sizes
 
 
 @dataclass
 class FinetuneConfig:
     mode: Literal["lora", "full"] = "lora"
-    """'lora': LoRA on the frozen backbone + a trainable head (the paper's fine-tune); 'full': every parameter trains."""
+    """'lora': LoRA on the frozen backbone + a trainable head (the paper's fine-tune); 'full': every
+    parameter trains."""
     lora_rank: int = 8
     """LoRA rank of the fine-tuning adapter (a new one, on top of any merged ExPLoRA adapter)."""
     lora_alpha: float = 8.0
@@ -49,7 +50,8 @@ class FinetuneConfig:
     layer_decay: float = 1.0
     """Layer-wise lr decay: block i gets lr * layer_decay ** (depth - i), the embeddings the lowest (1.0 disables)."""
     eval_every: int = 0
-    """Optimizer steps between validations (0 = once per epoch of the train split); the last step is always validated."""
+    """Optimizer steps between validations (0 = once per epoch of the train split); the last step is
+    always validated."""
     train_split: str = "train"
     """Sub-directory of --data.shards with the training shards."""
     val_split: str = "val"

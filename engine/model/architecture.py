@@ -25,13 +25,12 @@ from engine.config import ModelConfig
 from engine.errors import UserError
 from engine.model.patch_embed import use_group_channel_embed
 from engine.model.tokens import TokenAssembly
+from engine.model_names import TINY_ARCHS
 
 log = logging.getLogger(__name__)
 
 DINOV2_ARCHS = tuple(f"vit_{s}_patch14{r}_dinov2" for s in ("small", "base", "large", "giant") for r in ("", "_reg4"))
 MAE_ARCHS = ("vit_base_patch16_224", "vit_large_patch16_224", "vit_huge_patch14_224")
-TINY_ARCHS = {"tiny": "vit_small_patch14_dinov2", "tiny_reg4": "vit_small_patch14_reg4_dinov2",
-              "tiny_mae": "vit_base_patch16_224"}
 TINY_SHAPE = {"embed_dim": 64, "depth": 2, "num_heads": 2}
 # Tensors the objectives keep on the ViT that a plain timm ViT does not have: DINOv2's iBOT mask
 # token, loaded with a DINOv2 checkpoint. Merged and PEFT exports leave them out.

@@ -5,9 +5,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.config import RunConfig, load_config, patch_size_of
+from engine.config import RunConfig, load_config
 from engine.errors import UserError
 from engine.eval.config import EvalRunConfig, FinetuneRunConfig
+from engine.model_names import TINY_ARCHS, patch_size_of
 
 L14 = "vit_large_patch14_dinov2"
 REPO = Path(__file__).resolve().parents[2]
@@ -52,7 +53,7 @@ def test_finetune_and_eval_sizes():
 
 def test_patch_size_from_name_matches_the_built_model():
     from engine.config import ModelConfig
-    from engine.model.architecture import DINOV2_ARCHS, MAE_ARCHS, TINY_ARCHS
+    from engine.model.architecture import DINOV2_ARCHS, MAE_ARCHS
     from engine.model.vit import build_vit
 
     for name in DINOV2_ARCHS + MAE_ARCHS + tuple(TINY_ARCHS):
