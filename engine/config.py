@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 from engine.config_io import check_field as _check
 from engine.config_io import describe, from_dict, load_config, parse_overrides, save_config, to_dict
@@ -21,7 +21,7 @@ from engine.config_train import DeepSpeedFileConfig, KernelConfig, OptimConfig, 
 from engine.model_names import check_image_sizes
 
 __all__ = ["DataConfig", "CropConfig", "ModelConfig", "ExploraConfig", "DinoConfig", "MAEConfig", "ObjectiveConfig",
-           "OptimConfig", "ZeroConfig", "DeepSpeedFileConfig", "KernelConfig", "TrainConfig", "RunConfig",
+           "OptimConfig", "ZeroConfig", "DeepSpeedFileConfig", "KernelConfig", "TrainConfig", "RunConfig", "TrainingRun",
            "describe", "from_dict", "load_config", "parse_overrides", "save_config", "to_dict"]
 
 
@@ -343,3 +343,15 @@ class RunConfig:
         if self.objective.name == "dino" and self.crops.num_local > 0:
             sizes.append(("crops.local_size", self.crops.local_size))
         check_image_sizes(self.model.name, sizes + [("model.img_size", self.model.img_size)])
+
+
+class TrainingRun(Protocol):
+    """The sections a DeepSpeed training run reads (``engine.trainer``): ``RunConfig`` has them, and so
+    does the fine-tuning run's ``FinetuneRunConfig``."""
+
+    data: DataConfig
+    optim: OptimConfig
+    zero: ZeroConfig
+    deepspeed: DeepSpeedFileConfig
+    kernels: KernelConfig
+    train: TrainConfig

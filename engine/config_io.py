@@ -50,7 +50,7 @@ def _convert(value: Any, tp: Any, name: str) -> Any:
         if value not in args:
             raise UserError(f"--{name}: expected one of {list(args)}, got {value!r}")
         return value
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise UserError(f"--{name}: expected a mapping, got {value!r}")
         return from_dict(tp, value, prefix=name + ".")
@@ -214,11 +214,13 @@ def _attribute_docs(cls: type) -> dict[str, str]:
 
     docs: dict[str, str] = {}
     try:
-        body = ast.parse(inspect.getsource(cls)).body[0].body
+        node = ast.parse(inspect.getsource(cls)).body[0]
     except (OSError, TypeError):
         return docs
+    body = node.body if isinstance(node, ast.ClassDef) else []
     for a, b in zip(body, body[1:]):
-        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
+        if (isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name) and isinstance(b, ast.Expr)
+                and isinstance(b.value, ast.Constant)):
             docs[a.target.id] = " ".join(str(b.value.value).split())
     return docs
 
@@ -231,10 +233,15 @@ def sections(cls: type, prefix: str = "", doc: str = "") -> list[tuple[str, str,
     nested: list[tuple[str, str, list[FieldDoc]]] = []
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             nested += sections(tp, prefix + f.name + ".", docs.get(f.name, ""))
         else:
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if f.default is not dataclasses.MISSING:
+                default = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
+            else:
+                raise TypeError(f"config field {prefix}{f.name} has no default")
             leaves.append(FieldDoc(prefix + f.name, tp, default, docs.get(f.name, "")))
     return ([(prefix.rstrip("."), doc, leaves)] if leaves else []) + nested
 

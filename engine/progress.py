@@ -6,7 +6,7 @@ import datetime
 import logging
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sized
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -90,7 +90,7 @@ def progress(
     """tqdm on an interactive stderr, else log lines with rate, elapsed time and ETA: every ``every``
     updates when given, else at most every ``interval`` s. ``initial``: count already done (resume).
     ``disable`` (e.g. non-zero ranks) silences both."""
-    if total is None and iterable is not None and hasattr(iterable, "__len__"):
+    if total is None and isinstance(iterable, Sized):
         total = len(iterable)
     if not disable and sys.stderr.isatty():
         from tqdm.auto import tqdm

@@ -32,7 +32,7 @@ from engine.data.loader import ShardLoader
 from engine.data.multicrop import DinoMultiCrop, EvalView, SingleCrop
 from engine.data.normalize import Normalizer
 from engine.data.photometric import BandRange, Photometric
-from engine.data.shardspec import ShardSet, resolve_shards
+from engine.data.shardspec import ShardSet, known_sum, resolve_shards
 from engine.data.stream import ShardStream, StreamPlan
 from engine.errors import UserError
 
@@ -68,7 +68,7 @@ def _num_bands(shards: ShardSet, bands: Sequence[int] | None) -> int | None:
 def build_normalizer(data_cfg: DataConfig, manifest: dict | None) -> Normalizer:
     """Normalizer for the kept bands from the manifest, or from --data.mean/--data.std."""
     if manifest is None:
-        if data_cfg.mean is None:
+        if data_cfg.mean is None or data_cfg.std is None:  # validate() has them given together
             raise UserError("--data.shards: no manifest.json found beside the shards, so no band statistics; "
                             "give --data.manifest or --data.mean and --data.std")
         return Normalizer(data_cfg.mean, data_cfg.std)
@@ -86,8 +86,8 @@ def band_range(manifest: dict | None, bands: Sequence[int] | None, flag: str = "
     if np.dtype(manifest.get("dtype") or "uint8") == np.uint8:
         return BandRange([0.0] * len(idx), [255.0] * len(idx))
     lo, hi = stats.get("p2"), stats.get("p98")
-    if not (isinstance(lo, list) and isinstance(hi, list) and all(
-            i < len(lo) and i < len(hi) and lo[i] is not None and hi[i] is not None for i in idx)):
+    if not isinstance(lo, list) or not isinstance(hi, list) or not all(
+            i < len(lo) and i < len(hi) and lo[i] is not None and hi[i] is not None for i in idx):
         raise UserError(f"{flag}: {manifest.get('dtype')} data needs the manifest's per-band p2/p98 "
                         "for photometric augmentation; re-run the converter with statistics, or set "
                         "--crops.rgb_augment false and --crops.spectral_jitter none")
@@ -181,7 +181,7 @@ def _loader(data_cfg: DataConfig, shards: ShardSet, view, plan: StreamPlan, labe
     num_samples = None
     if not plan.resampled:  # samples this rank reads per exact epoch, per the manifest's counts
         per_worker = [dataset.expected_samples(0, w, nw) for w in range(nw)]
-        num_samples = None if any(n is None for n in per_worker) else int(sum(per_worker))
+        num_samples = known_sum(per_worker)
     return ShardLoader(dataset, data_cfg.num_workers, data_cfg.pin_memory, data_cfg.prefetch_factor, equalize,
                        persistent, manifest=shards.manifest, shards=shards,
                        normalizer=build_normalizer(data_cfg, shards.manifest), photometric=photometric,

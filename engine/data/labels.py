@@ -83,7 +83,8 @@ class MultiLabelIndex(ClassIndex):
             listed = listed.split(LABEL_SEP)
         return [n for n in (str(x).strip() for x in listed) if n]
 
-    def __call__(self, meta: Mapping) -> np.ndarray:
+    # One label index type for both kinds of data; callers branch on the loader's ``multilabel``.
+    def __call__(self, meta: Mapping) -> np.ndarray:  # type: ignore[override]
         """Multi-hot float32 (C,); CorruptSample if the sample has no label or an unknown one."""
         names = self.names(meta)
         if not names:

@@ -45,6 +45,7 @@ from torch.utils.data import DataLoader
 
 from engine.data import workers
 from engine.data.epoch import EpochControl
+from engine.data.shardspec import known_sum
 from engine.data.skips import check_skip_rate, skip_rate
 from engine.data.stream import POSITION_KEY, ShardStream, merge_counts
 from engine.errors import UserError
@@ -109,6 +110,13 @@ class ShardLoader:
 
         return isinstance(self.classes, MultiLabelIndex)
 
+    @property
+    def class_names(self) -> list[str]:
+        """Class names in index order (labelled loaders)."""
+        if self.classes is None:
+            raise ValueError("this loader reads no labels, so it has no classes")
+        return self.classes.classes
+
     # -------------------------------------------------------------------------------- sizing
     @property
     def logical_workers(self) -> int:
@@ -116,18 +124,19 @@ class ShardLoader:
 
     def _worker_totals(self, epoch: int) -> list[int | None]:
         totals = self.dataset.expected_batches(epoch, self.logical_workers)
-        if self.equalize and not self.dataset.plan.resampled and all(t is not None for t in totals):
+        total = known_sum(totals)
+        if self.equalize and not self.dataset.plan.resampled and total is not None:
             cut = self.dataset.min_rank_batches(epoch, self.logical_workers)
             if cut is not None:
-                totals, _ = merge_counts(totals, min(cut, sum(totals)))
+                return list(merge_counts(totals, min(cut, total))[0])
         return totals
 
     def __len__(self) -> int:
         """Batches this rank yields per epoch (exact mode: from the manifest's counts)."""
-        totals = self._worker_totals(self.epoch)
-        if any(t is None for t in totals):
+        total = known_sum(self._worker_totals(self.epoch))
+        if total is None:
             raise TypeError("epoch length unknown: the shards have no manifest with per-shard counts")
-        return int(sum(totals))
+        return total
 
     @property
     def skip_rate(self) -> float:
@@ -189,9 +198,9 @@ class ShardLoader:
             it: Iterator[dict] = iter(self.dataset)
         elif self.persistent:
             first = self._dl is None
-            if first:
-                self._dl = self._dataloader(persistent=True)
-            it = iter(self._dl)  # first call starts the workers; later ones restart their streams
+            dl = self._dl if self._dl is not None else self._dataloader(persistent=True)
+            self._dl = dl
+            it = iter(dl)  # first call starts the workers; later ones restart their streams
             if first:
                 workers.track(self)
         else:
@@ -287,7 +296,7 @@ class ShardLoader:
         self.epoch = epoch
         self.batches, self.samples = batches, int(state.get("samples", 0))
         if state.get("rank") == self.dataset.plan.rank:
-            self.worker_pos = [tuple(int(v) for v in p) for p in state["workers"]]
+            self.worker_pos = [(int(index), int(raw)) for index, raw in state["workers"]]
             self.next_worker = int(state["next_worker"])
             return
         taken, nxt = merge_counts(self._worker_totals(epoch), batches)

@@ -62,18 +62,19 @@ class _AugmentedCrop:
     def __call__(self, arr: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, np.ndarray | None]:
         box, k = self.rrc.params(arr, rng)
         bands = len(self.rrc.bands) if self.rrc.bands is not None else arr.shape[0]
-        mode = None if self.photometric is None else self.photometric.mode(bands)
-        if mode is None:
+        photo = self.photometric
+        mode = None if photo is None else photo.mode(bands)
+        if photo is None or mode is None:
             return crop_resize_native(arr, box, self.rrc.size, k, self.rrc.bands), None
-        if mode != "blur" and self.photometric.range.lo is None and arr.dtype != np.uint8:
+        if mode != "blur" and photo.range.lo is None and arr.dtype != np.uint8:
             raise UserError(f"--data.manifest: photometric augmentation of {arr.dtype} images needs the manifest's "
                             "p2/p98 band statistics; give the manifest or set --crops.rgb_augment false")
         if self.on_device:
             crop = crop_resize_native(arr, box, self.rrc.size, k, self.rrc.bands)
-            return crop, self.photometric.draw(rng, self.kind, bands)
+            return crop, photo.draw(rng, self.kind, bands)
         x = crop_resize(arr, box, self.rrc.size, k, self.rrc.bands)
-        params = torch.from_numpy(self.photometric.draw(rng, self.kind, bands))
-        return cast_back(self.photometric.augment_crop(x, params), arr.dtype), None
+        params = torch.from_numpy(photo.draw(rng, self.kind, bands))
+        return cast_back(photo.augment_crop(x, params), arr.dtype), None
 
 
 class DinoMultiCrop:

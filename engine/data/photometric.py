@@ -80,13 +80,16 @@ class BandRange:
     def __init__(self, lo: Sequence[float] | None = None, hi: Sequence[float] | None = None):
         if (lo is None) != (hi is None):
             raise ValueError("give both band bounds or neither")
-        if lo is not None and any(float(h) <= float(v) for v, h in zip(lo, hi)):
-            raise ValueError(f"every band needs hi > lo, got {list(lo)} and {list(hi)}")
-        self.lo = None if lo is None else torch.tensor([float(v) for v in lo], dtype=torch.float32)
-        self.hi = None if hi is None else torch.tensor([float(h) for h in hi], dtype=torch.float32)
+        self.lo: torch.Tensor | None = None
+        self.hi: torch.Tensor | None = None
+        if lo is not None and hi is not None:
+            if any(float(h) <= float(v) for v, h in zip(lo, hi)):
+                raise ValueError(f"every band needs hi > lo, got {list(lo)} and {list(hi)}")
+            self.lo = torch.tensor([float(v) for v in lo], dtype=torch.float32)
+            self.hi = torch.tensor([float(h) for h in hi], dtype=torch.float32)
 
     def _bounds(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.lo is None:
+        if self.lo is None or self.hi is None:
             return torch.zeros((), device=x.device), torch.full((), 255.0, device=x.device)
         if self.lo.numel() != x.shape[1]:
             raise ValueError(f"band range has {self.lo.numel()} bands, the crops have {x.shape[1]}")

@@ -115,7 +115,7 @@ def iter_members(f) -> Iterator[tuple[str, bytearray]]:
         if stored != sum(header[:148]) + 8 * 32 + sum(header[156:]):
             raise TarFormatError("bad tar header checksum (not a tar file, or corrupt)")
         size = _octal(bytes(header[124:136]))
-        kind = header[156:157]
+        kind = bytes(header[156:157])
         name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
         if header[257:262] == b"ustar":
             prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8", "replace")

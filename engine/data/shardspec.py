@@ -51,9 +51,13 @@ class ShardSet:
     @property
     def total_samples(self) -> int | None:
         """Sum of known counts, or None when any shard's count is unknown."""
-        if any(c is None for c in self.counts):
-            return None
-        return int(sum(self.counts))
+        return known_sum(self.counts)
+
+
+def known_sum(counts: Sequence[int | None]) -> int | None:
+    """Sum of ``counts``, or None when any of them is unknown (None)."""
+    known = [int(c) for c in counts if c is not None]
+    return sum(known) if len(known) == len(counts) else None
 
 
 def is_remote(url: str) -> bool:

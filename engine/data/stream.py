@@ -42,6 +42,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from engine.data.epoch import EpochControl
 from engine.data.samples import ShardOpener, decode_image, decode_meta, iter_shard
+from engine.data.shardspec import known_sum
 from engine.data.shuffle import shuffled
 from engine.data.skips import SkipCounter, check_skip_rate
 from engine.errors import UserError
@@ -96,7 +97,7 @@ def merge_counts(totals: Sequence[int | None], k: int) -> tuple[list[int], int]:
     remaining = k
     j = 0
     while True:
-        live = [w for w in range(nw) if totals[w] is None or totals[w] > j]
+        live = [w for w, t in enumerate(totals) if t is None or t > j]
         if not live:
             return taken, 0
         for w in live:
@@ -166,10 +167,9 @@ class ShardStream(IterableDataset):
         return self._split(self._order(epoch), self.plan.rank if rank is None else rank, worker, num_workers)
 
     def _samples_of(self, a: Assignment) -> int | None:
-        counts = [self.plan.counts[i] for i in a.shards]
-        if any(c is None for c in counts):
+        n = known_sum([self.plan.counts[i] for i in a.shards])
+        if n is None:
             return None
-        n = int(sum(counts))
         for offset, stride in a.sample_splits:
             n = len(range(offset, n, stride))
         return n

@@ -36,7 +36,8 @@ KILL_WAIT_S = 2.0
 
 def _on_sigterm(signum, frame) -> None:
     info = get_worker_info()
-    if info is not None and getattr(info.dataset, "control", None) is not None and info.dataset.control.closing:
+    control = getattr(info.dataset, "control", None) if info is not None else None
+    if control is not None and control.closing:
         os._exit(0)  # the loader is shutting down: leave now, without running a worker's cleanup twice
 
 

@@ -9,10 +9,10 @@ for layer-wise lr decay.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from engine.eval.config import FinetuneConfig, FinetuneRunConfig
@@ -20,15 +20,16 @@ from engine.model.explora import ParamReport, apply_explora, param_report
 from engine.model.layer_decay import vit_layer_id
 from engine.model.tokens import forward_tokens, pool_tokens
 from engine.model.vit import build_vit
+from engine.objectives.objective import Objective
 
 log = logging.getLogger(__name__)
 
 
-class Classifier(nn.Module):
+class Classifier(Objective):
     """vit + head on the pooled tokens. Batches: {images (B, C, H, W) float, labels (B,) long, or
     (B, C) float multi-hot when ``multilabel``}."""
 
-    def __init__(self, vit: nn.Module, num_classes: int, cfg: FinetuneConfig, multilabel: bool = False):
+    def __init__(self, vit: VisionTransformer, num_classes: int, cfg: FinetuneConfig, multilabel: bool = False):
         super().__init__()
         self.vit = vit
         self.pool = cfg.pool
@@ -66,12 +67,6 @@ class Classifier(nn.Module):
             loss = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
         acc = (logits.argmax(-1) == y).float().mean().item() * 100.0  # on mixed images under mixup
         return loss, {"ce": loss.item(), "train_top1": acc}
-
-    def trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        return ((n, p) for n, p in self.named_parameters() if p.requires_grad)
-
-    def on_step_end(self, step: int) -> None:
-        """Nothing to update between steps (no EMA, no schedules outside the optimizer)."""
 
     def layer_id(self, name: str) -> int:
         """0 for the embeddings, i + 1 for block i, depth + 1 for the final norm and the head."""

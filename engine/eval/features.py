@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from timm.models.vision_transformer import VisionTransformer
 
 from engine.atomic import atomic_write
 from engine.data import to_device
@@ -61,11 +61,11 @@ def lockstep(loader: Iterable, device: torch.device) -> Iterator[tuple[dict, boo
         dist.all_reduce(flag)
         if flag.item() == 0:
             return
-        if b is None and last is None:
-            raise UserError(f"the eval split has fewer samples than ranks ({dist.get_world_size()}); "
-                            "evaluate it on fewer ranks")
         if b is not None:
             last = b
+        if last is None:
+            raise UserError(f"the eval split has fewer samples than ranks ({dist.get_world_size()}); "
+                            "evaluate it on fewer ranks")
         yield (last, b is not None)
 
 
@@ -95,7 +95,7 @@ def run_over(loader: Iterable, device: torch.device, fn: Callable[[torch.Tensor]
     return cat, lab
 
 
-def extract_features(vit: nn.Module, loader, device: torch.device, pools: Sequence[str] = ("cls",),
+def extract_features(vit: VisionTransformer, loader, device: torch.device, pools: Sequence[str] = ("cls",),
                      precision: str = "fp32", desc: str = "features") -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Frozen features of every sample of ``loader`` (all ranks): ({pool: (N, D_pool)}, labels)."""
     was_training = vit.training

@@ -71,7 +71,7 @@ class BestKeeper:
             return False
         tensors = _gathered_trainable(model, self.is_main)
         self.best = {"step": step, **record}
-        if self.is_main:
+        if tensors is not None:  # the main rank
             from safetensors.torch import save
 
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -126,7 +126,7 @@ def run_finetune(cfg: FinetuneRunConfig, env) -> dict:
     val = build_eval_loader(cfg.data, cfg.model.img_size, split=ft.val_split, rank=env.rank,
                             world_size=env.world_size)
     multilabel = bool(getattr(train, "multilabel", False))
-    classes = train.classes.classes
+    classes = train.class_names
     if (ft.mixup > 0 or ft.cutmix > 0) and cfg.data.batch_size % 2:
         raise UserError(f"--data.batch_size {cfg.data.batch_size}: mixup/cutmix pair samples; use an even size")
     seed_all(cfg.train.seed)

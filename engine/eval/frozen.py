@@ -56,7 +56,7 @@ def _split_features(cfg: EvalRunConfig, vit, env, split: str, pools: list[str]):
         feats, labels = extract_features(vit, loader, env.device, pools, cfg.eval.precision, desc=f"features {split}")
         if env.is_main:
             save_features(path, feats, labels, key)
-    return feats, labels, loader.classes.classes, bool(loader.multilabel)
+    return feats, labels, loader.class_names, bool(loader.multilabel)
 
 
 def format_table(results: dict) -> str:

@@ -65,7 +65,7 @@ def linear_probe(
     x = norm(x)
     y = train_labels
     D = x.shape[1]
-    heads = nn.ModuleList(nn.Linear(D, num_classes) for _ in lrs)
+    heads = [nn.Linear(D, num_classes) for _ in lrs]
     for h in heads:
         nn.init.normal_(h.weight, std=0.01, generator=g)
         nn.init.zeros_(h.bias)
@@ -80,7 +80,7 @@ def linear_probe(
         for s in range(steps_per_epoch):
             idx = perm[s * batch_size:(s + 1) * batch_size]
             xb, yb = x[idx], y[idx]
-            loss = 0.0
+            loss = xb.new_zeros(())
             for h in heads:
                 out = h(xb)
                 loss = loss + (F.binary_cross_entropy_with_logits(out, yb.float()) if multilabel

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from typing import cast
 
 import timm
 import torch
 from timm.layers import DropPath
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from engine.config import ModelConfig
@@ -52,7 +54,7 @@ def resolve_arch(name: str) -> tuple[str, dict]:
                     f"{', '.join(DINOV2_ARCHS + MAE_ARCHS + tuple(TINY_ARCHS))}")
 
 
-def create_vit(cfg: ModelConfig, device: str | torch.device | None = None) -> nn.Module:
+def create_vit(cfg: ModelConfig, device: str | torch.device | None = None) -> VisionTransformer:
     """The architecture of ``cfg`` at random init (no weights, no dispatch swap); on ``device``."""
     arch, shape = resolve_arch(cfg.name)
     for k in ("embed_dim", "depth", "num_heads"):
@@ -65,7 +67,8 @@ def create_vit(cfg: ModelConfig, device: str | torch.device | None = None) -> nn
     kwargs = dict(pretrained=False, img_size=cfg.img_size, in_chans=3 if group else cfg.in_chans,
                   dynamic_img_size=True, num_classes=0, **shape)
     with torch.device(device) if device is not None else contextlib.nullcontext():
-        vit = timm.create_model(arch, **kwargs)
+        # resolve_arch admits ViT architectures only; timm types every model as nn.Module
+        vit = cast(VisionTransformer, timm.create_model(arch, **kwargs))
         if group:
             try:
                 use_group_channel_embed(vit, cfg.band_groups, cfg.in_chans, cfg.group_embed)
@@ -76,11 +79,17 @@ def create_vit(cfg: ModelConfig, device: str | torch.device | None = None) -> nn
                         f"{vit.patch_embed.patch_size[0]}")
     set_drop_path(vit, cfg.drop_path_rate, cfg.drop_path_uniform)
     vit.token_assembly = TokenAssembly()  # no parameters: the timm state dict is unchanged
-    vit.geoexplora_name = arch
+    vit.geoexplora_name = arch  # type: ignore[assignment]  # metadata: torch's stub wants a tensor or module
     return vit
 
 
-def set_drop_path(vit: nn.Module, rate: float, uniform: bool = True) -> list[float]:
+
+def arch_of(vit: nn.Module) -> str:
+    """The timm architecture :func:`create_vit` built ``vit`` as (the class name for a ViT built elsewhere)."""
+    return str(getattr(vit, "geoexplora_name", type(vit).__name__))
+
+
+def set_drop_path(vit: VisionTransformer, rate: float, uniform: bool = True) -> list[float]:
     """Stochastic depth on every block's two residual branches: ``rate`` everywhere (DINOv2's
     ``drop_path_uniform``) or timm's linear ramp 0 -> ``rate``. Returns the per-block rates.
 

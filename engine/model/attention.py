@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from timm.layers.attention import Attention
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from kernels import dispatch
@@ -81,7 +82,7 @@ class DispatchAttention(nn.Module):
         return f"heads={self.num_heads}, head_dim={self.head_dim}, core=kernels.dispatch.attention"
 
 
-def use_dispatch_attention(vit: nn.Module) -> int:
+def use_dispatch_attention(vit: VisionTransformer) -> int:
     """Replace every timm ``Attention`` in ``vit.blocks`` by :class:`DispatchAttention`, in place.
 
     Returns how many modules were swapped (0 when already swapped, so calling twice is harmless).

@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
+from timm.models.vision_transformer import VisionTransformer
 
+from engine.model.architecture import arch_of
 from engine.model.tensor_files import file_sha256
 
 
@@ -32,12 +33,12 @@ class BaseInfo:
         return file_sha256(self.weights) if self.weights else None
 
 
-def base_info(vit: nn.Module) -> BaseInfo:
+def base_info(vit: VisionTransformer) -> BaseInfo:
     """The :class:`BaseInfo` ``build_vit`` attached (a bare one for models built elsewhere)."""
     info = getattr(vit, "base_info", None)
     if isinstance(info, BaseInfo):
         return info
-    name = getattr(vit, "geoexplora_name", type(vit).__name__)
+    name = arch_of(vit)
     return BaseInfo(name=name, arch=name, model={})
 
 

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from timm.layers import LayerScale
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from engine.config import ExploraConfig
@@ -46,7 +47,7 @@ def resolve_blocks(depth: int, blocks: Iterable[int]) -> list[int]:
     return sorted(out)
 
 
-def add_lora(vit: nn.Module, blocks: Iterable[int], targets: Sequence[str], rank: int, alpha: float,
+def add_lora(vit: VisionTransformer, blocks: Iterable[int], targets: Sequence[str], rank: int, alpha: float,
              dropout: float = 0.0) -> int:
     """Wrap ``targets`` of ``vit.blocks[i]`` for i in ``blocks`` with LoRALinear; returns layers wrapped.
 
@@ -66,21 +67,26 @@ def add_lora_to_blocks(blocks: Sequence[nn.Module], targets: Sequence[str], rank
     qkv_targets = [t for t in ("q", "k", "v") if t in targets]
     count = 0
     for i, blk in zip(labels if labels is not None else range(len(blocks)), blocks):
-        attn, mlp = blk.attn, blk.mlp
+        attn, mlp = blk.get_submodule("attn"), blk.get_submodule("mlp")
         if qkv_targets:
-            dim = attn.qkv.out_features // 3
-            attn.qkv = LoRALinear(attn.qkv, rank, alpha, dropout,
+            qkv = _linear(attn, "qkv", i)
+            dim = qkv.out_features // 3
+            attn.qkv = LoRALinear(qkv, rank, alpha, dropout,
                                   segments=["qkv".index(t) * dim for t in qkv_targets], segment_width=dim)
             count += 1
         for name, parent in (("proj", attn), ("fc1", mlp), ("fc2", mlp)):
             if name in targets:
-                layer = getattr(parent, name)
-                if not isinstance(layer, nn.Linear):
-                    raise UserError(f"--explora.lora_targets: {name} of block {i} is a {type(layer).__name__}, "
-                                    "not a linear layer")
-                setattr(parent, name, LoRALinear(layer, rank, alpha, dropout))
+                setattr(parent, name, LoRALinear(_linear(parent, name, i), rank, alpha, dropout))
                 count += 1
     return count
+
+
+def _linear(parent: nn.Module, name: str, block: int) -> nn.Linear:
+    layer = getattr(parent, name)
+    if not isinstance(layer, nn.Linear):
+        raise UserError(f"--explora.lora_targets: {name} of block {block} is a {type(layer).__name__}, "
+                        "not a linear layer")
+    return layer
 
 
 @dataclass
@@ -142,7 +148,7 @@ class ParamReport:
         return self.table()
 
 
-def param_report(vit: nn.Module, unfrozen_blocks: Iterable[int] | None = None,
+def param_report(vit: VisionTransformer, unfrozen_blocks: Iterable[int] | None = None,
                  recipe: dict | None = None) -> ParamReport:
     """Count ``vit``'s parameters by group from their current ``requires_grad`` flags.
 
@@ -183,7 +189,7 @@ def param_report(vit: nn.Module, unfrozen_blocks: Iterable[int] | None = None,
     return ParamReport(groups, recipe)
 
 
-def applied_recipe(vit: nn.Module) -> dict:
+def applied_recipe(vit: VisionTransformer) -> dict:
     """The recipe :func:`apply_explora` recorded on ``vit``; ValueError when none was applied."""
     recipe = getattr(vit, "geoexplora_recipe", None)
     if not recipe:
@@ -207,7 +213,7 @@ def _as_config(cfg: ExploraConfig | dict | None, overrides: dict) -> ExploraConf
     return cfg
 
 
-def apply_explora(vit: nn.Module, cfg: ExploraConfig | dict | None = None, **overrides) -> ParamReport:
+def apply_explora(vit: VisionTransformer, cfg: ExploraConfig | dict | None = None, **overrides) -> ParamReport:
     """Freeze ``vit`` per the ExPLoRA recipe and add LoRA, in place; returns the parameter report.
 
     cfg: an :class:`~engine.config.ExploraConfig`, a dict of its fields, or None (defaults);
@@ -242,7 +248,7 @@ def apply_explora(vit: nn.Module, cfg: ExploraConfig | dict | None = None, **ove
     recipe = dataclasses.asdict(cfg)
     recipe["unfrozen_block_indices"] = unfrozen
     recipe["depth"] = depth
-    vit.geoexplora_recipe = recipe
+    vit.geoexplora_recipe = recipe  # type: ignore[assignment]  # metadata: torch's stub wants a tensor or module
     report = param_report(vit, unfrozen, recipe)
     log.info("ExPLoRA recipe: unfrozen blocks %s, LoRA r=%d on %s; %s/%s parameters train (%.2f%%)\n%s",
              unfrozen, cfg.lora_rank, ",".join(cfg.lora_targets) or "-", f"{report.trainable:,}",

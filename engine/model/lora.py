@@ -57,23 +57,25 @@ class LoRALinear(nn.Linear):
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
+        width = self.out_features
         if segments is not None:
             segments = tuple(int(s) for s in segments)
             if segment_width is None or segment_width <= 0:
                 raise ValueError("LoRA output segments need a positive segment_width")
-            ends = [s + segment_width for s in segments]
+            width = segment_width
+            ends = [s + width for s in segments]
             if any(b < a for a, b in zip(ends, segments[1:])) or segments[0] < 0 or ends[-1] > self.out_features:
-                raise ValueError(f"segments {segments} x {segment_width} do not tile {self.out_features} outputs")
+                raise ValueError(f"segments {segments} x {width} do not tile {self.out_features} outputs")
         self.segments = segments
-        self.segment_width = segment_width if segments is not None else self.out_features
+        self.segment_width = width
         self.rank = int(rank)
         self.alpha = float(alpha)
         self.scale = self.alpha / self.rank
         self.dropout = float(dropout)
         n_seg = len(segments) if segments is not None else 1
-        kw = dict(device=base.weight.device, dtype=base.weight.dtype)
-        self.lora_a = nn.Parameter(torch.empty(n_seg * self.rank, self.in_features, **kw))
-        self.lora_b = nn.Parameter(torch.zeros(n_seg * self.segment_width, self.rank, **kw))
+        device, dtype = base.weight.device, base.weight.dtype
+        self.lora_a = nn.Parameter(torch.empty(n_seg * self.rank, self.in_features, device=device, dtype=dtype))
+        self.lora_b = nn.Parameter(torch.zeros(n_seg * self.segment_width, self.rank, device=device, dtype=dtype))
         self.merged = False
         self.reset_lora_parameters()
 

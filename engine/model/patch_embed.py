@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 S2_KEPT_BANDS = ("B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B11", "B12")
@@ -126,6 +127,7 @@ class GroupChannelPatchEmbed(nn.Module):
     def init_from_rgb(self, weight: torch.Tensor, bias: torch.Tensor | None, mode: AdaptMode = "timm") -> None:
         """Start every group's conv from pre-trained RGB kernels (D, 3, p, p), adapted to its bands."""
         for conv, g in zip(self.proj, self.band_groups):
+            assert isinstance(conv, nn.Conv2d)  # built in __init__
             conv.weight.copy_(adapt_rgb_weight(weight, len(g), mode).to(conv.weight.dtype))
             if conv.bias is not None and bias is not None:
                 conv.bias.copy_(bias.to(conv.bias.dtype))
@@ -140,7 +142,7 @@ class GroupChannelPatchEmbed(nn.Module):
         return f"groups={self.band_groups}, patch={self.patch_size[0]}, dim={self.embed_dim}, encoding={self.encoding}"
 
 
-def use_group_channel_embed(vit: nn.Module, band_groups: Sequence[Sequence[int]] | None = None,
+def use_group_channel_embed(vit: VisionTransformer, band_groups: Sequence[Sequence[int]] | None = None,
                             in_chans: int | None = None,
                             encoding: GroupEncoding = "learned") -> GroupChannelPatchEmbed:
     """Replace ``vit.patch_embed`` by a group-channel embed of the same patch size, grid and width.

@@ -18,6 +18,7 @@ import math
 
 import torch
 from timm.layers import resample_abs_pos_embed
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from engine.errors import UserError
@@ -36,9 +37,9 @@ def describe_state(sd: StateDict) -> str:
     regs = sd.get("reg_token", sd.get("register_tokens"))
     n_reg = int(regs.shape[1]) if regs is not None else 0
     dinov2 = any(k.endswith("ls1.gamma") for k in sd)
-    names = {(384, 12, 14): "vit_small_patch14{}_dinov2", (768, 12, 14): "vit_base_patch14{}_dinov2",
+    names: dict[tuple[int | None, int, int | None], str] = {(384, 12, 14): "vit_small_patch14{}_dinov2", (768, 12, 14): "vit_base_patch14{}_dinov2",
              (1024, 24, 14): "vit_large_patch14{}_dinov2", (1536, 40, 14): "vit_giant_patch14{}_dinov2"}
-    mae = {(768, 12, 16): "vit_base_patch16_224", (1024, 24, 16): "vit_large_patch16_224",
+    mae: dict[tuple[int | None, int, int | None], str] = {(768, 12, 16): "vit_base_patch16_224", (1024, 24, 16): "vit_large_patch16_224",
            (1280, 32, 14): "vit_huge_patch14_224"}
     guess = (names.get((dim, depth, patch), "").format(f"_reg{n_reg}" if n_reg else "") if dinov2
              else mae.get((dim, depth, patch), ""))
@@ -65,7 +66,7 @@ def fit_error(flag: str, path: str, model_name: str, sd: StateDict, missing: lis
                        "or the right weight file")
 
 
-def check_not_partitioned(vit: nn.Module, sd: StateDict, flag: str, path: str) -> None:
+def check_not_partitioned(vit: VisionTransformer, sd: StateDict, flag: str, path: str) -> None:
     """Empty tensors where the model has data: a DeepSpeed ZeRO-3 partition, not weights."""
     if any(v.numel() == 0 for v in sd.values()) and any(v.numel() for v in vit.state_dict().values()):
         raise UserError(f"{flag} '{path}' holds empty (partitioned) tensors: a DeepSpeed ZeRO-3 checkpoint. "
@@ -73,7 +74,7 @@ def check_not_partitioned(vit: nn.Module, sd: StateDict, flag: str, path: str) -
                         "the run's export/ files")
 
 
-def drop_head(sd: StateDict, vit: nn.Module, path: str) -> StateDict:
+def drop_head(sd: StateDict, vit: VisionTransformer, path: str) -> StateDict:
     """Without the classifier head (``head.*``) when the model has none."""
     head = [k for k in sd if k.startswith("head.")]
     if not head or any(k.startswith("head.") for k in vit.state_dict()):
@@ -82,19 +83,22 @@ def drop_head(sd: StateDict, vit: nn.Module, path: str) -> StateDict:
     return {k: v for k, v in sd.items() if not k.startswith("head.")}
 
 
-def fit_mask_token(sd: StateDict, vit: nn.Module) -> StateDict:
+def fit_mask_token(sd: StateDict, vit: VisionTransformer) -> StateDict:
     """DINOv2's iBOT mask token as (1, D), with a Parameter for it on ``vit`` (the DINO objective's)."""
     if "mask_token" not in sd:
         return sd
     sd = dict(sd, mask_token=sd["mask_token"].reshape(1, -1))
     if not isinstance(getattr(vit, "mask_token", None), torch.Tensor):
-        vit.mask_token = nn.Parameter(torch.zeros(sd["mask_token"].shape, dtype=vit.cls_token.dtype))
+        dtype = vit.cls_token.dtype if vit.cls_token is not None else torch.get_default_dtype()
+        vit.mask_token = nn.Parameter(torch.zeros(sd["mask_token"].shape, dtype=dtype))
     return sd
 
 
-def _resampled(pe: torch.Tensor, vit: nn.Module) -> torch.Tensor | None:
+def _resampled(pe: torch.Tensor, vit: VisionTransformer) -> torch.Tensor | None:
     """File pos_embed (1, P + n*n, D) -> the model's grid, or None when it cannot be resampled."""
     own = vit.pos_embed
+    if own is None:
+        return None
     n_prefix = 0 if vit.no_embed_class else vit.num_prefix_tokens
     n_old = pe.shape[1] - n_prefix
     side = math.isqrt(max(n_old, 0))
@@ -104,7 +108,7 @@ def _resampled(pe: torch.Tensor, vit: nn.Module) -> torch.Tensor | None:
                                   num_prefix_tokens=n_prefix).to(pe.dtype)
 
 
-def resample_pos_embed(sd: StateDict, vit: nn.Module) -> StateDict:
+def resample_pos_embed(sd: StateDict, vit: VisionTransformer) -> StateDict:
     """The file's square position-embedding grid resampled to the model's (left as is when it
     cannot be: :func:`strict_load` then reports the mismatch)."""
     if "pos_embed" not in sd or vit.pos_embed is None or sd["pos_embed"].shape == vit.pos_embed.shape:
@@ -113,7 +117,7 @@ def resample_pos_embed(sd: StateDict, vit: nn.Module) -> StateDict:
     return sd if pe is None else dict(sd, pos_embed=pe)
 
 
-def fit_patch_embed(sd: StateDict, vit: nn.Module, adapt: AdaptMode, flag: str, path: str) -> tuple[StateDict, bool]:
+def fit_patch_embed(sd: StateDict, vit: VisionTransformer, adapt: AdaptMode, flag: str, path: str) -> tuple[StateDict, bool]:
     """(state dict, whether RGB kernels were adapted) for ``vit``'s patch embed.
 
     Group-channel model + RGB file: the group convs are initialised from the RGB kernels and their
@@ -146,7 +150,7 @@ def fit_patch_embed(sd: StateDict, vit: nn.Module, adapt: AdaptMode, flag: str, 
     return sd, False
 
 
-def strict_load(vit: nn.Module, sd: StateDict, flag: str, path: str) -> None:
+def strict_load(vit: VisionTransformer, sd: StateDict, flag: str, path: str) -> None:
     """``vit.load_state_dict(sd, strict=True)``, or one UserError listing what does not fit."""
     own = vit.state_dict()
     missing = [k for k in own if k not in sd]

@@ -15,15 +15,16 @@ from __future__ import annotations
 
 import torch
 from timm.layers import resample_abs_pos_embed
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 
-def num_groups(vit: nn.Module) -> int:
+def num_groups(vit: VisionTransformer) -> int:
     return int(getattr(vit.patch_embed, "num_groups", 1))
 
 
-def _pos_embeds(vit: nn.Module, grid: tuple[int, int]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def _pos_embeds(vit: VisionTransformer, grid: tuple[int, int]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Split ``vit.pos_embed`` into (prefix part (1, P, D) or None, patch part resampled to (1, h*w, D))."""
     pe = vit.pos_embed
     if pe is None:
@@ -36,7 +37,7 @@ def _pos_embeds(vit: nn.Module, grid: tuple[int, int]) -> tuple[torch.Tensor | N
     return (prefix if n_prefix else None), patch
 
 
-def _assemble(vit: nn.Module, t: torch.Tensor, grid: tuple[int, int], mask: torch.Tensor | None,
+def _assemble(vit: VisionTransformer, t: torch.Tensor, grid: tuple[int, int], mask: torch.Tensor | None,
               mask_token: torch.Tensor | None, ids_keep: torch.Tensor | None) -> torch.Tensor:
     """Patch tokens t (B, G*h*w, D) -> [prefix][patch] tokens, with every tensor that lives on the
     ViT itself (mask token, position embedding, cls/register tokens) read here."""
@@ -78,13 +79,13 @@ class TokenAssembly(nn.Module):
     EMA teacher's swap of trainable tensors (engine/objectives/teacher.py).
     """
 
-    def forward(self, vit: nn.Module, t: torch.Tensor, grid: tuple[int, int], mask: torch.Tensor | None = None,
+    def forward(self, vit: VisionTransformer, t: torch.Tensor, grid: tuple[int, int], mask: torch.Tensor | None = None,
                 mask_token: torch.Tensor | None = None, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
         return _assemble(vit, t, grid, mask, mask_token, ids_keep)
 
 
 def embed(
-    vit: nn.Module,
+    vit: VisionTransformer,
     x: torch.Tensor,
     mask: torch.Tensor | None = None,
     mask_token: torch.Tensor | None = None,
@@ -112,7 +113,7 @@ def embed(
     return vit.norm_pre(t)
 
 
-def run_blocks(vit: nn.Module, t: torch.Tensor) -> torch.Tensor:
+def run_blocks(vit: VisionTransformer, t: torch.Tensor) -> torch.Tensor:
     """Apply the transformer blocks (with per-block activation checkpointing when enabled)."""
     use_ckpt = getattr(vit, "grad_checkpointing", False) and torch.is_grad_enabled()
     for blk in vit.blocks:
@@ -121,7 +122,7 @@ def run_blocks(vit: nn.Module, t: torch.Tensor) -> torch.Tensor:
 
 
 def forward_tokens(
-    vit: nn.Module,
+    vit: VisionTransformer,
     x: torch.Tensor,
     mask: torch.Tensor | None = None,
     mask_token: torch.Tensor | None = None,
@@ -155,6 +156,6 @@ def pool_tokens(tokens: dict[str, torch.Tensor], pool: str) -> torch.Tensor:
     raise ValueError(f"unknown pool {pool!r}; use one of {POOLS}")
 
 
-def pooled_features(vit: nn.Module, x: torch.Tensor, avgpool: bool = False) -> torch.Tensor:
+def pooled_features(vit: VisionTransformer, x: torch.Tensor, avgpool: bool = False) -> torch.Tensor:
     """Frozen-feature embedding of images ``x``: cls (B, D), or [cls, mean patch] (B, 2D)."""
     return pool_tokens(forward_tokens(vit, x), "cls_avgpool" if avgpool else "cls")

@@ -17,19 +17,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch import nn
+from timm.models.vision_transformer import VisionTransformer
 
 from engine.config import ModelConfig, from_dict, to_dict
-from engine.model.architecture import create_vit
+from engine.model.architecture import arch_of, create_vit
 from engine.model.attention import use_dispatch_attention
 from engine.model.base_identity import BaseInfo
 from engine.model.formats.adapter import load_adapter, merge_adapter_file, rebuild_config
 from engine.model.weights import load_weights
 
 
-def _load_base(vit: nn.Module, cfg: ModelConfig) -> BaseInfo:
+def _load_base(vit: VisionTransformer, cfg: ModelConfig) -> BaseInfo:
     """Load ``cfg.weights`` (if any) into ``vit``, then fold ``cfg.adapter`` (if any) in; the identity."""
-    info = BaseInfo(name=cfg.name, arch=vit.geoexplora_name, model=to_dict(cfg))
+    info = BaseInfo(name=cfg.name, arch=arch_of(vit), model=to_dict(cfg))
     if cfg.weights:
         loaded = load_weights(vit, cfg.weights, adapt=cfg.patch_embed_adapt)
         info.weights, info.format, info.extra = cfg.weights, loaded.format, loaded.extra
@@ -38,7 +38,7 @@ def _load_base(vit: nn.Module, cfg: ModelConfig) -> BaseInfo:
     return info
 
 
-def build_vit(cfg: ModelConfig, device: str | torch.device | None = None) -> nn.Module:
+def build_vit(cfg: ModelConfig, device: str | torch.device | None = None) -> VisionTransformer:
     """timm VisionTransformer for ``cfg``: local weights loaded, adapter merged, attention through
     ``kernels.dispatch``, per-block gradient checkpointing set from ``cfg.grad_checkpointing``.
 
@@ -50,17 +50,17 @@ def build_vit(cfg: ModelConfig, device: str | torch.device | None = None) -> nn.
     if not meta:
         cfg.check_files()
     vit = create_vit(cfg, "meta" if meta else None)
-    info = BaseInfo(name=cfg.name, arch=vit.geoexplora_name, model=to_dict(cfg)) if meta else _load_base(vit, cfg)
+    info = BaseInfo(name=cfg.name, arch=arch_of(vit), model=to_dict(cfg)) if meta else _load_base(vit, cfg)
     use_dispatch_attention(vit)
     vit.set_grad_checkpointing(cfg.grad_checkpointing)
-    vit.base_info = info
+    vit.base_info = info  # type: ignore[assignment]  # metadata: torch's stub wants a tensor or module
     if device is not None and not meta:
         vit.to(device)
     return vit
 
 
 def build_from_adapter(path: str | Path, weights: str | None = None, seed: int | None = None,
-                       device: str | torch.device | None = None) -> nn.Module:
+                       device: str | torch.device | None = None) -> VisionTransformer:
     """Rebuild the trained model from an adapter: base from its recorded model config, recipe
     applied, tensors loaded.
 

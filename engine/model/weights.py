@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
+from timm.models.vision_transformer import VisionTransformer
 
 from engine.errors import UserError
 from engine.model.formats import dinov2, mae, trainer_checkpoint
@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 GEOEXPLORA = "geoexplora"
 TIMM = "timm"
 # format -> its filter to timm's names (geoexplora and timm files have timm's names already)
-FILTERS: dict[str, Callable[[StateDict, nn.Module], StateDict]] = {
+FILTERS: dict[str, Callable[[StateDict, VisionTransformer], StateDict]] = {
     mae.FORMAT: mae.filter_state_dict,
     dinov2.FORMAT: dinov2.filter_state_dict,
 }
@@ -103,7 +103,7 @@ def detect_format(sd: StateDict, meta: dict) -> str:
     return TIMM
 
 
-def load_weights(vit: nn.Module, path: str, adapt: AdaptMode = "timm", flag: str = "--model.weights") -> LoadedWeights:
+def load_weights(vit: VisionTransformer, path: str, adapt: AdaptMode = "timm", flag: str = "--model.weights") -> LoadedWeights:
     """Load a local weight file of any supported format into ``vit`` (in place, strict).
 
     vit: a timm VisionTransformer built on CPU (plain or group-channel patch embed, no LoRA yet).

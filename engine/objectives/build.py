@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 
-from torch import nn
+from timm.models.vision_transformer import VisionTransformer
 
 from engine.config import ObjectiveConfig, RunConfig
 from engine.errors import UserError
@@ -11,17 +11,18 @@ from engine.model.layer_decay import LayerDecay
 from engine.objectives.centering import AllReduce
 from engine.objectives.dino import DinoObjective
 from engine.objectives.mae import MAEObjective
+from engine.objectives.objective import Objective
 
 log = logging.getLogger(__name__)
 
 
 def build_objective(
     cfg: RunConfig | ObjectiveConfig,
-    vit: nn.Module,
+    vit: VisionTransformer,
     total_steps: int,
     all_reduce: AllReduce | None = None,
     decoder_state: dict | None = None,
-) -> nn.Module:
+) -> Objective:
     """DinoObjective or MAEObjective per ``objective.name``.
 
     cfg: the run config (then crops.num_global sets the global crops per image, model.band_groups
@@ -33,7 +34,7 @@ def build_objective(
     decoder_state: the MAE checkpoint's state dict, whose decoder is loaded when present.
     """
     run = cfg if isinstance(cfg, RunConfig) else None
-    obj = run.objective if run is not None else cfg
+    obj = cfg.objective if isinstance(cfg, RunConfig) else cfg
     decay = LayerDecay(run.optim.layerwise_decay, run.optim.patch_embed_lr_mult) if run is not None else LayerDecay()
     if total_steps <= 0:
         raise UserError(f"--train.max_steps: must be > 0 to schedule the objective, got {total_steps}")

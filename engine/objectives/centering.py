@@ -57,6 +57,8 @@ class RunningCenter(nn.Module):
     DINO/DINOv2 (which apply the asynchronous update at the next call).
     """
 
+    center: torch.Tensor  # (1, K) buffer
+
     def __init__(self, dim: int, momentum: float = 0.9):
         super().__init__()
         self.momentum = momentum

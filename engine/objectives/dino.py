@@ -14,9 +14,9 @@ One ``forward(batch, step)`` is one DINOv2 iteration on this rank's micro-batch:
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 
 import torch
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from engine.config import DinoConfig
@@ -28,13 +28,14 @@ from engine.objectives.dino_head import LAST_LAYER, DINOHead
 from engine.objectives.ibot_patch_loss import IBOTPatchLoss
 from engine.objectives.koleo_loss import koleo_loss
 from engine.objectives.monitor import CollapseMonitor
+from engine.objectives.objective import Objective
 from engine.objectives.schedules import momentum_schedule, teacher_temperature
 from engine.objectives.teacher import ZERO3_REQUIREMENTS, EMATeacher
 
 log = logging.getLogger(__name__)
 
 
-class DinoObjective(nn.Module):
+class DinoObjective(Objective):
     """Student (ExPLoRA ViT + heads + mask token), EMA teacher state and the DINOv2 losses.
 
     vit: timm VisionTransformer (dynamic_img_size) with the recipe already applied (frozen base,
@@ -46,7 +47,7 @@ class DinoObjective(nn.Module):
 
     def __init__(
         self,
-        vit: nn.Module,
+        vit: VisionTransformer,
         cfg: DinoConfig,
         total_steps: int,
         n_global_crops: int = 2,
@@ -71,10 +72,11 @@ class DinoObjective(nn.Module):
             self.mask_token = None
         else:
             self.mask_token = nn.Parameter(torch.zeros(dim))
-        loss_kw = dict(student_temp=cfg.student_temp, centering=cfg.centering,
-                       center_momentum=cfg.center_momentum, sinkhorn_iterations=cfg.sinkhorn_iterations)
-        self.dino_loss = DINOClsLoss(cfg.head_n_prototypes, **loss_kw)
-        self.ibot_loss = IBOTPatchLoss(cfg.head_n_prototypes, **loss_kw)
+        self.dino_loss = DINOClsLoss(cfg.head_n_prototypes, student_temp=cfg.student_temp, centering=cfg.centering,
+                                     center_momentum=cfg.center_momentum, sinkhorn_iterations=cfg.sinkhorn_iterations)
+        self.ibot_loss = IBOTPatchLoss(cfg.head_n_prototypes, student_temp=cfg.student_temp, centering=cfg.centering,
+                                       center_momentum=cfg.center_momentum,
+                                       sinkhorn_iterations=cfg.sinkhorn_iterations)
         teacher_modules = {"vit": vit, "dino_head": self.dino_head}
         if self.ibot_head is not None:
             teacher_modules["ibot_head"] = self.ibot_head
@@ -87,11 +89,6 @@ class DinoObjective(nn.Module):
             log.info("iBOT mask token starts from zeros (the model has none)")
 
     # ------------------------------------------------------------------ interface
-    def trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        """(name, parameter) of everything the optimizer updates: the recipe's trainable ViT
-        tensors, the heads and the mask token."""
-        return ((n, p) for n, p in self.named_parameters() if p.requires_grad)
-
     def lr_multiplier(self, name: str) -> float:
         """Layer-wise lr factor of trainable ``name`` (DINOv2 param_groups: heads 1)."""
         return self.layer_decay.for_objective(name, len(self.vit.blocks))
@@ -157,7 +154,7 @@ class DinoObjective(nn.Module):
                     t_out = self.dino_head(torch.cat([t_cls, t_patch]))
                     t_cls_logits, t_patch_logits = t_out[: t_cls.shape[0]], t_out[t_cls.shape[0]:]
                 else:
-                    t_cls_logits, t_patch_logits = self.dino_head(t_cls), self.ibot_head(t_patch)
+                    t_cls_logits, t_patch_logits = self.dino_head(t_cls), self._ibot_head()(t_patch)
             else:
                 t_cls_logits = self.dino_head(t_cls)
         # 2. targets (collectives: identical call order on every rank)
@@ -168,8 +165,8 @@ class DinoObjective(nn.Module):
         # 3. student
         # mask_token None = the ViT's own (a DINOv2 checkpoint's), read inside the ViT's token assembly
         s_g = forward_tokens(self.vit, g, mask=masks, mask_token=self.mask_token)
-        s_l = forward_tokens(self.vit, local) if n_l else None
-        head_in = ([s_l["cls"]] if n_l else []) + [s_g["cls"]]
+        s_l = forward_tokens(self.vit, local) if local is not None and n_l else None
+        head_in = ([s_l["cls"]] if s_l is not None else []) + [s_g["cls"]]
         if do_ibot:
             s_patch = s_g["patch"][masks]
             if shared:
@@ -179,13 +176,13 @@ class DinoObjective(nn.Module):
         s_l_logits = outs.pop(0) if n_l else None
         s_g_logits = outs.pop(0)
         if do_ibot:
-            s_patch_logits = outs.pop(0) if shared else self.ibot_head(s_patch)
+            s_patch_logits = outs.pop(0) if shared else self._ibot_head()(s_patch)
 
         # 4. losses
         K = s_g_logits.shape[-1]
         dino_global, dino_local = self.dino_loss(
             s_g_logits.view(self.n_global, B, K),
-            s_l_logits.view(n_l, B, K) if n_l else None,
+            s_l_logits.view(n_l, B, K) if s_l_logits is not None else None,
             t_cls_probs.view(self.n_global, B, K),
         )
         loss = c.dino_loss_weight * (dino_global + dino_local)

@@ -44,7 +44,7 @@ class DINOClsLoss(TeacherTargetLoss):
         # one einsum instead of a Python double loop over views
         ce_g = -torch.einsum("tbk,sbk->ts", t, lsm_g) / t.shape[1]  # (n_g teacher, n_g student)
         global_part = (ce_g.sum() - ce_g.diagonal().sum()) / n_pairs
-        if n_l == 0:
+        if student_local is None or n_l == 0:
             return global_part, global_part.new_zeros(())
         lsm_l = F.log_softmax(student_local.float() / self.student_temp, dim=-1)
         local_part = -torch.einsum("tbk,sbk->", t, lsm_l) / t.shape[1] / n_pairs

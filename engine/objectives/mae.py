@@ -12,10 +12,10 @@ every group from its own bands.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
-from torch import nn
+from timm.models.vision_transformer import VisionTransformer
 
 from engine.config import MAEConfig
 from engine.model.explora import NORM_TYPES, add_lora_to_blocks
@@ -23,6 +23,7 @@ from engine.model.layer_decay import LayerDecay
 from engine.model.tokens import forward_tokens, num_groups
 from engine.objectives.mae_decoder import MAEDecoder, load_mae_decoder
 from engine.objectives.monitor import CollapseMonitor
+from engine.objectives.objective import Objective
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ def patch_stats(images: torch.Tensor, patch_size: int) -> tuple[torch.Tensor, to
     return full.mean(dim=-1, keepdim=True), full.var(dim=-1, keepdim=True)
 
 
-def _band_groups(vit: nn.Module, band_groups: Sequence[Sequence[int]] | None) -> list[list[int]] | None:
+def _band_groups(vit: VisionTransformer, band_groups: Sequence[Sequence[int]] | None) -> list[list[int]] | None:
     G = num_groups(vit)
     groups = band_groups if band_groups is not None else getattr(vit.patch_embed, "band_groups", None)
     if G == 1:
@@ -102,14 +103,14 @@ def _band_groups(vit: nn.Module, band_groups: Sequence[Sequence[int]] | None) ->
     return [list(map(int, g)) for g in groups]
 
 
-def _in_chans(vit: nn.Module) -> int:
+def _in_chans(vit: VisionTransformer) -> int:
     pe = vit.patch_embed
     if getattr(pe, "in_chans", None):
         return int(pe.in_chans)
     return int(pe.proj.weight.shape[1])
 
 
-class MAEObjective(nn.Module):
+class MAEObjective(Objective):
     """Encoder (the ExPLoRA ViT) + MAE decoder + masked reconstruction loss.
 
     vit: timm VisionTransformer (dynamic_img_size), recipe applied. decoder_state: optional MAE
@@ -121,7 +122,7 @@ class MAEObjective(nn.Module):
 
     def __init__(
         self,
-        vit: nn.Module,
+        vit: VisionTransformer,
         cfg: MAEConfig,
         decoder_state: dict | None = None,
         band_groups: Sequence[Sequence[int]] | None = None,
@@ -169,20 +170,9 @@ class MAEObjective(nn.Module):
                  f", new {sorted({k.rsplit('.', 1)[0] for k in fresh})}" if fresh else "", f"{n_train:,}",
                  f"{sum(p.numel() for p in dec.parameters()):,}")
 
-    def trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        """(name, parameter): the encoder's recipe-trainable tensors and the decoder's trainable ones."""
-        return ((n, p) for n, p in self.named_parameters() if p.requires_grad)
-
     def lr_multiplier(self, name: str) -> float:
         """Layer-wise lr factor of trainable ``name`` (encoder only; the decoder gets 1)."""
         return self.layer_decay.for_objective(name, len(self.vit.blocks))
-
-    def zero_config_overrides(self, stage: int) -> dict:
-        """MAE has no teacher and needs no special ZeRO settings."""
-        return {}
-
-    def on_step_end(self, step: int) -> None:
-        """MAE has no EMA or per-step schedule; kept for the common objective interface."""
 
     def reconstruct(
         self, images: torch.Tensor, generator: torch.Generator | None = None

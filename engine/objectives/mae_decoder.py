@@ -67,6 +67,8 @@ class MAEDecoder(nn.Module):
     'sincos' (SatMAE) for group-channel decoders.
     """
 
+    decoder_pos_embed: torch.Tensor  # (1, 1 + h0*w0, D) buffer
+
     def __init__(
         self,
         embed_dim: int,
@@ -81,7 +83,7 @@ class MAEDecoder(nn.Module):
         group_encoding: GroupEncoding = "learned",
     ):
         super().__init__()
-        self.grid_size = tuple(int(g) for g in grid_size)
+        self.grid_size = (int(grid_size[0]), int(grid_size[1]))
         self.patch_size = int(patch_size)
         self.group_chans = [int(c) for c in group_chans]
         self.num_prefix_tokens = int(num_prefix_tokens)
@@ -90,12 +92,13 @@ class MAEDecoder(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dd))
         self.register_buffer("decoder_pos_embed", sincos_pos_embed_2d(dd, *self.grid_size).unsqueeze(0))
         norm = partial(nn.LayerNorm, eps=1e-6)
-        self.decoder_blocks = nn.ModuleList(
-            Block(dd, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm) for _ in range(decoder_depth))
+        # timm types norm_layer as a class; any callable returning a module works
+        block = partial(Block, dd, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm)  # type: ignore[arg-type]
+        self.decoder_blocks = nn.ModuleList(block() for _ in range(decoder_depth))
         self.decoder_norm = norm(dd)
         p2 = self.patch_size ** 2
         if len(self.group_chans) == 1:
-            self.decoder_pred = nn.Linear(dd, p2 * self.group_chans[0], bias=True)
+            self.decoder_pred: nn.Linear | nn.ModuleList = nn.Linear(dd, p2 * self.group_chans[0], bias=True)
             self.decoder_group_embed = None
         else:
             self.decoder_pred = nn.ModuleList(nn.Linear(dd, p2 * c, bias=True) for c in self.group_chans)
@@ -155,7 +158,7 @@ class MAEDecoder(nn.Module):
         for blk in self.decoder_blocks:
             x = blk(x)
         x = self.decoder_norm(x)[:, P:].reshape(B, G, hw, dd)
-        if self.decoder_group_embed is None:
+        if isinstance(self.decoder_pred, nn.Linear):  # one band group
             return [self.decoder_pred(x[:, 0])]
         return [pred(x[:, g]) for g, pred in enumerate(self.decoder_pred)]
 

@@ -13,12 +13,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
-from engine.config import OptimConfig, RunConfig
+from engine.config import OptimConfig, TrainingRun
 from engine.errors import UserError
+from engine.objectives.objective import Objective
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +93,7 @@ def build_optimizer(groups: list[dict], optim: OptimConfig, device_type: str,
     at install (DS_BUILD_FUSED_ADAM=1; we never trigger a surprise nvcc build), else torch AdamW
     with fused=True. CPU: torch AdamW (foreach).
     """
-    kw = dict(lr=0.0, betas=tuple(optim.betas), eps=optim.eps, weight_decay=0.0)
+    kw: dict[str, Any] = dict(lr=0.0, betas=tuple(optim.betas), eps=optim.eps, weight_decay=0.0)
     groups = _strip_names(groups)
     choice = optim.optimizer
     cuda = device_type == "cuda"
@@ -124,7 +126,7 @@ def _deepspeed_fused_adam_prebuilt() -> bool:
     return bool(installed_ops.get("fused_adam", False))
 
 
-def build_ds_config(cfg: RunConfig, world_size: int, device_type: str,
+def build_ds_config(cfg: TrainingRun, world_size: int, device_type: str,
                     zero_overrides: dict | None = None, user_config: bool = True) -> dict:
     """The DeepSpeed config dict for ``cfg`` on ``world_size`` ranks of ``device_type``.
 
@@ -192,11 +194,11 @@ class OptimizerReport:
                 "frozen_numel": self.frozen_numel, "groups": self.groups, "ds_config": self.ds_config}
 
 
-def initialize(objective: nn.Module, cfg: RunConfig, world_size: int, device_type: str):
+def initialize(objective: Objective, cfg: TrainingRun, world_size: int, device_type: str):
     """Wrap ``objective`` in a DeepSpeed engine. Returns (engine, OptimizerReport).
 
-    objective: an nn.Module with ``trainable_parameters()`` and, optionally,
-    ``zero_config_overrides(stage)``; its ``forward(batch, step)`` returns (loss, logs).
+    objective: its ``trainable_parameters()`` get the optimizer, ``zero_config_overrides(stage)``
+    join the ZeRO settings; its ``forward(batch, step)`` returns (loss, logs).
     """
     import deepspeed
 
@@ -206,10 +208,7 @@ def initialize(objective: nn.Module, cfg: RunConfig, world_size: int, device_typ
     groups = param_groups(named, cfg.optim.no_decay_lora_b, getattr(objective, "lr_multiplier", None),
                           getattr(objective, "frozen_steps", None))
     optimizer, impl = build_optimizer(groups, cfg.optim, device_type, offload=cfg.zero.offload_optimizer)
-    overrides = {}
-    if hasattr(objective, "zero_config_overrides"):
-        overrides = objective.zero_config_overrides(cfg.zero.stage)
-    ds_config = build_ds_config(cfg, world_size, device_type, overrides)
+    ds_config = build_ds_config(cfg, world_size, device_type, objective.zero_config_overrides(cfg.zero.stage))
     trainable_ids = {id(p) for g in groups for p in g["params"]}
     frozen = sum(p.numel() for p in objective.parameters() if id(p) not in trainable_ids)
     report = OptimizerReport(

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from engine.config import RunConfig
@@ -61,7 +62,7 @@ def gather_state_dict(module: nn.Module, is_main: bool) -> dict[str, torch.Tenso
     return out if is_main else None
 
 
-def _rebuild(cfg: RunConfig, state: dict[str, torch.Tensor]) -> nn.Module:
+def _rebuild(cfg: RunConfig, state: dict[str, torch.Tensor]) -> VisionTransformer:
     """A CPU ViT built like the trained one (base weights + recipe) holding ``state``."""
     from engine.model.explora import apply_explora
     from engine.model.vit import build_vit
@@ -84,7 +85,7 @@ def _rebuild(cfg: RunConfig, state: dict[str, torch.Tensor]) -> nn.Module:
     return vit
 
 
-def _write(vit: nn.Module, out_dir: Path, prefix: str, seed: int) -> dict[str, Path]:
+def _write(vit: VisionTransformer, out_dir: Path, prefix: str, seed: int) -> dict[str, Path]:
     """seed: the run's ``train.seed``, under which the launcher built a random-init base."""
     from engine.model.formats.adapter import save_adapter
     from engine.model.formats.merged import export_merged
@@ -93,7 +94,7 @@ def _write(vit: nn.Module, out_dir: Path, prefix: str, seed: int) -> dict[str, P
             f"{prefix}merged": export_merged(vit, out_dir / f"{prefix}vit_merged.safetensors")}
 
 
-def export_run(vit: nn.Module, objective: nn.Module, cfg: RunConfig, is_main: bool) -> dict[str, Path]:
+def export_run(vit: VisionTransformer, objective: nn.Module, cfg: RunConfig, is_main: bool) -> dict[str, Path]:
     """Write the student's (and EMA teacher's) adapter + merged weights to ``<output_dir>/export``.
 
     vit: the trained ViT inside ``objective`` (possibly ZeRO-3 partitioned). All ranks call this.
@@ -109,7 +110,8 @@ def export_run(vit: nn.Module, objective: nn.Module, cfg: RunConfig, is_main: bo
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         for prefix, state in states.items():
-            written.update(_write(_rebuild(cfg, state), out_dir, prefix, cfg.train.seed))
+            if state is not None:  # gathered onto this (main) rank
+                written.update(_write(_rebuild(cfg, state), out_dir, prefix, cfg.train.seed))
         log.info("exported %s", ", ".join(str(p) for p in written.values()))
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

@@ -11,6 +11,7 @@ Works on meta-device models (only shapes are read).
 """
 from __future__ import annotations
 
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from engine.config import RunConfig
@@ -21,7 +22,7 @@ def _linear_weights(module: nn.Module) -> int:
     return sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
 
 
-def vit_forward_flops(vit: nn.Module, img_size: int, keep_ratio: float = 1.0) -> float:
+def vit_forward_flops(vit: VisionTransformer, img_size: int, keep_ratio: float = 1.0) -> float:
     """Forward FLOPs of one ``img_size`` x ``img_size`` image through the ViT backbone.
 
     keep_ratio: fraction of patch tokens the blocks see (MAE encoder: 1 - mask_ratio).
@@ -45,7 +46,7 @@ def mae_decoder_forward_flops(dim: int, depth: int, tokens: int, mlp_ratio: floa
     return depth * (2.0 * tokens * per_token + 4.0 * tokens * tokens * dim)
 
 
-def training_flops_per_sample(cfg: RunConfig, vit: nn.Module) -> float:
+def training_flops_per_sample(cfg: RunConfig, vit: VisionTransformer) -> float:
     """Model FLOPs of one image (all its crops) per optimizer step: student fwd+bwd (3x), plus the
     DINO teacher's forward on the global crops (1x), or MAE's encoder + decoder (3x)."""
     c = cfg.crops
@@ -63,7 +64,7 @@ def training_flops_per_sample(cfg: RunConfig, vit: nn.Module) -> float:
     return 3.0 * (enc + dec)
 
 
-def classifier_flops_per_sample(vit: nn.Module, img_size: int) -> float:
+def classifier_flops_per_sample(vit: VisionTransformer, img_size: int) -> float:
     """Model FLOPs of one fine-tuning image: backbone forward + backward (3x); the head is negligible."""
     return 3.0 * vit_forward_flops(vit, img_size)
 

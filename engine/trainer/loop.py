@@ -24,17 +24,18 @@ import logging
 import math
 import signal
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from engine.atomic import atomic_write_text
-from engine.config import RunConfig, to_dict
+from engine.config import TrainingRun, to_dict
 from engine.errors import UserError
+from engine.objectives.objective import Objective
 from engine.progress import progress
 from engine.trainer import deepspeed_setup
 from engine.trainer.checkpoint import CheckpointManager, extra_state, load_extra_state, resolve_resume
@@ -82,10 +83,9 @@ def _all_reduce(t: torch.Tensor, group=None, op=dist.ReduceOp.SUM) -> torch.Tens
 class Trainer:
     """Runs ``objective`` on ``loader`` under DeepSpeed for ``cfg.train.max_steps`` optimizer steps.
 
-    objective: nn.Module with ``forward(batch, step) -> (loss, logs)``, ``trainable_parameters()``,
-    ``on_step_end(step)`` (and optionally ``zero_config_overrides(stage)``, ``lr_multiplier(name)``
-    for layer-wise lr decay). loader: iterable of
-    host batches with ``state_dict()``/``load_state_dict()`` (its position). prepare: host batch
+    objective: ``forward(batch, step) -> (loss, logs)``, ``trainable_parameters()``, ``on_step_end(step)``,
+    ``zero_config_overrides(stage)`` (and optionally ``lr_multiplier(name)`` for layer-wise lr decay).
+    loader: iterable of host batches with ``state_dict()``/``load_state_dict()`` (its position). prepare: host batch
     -> device batch (dtype conversion + normalisation on ``env.device``). flops_per_image: model
     FLOPs per training image for MFU (0 = none). evaluate: called on every rank with the step
     count and the engine's module (the objective, possibly ZeRO-3 partitioned) every ``eval_every``
@@ -93,23 +93,23 @@ class Trainer:
     record goes to the metrics as ``val/...`` (fine-tuning's validation and best-checkpoint keeping).
     """
 
-    def __init__(self, cfg: RunConfig, objective: nn.Module, loader: Iterable, env: DistEnv, *,
+    def __init__(self, cfg: TrainingRun, objective: Objective, loader: Iterable, env: DistEnv, *,
                  prepare: Callable[[dict], dict] = lambda b: b, flops_per_image: float = 0.0,
-                 evaluate: Callable[[int, nn.Module], dict] | None = None, eval_every: int = 0):
+                 evaluate: Callable[[int, Any], dict] | None = None, eval_every: int = 0):
         self.cfg, self.objective, self.loader, self.env = cfg, objective, loader, env
         self.prepare, self.flops_per_image = prepare, flops_per_image
         self.evaluate, self.eval_every = evaluate, int(eval_every)
         self.output_dir = Path(cfg.train.output_dir)
         self.global_batch = cfg.data.batch_size * cfg.train.grad_accum_steps * env.world_size
-        self.engine = None
+        self.engine: Any = None  # deepspeed.DeepSpeedEngine (untyped), built by setup()
         self.report: deepspeed_setup.OptimizerReport | None = None
         self.resumed_from: Path | None = None
         self.ckpt = CheckpointManager(self.output_dir, env.rank, env.world_size, cfg.train.keep_last)
         self.metrics = MetricsWriter(self.output_dir, enabled=env.is_main, loggers=cfg.train.logger,
                                      config=to_dict(cfg) if env.is_main else None)
         self._git = git_revision() if env.is_main else ""
-        self._flags = None  # process group of the stop-flag all-reduce (None = the default group)
-        self._it = None
+        self._flags: dist.ProcessGroup | None = None  # group of the stop-flag all-reduce (None = the default)
+        self._it: Iterator = iter(())
         self._bad, self._loss_sum, self._loss_n = 0, 0.0, 0
 
     # ------------------------------------------------------------------ setup / checkpoints
@@ -120,8 +120,9 @@ class Trainer:
         self.engine.train()
         if dist.is_initialized() and dist.get_backend() != "gloo":
             # host-side flags must not wait on the device queue (NCCL would need a CUDA tensor + sync)
-            self._flags = dist.new_group(backend="gloo")
-            self.ckpt.group = self._flags
+            flags = dist.new_group(backend="gloo")
+            assert isinstance(flags, dist.ProcessGroup)  # every rank is a member of this group
+            self._flags = self.ckpt.group = flags
         if env.is_main:
             atomic_write_text(self.output_dir / "optimizer.json", json.dumps(self.report.to_dict(), indent=1))
             atomic_write_text(self.output_dir / "deepspeed_config.json", json.dumps(self.report.ds_config, indent=1))
@@ -185,7 +186,7 @@ class Trainer:
             close = getattr(obj, "close", None)
             if close is not None:
                 close()
-        self._it = None
+        self._it = iter(())
 
     def _device_batch(self, batch: dict) -> dict:
         """prepare() plus, when the model itself is stored in 16 bits (fp16, bf16 'cast'), the cast of
@@ -251,6 +252,7 @@ class Trainer:
         return result
 
     def _validate(self, step: int, result: FitResult) -> None:
+        assert self.evaluate is not None  # fit() validates only when given a callback
         self.engine.eval()
         try:
             with torch.no_grad():
@@ -268,7 +270,7 @@ class Trainer:
         t, world = self.cfg.train, self.env.world_size
         flags = torch.zeros(2, dtype=torch.float64)
         sync = torch.zeros(2, device=self.env.device, dtype=torch.float64)
-        done, logs = 0, {}
+        done, logs = 0, dict[str, float]()
         while done < t.grad_accum_steps:
             t0 = time.perf_counter()
             batch, failed = self._fetch(guard)
@@ -277,6 +279,7 @@ class Trainer:
             _all_reduce(flags, self._flags, dist.ReduceOp.MAX)
             if flags.max().item() > 0:
                 return int(flags[0].item()) or int(signal.SIGTERM), logs
+            assert batch is not None  # a failed fetch set flags[1] on this rank, so every rank returned above
             batch = self._device_batch(batch)
             meter.add_data_wait(time.perf_counter() - t0)
             loss, logs = self.engine(batch, step)

@@ -100,8 +100,7 @@ class MetricsWriter:
         """One record at optimizer step ``step`` (JSON line; numeric values also to the loggers)."""
         if not self.enabled:
             return
-        row = {"step": step, "time": round(time.time(), 3), **record}
-        self._fh.write(json.dumps(row, default=_json_default) + "\n")
+        self._line({"step": step, "time": round(time.time(), 3), **record})
         scalars = {prefix + k: float(v) for k, v in record.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
         for logger in self._loggers:
@@ -110,8 +109,12 @@ class MetricsWriter:
     def event(self, name: str, step: int, **info) -> None:
         """A non-metric line (resume, preemption, halt) in the JSONL."""
         if self.enabled:
-            self._fh.write(json.dumps({"event": name, "step": step, "time": round(time.time(), 3), **info},
-                                      default=_json_default) + "\n")
+            self._line({"event": name, "step": step, "time": round(time.time(), 3), **info})
+
+    def _line(self, row: dict) -> None:
+        if self._fh is None:
+            raise RuntimeError(f"{self.path}: metrics written after close()")
+        self._fh.write(json.dumps(row, default=_json_default) + "\n")
 
     def close(self) -> None:
         for logger in self._loggers:

@@ -29,7 +29,9 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from collections.abc import Callable
 from types import FrameType
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,9 @@ def stop_exit_code(signal_name: str | None) -> int:
     return 0 if signal_name is None else 128 + int(signal.Signals[signal_name])
 
 
+# What signal.signal returns and accepts: a handler, SIG_DFL/SIG_IGN, or None (set outside Python).
+_Handler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
+
 class PreemptionGuard:
     """Context manager that turns SIGTERM/SIGINT into ``requested`` for the duration of a run."""
 
@@ -48,8 +53,8 @@ class PreemptionGuard:
         self.requested = False
         self.signum = 0  # the first stop signal received (0 = none)
         self.signal_name: str | None = None
-        self._previous: dict[int, object] = {}
-        self._sigchld: object | None = None
+        self._previous: dict[int, _Handler] = {}
+        self._sigchld: _Handler | None = None
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name

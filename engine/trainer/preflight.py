@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from engine.errors import UserError
+from engine.objectives.objective import Objective
 from engine.trainer import deepspeed_setup
 from engine.trainer.schedules import OptimSchedule
 
@@ -165,7 +165,7 @@ def _gather(value: int) -> list[int]:
     return [int(v) for v in out]
 
 
-def run_step(cfg, env, objective: nn.Module, batch: dict, flops_per_image: float, build_s: float,
+def run_step(cfg, env, objective: Objective, batch: dict, flops_per_image: float, build_s: float,
              samples: int) -> StepReport:
     """One forward + backward + optimizer step of ``objective`` under the DeepSpeed engine of
     ``cfg`` (one micro-batch; lr and weight decay of step 0 for the run's global batch)."""

@@ -134,12 +134,10 @@ def _forget_deepspeed_groups() -> None:
     if groups is None:
         return
     for name, value in list(vars(groups).items()):
-        if name.startswith("_") and name.endswith("_GROUP") and name.isupper():
+        if name == "mesh_device" or (name.startswith("_") and name.endswith("_GROUP") and name.isupper()):
             setattr(groups, name, {} if isinstance(value, dict) else None)
         elif name.endswith("_GROUP_RANKS") and isinstance(value, dict):
             value.clear()
-    if hasattr(groups, "mesh_device"):
-        groups.mesh_device = None
 
 
 def shutdown() -> None:

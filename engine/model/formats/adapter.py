@@ -22,6 +22,7 @@ import logging
 from pathlib import Path
 
 import torch
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from engine.config import ExploraConfig
@@ -41,7 +42,7 @@ _RECIPE_FIELDS = set(ExploraConfig.__dataclass_fields__)
 _NOTHING_FROZEN = hashlib.sha256().hexdigest()
 
 
-def frozen_fingerprint(vit: nn.Module, trained: set[str]) -> str:
+def frozen_fingerprint(vit: VisionTransformer, trained: set[str]) -> str:
     """sha256 of the base tensors an adapter does not carry: every state-dict entry except the
     ``trained`` names, LoRA tensors and objective-only tensors, as fp32, by sorted name. Equal
     fingerprints mean an adapter loads onto this base exactly as onto the one it was trained on."""
@@ -55,12 +56,12 @@ def frozen_fingerprint(vit: nn.Module, trained: set[str]) -> str:
     return h.hexdigest()
 
 
-def adapter_state(vit: nn.Module) -> dict[str, torch.Tensor]:
+def adapter_state(vit: VisionTransformer) -> dict[str, torch.Tensor]:
     """{state-dict name: tensor} of every trainable parameter (what an adapter file stores)."""
     return {n: p.detach() for n, p in vit.named_parameters() if p.requires_grad}
 
 
-def save_adapter(vit: nn.Module, path: str | Path, seed: int | None = None) -> Path:
+def save_adapter(vit: VisionTransformer, path: str | Path, seed: int | None = None) -> Path:
     """Write the trainable tensors + recipe + model config + base identity to ``path`` (.safetensors).
 
     seed: for a random-init base, the seed it was built under (``train.seed``; recorded as a hint
@@ -106,7 +107,7 @@ def _check_base(info: BaseInfo, base: dict, path: str | Path, flag: str) -> None
                         f"{f' (sha256 {have[:12]}...)' if have else ''}; give that file in --model.weights")
 
 
-def _check_frozen(vit: nn.Module, tensors: dict[str, torch.Tensor], base: dict, path: str | Path, flag: str) -> None:
+def _check_frozen(vit: VisionTransformer, tensors: dict[str, torch.Tensor], base: dict, path: str | Path, flag: str) -> None:
     """An adapter trained on a random-init base: ``vit``'s frozen tensors must be that base's."""
     want = base.get("frozen_sha256")
     if want is None or frozen_fingerprint(vit, set(tensors)) == want:
@@ -120,7 +121,7 @@ def _check_frozen(vit: nn.Module, tensors: dict[str, torch.Tensor], base: dict, 
                     f" and this model's frozen weights are not that base; {todo}")
 
 
-def _load_tensors(vit: nn.Module, tensors: dict[str, torch.Tensor], path: str | Path, flag: str,
+def _load_tensors(vit: VisionTransformer, tensors: dict[str, torch.Tensor], path: str | Path, flag: str,
                   required: set[str] | None = None) -> None:
     own = vit.state_dict()
     unexpected = [k for k in tensors if k not in own]
@@ -135,7 +136,7 @@ def _load_tensors(vit: nn.Module, tensors: dict[str, torch.Tensor], path: str | 
     vit.load_state_dict(tensors, strict=False)
 
 
-def load_adapter(vit: nn.Module, path: str | Path, check_base: bool = True, flag: str = "--model.adapter") -> dict:
+def load_adapter(vit: VisionTransformer, path: str | Path, check_base: bool = True, flag: str = "--model.adapter") -> dict:
     """Apply the file's recipe to ``vit`` (a base from ``build_vit``, no recipe yet) and load its
     tensors; every trainable tensor must come from the file. Returns the recipe."""
     tensors, meta = read_adapter(path, flag)
@@ -167,7 +168,7 @@ def rebuild_config(path: str | Path, weights: str | None = None, seed: int | Non
     return model
 
 
-def merge_adapter_file(vit: nn.Module, path: str | Path, info: BaseInfo, flag: str = "--model.adapter") -> None:
+def merge_adapter_file(vit: VisionTransformer, path: str | Path, info: BaseInfo, flag: str = "--model.adapter") -> None:
     """Fold an adapter file into ``vit``'s weights (no recipe left afterwards): ``cfg.adapter``."""
     tensors, meta = read_adapter(path, flag)
     _check_base(info, meta["base"], path, flag)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 
-from torch import nn
+from timm.models.vision_transformer import VisionTransformer
 
 from engine.model.tensor_files import StateDict
 
@@ -45,7 +45,7 @@ def matches(sd: StateDict) -> bool:
     return "mask_token" in sd or "register_tokens" in sd
 
 
-def filter_state_dict(sd: StateDict, vit: nn.Module) -> StateDict:
+def filter_state_dict(sd: StateDict, vit: VisionTransformer) -> StateDict:
     """Official DINOv2 names -> timm's: SwiGLU ``w12``/``w3``, ``register_tokens``, and the cls
     position folded into the cls token where the model has no class position embedding."""
     out = {}

@@ -4,7 +4,7 @@ is kept for the MAE objective (``BaseInfo.extra``, read back with :func:`mae_dec
 """
 from __future__ import annotations
 
-from torch import nn
+from timm.models.vision_transformer import VisionTransformer
 
 from engine.model.base_identity import base_info
 from engine.model.tensor_files import StateDict
@@ -26,12 +26,12 @@ def decoder_tensors(sd: StateDict) -> StateDict:
     return {k: v for k, v in sd.items() if _is_decoder(k)}
 
 
-def filter_state_dict(sd: StateDict, vit: nn.Module) -> StateDict:
+def filter_state_dict(sd: StateDict, vit: VisionTransformer) -> StateDict:
     """The encoder: everything but the decoder (whose mask token is the decoder's, not iBOT's)."""
     return {k: v for k, v in sd.items() if not _is_decoder(k)}
 
 
-def mae_decoder_state(vit: nn.Module) -> StateDict | None:
+def mae_decoder_state(vit: VisionTransformer) -> StateDict | None:
     """The official-MAE decoder tensors of the loaded checkpoint (for the MAE objective), or None."""
     extra = base_info(vit).extra
     return dict(extra) if any(k.startswith("decoder_") for k in extra) else None

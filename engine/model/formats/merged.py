@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 import torch
-from torch import nn
+from timm.models.vision_transformer import VisionTransformer
 
 from engine.model.architecture import NOT_TIMM
 from engine.model.base_identity import base_info, base_meta
@@ -23,7 +23,7 @@ from engine.model.tensor_files import write_safetensors
 MERGED_FORMAT = "geoexplora-merged/1"
 
 
-def merged_state_dict(vit: nn.Module) -> dict[str, torch.Tensor]:
+def merged_state_dict(vit: VisionTransformer) -> dict[str, torch.Tensor]:
     """Plain timm state dict with every LoRA update folded in (the model itself is not changed)."""
     sd = {k: v for k, v in vit.state_dict().items() if not is_lora_param(k) and k not in NOT_TIMM}
     for name, m in lora_modules(vit):
@@ -32,7 +32,7 @@ def merged_state_dict(vit: nn.Module) -> dict[str, torch.Tensor]:
     return sd
 
 
-def export_merged(vit: nn.Module, path: str | Path) -> Path:
+def export_merged(vit: VisionTransformer, path: str | Path) -> Path:
     """Write :func:`merged_state_dict` as .safetensors (metadata: format, arch, model config, base)."""
     info = base_info(vit)
     meta = {"format": MERGED_FORMAT, "arch": info.arch, "model": json.dumps(info.model),

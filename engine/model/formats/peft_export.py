@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from timm.layers import LayerScale
-from torch import nn
+from timm.models.vision_transformer import VisionTransformer
 
 from engine.atomic import atomic_write_text
 from engine.errors import UserError
@@ -31,7 +31,7 @@ from engine.model.tensor_files import write_safetensors
 PREFIX = "base_model.model."
 
 
-def _peft_tensors(vit: nn.Module) -> tuple[dict[str, torch.Tensor], list[str], list[str], dict, dict]:
+def _peft_tensors(vit: VisionTransformer) -> tuple[dict[str, torch.Tensor], list[str], list[str], dict, dict]:
     """(tensors, target modules, modules_to_save, rank_pattern, alpha_pattern) in PEFT's layout."""
     recipe = applied_recipe(vit)
     if isinstance(vit.patch_embed, GroupChannelPatchEmbed):
@@ -79,7 +79,7 @@ def _peft_tensors(vit: nn.Module) -> tuple[dict[str, torch.Tensor], list[str], l
     return tensors, targets, to_save, rank_pattern, alpha_pattern
 
 
-def export_peft(vit: nn.Module, out_dir: str | Path) -> Path:
+def export_peft(vit: VisionTransformer, out_dir: str | Path) -> Path:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (+ ``geoexplora_mapping.json``)."""
     recipe = applied_recipe(vit)
     info = base_info(vit)

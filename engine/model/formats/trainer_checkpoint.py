@@ -12,8 +12,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from torch import nn
+from timm.models.vision_transformer import VisionTransformer
 
+from engine.config import ExploraConfig
 from engine.errors import UserError
 from engine.model.explora import add_lora
 from engine.model.lora import unwrap_lora
@@ -56,7 +57,7 @@ def has_lora(sd: StateDict) -> bool:
     return any(k.endswith(".lora_a") for k in sd)
 
 
-def load_merging_lora(vit: nn.Module, sd: StateDict, meta: dict, flag: str, path: str) -> None:
+def load_merging_lora(vit: VisionTransformer, sd: StateDict, meta: dict, flag: str, path: str) -> None:
     """Wrap the layers the checkpoint's LoRA tensors belong to (recipe from ``meta.json``), load
     strictly, merge, unwrap: ``vit`` ends with timm's modules holding the merged weights."""
     rec = ((meta.get("geoexplora_meta") or {}).get("config") or {}).get("explora")
@@ -64,7 +65,8 @@ def load_merging_lora(vit: nn.Module, sd: StateDict, meta: dict, flag: str, path
         raise UserError(f"{flag} '{path}': holds LoRA tensors but no recipe (meta.json config.explora); "
                         "use the run's export/ files instead")
     blocks = sorted({int(k.split(".")[1]) for k in sd if k.startswith("blocks.") and k.endswith(".lora_a")})
-    add_lora(vit, blocks, rec.get("lora_targets", ["q", "v"]), int(rec.get("lora_rank", 64)),
-             float(rec.get("lora_alpha", rec.get("lora_rank", 64))))
+    defaults = ExploraConfig()  # a recipe written before a field existed has that field's default
+    rank = int(rec.get("lora_rank", defaults.lora_rank))
+    add_lora(vit, blocks, rec.get("lora_targets", defaults.lora_targets), rank, float(rec.get("lora_alpha", rank)))
     strict_load(vit, sd, flag, path)
     unwrap_lora(vit)

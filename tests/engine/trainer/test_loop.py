@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from engine.config import RunConfig, load_config
+from engine.objectives.objective import Objective
 from engine.trainer.checkpoint import resolve_resume
 from engine.trainer.loop import NonFiniteLoss, Trainer
 from engine.trainer.metrics import read_metrics
@@ -20,7 +21,7 @@ def env(single_rank_env):
     return single_rank_env
 
 
-class ToyObjective(nn.Module):
+class ToyObjective(Objective):
     """y = head(norm(base(x))) with a frozen base; NaN loss on the micro-batches listed in ``nan_at``."""
 
     def __init__(self, nan_at=()):
@@ -31,9 +32,6 @@ class ToyObjective(nn.Module):
         self.norm = nn.LayerNorm(16)
         self.head = nn.Linear(16, 1)
         self.nan_at, self.calls, self.ends = set(nan_at), 0, []
-
-    def trainable_parameters(self):
-        return ((n, p) for n, p in self.named_parameters() if p.requires_grad)
 
     def on_step_end(self, step):
         self.ends.append(step)
