@@ -18,7 +18,7 @@ from __future__ import annotations
 import gc
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -41,7 +41,7 @@ def median_ms(fn: Callable[[], object], device: str, warmup: int, iters: int) ->
     return interleaved_medians({"fn": fn}, device, warmup, iters)["fn"]
 
 
-def interleaved_medians(fns: dict[str, Callable[[], object]], device: str, warmup: int, iters: int
+def interleaved_medians(fns: Mapping[str, Callable[[], object]], device: str, warmup: int, iters: int
                         ) -> dict[str, float]:
     """Median ms per provider; each round calls every provider once, starting one further along."""
     for fn in fns.values():
@@ -58,6 +58,7 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], device: str, warmu
 def graph_median_ms(fn: Callable[[], object], iters: int) -> tuple[float, str]:
     """CUDA only: (median ms of a CUDA-graph replay of ``fn``, "graph"), or eager timing and the reason
     the capture failed. ``fn`` must already be warmed up (kernels compiled, workspaces allocated)."""
+    run: Callable[[], object]
     try:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())

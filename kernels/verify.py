@@ -22,11 +22,12 @@ CPU (Triton interpreter, tiny shapes, fp32); its record is never used for a choi
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -66,9 +67,15 @@ def lora_parity(M: int, K: int, N: int, r: int, segments, dtype, device, p: floa
     got = [y.detach(), *_grads(y, [x, a, bb], dy)]
     ref_in = [t.detach().float().requires_grad_(t.requires_grad) for t in (x, w, b, a, bb)]
     mask = lora_dropout_mask(1234, x.shape, p, device) if p > 0 else None
-    y_ref = lora_linear_reference(*ref_in, 2.0, p, p > 0, segments, dropout_mask=mask)
-    want = [y_ref.detach(), *_grads(y_ref, [ref_in[0], ref_in[3], ref_in[4]], dy.float())]
+    rx, rw, rb, ra, rbb = ref_in
+    y_ref = lora_linear_reference(rx, rw, rb, ra, rbb, 2.0, p, p > 0, segments, dropout_mask=mask)
+    want = [y_ref.detach(), *_grads(y_ref, [rx, ra, rbb], dy.float())]
     return max(_rel(g, w_) for g, w_ in zip(got, want))
+
+
+def _lora_parity_with_and_without_dropout(M, K, N, r, segments, dtype, device) -> float:
+    return max(lora_parity(M, K, N, r, segments, dtype, device, 0.0),
+               lora_parity(M, K, N, r, segments, dtype, device, 0.1))
 
 
 def _lora_inputs(M, K, N, r, segments, dtype, device):
@@ -143,22 +150,24 @@ def verify(args, dtypes, device) -> dict:
     from kernels.measure import interleaved_medians
 
     entries = {}
+    # (shape class, label, baseline, parity() -> max rel err, steps() -> {provider: step}, dtype)
+    jobs: list[tuple[str, str, str, Callable[[], float], Callable[[], Mapping[str, Callable[[], object]]], torch.dtype]]
     jobs = []
     for dtype in dtypes:
         if "lora" in args.ops:
             for label, M, K, N, r, segs in lora_shapes(args.models, args.ranks, args.tokens):
                 cls = record.lora_class(M, K, N, r, 1 if segs is None else len(segs), dtype)
-                jobs.append((cls, label, "torch", lambda M=M, K=K, N=N, r=r, s=segs, dt=dtype: max(
-                    lora_parity(M, K, N, r, s, dt, device, 0.0), lora_parity(M, K, N, r, s, dt, device, 0.1)),
-                    lambda M=M, K=K, N=N, r=r, s=segs, dt=dtype: lora_steps(M, K, N, r, s, dt, device), dtype))
+                shape = (M, K, N, r, segs, dtype, device)
+                jobs.append((cls, label, "torch", functools.partial(_lora_parity_with_and_without_dropout, *shape),
+                             functools.partial(lora_steps, *shape), dtype))
         if "attention" in args.ops:
             for N in args.seq_lens:
                 for m, (_, H) in args.models.items():
                     B = max(1, args.attention_tokens // N)
                     cls = record.attention_class(N, 64, dtype)
                     jobs.append((cls, f"{m} attn N={N} B={B}", "sdpa",
-                                 lambda B=B, H=H, N=N, dt=dtype: attention_parity(B, H, N, 64, dt, device),
-                                 lambda B=B, H=H, N=N, dt=dtype: attention_steps(B, H, N, 64, dt, device), dtype))
+                                 functools.partial(attention_parity, B, H, N, 64, dtype, device),
+                                 functools.partial(attention_steps, B, H, N, 64, dtype, device), dtype))
     print(f"{'shape class':<48} {'case':<22} {'rel err':>8} {'kernel ms':>10} {'baseline ms':>12} {'speedup':>8}")
     for cls, label, baseline, parity, steps, dtype in jobs:
         if cls in entries:  # two models with one class (e.g. attention at equal N): the first decides

@@ -60,9 +60,8 @@ def input_exts(opts) -> tuple[str, ...]:
     """--ext plus what the band pattern asks for (its extension; JP2 for SAFE products)."""
     if opts.band_files is None:
         return tuple(opts.exts)
-    if opts.band_files == SAFE:
-        extra = "jp2"
-    else:
+    extra: str | None = "jp2"  # SAFE products
+    if opts.band_files != SAFE:
         m = re.search(r"\.([A-Za-z0-9]+)$", opts.band_files)
         extra = m.group(1).lower() if m else None
     return tuple(opts.exts) + ((extra,) if extra and extra not in opts.exts else ())

@@ -194,7 +194,7 @@ def _build(task: ShardTask, opts, dead: dict) -> ShardResult:
             if zeros is not None and pixels:
                 res.zeros.append([info.relpath, pixels, (stats.zero_counts() - zeros).tolist()])
         note(None)
-    res.count, res.bytes, res.sha256, res.offsets = writer.count, writer.bytes, writer.sha256, writer.offsets
+    res.count, res.bytes, res.sha256, res.offsets = writer.count, writer.bytes, writer.sha256 or "", writer.offsets
     res.labels = sorted(labels)
     RunState(out).commit(task.name, asdict(res), stats.to_arrays())
     return res

@@ -173,7 +173,7 @@ def os_error_line(e: OSError, out: str) -> str:
     if not in_out:
         return f"input '{e.filename}': {what}; check that the input exists and is readable"
     at = f" at '{e.filename}'" if path is not None and path != top else ""
-    return f"--out '{out}': {what}{at}; {_OS_HINTS.get(e.errno, 'fix it, then rerun with --resume')}"
+    return f"--out '{out}': {what}{at}; {_OS_HINTS.get(e.errno or 0, 'fix it, then rerun with --resume')}"
 
 
 def run_convert(argv: Sequence[str]) -> int:

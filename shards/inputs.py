@@ -81,7 +81,7 @@ def list_inputs(specs: Sequence[str], exts: Sequence[str] = DEFAULT_EXTS, root: 
 def _expand(spec: str, suffixes: set[str], excl: str | None) -> tuple[list[str], str]:
     p = Path(spec)
     if p.is_dir():
-        out = []
+        out: list[str] = []
         for dirpath, dirnames, filenames in os.walk(p):
             if excl is not None:
                 dirnames[:] = [d for d in dirnames if os.path.realpath(os.path.join(dirpath, d)) != excl]

@@ -42,7 +42,7 @@ def write_part(out: Path, part: tuple[int, int], args: dict, plan: str, num_task
     else:
         arrays = {f"{i}/{k}": v for i in range(len(records)) for k, v in load_stats(i).items()}
     buf = io.BytesIO()
-    np.savez(buf, **arrays)
+    np.savez(buf, **arrays)  # type: ignore[arg-type]  # numpy's stub checks **arrays against allow_pickle
     with atomic_write(Path(out) / STATS) as f:
         f.write(buf.getvalue())
     span = part_range(num_tasks, part)

@@ -70,7 +70,7 @@ def filter_signature(sources: Sequence[SourceInfo]) -> tuple[list[SourceInfo], l
     if not sources:
         return [], []
     counts = Counter(s.signature for s in sources)
-    first = {}
+    first: dict[tuple[int, str], int] = {}
     for s in sources:
         first.setdefault(s.signature, s.index)
     ref = max(counts, key=lambda sig: (counts[sig], -first[sig]))

@@ -42,7 +42,8 @@ def classify(out: Path, prefix: str) -> tuple[list[str], list[str]]:
     if not out.is_dir():
         raise UserError(f"--out '{out}' exists and is not a directory; choose a new or empty directory")
     pat = _shard_re(prefix)
-    ours, foreign = [], []
+    ours: list[str] = []
+    foreign: list[str] = []
     for name in sorted(os.listdir(out)):
         own = (name in (MANIFEST, SKIPPED, STATE_DIR, *PART_FILES) or name.startswith(TMP_PREFIX)
                or pat.fullmatch(name))

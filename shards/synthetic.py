@@ -17,6 +17,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import rasterio
@@ -107,7 +108,7 @@ def _write(path: Path, data: np.ndarray, fmt: str, crs: str | None, transform, n
 
 def generate_archive(out_dir: str | os.PathLike, n_files: int, size: int | tuple[int, int] = 64,
                      kind: str = "rgb", classes: Sequence[str] | None = None, pixel_fn: PixelFn | None = None,
-                     seed: int = 0, nodata: str | float | None = "auto", layout: str = "class_folders",
+                     seed: int = 0, nodata: Literal["auto"] | float | None = "auto", layout: str = "class_folders",
                      fmt: str = "tif", compress: str | None = None, interleave: str = "pixel",
                      tiled: bool = False, sidecars: bool = False, labels_csv: bool = False,
                      nodata_fraction: float = 0.0, bad_files: Sequence[str] = ()) -> Archive:
@@ -126,7 +127,7 @@ def generate_archive(out_dir: str | os.PathLike, n_files: int, size: int | tuple
     if fmt != "tif" and kind != "rgb":
         raise ValueError("png/jpg archives are 3-band uint8 (kind='rgb')")
     h, w = (size, size) if isinstance(size, int) else size
-    nd = (0.0 if kind == "s2" else None) if nodata == "auto" else nodata
+    nd = (0.0 if kind == "s2" else None) if isinstance(nodata, str) else nodata  # str: 'auto'
     if fmt != "tif":
         nd = None
     names = list(SENTINEL2_L1C) if kind == "s2" else ["red", "green", "blue"]
@@ -137,8 +138,7 @@ def generate_archive(out_dir: str | os.PathLike, n_files: int, size: int | tuple
     files: list[SyntheticFile] = []
     for i in range(n_files):
         rng = np.random.default_rng([seed, i])
-        ci = i % len(classes) if classes else None
-        label = classes[ci] if classes else None
+        ci, label = (i % len(classes), classes[i % len(classes)]) if classes else (None, None)
         stem = f"{label}_{i:05d}" if label else f"img_{i:05d}"
         rel = f"{label}/{stem}.{ext}" if label and layout == "class_folders" else f"{stem}.{ext}"
         data = _cast(np.asarray(fn(rng, ci or 0, c, h, w)), dtype, nd)

@@ -88,7 +88,9 @@ def check_shard(entry: dict, out_dir: str, dtype: str, num_bands: int) -> tuple[
                     if key not in members:
                         members[key] = {}
                         order.append(key)
-                    members[key][ext] = tar.extractfile(info).read()
+                    fh = tar.extractfile(info)
+                    if fh is not None:  # a regular member always has one
+                        members[key][ext] = fh.read()
             for key in order:
                 probs, hw = _check_sample(name, key, members[key], dtype, num_bands)
                 problems += probs

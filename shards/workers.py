@@ -34,6 +34,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import wait
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ def _worker_main(conn, initializer: Callable[[], None] | None, parent_pid: int) 
     if initializer is not None:
         initializer()
     _CONN = conn
-    fn = None
+    fn: Callable[[Any], Any] | None = None
     while True:
         try:
             msg = conn.recv()
@@ -127,6 +128,8 @@ def _worker_main(conn, initializer: Callable[[], None] | None, parent_pid: int) 
             continue
         for index, item in msg[1]:
             try:
+                if fn is None:
+                    raise RuntimeError("converter pool: an item arrived before the function to apply")
                 value = fn(item)
             except Exception as e:  # noqa: BLE001 - the parent re-raises it and stops the run
                 conn.send(("error", index, _picklable(e), traceback.format_exc()))

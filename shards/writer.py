@@ -104,7 +104,7 @@ class ShardWriter:
         self.offsets.append(self.bytes)
         self._put(tar_header(f"{key}.{IMAGE_EXT}", size) + head)
         if image.nbytes and visit is None:
-            self._put(memoryview(image).cast("B"))
+            self._put(image.data.cast("B"))
         elif image.nbytes:
             for b in range(image.shape[0]):
                 visit(b, image[b].reshape(-1))

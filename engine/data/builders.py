@@ -91,7 +91,9 @@ def band_range(manifest: dict | None, bands: Sequence[int] | None, flag: str = "
         raise UserError(f"{flag}: {manifest.get('dtype')} data needs the manifest's per-band p2/p98 "
                         "for photometric augmentation; re-run the converter with statistics, or set "
                         "--crops.rgb_augment false and --crops.spectral_jitter none")
-    mx = stats.get("max") if isinstance(stats.get("max"), list) else []
+    mx = stats.get("max")
+    if not isinstance(mx, list):
+        mx = []
     tops = []
     for i in idx:  # a band whose p98 equals its p2 (mostly one value) would collapse: widen to its max
         top = float(hi[i])

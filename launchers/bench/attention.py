@@ -85,7 +85,7 @@ def attention_flops(B: int, H: int, N: int, D: int, mode: str) -> float:
     return fwd if mode == "fwd" else 3.5 * fwd
 
 
-def _qkv(shape: tuple[int, int, int, int], dtype: torch.dtype, device: str, grad: bool):
+def _qkv(shape: tuple[int, ...], dtype: torch.dtype, device: str, grad: bool):
     """timm's layout: q, k, v are strided views into one (B, N, 3, H, D) projection output."""
     B, H, N, D = shape
     torch.manual_seed(0)
@@ -93,7 +93,7 @@ def _qkv(shape: tuple[int, int, int, int], dtype: torch.dtype, device: str, grad
     return qkv, qkv.permute(2, 0, 3, 1, 4).unbind(0)
 
 
-def bench_case(table: dict[str, Attn], shape: tuple[int, int, int, int], dtype: torch.dtype, mode: str,
+def bench_case(table: dict[str, Attn], shape: tuple[int, ...], dtype: torch.dtype, mode: str,
                device: str, args, ref: torch.Tensor) -> list[dict]:
     """Rows for every provider on one (shape, mode), measured by the harness against the fp32 reference."""
     B, H, N, D = shape

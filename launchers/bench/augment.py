@@ -37,6 +37,7 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -83,7 +84,7 @@ def write_archive(root: Path, chips: list[bytearray], manifest: dict) -> Path:
     return root
 
 
-def loader_cost(root: Path, crops: CropConfig, augment_on: str, a) -> float:
+def loader_cost(root: Path, crops: CropConfig, augment_on: Literal["worker", "device"], a) -> float:
     """CPU seconds per image of one persistent loader worker over ``a.loader_epochs`` epochs."""
     cfg = DataConfig(shards=str(root), batch_size=a.batch_size, num_workers=1, shuffle_buffer=a.batch_size,
                      steps_per_epoch=a.images // a.batch_size, augment_on=augment_on)
@@ -152,7 +153,7 @@ def run(a, device: torch.device) -> list[dict]:
     if photometric is None or photometric.mode(a.bands) is None:
         raise UserError("--bands: no photometric op applies to these crops; use 3 bands or --spectral-jitter")
     normalizer = build_normalizer(DataConfig(), manifest)
-    views = {"worker": DinoMultiCrop(crops, patch_size=a.patch_size, photometric=photometric),
+    views: dict[Literal["worker", "device"], DinoMultiCrop] = {"worker": DinoMultiCrop(crops, patch_size=a.patch_size, photometric=photometric),
              "device": DinoMultiCrop(crops, patch_size=a.patch_size, photometric=photometric, on_device=True)}
     threads = a.threads if device.type == "cpu" else torch.get_num_threads()
     kornia = None

@@ -24,6 +24,7 @@ core, which a loaded machine distorts far less than wall time.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -134,8 +135,8 @@ def providers(a, workers: list[int], work: Path, paths: list[str], max_bytes: in
     if not a.no_prototype:
         table["prototype"] = timed("prototype", lambda out: prototype(paths, out, max_bytes))
     for w in workers:
-        table[f"convert/{w}"] = timed(f"convert/{w}", lambda out, w=w: ours(work / "archive", out, w, max_bytes,
-                                                                            a.fsync))
+        table[f"convert/{w}"] = timed(f"convert/{w}", functools.partial(ours, work / "archive", workers=w,
+                                                                         max_bytes=max_bytes, fsync=a.fsync))
     return table
 
 
@@ -180,12 +181,12 @@ def main(argv=None) -> int:
     mbs = {n: nbytes / 1e6 / best[n][0] for n in runs}
     rows = []
     for name in runs:
-        workers = int(name.split("/")[1]) if name.startswith("convert/") else 1
+        n_workers = int(name.split("/")[1]) if name.startswith("convert/") else 1
         rows.append({"provider": name, "seconds": best[name][0], "cpu_seconds": best[name][1],
                      "all_seconds": [s for s, _, _ in runs[name]], "mb_per_s": mbs[name],
                      "vs_raw": mbs[name] / mbs["raw"], "vs_raw_tuned": mbs[name] / mbs["raw-tuned"],
-                     "per_worker_vs_raw": mbs[name] / mbs["raw"] / workers,
-                     "per_worker_vs_raw_tuned": mbs[name] / mbs["raw-tuned"] / workers,
+                     "per_worker_vs_raw": mbs[name] / mbs["raw"] / n_workers,
+                     "per_worker_vs_raw_tuned": mbs[name] / mbs["raw-tuned"] / n_workers,
                      "cpu_vs_raw": least_cpu["raw"] / max(least_cpu[name], 1e-9),
                      "speedup_vs_1_worker": (mbs[name] / mbs["convert/1"])
                      if "convert/1" in mbs and name.startswith("convert/") else None})

@@ -262,7 +262,9 @@ def main(argv=None) -> int:
             targets.append((Path(a.shards).name, Path(a.shards), _tif_dir(ss, a.tifs)))
         else:
             for kind in kinds:
-                src, out = _generate(Path(a.work) if a.work else temp, kind, a.files)
+                where = Path(a.work) if a.work else temp
+                assert where is not None  # temp is made exactly when --work is not given
+                src, out = _generate(where, kind, a.files)
                 targets.append((kind, out, src))
         rows = [r for name, shard_dir, tif_dir in targets for r in bench_archive(name, shard_dir, tif_dir, a)]
     finally:

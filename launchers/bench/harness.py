@@ -39,7 +39,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 import torch
 
@@ -135,8 +135,18 @@ def parser(doc: str, prog: str, out: str | None = None) -> argparse.ArgumentPars
     return p
 
 
-def comma_list(text: str, flag: str, choices: Sequence[str] | None = None, cast: Callable[[str], T] = str,
-               hint: str = "", allow_empty: bool = False) -> list[T]:
+@overload
+def comma_list(text: str, flag: str, choices: Sequence[str] | None = None, *, hint: str = "",
+               allow_empty: bool = False) -> list[str]: ...
+
+
+@overload
+def comma_list(text: str, flag: str, choices: Sequence[str] | None = None, *, cast: Callable[[str], T],
+               hint: str = "", allow_empty: bool = False) -> list[T]: ...
+
+
+def comma_list(text: str, flag: str, choices: Sequence[str] | None = None, *, cast: Callable[[str], Any] = str,
+               hint: str = "", allow_empty: bool = False) -> list[Any]:
     """``'a,b'`` -> ``[cast('a'), cast('b')]`` in the given order; an empty list (unless allowed), a value
     outside ``choices`` or one ``cast`` refuses is a UserError naming ``flag`` (``hint`` says more)."""
     parts = [s.strip() for s in str(text).split(",") if s.strip()]
@@ -224,7 +234,8 @@ def measure_providers(builders: Mapping[str, Callable[[], tuple[Forward, Sequenc
     over one step from a clean baseline; then the median ms of steps interleaved across the providers,
     TFLOP/s from ``flops``, and with ``cuda_graph`` CUDA-graph replays. A provider that cannot build
     or run the case gets an ``error`` instead."""
-    rows, steps = {}, {}
+    rows: dict[str, dict] = {}
+    steps: dict[str, Callable[[], None]] = {}
     for name, build in builders.items():
         row = rows[name] = {"provider": name, **case}
         try:
@@ -247,8 +258,8 @@ def measure_providers(builders: Mapping[str, Callable[[], tuple[Forward, Sequenc
     for name, ms in interleaved_medians(steps, device, warmup, iters).items():
         rows[name].update(ms=ms, tflops=flops / (ms * 1e-3) / 1e12)
     if cuda_graph:
-        for name, step in steps.items():
-            rows[name]["graph_ms"], rows[name]["graph_timing"] = graph_median_ms(step, iters)
+        for name, fn in steps.items():
+            rows[name]["graph_ms"], rows[name]["graph_timing"] = graph_median_ms(fn, iters)
     for row in rows.values():
         log.info("%s", row)
     return list(rows.values())

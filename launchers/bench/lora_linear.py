@@ -122,10 +122,12 @@ def build_provider(name: str, case: Case, inputs, scale: float, p: float) -> tup
     base.bias.data.copy_(b)
     base.requires_grad_(False)
     alpha = scale * case.r  # PEFT's scaling is lora_alpha / r
-    layer = PeftLinear(base, "default", LoraConfig(r=case.r, lora_alpha=alpha, lora_dropout=p),
-                       r=case.r, lora_alpha=alpha).to(device=x.device, dtype=x.dtype).train()
-    layer.lora_A["default"].weight.data.copy_(a)
-    layer.lora_B["default"].weight.data.copy_(bb)
+    # PEFT annotates lora_alpha as int; it only divides by r, and our scale * r is fractional
+    config = LoraConfig(r=case.r, lora_alpha=alpha, lora_dropout=p)  # type: ignore[arg-type]
+    layer = PeftLinear(base, "default", config, r=case.r, lora_alpha=alpha)  # type: ignore[arg-type]
+    layer = layer.to(device=x.device, dtype=x.dtype).train()
+    layer.get_parameter("lora_A.default.weight").data.copy_(a)
+    layer.get_parameter("lora_B.default.weight").data.copy_(bb)
     return (lambda: layer(x)), [x, layer.lora_A["default"].weight, layer.lora_B["default"].weight]
 
 

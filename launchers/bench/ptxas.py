@@ -98,9 +98,16 @@ def compile_report(src, target, options: dict) -> dict:
         text = subprocess.run([ptxas, "-v", f"--gpu-name={gpu}", f.name, "-o", os.devnull],
                               capture_output=True, text=True, check=True).stderr
     return {"smem_bytes": compiled.metadata.shared,
-            "registers": int(re.search(r"Used (\d+) registers", text).group(1)),
-            "spill_store_bytes": int(re.search(r"(\d+) bytes spill stores", text).group(1)),
-            "spill_load_bytes": int(re.search(r"(\d+) bytes spill loads", text).group(1))}
+            "registers": _ptxas_count(r"Used (\d+) registers", text),
+            "spill_store_bytes": _ptxas_count(r"(\d+) bytes spill stores", text),
+            "spill_load_bytes": _ptxas_count(r"(\d+) bytes spill loads", text)}
+
+
+def _ptxas_count(pattern: str, text: str) -> int:
+    m = re.search(pattern, text)
+    if m is None:
+        raise RuntimeError(f"ptxas -v printed no {pattern!r}:\n{text}")
+    return int(m.group(1))
 
 
 def report(archs: list[int], dtypes: list[torch.dtype], ops: list[str]) -> list[dict]:

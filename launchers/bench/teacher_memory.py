@@ -36,7 +36,7 @@ def memory_row(cfg: RunConfig, model_name: str) -> dict:
     logging.getLogger("engine.model.explora").setLevel(logging.WARNING)  # the per-group table is noise here
     apply_explora(vit, cfg.explora)
     d = cfg.objective.dino
-    modules = {"vit": vit}
+    modules: dict[str, torch.nn.Module] = {"vit": vit}
     with torch.device("meta"):
         kw = dict(out_dim=d.head_n_prototypes, hidden_dim=d.head_hidden_dim, bottleneck_dim=d.head_bottleneck_dim,
                   nlayers=d.head_nlayers)

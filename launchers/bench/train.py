@@ -136,6 +136,8 @@ def worker(args: argparse.Namespace) -> int:
     trainer = Trainer(cfg, objective, batches, env, prepare=prepare,
                       flops_per_image=training_flops_per_sample(cfg, vit))
     trainer.fit()
+    report = trainer.report
+    assert report is not None  # fit() built the engine and its optimizer report
     opt_bytes = torch.tensor([float(_optimizer_state_bytes(trainer.engine))], dtype=torch.float64,
                              device=env.device)
     per_rank = [torch.zeros_like(opt_bytes) for _ in range(env.world_size)]
@@ -150,7 +152,7 @@ def worker(args: argparse.Namespace) -> int:
                   "data_wait_frac": sum(r["data_wait_frac"] for r in rows) / len(rows),
                   "peak_mem_gb": max(r["peak_mem_gb"] for r in rows),
                   "optimizer_state_bytes_per_rank": [int(t.item()) for t in per_rank],
-                  "trainable_params": trainer.report.trainable_numel, "frozen_params": trainer.report.frozen_numel,
+                  "trainable_params": report.trainable_numel, "frozen_params": report.frozen_numel,
                   "mfu": rows[-1].get("mfu")}
         (run_dir / "bench.json").write_text(json.dumps(result))
     shutdown()
