@@ -1,4 +1,5 @@
 """geoexplora: parameter-efficient extended pre-training (ExPLoRA) of ViTs on satellite imagery."""
+
 from setuptools import find_packages, setup
 
 # Compatible ranges, so that installing into an existing GPU environment keeps its torch/triton.

@@ -5,6 +5,7 @@ Temp names start with ``.tmp-`` so readers and resumers can recognise and delete
 The result gets the permissions a plain ``open()`` / ``mkdir()`` would give (``0o666`` / ``0o777``
 masked by the umask), not ``tempfile``'s private ``0o600`` / ``0o700``.
 """
+
 from __future__ import annotations
 
 import contextlib

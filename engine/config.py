@@ -9,6 +9,7 @@ file, kernels, train) are defined in :mod:`engine.config_train` and re-exported 
 Sections are owned by the subsystems that read them; a new field needs a type, a default and a
 docstring (the string literal under it) so that ``describe(RunConfig)`` can document it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -20,9 +21,28 @@ from engine.config_io import describe, from_dict, load_config, parse_overrides, 
 from engine.config_train import DeepSpeedFileConfig, KernelConfig, OptimConfig, TrainConfig, ZeroConfig
 from engine.model_names import check_image_sizes
 
-__all__ = ["DataConfig", "CropConfig", "ModelConfig", "ExploraConfig", "DinoConfig", "MAEConfig", "ObjectiveConfig",
-           "OptimConfig", "ZeroConfig", "DeepSpeedFileConfig", "KernelConfig", "TrainConfig", "RunConfig", "TrainingRun",
-           "describe", "from_dict", "load_config", "parse_overrides", "save_config", "to_dict"]
+__all__ = [
+    "DataConfig",
+    "CropConfig",
+    "ModelConfig",
+    "ExploraConfig",
+    "DinoConfig",
+    "MAEConfig",
+    "ObjectiveConfig",
+    "OptimConfig",
+    "ZeroConfig",
+    "DeepSpeedFileConfig",
+    "KernelConfig",
+    "TrainConfig",
+    "RunConfig",
+    "TrainingRun",
+    "describe",
+    "from_dict",
+    "load_config",
+    "parse_overrides",
+    "save_config",
+    "to_dict",
+]
 
 
 @dataclass
@@ -76,14 +96,23 @@ class DataConfig:
         _check(self.steps_per_epoch >= 0, "data.steps_per_epoch", "must be >= 0 (0 = derive from the manifest)")
         _check(self.prefetch_factor >= 1, "data.prefetch_factor", "must be >= 1")
         _check(self.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0 (0 disables sample shuffling)")
-        _check(self.shuffle_buffer_bytes > 0, "data.shuffle_buffer_bytes",
-               "must be > 0 (use --data.shuffle_buffer 0 to disable sample shuffling)")
+        _check(
+            self.shuffle_buffer_bytes > 0,
+            "data.shuffle_buffer_bytes",
+            "must be > 0 (use --data.shuffle_buffer 0 to disable sample shuffling)",
+        )
         _check(0.0 < self.eval_crop_pct <= 1.0, "data.eval_crop_pct", "must be in (0, 1]")
-        _check(self.bands is None or (len(self.bands) > 0 and min(self.bands) >= 0), "data.bands",
-               "must be a non-empty list of band indices >= 0")
+        _check(
+            self.bands is None or (len(self.bands) > 0 and min(self.bands) >= 0),
+            "data.bands",
+            "must be a non-empty list of band indices >= 0",
+        )
         _check((self.mean is None) == (self.std is None), "data.mean", "give --data.mean and --data.std together")
-        _check(self.mean is None or len(self.mean) == len(self.std or []), "data.std",
-               "needs as many values as --data.mean")
+        _check(
+            self.mean is None or len(self.mean) == len(self.std or []),
+            "data.std",
+            "needs as many values as --data.mean",
+        )
         _check(self.std is None or min(self.std) > 0, "data.std", "values must be > 0")
 
 
@@ -174,18 +203,27 @@ class ModelConfig:
         _check(self.in_chans > 0, "model.in_chans", "must be > 0")
         _check(0.0 <= self.drop_path_rate < 1.0, "model.drop_path_rate", "must be in [0, 1)")
         if self.band_groups is not None:
-            _check(all(len(g) > 0 for g in self.band_groups) and len(self.band_groups) > 0, "model.band_groups",
-                   "needs at least one non-empty group of band indices")
-            _check(all(0 <= b < self.in_chans for g in self.band_groups for b in g), "model.band_groups",
-                   f"band indices must lie in [0, model.in_chans={self.in_chans})")
+            _check(
+                all(len(g) > 0 for g in self.band_groups) and len(self.band_groups) > 0,
+                "model.band_groups",
+                "needs at least one non-empty group of band indices",
+            )
+            _check(
+                all(0 <= b < self.in_chans for g in self.band_groups for b in g),
+                "model.band_groups",
+                f"band indices must lie in [0, model.in_chans={self.in_chans})",
+            )
 
     def check_files(self) -> None:
         """The local files ``weights`` and ``adapter`` name exist. Not part of :meth:`validate`, so a
         config naming files the user does not have yet still parses (``--print-config``, ``--help``,
         sizing on the meta device); the launchers' input checks and ``build_vit`` run it before reading."""
         if self.weights:
-            _check(Path(self.weights).exists(), "model.weights",
-                   f"file '{self.weights}' not found; give a local .safetensors/.pth file or '' for random init")
+            _check(
+                Path(self.weights).exists(),
+                "model.weights",
+                f"file '{self.weights}' not found; give a local .safetensors/.pth file or '' for random init",
+            )
         if self.adapter:
             _check(Path(self.adapter).is_file(), "model.adapter", f"file '{self.adapter}' not found")
 
@@ -217,8 +255,11 @@ class ExploraConfig:
 
     def validate(self) -> None:
         _check(self.lora_rank > 0, "explora.lora_rank", "must be > 0")
-        _check(len(set(self.unfreeze_blocks)) == len(self.unfreeze_blocks), "explora.unfreeze_blocks",
-               f"lists a block twice: {self.unfreeze_blocks}")
+        _check(
+            len(set(self.unfreeze_blocks)) == len(self.unfreeze_blocks),
+            "explora.unfreeze_blocks",
+            f"lists a block twice: {self.unfreeze_blocks}",
+        )
         _check(0.0 <= self.lora_dropout < 1.0, "explora.lora_dropout", "must be in [0, 1)")
         bad = sorted(set(self.lora_targets) - {"q", "k", "v", "proj", "fc1", "fc2"})
         _check(not bad, "explora.lora_targets", f"unknown target(s) {bad}; use any of q,k,v,proj,fc1,fc2")
@@ -272,16 +313,25 @@ class DinoConfig:
 
     def validate(self) -> None:
         _check(self.head_n_prototypes > 0, "objective.dino.head_n_prototypes", "must be > 0")
-        _check(0 <= self.momentum_teacher <= 1 and 0 <= self.final_momentum_teacher <= 1,
-               "objective.dino.momentum_teacher", "momentums must be in [0, 1]")
+        _check(
+            0 <= self.momentum_teacher <= 1 and 0 <= self.final_momentum_teacher <= 1,
+            "objective.dino.momentum_teacher",
+            "momentums must be in [0, 1]",
+        )
         _check(self.head_nlayers >= 1, "objective.dino.head_nlayers", "must be >= 1")
         _check(self.freeze_last_layer_steps >= 0, "objective.dino.freeze_last_layer_steps", "must be >= 0")
         _check(self.sinkhorn_iterations >= 1, "objective.dino.sinkhorn_iterations", "must be >= 1")
         _check(0 <= self.center_momentum < 1, "objective.dino.center_momentum", "must be in [0, 1)")
-        _check(self.student_temp > 0 and self.teacher_temp > 0 and self.warmup_teacher_temp > 0,
-               "objective.dino.teacher_temp", "temperatures must be > 0")
-        _check(min(self.dino_loss_weight, self.ibot_loss_weight, self.koleo_loss_weight) >= 0,
-               "objective.dino.dino_loss_weight", "loss weights must be >= 0")
+        _check(
+            self.student_temp > 0 and self.teacher_temp > 0 and self.warmup_teacher_temp > 0,
+            "objective.dino.teacher_temp",
+            "temperatures must be > 0",
+        )
+        _check(
+            min(self.dino_loss_weight, self.ibot_loss_weight, self.koleo_loss_weight) >= 0,
+            "objective.dino.dino_loss_weight",
+            "loss weights must be >= 0",
+        )
 
 
 @dataclass

@@ -5,6 +5,7 @@ and docstring, read from the dataclasses (``engine/config.py``, ``engine/eval/co
 field documents itself. ``--print-config`` prints the resolved config (preset + overrides) as YAML,
 which ``--config`` reads back.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -105,17 +106,17 @@ def format_default(value: Any) -> str:
 def help_text(config_cls: type, doc: str = "") -> str:
     """The launcher's docstring, the general options, then every config field by section."""
     width = min(max(shutil.get_terminal_size((100, 24)).columns, 60), 120)
-    wrap = textwrap.TextWrapper(width=width, initial_indent=" " * 6, subsequent_indent=" " * 6,
-                                break_on_hyphens=False)
+    wrap = textwrap.TextWrapper(width=width, initial_indent=" " * 6, subsequent_indent=" " * 6, break_on_hyphens=False)
     out = [doc.strip(), ""] if doc.strip() else []
     presets = ", ".join(preset_names())
-    out += ["general options:",
-            "  -h, --help            this list, then exit",
-            "  --config NAME|PATH    YAML preset: a file, or the name of a shipped preset:",
-            *textwrap.wrap(presets, width, initial_indent=" " * 24, subsequent_indent=" " * 24),
-            "  --print-config        print the resolved config (preset + overrides) as YAML, then exit",
-            "  --SECTION.FIELD VALUE override any field below (--a.b=v also works; lists as a,b,c; "
-            "true/false; null)"]
+    out += [
+        "general options:",
+        "  -h, --help            this list, then exit",
+        "  --config NAME|PATH    YAML preset: a file, or the name of a shipped preset:",
+        *textwrap.wrap(presets, width, initial_indent=" " * 24, subsequent_indent=" " * 24),
+        "  --print-config        print the resolved config (preset + overrides) as YAML, then exit",
+        "  --SECTION.FIELD VALUE override any field below (--a.b=v also works; lists as a,b,c; true/false; null)",
+    ]
     for section, section_doc, fields in sections(config_cls):
         out += ["", f"{section}:" + (f"  {section_doc}" if section_doc else "")]
         for f in fields:

@@ -7,6 +7,7 @@ values parsed as YAML scalars, lists also as ``a,b,c``), converts every field to
 and runs each section's ``validate()``. Every error is a :class:`~engine.errors.UserError` naming
 the dotted field, e.g. ``--optim.lr: expected float, got 'fast'``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -219,8 +220,12 @@ def _attribute_docs(cls: type) -> dict[str, str]:
         return docs
     body = node.body if isinstance(node, ast.ClassDef) else []
     for a, b in zip(body, body[1:]):
-        if (isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name) and isinstance(b, ast.Expr)
-                and isinstance(b.value, ast.Constant)):
+        if (
+            isinstance(a, ast.AnnAssign)
+            and isinstance(a.target, ast.Name)
+            and isinstance(b, ast.Expr)
+            and isinstance(b.value, ast.Constant)
+        ):
             docs[a.target.id] = " ".join(str(b.value.value).split())
     return docs
 

@@ -4,6 +4,7 @@ generated config, kernel backends and the run itself (steps, precision, checkpoi
 Defined here, read through :mod:`engine.config` (``from engine.config import TrainConfig``), which
 composes them into ``RunConfig`` and the fine-tuning configs.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -80,10 +81,14 @@ class ZeroConfig:
 
     def validate(self) -> None:
         _check(self.stage in (0, 1, 2, 3), "zero.stage", "must be 0, 1, 2 or 3")
-        _check(not self.offload_param or self.stage == 3, "zero.offload_param",
-               "parameter offload needs --zero.stage 3")
-        _check(not self.offload_optimizer or self.stage >= 1, "zero.offload_optimizer",
-               "optimizer offload needs --zero.stage 1, 2 or 3")
+        _check(
+            not self.offload_param or self.stage == 3, "zero.offload_param", "parameter offload needs --zero.stage 3"
+        )
+        _check(
+            not self.offload_optimizer or self.stage >= 1,
+            "zero.offload_optimizer",
+            "optimizer offload needs --zero.stage 1, 2 or 3",
+        )
         _check(self.bucket_size > 0, "zero.bucket_size", "must be > 0")
 
 
@@ -94,8 +99,7 @@ class DeepSpeedFileConfig:
     zero_optimization keys); keys that other flags set are refused; '' = none."""
 
     def validate(self) -> None:
-        _check(not self.config or Path(self.config).is_file(), "deepspeed.config",
-               f"file '{self.config}' not found")
+        _check(not self.config or Path(self.config).is_file(), "deepspeed.config", f"file '{self.config}' not found")
 
 
 @dataclass
@@ -152,9 +156,16 @@ class TrainConfig:
         _check(self.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1")
         _check(self.peak_tflops >= 0, "train.peak_tflops", "must be >= 0")
         _check(bool(self.output_dir), "train.output_dir", "must name a directory")
-        _check(self.resume in ("auto", "none") or Path(self.resume).exists(), "train.resume",
-               f"'{self.resume}' is neither 'auto', 'none' nor an existing checkpoint")
+        _check(
+            self.resume in ("auto", "none") or Path(self.resume).exists(),
+            "train.resume",
+            f"'{self.resume}' is neither 'auto', 'none' nor an existing checkpoint",
+        )
         _check(len(set(self.logger)) == len(self.logger), "train.logger", f"names a logger twice: {self.logger}")
         for name in self.logger:
-            _check(_importable(name), "train.logger", f"{name}: the {name} package is not installed; "
-                   f"pip install {name} (or geoexplora[{name}]), or leave it out")
+            _check(
+                _importable(name),
+                "train.logger",
+                f"{name}: the {name} package is not installed; "
+                f"pip install {name} (or geoexplora[{name}]), or leave it out",
+            )

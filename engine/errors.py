@@ -1,5 +1,6 @@
 """The user-facing error type, the CLI wrapper that turns it into one line + exit code 2, and the
 translation of file-system failures (read-only, full, not a directory, no permission) into it."""
+
 from __future__ import annotations
 
 import errno

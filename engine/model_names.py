@@ -1,6 +1,7 @@
 """What ``--model.name`` says before any model is built: the timm architecture behind the tiny test
 names, the patch size, and whether the run's image sizes are multiples of it (checked at config time,
 so a bad crop size is one error line naming the flag, not a shape error in the first step)."""
+
 from __future__ import annotations
 
 import re
@@ -10,8 +11,11 @@ from engine.errors import UserError
 
 # The tiny test and demo models (width 64, depth 2, 2 heads: engine/model/architecture.py) and the
 # timm architecture each one shrinks.
-TINY_ARCHS = {"tiny": "vit_small_patch14_dinov2", "tiny_reg4": "vit_small_patch14_reg4_dinov2",
-              "tiny_mae": "vit_base_patch16_224"}
+TINY_ARCHS = {
+    "tiny": "vit_small_patch14_dinov2",
+    "tiny_reg4": "vit_small_patch14_reg4_dinov2",
+    "tiny_mae": "vit_base_patch16_224",
+}
 
 
 def patch_size_of(name: str) -> int | None:

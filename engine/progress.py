@@ -1,5 +1,6 @@
 """Progress for long work: a tqdm bar on a TTY, a periodic log line with rate, elapsed time and ETA
 otherwise (CI, nohup, SLURM)."""
+
 from __future__ import annotations
 
 import datetime
@@ -104,5 +105,4 @@ def progress(
 def setup_logging(rank: int = 0, level: int = logging.INFO) -> None:
     """Plain timestamped log lines; ranks other than 0 only print warnings and errors."""
     fmt = "%(asctime)s %(levelname).1s " + (f"[rank{rank}] " if rank else "") + "%(name)s: %(message)s"
-    logging.basicConfig(level=level if rank == 0 else logging.WARNING, format=fmt, datefmt="%H:%M:%S",
-                        force=True)
+    logging.basicConfig(level=level if rank == 0 else logging.WARNING, format=fmt, datefmt="%H:%M:%S", force=True)

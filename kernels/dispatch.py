@@ -14,6 +14,7 @@ over 128, tensors on a CPU without the interpreter -- go to the torch path / SDP
 per reason. This module is also where the kernels' plain errors meet the user: a bad backend name in
 the environment, or xformers requested but missing, is a ``UserError``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -79,8 +80,7 @@ def _machine_record(device: torch.device) -> tuple[str, dict]:
     index = device.index if device.index is not None else torch.cuda.current_device()
     key = (str(path), index)
     if key not in _records:
-        _records[key] = (record.machine_key(record.device_info(torch.device("cuda", index))),
-                         record.load_record(path))
+        _records[key] = (record.machine_key(record.device_info(torch.device("cuda", index))), record.load_record(path))
     return _records[key]
 
 
@@ -104,8 +104,14 @@ def resolve(op: str, device: torch.device, shape_class: str | None = None) -> st
 
 def _fallback(op: str, reason: str) -> str:
     fallback = DEFAULT[op]
-    _log_once((op, "fallback", reason), logging.WARNING, "kernels: the Triton %s kernel cannot take %s; "
-              "those calls use %s", op, reason, fallback)
+    _log_once(
+        (op, "fallback", reason),
+        logging.WARNING,
+        "kernels: the Triton %s kernel cannot take %s; those calls use %s",
+        op,
+        reason,
+        fallback,
+    )
     return fallback
 
 
@@ -115,8 +121,9 @@ def _lora_class(x: torch.Tensor, weight: torch.Tensor, lora_b: torch.Tensor, seg
     dev = x.device.type
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
     N, K = weight.shape
-    return record.lora_class(x.numel() // max(K, 1), K, N, lora_b.shape[1], 1 if segments is None else len(segments),
-                             dtype)
+    return record.lora_class(
+        x.numel() // max(K, 1), K, N, lora_b.shape[1], 1 if segments is None else len(segments), dtype
+    )
 
 
 def lora_linear(
@@ -168,8 +175,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
         name = _fallback("attention", reason)
     if name == "xformers":
         if not xformers_available():
-            raise UserError("attention backend 'xformers' requested but xformers does not import; "
-                            "install it, or choose another backend (kernels.attention / GEOEXPLORA_ATTENTION)")
+            raise UserError(
+                "attention backend 'xformers' requested but xformers does not import; "
+                "install it, or choose another backend (kernels.attention / GEOEXPLORA_ATTENTION)"
+            )
         import xformers.ops as xops
 
         # xformers wants (B, N, H, D)

@@ -21,6 +21,7 @@ path apply the same mask after the same ``torch.manual_seed``, and activation ch
 replays it. The mask is kept as bool (1 byte per element) and ``drop(x)`` is recomputed in the
 backward instead of being stored.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -62,7 +63,7 @@ class _LoRALinear(torch.autograd.Function):
         else:
             h = torch.mm(x2, lora_a.t())  # (M, S*r)
         for s, off in enumerate(segments):
-            y[:, off:off + n].addmm_(h[:, s * r:(s + 1) * r], lora_b[s * n:(s + 1) * n].t(), alpha=scale)
+            y[:, off : off + n].addmm_(h[:, s * r : (s + 1) * r], lora_b[s * n : (s + 1) * n].t(), alpha=scale)
         # x itself (not a reshaped copy) is saved: it is alive anyway as the layer's input
         ctx.save_for_backward(x, weight, lora_a, lora_b, h, keep)
         ctx.scale, ctx.p, ctx.segments, ctx.n = scale, p, segments, n
@@ -80,7 +81,9 @@ class _LoRALinear(torch.autograd.Function):
         if need_x or need_a:
             g = dy2.new_empty((dy2.shape[0], len(segments) * r))  # s * dy_s B_s, per segment's columns
             for s, off in enumerate(segments):
-                g[:, s * r:(s + 1) * r].addmm_(dy2[:, off:off + n], lora_b[s * n:(s + 1) * n], beta=0, alpha=scale)
+                g[:, s * r : (s + 1) * r].addmm_(
+                    dy2[:, off : off + n], lora_b[s * n : (s + 1) * n], beta=0, alpha=scale
+                )
             if need_x:
                 dx = torch.mm(dy2, weight)
                 if keep is None:
@@ -94,7 +97,9 @@ class _LoRALinear(torch.autograd.Function):
         if need_b:
             db = lora_b.new_empty(lora_b.shape)
             for s, off in enumerate(segments):
-                db[s * n:(s + 1) * n].addmm_(dy2[:, off:off + n].t(), h[:, s * r:(s + 1) * r], beta=0, alpha=scale)
+                db[s * n : (s + 1) * n].addmm_(
+                    dy2[:, off : off + n].t(), h[:, s * r : (s + 1) * r], beta=0, alpha=scale
+                )
         if need_w:  # base layer not frozen
             dw = torch.mm(dy2.t(), x.reshape(-1, K))
         if need_bias:

@@ -13,6 +13,7 @@ On CUDA both come from the caching allocator's counters. On CPU they come from t
 allocation events (``profile_memory``), summed in time order: an exact count of tensor memory,
 unlike the process's RSS, which charged whichever provider ran first for one-off buffers.
 """
+
 from __future__ import annotations
 
 import gc
@@ -41,8 +42,9 @@ def median_ms(fn: Callable[[], object], device: str, warmup: int, iters: int) ->
     return interleaved_medians({"fn": fn}, device, warmup, iters)["fn"]
 
 
-def interleaved_medians(fns: Mapping[str, Callable[[], object]], device: str, warmup: int, iters: int
-                        ) -> dict[str, float]:
+def interleaved_medians(
+    fns: Mapping[str, Callable[[], object]], device: str, warmup: int, iters: int
+) -> dict[str, float]:
     """Median ms per provider; each round calls every provider once, starting one further along."""
     for fn in fns.values():
         for _ in range(warmup):
@@ -50,7 +52,7 @@ def interleaved_medians(fns: Mapping[str, Callable[[], object]], device: str, wa
     names = list(fns)
     times: dict[str, list[float]] = {n: [] for n in names}
     for i in range(iters):
-        for n in names[i % len(names):] + names[:i % len(names)]:
+        for n in names[i % len(names) :] + names[: i % len(names)]:
             times[n].append(_time_once(fns[n], device))
     return {n: statistics.median(t) for n, t in times.items()}
 
@@ -101,8 +103,11 @@ def measure_memory(fn: Callable[[], object], device: str) -> tuple[int, int]:
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    events = sorted(
+        (e.start_ns(), e.nbytes())
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
+    )
     allocated = live = peak = 0
     for _, nbytes in events:
         live += nbytes

@@ -16,6 +16,7 @@ Path: ``$GEOEXPLORA_KERNEL_RECORD``, else ``$XDG_CACHE_HOME/geoexplora/kernels.j
          "entries": {"<shape class>": {"passed": true, "speedup": 1.42, "kernel_ms": ..,
                                       "baseline": "torch", "baseline_ms": .., "max_rel_err": ..}}}}}
 """
+
 from __future__ import annotations
 
 import json
@@ -67,8 +68,12 @@ def device_info(device: torch.device) -> dict:
     import triton
 
     major, minor = torch.cuda.get_device_capability(device)
-    return {"device": torch.cuda.get_device_name(device), "capability": [major, minor],
-            "torch": torch.__version__, "triton": triton.__version__}
+    return {
+        "device": torch.cuda.get_device_name(device),
+        "capability": [major, minor],
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+    }
 
 
 def machine_key(info: dict) -> str:

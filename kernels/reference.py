@@ -3,6 +3,7 @@
 Shapes: x (M, K) or (..., K); W (N, K); A (S*r, K); B (S*n, r) where S = number of output
 segments that carry an adapter (1 = the whole output, n = N); q, k, v (B, H, N, D).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -27,19 +28,25 @@ def check_lora_args(
     N, K = weight.shape
     S = 1 if segments is None else len(segments)
     if x.shape[-1] != K or lora_a.dim() != 2 or lora_a.shape[1] != K or lora_b.dim() != 2:
-        raise ValueError(f"lora_linear: x {tuple(x.shape)}, W {tuple(weight.shape)}, A {tuple(lora_a.shape)}, "
-                         f"B {tuple(lora_b.shape)} do not fit y = x W^T + (x A^T) B^T")
+        raise ValueError(
+            f"lora_linear: x {tuple(x.shape)}, W {tuple(weight.shape)}, A {tuple(lora_a.shape)}, "
+            f"B {tuple(lora_b.shape)} do not fit y = x W^T + (x A^T) B^T"
+        )
     if S == 0 or lora_a.shape[0] % S or lora_b.shape[0] % S or lora_b.shape[1] * S != lora_a.shape[0]:
-        raise ValueError(f"lora_linear: A {tuple(lora_a.shape)} and B {tuple(lora_b.shape)} do not split "
-                         f"into {S} segment adapters (need A (S*r, K), B (S*n, r))")
+        raise ValueError(
+            f"lora_linear: A {tuple(lora_a.shape)} and B {tuple(lora_b.shape)} do not split "
+            f"into {S} segment adapters (need A (S*r, K), B (S*n, r))"
+        )
     n = lora_b.shape[0] // S
     if segments is None and n != N:
         raise ValueError(f"lora_linear: B has {n} rows but W has {N} outputs (pass segments for a subset)")
     if segments is not None:
         ends = [s + n for s in segments]
         if segments[0] < 0 or ends[-1] > N or any(b < a for a, b in zip(ends, segments[1:])):
-            raise ValueError(f"lora_linear: segments {tuple(segments)} of width {n} are not increasing, "
-                             f"non-overlapping slices of {N} outputs")
+            raise ValueError(
+                f"lora_linear: segments {tuple(segments)} of width {n} are not increasing, "
+                f"non-overlapping slices of {N} outputs"
+            )
     if bias is not None and bias.shape != (N,):
         raise ValueError(f"lora_linear: bias {tuple(bias.shape)} should be ({N},)")
     if not 0.0 <= dropout_p < 1.0:
@@ -88,16 +95,14 @@ def lora_linear_reference(
         if off < prev:
             raise ValueError(f"segments must be increasing and non-overlapping, got {tuple(segments)}")
         parts.append(y[..., prev:off])
-        delta = F.linear(h[..., s * r:(s + 1) * r], lora_b[s * n:(s + 1) * n])
-        parts.append(y[..., off:off + n] + scale * delta)
+        delta = F.linear(h[..., s * r : (s + 1) * r], lora_b[s * n : (s + 1) * n])
+        parts.append(y[..., off : off + n] + scale * delta)
         prev = off + n
     parts.append(y[..., prev:])
     return torch.cat(parts, dim=-1)
 
 
-def attention_reference(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None
-) -> torch.Tensor:
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """Explicit ``softmax(q k^T * scale) v`` in fp32, cast back to q's dtype. q,k,v: (B, H, N, D)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     s = torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale  # (B, H, N, N)

@@ -4,6 +4,7 @@ Shared by ``kernels.attention`` and ``kernels.lora_linear`` (and read by ``launc
 which compiles the same launch configurations ahead of time). Nothing here imports triton, so
 ``kernels.dispatch`` can ask :func:`runnable_on` before paying for a triton import.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -19,6 +19,7 @@ other machines' entries are kept. ``auto`` then takes the kernel only where it p
 least ``kernels.record.MIN_SPEEDUP`` times as fast. ``--interpret`` checks this command's plumbing on
 CPU (Triton interpreter, tiny shapes, fp32); its record is never used for a choice.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -74,8 +75,9 @@ def lora_parity(M: int, K: int, N: int, r: int, segments, dtype, device, p: floa
 
 
 def _lora_parity_with_and_without_dropout(M, K, N, r, segments, dtype, device) -> float:
-    return max(lora_parity(M, K, N, r, segments, dtype, device, 0.0),
-               lora_parity(M, K, N, r, segments, dtype, device, 0.1))
+    return max(
+        lora_parity(M, K, N, r, segments, dtype, device, 0.0), lora_parity(M, K, N, r, segments, dtype, device, 0.1)
+    )
 
 
 def _lora_inputs(M, K, N, r, segments, dtype, device):
@@ -86,8 +88,13 @@ def _lora_inputs(M, K, N, r, segments, dtype, device):
     def rand(*shape, std=1.0, grad=False):
         return (torch.randn(*shape, generator=g) * std).to(device, dtype).requires_grad_(grad)
 
-    return (rand(M, K, grad=True), rand(N, K, std=K ** -0.5), rand(N, std=0.1),
-            rand(S * r, K, std=K ** -0.5, grad=True), rand(S * n, r, std=r ** -0.5, grad=True))
+    return (
+        rand(M, K, grad=True),
+        rand(N, K, std=K**-0.5),
+        rand(N, std=0.1),
+        rand(S * r, K, std=K**-0.5, grad=True),
+        rand(S * n, r, std=r**-0.5, grad=True),
+    )
 
 
 def lora_steps(M, K, N, r, segments, dtype, device) -> dict[str, Callable[[], None]]:
@@ -100,6 +107,7 @@ def lora_steps(M, K, N, r, segments, dtype, device) -> dict[str, Callable[[], No
 
     def step(fn):
         return lambda: torch.autograd.grad(fn(x, w, b, a, bb, 2.0, 0.0, True, segments), [x, a, bb], dy)
+
     return {"kernel": step(fused_lora_linear), "baseline": step(lora_linear_torch)}
 
 
@@ -129,8 +137,10 @@ def attention_steps(B, H, N, D, dtype, device) -> dict[str, Callable[[], None]]:
     qkv, (q, k, v) = _qkv(B, H, N, D, dtype, device)
     do = torch.randn(B, H, N, D, device=device, dtype=dtype)
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    return {"kernel": lambda: torch.autograd.grad(flash_attention(q, k, v), qkv, do),
-            "baseline": lambda: torch.autograd.grad(sdpa(q, k, v), qkv, do)}
+    return {
+        "kernel": lambda: torch.autograd.grad(flash_attention(q, k, v), qkv, do),
+        "baseline": lambda: torch.autograd.grad(sdpa(q, k, v), qkv, do),
+    }
 
 
 def lora_shapes(models: dict, ranks, tokens) -> list[tuple]:
@@ -139,8 +149,12 @@ def lora_shapes(models: dict, ranks, tokens) -> list[tuple]:
     for m, (d, _) in models.items():
         for M in tokens:
             for r in ranks:
-                shapes += [(f"{m}.qkv(q,v)", M, d, 3 * d, r, (0, 2 * d)), (f"{m}.proj", M, d, d, r, None),
-                           (f"{m}.fc1", M, d, 4 * d, r, None), (f"{m}.fc2", M, 4 * d, d, r, None)]
+                shapes += [
+                    (f"{m}.qkv(q,v)", M, d, 3 * d, r, (0, 2 * d)),
+                    (f"{m}.proj", M, d, d, r, None),
+                    (f"{m}.fc1", M, d, 4 * d, r, None),
+                    (f"{m}.fc2", M, 4 * d, d, r, None),
+                ]
     return shapes
 
 
@@ -158,16 +172,31 @@ def verify(args, dtypes, device) -> dict:
             for label, M, K, N, r, segs in lora_shapes(args.models, args.ranks, args.tokens):
                 cls = record.lora_class(M, K, N, r, 1 if segs is None else len(segs), dtype)
                 shape = (M, K, N, r, segs, dtype, device)
-                jobs.append((cls, label, "torch", functools.partial(_lora_parity_with_and_without_dropout, *shape),
-                             functools.partial(lora_steps, *shape), dtype))
+                jobs.append(
+                    (
+                        cls,
+                        label,
+                        "torch",
+                        functools.partial(_lora_parity_with_and_without_dropout, *shape),
+                        functools.partial(lora_steps, *shape),
+                        dtype,
+                    )
+                )
         if "attention" in args.ops:
             for N in args.seq_lens:
                 for m, (_, H) in args.models.items():
                     B = max(1, args.attention_tokens // N)
                     cls = record.attention_class(N, 64, dtype)
-                    jobs.append((cls, f"{m} attn N={N} B={B}", "sdpa",
-                                 functools.partial(attention_parity, B, H, N, 64, dtype, device),
-                                 functools.partial(attention_steps, B, H, N, 64, dtype, device), dtype))
+                    jobs.append(
+                        (
+                            cls,
+                            f"{m} attn N={N} B={B}",
+                            "sdpa",
+                            functools.partial(attention_parity, B, H, N, 64, dtype, device),
+                            functools.partial(attention_steps, B, H, N, 64, dtype, device),
+                            dtype,
+                        )
+                    )
     print(f"{'shape class':<48} {'case':<22} {'rel err':>8} {'kernel ms':>10} {'baseline ms':>12} {'speedup':>8}")
     for cls, label, baseline, parity, steps, dtype in jobs:
         if cls in entries:  # two models with one class (e.g. attention at equal N): the first decides
@@ -176,19 +205,31 @@ def verify(args, dtypes, device) -> dict:
         try:
             err = parity()
             ms = interleaved_medians(steps(), device.type, args.warmup, args.iters)
-            entry = {"passed": err <= TOL[dtype], "max_rel_err": err, "kernel_ms": ms["kernel"],
-                     "baseline": baseline, "baseline_ms": ms["baseline"], "speedup": ms["baseline"] / ms["kernel"]}
+            entry = {
+                "passed": err <= TOL[dtype],
+                "max_rel_err": err,
+                "kernel_ms": ms["kernel"],
+                "baseline": baseline,
+                "baseline_ms": ms["baseline"],
+                "speedup": ms["baseline"] / ms["kernel"],
+            }
         except Exception as e:  # noqa: BLE001 - a kernel that fails to run is recorded as not passed
-            entry = {"passed": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}",
-                     "speedup": 0.0}
+            entry = {
+                "passed": False,
+                "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}",
+                "speedup": 0.0,
+            }
         entry.update(case=label, seconds=round(time.perf_counter() - t0, 1))
         entries[cls] = entry
         if "error" in entry:
             print(f"{cls:<48} {label:<22} FAILED: {entry['error']}", flush=True)
         else:
             verdict = "" if entry["passed"] else "  FAILED parity"
-            print(f"{cls:<48} {label:<22} {entry['max_rel_err']:>8.1e} {entry['kernel_ms']:>10.3f} "
-                  f"{entry['baseline_ms']:>12.3f} {entry['speedup']:>7.2f}x{verdict}", flush=True)
+            print(
+                f"{cls:<48} {label:<22} {entry['max_rel_err']:>8.1e} {entry['kernel_ms']:>10.3f} "
+                f"{entry['baseline_ms']:>12.3f} {entry['speedup']:>7.2f}x{verdict}",
+                flush=True,
+            )
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return entries
@@ -209,8 +250,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--attention-tokens", type=int, default=16448, help="attention batch = this // N")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--record", default=None, help="record file (default: $GEOEXPLORA_KERNEL_RECORD or "
-                                                  "~/.cache/geoexplora/kernels.json)")
+    p.add_argument(
+        "--record",
+        default=None,
+        help="record file (default: $GEOEXPLORA_KERNEL_RECORD or ~/.cache/geoexplora/kernels.json)",
+    )
     p.add_argument("--interpret", action="store_true", help="CPU plumbing check under the Triton interpreter")
     return p.parse_args(argv)
 
@@ -237,28 +281,46 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError("--interpret: this machine has a GPU; run without it to measure the kernels")
         device = torch.device("cpu")
         # tiny and fp32: the interpreter runs every program in Python, and its bf16 tl.dot is broken
-        dtypes, args.models, args.ranks, args.tokens, args.seq_lens = [torch.float32], {"tiny": (32, 2)}, [8], [64], [17]
+        dtypes, args.models, args.ranks, args.tokens, args.seq_lens = (
+            [torch.float32],
+            {"tiny": (32, 2)},
+            [8],
+            [64],
+            [17],
+        )
         args.attention_tokens, args.warmup, args.iters = 34, 0, 1
-        info = {"device": "cpu (Triton interpreter)", "capability": [0, 0], "torch": torch.__version__,
-                "triton": __import__("triton").__version__}
+        info = {
+            "device": "cpu (Triton interpreter)",
+            "capability": [0, 0],
+            "torch": torch.__version__,
+            "triton": __import__("triton").__version__,
+        }
     else:
         if not torch.cuda.is_available():
-            raise UserError("no CUDA device: kernels.verify measures the Triton kernels on a GPU (on CPU, "
-                            "auto always takes the torch path and SDPA); --interpret checks the plumbing")
+            raise UserError(
+                "no CUDA device: kernels.verify measures the Triton kernels on a GPU (on CPU, "
+                "auto always takes the torch path and SDPA); --interpret checks the plumbing"
+            )
         device = torch.device("cuda", torch.cuda.current_device())
         info = record.device_info(device)
     path = record.record_path() if args.record is None else Path(args.record).expanduser()
-    print(f"verifying kernels on {info['device']} (sm{info['capability'][0]}{info['capability'][1]}, "
-          f"torch {info['torch']}, triton {info['triton']}) -> {path}", flush=True)
+    print(
+        f"verifying kernels on {info['device']} (sm{info['capability'][0]}{info['capability'][1]}, "
+        f"torch {info['torch']}, triton {info['triton']}) -> {path}",
+        flush=True,
+    )
     entries = verify(args, dtypes, device)
-    data = record.merge_entries(record.load_record(path), info, entries,
-                                time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    data = record.merge_entries(
+        record.load_record(path), info, entries, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True))
     chosen = sum(record.kernel_allowed(data, record.machine_key(info), c) for c in entries)
     failed = sum(not e["passed"] for e in entries.values())
-    print(f"wrote {path}: {len(entries)} shape classes, auto takes the Triton kernel for {chosen}; "
-          f"{failed} failed parity or did not run")
+    print(
+        f"wrote {path}: {len(entries)} shape classes, auto takes the Triton kernel for {chosen}; "
+        f"{failed} failed parity or did not run"
+    )
     return 0
 
 

@@ -20,6 +20,7 @@ What it does, all in one process on the embedded tiny ViT (width 64, depth 2, pa
 printed is measured in this run; with so few steps they are noisy, and whether extended
 pre-training helped is read off the table, not assumed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,10 +54,24 @@ class Sizes:
     probe_epochs: int
 
 
-FULL = Sizes(source_images=512, train_per_class=128, val_per_class=96, base_steps=300, explora_steps=300,
-             finetune_steps=150, probe_epochs=100)
-QUICK = Sizes(source_images=64, train_per_class=16, val_per_class=8, base_steps=8, explora_steps=8,
-              finetune_steps=8, probe_epochs=20)
+FULL = Sizes(
+    source_images=512,
+    train_per_class=128,
+    val_per_class=96,
+    base_steps=300,
+    explora_steps=300,
+    finetune_steps=150,
+    probe_epochs=100,
+)
+QUICK = Sizes(
+    source_images=64,
+    train_per_class=16,
+    val_per_class=8,
+    base_steps=8,
+    explora_steps=8,
+    finetune_steps=8,
+    probe_epochs=20,
+)
 
 
 def prepare_out(out: Path) -> None:
@@ -80,10 +95,12 @@ def make_data(out: Path, sizes: Sizes) -> dict[str, Path]:
     arch, shards = out / "archives", out / "shards"
     k = len(OVERHEAD_CLASSES)
     generate_archive(arch / "source", sizes.source_images, 64, pixel_fn=photo_pixels, seed=1)
-    generate_archive(arch / "target_train", k * sizes.train_per_class, 64, classes=OVERHEAD_CLASSES,
-                     pixel_fn=overhead_pixels, seed=2)
-    generate_archive(arch / "target_val", k * sizes.val_per_class, 64, classes=OVERHEAD_CLASSES,
-                     pixel_fn=overhead_pixels, seed=3)
+    generate_archive(
+        arch / "target_train", k * sizes.train_per_class, 64, classes=OVERHEAD_CLASSES, pixel_fn=overhead_pixels, seed=2
+    )
+    generate_archive(
+        arch / "target_val", k * sizes.val_per_class, 64, classes=OVERHEAD_CLASSES, pixel_fn=overhead_pixels, seed=3
+    )
     quiet = ["--max-samples-per-shard", "64"]
     run_convert([str(arch / "source"), "-o", str(shards / "source"), *quiet])
     run_convert([str(arch / "target_train"), "-o", str(shards / "target" / "train"), "--labels", "folder", *quiet])
@@ -95,29 +112,82 @@ def pretrain(env, shards: Path, run_dir: Path, steps: int, weights: str, full: b
     """A DINOv2 run of the tiny preset; full=True trains every parameter (the base model)."""
     from launchers.pretrain import run
 
-    over = ["--data.shards", str(shards), "--train.output_dir", str(run_dir), "--train.max_steps", str(steps),
-            "--train.save_every", "0", "--train.resume", "none", "--train.logger", "",
-            "--optim.warmup_steps", str(max(1, steps // 10)), "--model.weights", weights]
+    over = [
+        "--data.shards",
+        str(shards),
+        "--train.output_dir",
+        str(run_dir),
+        "--train.max_steps",
+        str(steps),
+        "--train.save_every",
+        "0",
+        "--train.resume",
+        "none",
+        "--train.logger",
+        "",
+        "--optim.warmup_steps",
+        str(max(1, steps // 10)),
+        "--model.weights",
+        weights,
+    ]
     if full:  # from scratch, every tensor trains: a lower lr than the preset's (LoRA-sized) one
-        over += ["--optim.lr", "0.003", "--explora.unfreeze_blocks", "0,1", "--explora.lora_targets", "", "--explora.train_patch_embed",
-                 "true", "--explora.train_pos_embed", "true", "--explora.train_tokens", "true"]
+        over += [
+            "--optim.lr",
+            "0.003",
+            "--explora.unfreeze_blocks",
+            "0,1",
+            "--explora.lora_targets",
+            "",
+            "--explora.train_patch_embed",
+            "true",
+            "--explora.train_pos_embed",
+            "true",
+            "--explora.train_tokens",
+            "true",
+        ]
     cfg = load_config(RunConfig, "tiny_cpu", over)
     t0 = time.perf_counter()
     run(cfg, env)
     opt = json.loads((run_dir / "optimizer.json").read_text())
-    return {"wall_s": round(time.perf_counter() - t0, 1), "trainable_params": opt["trainable_numel"],
-            "steps": steps, "merged": str(run_dir / "export" / "teacher_vit_merged.safetensors"),
-            "adapter": str(run_dir / "export" / "teacher_adapter.safetensors")}
+    return {
+        "wall_s": round(time.perf_counter() - t0, 1),
+        "trainable_params": opt["trainable_numel"],
+        "steps": steps,
+        "merged": str(run_dir / "export" / "teacher_vit_merged.safetensors"),
+        "adapter": str(run_dir / "export" / "teacher_adapter.safetensors"),
+    }
 
 
 def evaluate(env, target: Path, out_dir: Path, weights: str, adapter: str, epochs: int) -> dict:
     """Frozen linear probe + kNN (cls features) on the target train/val splits."""
     from engine.eval.frozen import evaluate_frozen
 
-    cfg = load_config(EvalRunConfig, None, [
-        "--model.name", "tiny", "--model.img_size", "56", "--model.weights", weights, "--model.adapter", adapter,
-        "--data.shards", str(target), "--data.num_workers", "1", "--data.batch_size", "64",
-        "--eval.output_dir", str(out_dir), "--eval.pool", "cls", "--eval.probe_epochs", str(epochs)])
+    cfg = load_config(
+        EvalRunConfig,
+        None,
+        [
+            "--model.name",
+            "tiny",
+            "--model.img_size",
+            "56",
+            "--model.weights",
+            weights,
+            "--model.adapter",
+            adapter,
+            "--data.shards",
+            str(target),
+            "--data.num_workers",
+            "1",
+            "--data.batch_size",
+            "64",
+            "--eval.output_dir",
+            str(out_dir),
+            "--eval.pool",
+            "cls",
+            "--eval.probe_epochs",
+            str(epochs),
+        ],
+    )
     res = evaluate_frozen(cfg, env)["pools"]["cls"]
     return {"linear_probe_top1": res["linear_probe"]["val"]["top1"], "knn_top1": res["knn"]["val"]["top1"]}
 
@@ -126,21 +196,48 @@ def finetune(env, target: Path, run_dir: Path, weights: str, adapter: str, steps
     """LoRA-only fine-tune (r=4 on q,v + head) on the target train split, validated on val."""
     from engine.eval.finetune import run_finetune
 
-    cfg = load_config(FinetuneRunConfig, "finetune_tiny_cpu", [
-        "--data.shards", str(target), "--model.weights", weights, "--model.adapter", adapter,
-        "--train.output_dir", str(run_dir), "--train.max_steps", str(steps), "--train.resume", "none",
-        "--train.logger", "", "--optim.warmup_steps", str(max(1, steps // 10))])
+    cfg = load_config(
+        FinetuneRunConfig,
+        "finetune_tiny_cpu",
+        [
+            "--data.shards",
+            str(target),
+            "--model.weights",
+            weights,
+            "--model.adapter",
+            adapter,
+            "--train.output_dir",
+            str(run_dir),
+            "--train.max_steps",
+            str(steps),
+            "--train.resume",
+            "none",
+            "--train.logger",
+            "",
+            "--optim.warmup_steps",
+            str(max(1, steps // 10)),
+        ],
+    )
     res = run_finetune(cfg, env)
     # the table reports the last validation: the best one is picked on the same val split (kept in JSON)
-    return {"finetune_top1": res["final"]["top1"], "finetune_best_top1": res["best"]["top1"],
-            "finetune_trainable_params": res["trainable_params"], "finetune_wall_s": res["wall_s"]}
+    return {
+        "finetune_top1": res["final"]["top1"],
+        "finetune_best_top1": res["best"]["top1"],
+        "finetune_trainable_params": res["trainable_params"],
+        "finetune_wall_s": res["wall_s"],
+    }
 
 
 def table(rows: list[dict]) -> str:
     """One line per backbone; each column right-aligned to its header (at least 8 wide)."""
-    cols = [("pretrain params", "pretrain_trainable_params", ","), ("pretrain s", "pretrain_wall_s", ".1f"),
-            ("LP top-1", "linear_probe_top1", ".1f"), ("kNN top-1", "knn_top1", ".1f"),
-            ("FT top-1", "finetune_top1", ".1f"), ("FT params", "finetune_trainable_params", ",")]
+    cols = [
+        ("pretrain params", "pretrain_trainable_params", ","),
+        ("pretrain s", "pretrain_wall_s", ".1f"),
+        ("LP top-1", "linear_probe_top1", ".1f"),
+        ("kNN top-1", "knn_top1", ".1f"),
+        ("FT top-1", "finetune_top1", ".1f"),
+        ("FT params", "finetune_trainable_params", ","),
+    ]
     head = " ".join([f"{'backbone':<34}"] + [f"{h:>8}" for h, _, _ in cols])
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -159,25 +256,44 @@ def run_demo(out: Path, sizes: Sizes, env) -> dict:
     t_data = time.perf_counter() - t0
     log.info("demo: data ready in %.1f s; pre-training the base model on the source domain", t_data)
     base = pretrain(env, data["source"], out / "base", sizes.base_steps, "", full=True)
-    rows = [{"name": "random init (reference)",
-             **evaluate(env, data["target"], out / "eval_random", "", "", sizes.probe_epochs)}]
-    rows.append({"name": "base (source-domain DINOv2)", "pretrain_trainable_params": base["trainable_params"],
-                 "pretrain_wall_s": base["wall_s"],
-                 **evaluate(env, data["target"], out / "eval_base", base["merged"], "", sizes.probe_epochs),
-                 **finetune(env, data["target"], out / "finetune_base", base["merged"], "", sizes.finetune_steps)})
+    rows = [
+        {
+            "name": "random init (reference)",
+            **evaluate(env, data["target"], out / "eval_random", "", "", sizes.probe_epochs),
+        }
+    ]
+    rows.append(
+        {
+            "name": "base (source-domain DINOv2)",
+            "pretrain_trainable_params": base["trainable_params"],
+            "pretrain_wall_s": base["wall_s"],
+            **evaluate(env, data["target"], out / "eval_base", base["merged"], "", sizes.probe_epochs),
+            **finetune(env, data["target"], out / "finetune_base", base["merged"], "", sizes.finetune_steps),
+        }
+    )
     log.info("demo: ExPLoRA extended pre-training on the unlabelled target train split")
     ex = pretrain(env, data["target"] / "train", out / "explora", sizes.explora_steps, base["merged"], full=False)
-    rows.append({"name": "ExPLoRA (base + target-domain SSL)", "pretrain_trainable_params": ex["trainable_params"],
-                 "pretrain_wall_s": ex["wall_s"],
-                 **evaluate(env, data["target"], out / "eval_explora", base["merged"], ex["adapter"],
-                            sizes.probe_epochs),
-                 **finetune(env, data["target"], out / "finetune_explora", base["merged"], ex["adapter"],
-                            sizes.finetune_steps)})
+    rows.append(
+        {
+            "name": "ExPLoRA (base + target-domain SSL)",
+            "pretrain_trainable_params": ex["trainable_params"],
+            "pretrain_wall_s": ex["wall_s"],
+            **evaluate(env, data["target"], out / "eval_explora", base["merged"], ex["adapter"], sizes.probe_epochs),
+            **finetune(
+                env, data["target"], out / "finetune_explora", base["merged"], ex["adapter"], sizes.finetune_steps
+            ),
+        }
+    )
     b, e = rows[1], rows[2]
-    results = {"sizes": sizes.__dict__, "classes": 4, "chance_top1": 25.0, "rows": rows,
-               "explora_minus_base": {k: round(e[k] - b[k], 2) for k in ("linear_probe_top1", "knn_top1",
-                                                                          "finetune_top1")},
-               "data_s": round(t_data, 1), "total_s": round(time.perf_counter() - t0, 1)}
+    results = {
+        "sizes": sizes.__dict__,
+        "classes": 4,
+        "chance_top1": 25.0,
+        "rows": rows,
+        "explora_minus_base": {k: round(e[k] - b[k], 2) for k in ("linear_probe_top1", "knn_top1", "finetune_top1")},
+        "data_s": round(t_data, 1),
+        "total_s": round(time.perf_counter() - t0, 1),
+    }
     atomic_write_text(out / "results.json", json.dumps(results, indent=1))
     atomic_write_text(out / "results.txt", table(rows) + "\n")
     return results
@@ -198,12 +314,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         res = run_demo(Path(args.out), QUICK if args.quick else FULL, env)
     finally:
         shutdown()
-    print(f"\nExPLoRA demo ({'quick' if args.quick else 'full'}), target domain: 4 texture classes "
-          f"(chance 25%), val split; {res['total_s']:.0f} s in all\n")
+    print(
+        f"\nExPLoRA demo ({'quick' if args.quick else 'full'}), target domain: 4 texture classes "
+        f"(chance 25%), val split; {res['total_s']:.0f} s in all\n"
+    )
     print(table(res["rows"]))
     d = res["explora_minus_base"]
-    print(f"\nExPLoRA - base: linear probe {d['linear_probe_top1']:+.1f}, kNN {d['knn_top1']:+.1f}, "
-          f"LoRA fine-tune {d['finetune_top1']:+.1f} points.  Results: {Path(args.out) / 'results.json'}")
+    print(
+        f"\nExPLoRA - base: linear probe {d['linear_probe_top1']:+.1f}, kNN {d['knn_top1']:+.1f}, "
+        f"LoRA fine-tune {d['finetune_top1']:+.1f} points.  Results: {Path(args.out) / 'results.json'}"
+    )
     return 0
 
 

@@ -11,6 +11,7 @@ split, when given, is only ever scored with the lr chosen on val). Features are 
 ``<eval.output_dir>/features/`` and reused while model and data are unchanged; results go to
 ``results.json`` and ``results.txt``. Exit codes: 0 done, 2 bad config/path.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence

@@ -22,6 +22,7 @@ synthetic step per rank and reports parameters, peak memory and FLOPs per image
 (engine/trainer/preflight.py); no shards are read. The head is sized from ``--data.classes``, else
 from the train split's manifest when ``--data.shards`` is given, else for 1000 classes.
 """
+
 from __future__ import annotations
 
 import sys
@@ -82,10 +83,19 @@ def preflight(cfg: FinetuneRunConfig, env, samples: int) -> int:
     seed_all(cfg.train.seed)
     model, report = build_classifier(cfg, n_classes, multilabel)
     batch = classifier_batch(cfg, n_classes, multilabel, samples, env.device, seed=cfg.train.seed + env.rank)
-    step = run_step(cfg, env, model, batch, classifier_flops_per_sample(model.vit, cfg.model.img_size),
-                    time.perf_counter() - t0, samples)
-    title = (f"fine-tune {cfg.finetune.mode}: {cfg.model.name} ({cfg.model.weights or 'random init'}), "
-             f"{n_classes} classes ({source}), ZeRO-{cfg.zero.stage}, {cfg.train.precision}")
+    step = run_step(
+        cfg,
+        env,
+        model,
+        batch,
+        classifier_flops_per_sample(model.vit, cfg.model.img_size),
+        time.perf_counter() - t0,
+        samples,
+    )
+    title = (
+        f"fine-tune {cfg.finetune.mode}: {cfg.model.name} ({cfg.model.weights or 'random init'}), "
+        f"{n_classes} classes ({source}), ZeRO-{cfg.zero.stage}, {cfg.train.precision}"
+    )
     return finish(step, env.is_main, title, "backbone only:\n" + report.table())
 
 
@@ -109,8 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     argv, samples = take_flag(sys.argv[1:] if argv is None else argv)
     if samples:
-        return run_cli(FinetuneRunConfig, argv, lambda cfg, env: preflight(cfg, env, samples), check_preflight,
-                       __doc__)
+        return run_cli(FinetuneRunConfig, argv, lambda cfg, env: preflight(cfg, env, samples), check_preflight, __doc__)
     return run_cli(FinetuneRunConfig, argv, run, check_inputs, __doc__)
 
 

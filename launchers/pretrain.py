@@ -19,6 +19,7 @@ synthetic forward + backward + optimizer step per rank, prints the trainable/fro
 memory per rank and FLOPs per image, and exits (0 ok, 1 non-finite loss or a frozen tensor moved);
 no shards are read (engine/trainer/preflight.py).
 """
+
 from __future__ import annotations
 
 import logging
@@ -71,8 +72,9 @@ def build(cfg: RunConfig):
     vit = build_vit(cfg.model)
     apply_explora(vit, cfg.explora)
     decoder = mae_decoder_state(vit) if cfg.objective.name == "mae" else None
-    objective = build_objective(cfg, vit, total_steps=cfg.train.max_steps, all_reduce=all_reduce_sum,
-                                decoder_state=decoder)
+    objective = build_objective(
+        cfg, vit, total_steps=cfg.train.max_steps, all_reduce=all_reduce_sum, decoder_state=decoder
+    )
     return vit, objective
 
 
@@ -87,12 +89,22 @@ def preflight(cfg: RunConfig, env, samples: int) -> int:
 
     t0 = time.perf_counter()
     vit, objective = build(cfg)
-    batch = pretrain_batch(cfg, cfg.objective.name, vit.patch_embed.patch_size[0], num_groups(vit), samples,
-                           env.device, seed=cfg.train.seed + env.rank)
-    report = run_step(cfg, env, objective, batch, training_flops_per_sample(cfg, vit), time.perf_counter() - t0,
-                      samples)
-    title = (f"{cfg.model.name} ({cfg.model.weights or 'random init'}), objective {cfg.objective.name}, "
-             f"ZeRO-{cfg.zero.stage}, {cfg.train.precision}")
+    batch = pretrain_batch(
+        cfg,
+        cfg.objective.name,
+        vit.patch_embed.patch_size[0],
+        num_groups(vit),
+        samples,
+        env.device,
+        seed=cfg.train.seed + env.rank,
+    )
+    report = run_step(
+        cfg, env, objective, batch, training_flops_per_sample(cfg, vit), time.perf_counter() - t0, samples
+    )
+    title = (
+        f"{cfg.model.name} ({cfg.model.weights or 'random init'}), objective {cfg.objective.name}, "
+        f"ZeRO-{cfg.zero.stage}, {cfg.train.precision}"
+    )
     return finish(report, env.is_main, title, "ViT only:\n" + param_report(vit).table())
 
 
@@ -110,12 +122,25 @@ def run(cfg: RunConfig, env) -> int:
         save_config(cfg, out / "config.yaml")
         write_run_json(out, env.world_size)
     vit, objective = build(cfg)
-    loader = build_pretrain_loader(cfg.data, cfg.crops, cfg.objective.name, patch_size=vit.patch_embed.patch_size[0],
-                                   num_groups=num_groups(vit), mask_cfg=cfg.objective.dino, rank=env.rank,
-                                   world_size=env.world_size, seed=cfg.train.seed)
-    trainer = Trainer(cfg, objective, loader, env,
-                      prepare=lambda b: to_device(b, env.device, loader.normalizer, loader.photometric),
-                      flops_per_image=training_flops_per_sample(cfg, vit))
+    loader = build_pretrain_loader(
+        cfg.data,
+        cfg.crops,
+        cfg.objective.name,
+        patch_size=vit.patch_embed.patch_size[0],
+        num_groups=num_groups(vit),
+        mask_cfg=cfg.objective.dino,
+        rank=env.rank,
+        world_size=env.world_size,
+        seed=cfg.train.seed,
+    )
+    trainer = Trainer(
+        cfg,
+        objective,
+        loader,
+        env,
+        prepare=lambda b: to_device(b, env.device, loader.normalizer, loader.photometric),
+        flops_per_image=training_flops_per_sample(cfg, vit),
+    )
     result = trainer.fit()
     if result.preempted is None and cfg.train.export:
         export_run(vit, objective, cfg, env.is_main)

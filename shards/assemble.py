@@ -16,6 +16,7 @@ scan's skipped list:
 The manifest is written last: until then the directory holds no finished archive, and running the
 same command again completes it.
 """
+
 from __future__ import annotations
 
 import errno
@@ -45,9 +46,20 @@ def fold_stats(records: Sequence[dict], load: Callable[[int], dict], num_bands: 
     return stats
 
 
-def assemble(out: Path, records: Sequence[dict], stats: BandStats, scan_skipped: Sequence[dict], args: dict,
-             labelled: bool, how: str, dirs: Sequence[Path], fallback: dict, opts, imap=map,
-             extra: dict | None = None) -> dict:
+def assemble(
+    out: Path,
+    records: Sequence[dict],
+    stats: BandStats,
+    scan_skipped: Sequence[dict],
+    args: dict,
+    labelled: bool,
+    how: str,
+    dirs: Sequence[Path],
+    fallback: dict,
+    opts,
+    imap=map,
+    extra: dict | None = None,
+) -> dict:
     """Write the shards (per ``how``), skipped.jsonl and manifest.json into ``out``; return the manifest.
 
     dirs: the folder of each record's shard file (used by "link" and "repack"); fallback: band_names,
@@ -66,8 +78,16 @@ def assemble(out: Path, records: Sequence[dict], stats: BandStats, scan_skipped:
             for d, r in zip(dirs, records):
                 link_or_copy(Path(d) / r["name"], Path(out) / r["name"], r)
         rows = [{k: r[k] for k in ("name", "count", "bytes", "sha256")} for r in records]
-    manifest = build_manifest(args, rows, first["band_names"], first["dtype"], first["nodata"], classes,
-                              stats.result(), multilabel=any(len(ns) > 1 for ns in names))
+    manifest = build_manifest(
+        args,
+        rows,
+        first["band_names"],
+        first["dtype"],
+        first["nodata"],
+        classes,
+        stats.result(),
+        multilabel=any(len(ns) > 1 for ns in names),
+    )
     if extra:
         manifest.update(extra)
     warning = undeclared_nodata_warning([z for r in records for z in r.get("zeros", [])])
@@ -100,8 +120,10 @@ def link_or_copy(src: Path, dst: Path, rec: dict) -> str:
     if not src.is_file():
         raise UserError(f"merge: '{src}' is missing; its part lists it (rerun that part with --resume)")
     if src.stat().st_size != rec["bytes"]:
-        raise UserError(f"merge: '{src}' has {src.stat().st_size} bytes, its part's record says {rec['bytes']}; "
-                        "rerun that part with --resume")
+        raise UserError(
+            f"merge: '{src}' has {src.stat().st_size} bytes, its part's record says {rec['bytes']}; "
+            "rerun that part with --resume"
+        )
     try:
         os.link(src, dst)
         return "linked"

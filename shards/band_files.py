@@ -14,6 +14,7 @@ scan keeps the finest.
 granule. ``--bands`` may use this project's names (B1..B12, B8A; the default is all 13, in
 ``--band-names s2`` order) or the product's zero-padded ones (B01..B12).
 """
+
 from __future__ import annotations
 
 import logging
@@ -35,10 +36,14 @@ def check_band_options(opts) -> None:
     if opts.band_files != SAFE:
         fields = re.findall(r"\{(\w*)\}", opts.band_files)
         if sorted(fields) != ["band", "scene"]:
-            raise UserError(f"--band-files '{opts.band_files}': the pattern needs one {{scene}} and one {{band}} "
-                            "field (and no others), e.g. '{scene}_{band}.TIF', or 'safe'")
+            raise UserError(
+                f"--band-files '{opts.band_files}': the pattern needs one {{scene}} and one {{band}} "
+                "field (and no others), e.g. '{scene}_{band}.TIF', or 'safe'"
+            )
         if not opts.bands:
-            raise UserError("--band-files: list the bands to stack with --bands, in output order, e.g. --bands B4,B3,B2")
+            raise UserError(
+                "--band-files: list the bands to stack with --bands, in output order, e.g. --bands B4,B3,B2"
+            )
     if opts.drop_bands:
         raise UserError("--drop-bands does not apply to --band-files; list the bands to stack with --bands")
     if opts.band_names is not None:
@@ -78,7 +83,7 @@ def compile_pattern(pattern: str, tokens: Sequence[str]) -> re.Pattern:
     alt = "|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True))
     parts, pos = [], 0
     for m in _FIELD.finditer(pattern):
-        parts.append(re.escape(pattern[pos:m.start()]))
+        parts.append(re.escape(pattern[pos : m.start()]))
         parts.append({"{scene}": r"(?P<scene>[^/]+)", "{band}": f"(?P<band>{alt})"}.get(m.group(0), r"[^/]*"))
         pos = m.end()
     parts.append(re.escape(pattern[pos:]))
@@ -88,8 +93,11 @@ def compile_pattern(pattern: str, tokens: Sequence[str]) -> re.Pattern:
 def safe_pattern(tokens: Sequence[str]) -> re.Pattern:
     """IMG_DATA band files of a .SAFE product; the granule folder is the scene."""
     alt = "|".join(re.escape(_safe_token(t)) for t in sorted(tokens, key=len, reverse=True))
-    return re.compile(r"(?P<dir>)(?P<scene>(?:.*/)?[^/]+\.SAFE/GRANULE/[^/]+)/IMG_DATA/(?:R\d+m/)?"
-                      rf"[^/]*_(?P<band>{alt})(?:_\d+m)?\.jp2", re.IGNORECASE)
+    return re.compile(
+        r"(?P<dir>)(?P<scene>(?:.*/)?[^/]+\.SAFE/GRANULE/[^/]+)/IMG_DATA/(?:R\d+m/)?"
+        rf"[^/]*_(?P<band>{alt})(?:_\d+m)?\.jp2",
+        re.IGNORECASE,
+    )
 
 
 def group_band_files(files: Sequence[InputFile], opts) -> tuple[list[InputFile], list[dict]]:
@@ -111,8 +119,11 @@ def group_band_files(files: Sequence[InputFile], opts) -> tuple[list[InputFile],
         token = by_file_token[m.group("band").upper() if safe else m.group("band")]
         scenes.setdefault(m.group("dir") + m.group("scene"), {}).setdefault(token, []).append((f.path, f.relpath))
     if unmatched:
-        log.info("--band-files: %d listed file(s) match no band of --bands and are left out (e.g. '%s')",
-                 len(unmatched), unmatched[0])
+        log.info(
+            "--band-files: %d listed file(s) match no band of --bands and are left out (e.g. '%s')",
+            len(unmatched),
+            unmatched[0],
+        )
     if not scenes:
         what = "Sentinel-2 .SAFE IMG_DATA JP2 files" if safe else f"'{opts.band_files}' with bands {','.join(tokens)}"
         raise UserError(f"--band-files: no listed file matches {what}; check the pattern, --bands and --ext")
@@ -121,8 +132,13 @@ def group_band_files(files: Sequence[InputFile], opts) -> tuple[list[InputFile],
         have = scenes[rel]
         missing = [t for t in tokens if t not in have]
         if missing:
-            skipped.append({"source": rel, "reason": f"scene lacks band(s) {','.join(missing)} "
-                            f"(found {','.join(t for t in tokens if t in have)}); --bands asks for {','.join(tokens)}"})
+            skipped.append(
+                {
+                    "source": rel,
+                    "reason": f"scene lacks band(s) {','.join(missing)} "
+                    f"(found {','.join(t for t in tokens if t in have)}); --bands asks for {','.join(tokens)}",
+                }
+            )
             continue
         bands = {t: sorted(have[t], key=lambda pr: pr[1]) for t in tokens}
         out.append(InputFile(path=bands[tokens[0]][0][0], relpath=rel, bands=bands))

@@ -10,6 +10,7 @@ the same window of ``rasterio.warp.reproject`` over the whole band (tests/shards
 checks it). Nodata: the first band file's, else ``--nodata``; warped bands treat their own nodata
 as missing, so it never bleeds into the resampled values.
 """
+
 from __future__ import annotations
 
 import math
@@ -46,8 +47,17 @@ def _header(path: str, relpath: str) -> BandHeader:
     with open_dataset(path) as ds:
         if ds.count != 1:
             raise ValueError(f"'{relpath}' has {ds.count} bands; --band-files expects one band per file")
-        return BandHeader(path, relpath, ds.width, ds.height, ds.dtypes[0], ds.nodata, crs_string(ds.crs),
-                          ds.transform, ds.tags().get("TIFFTAG_DATETIME"))
+        return BandHeader(
+            path,
+            relpath,
+            ds.width,
+            ds.height,
+            ds.dtypes[0],
+            ds.nodata,
+            crs_string(ds.crs),
+            ds.transform,
+            ds.tags().get("TIFFTAG_DATETIME"),
+        )
 
 
 def scene_grid(ref: BandHeader, resolution: float | None) -> tuple[Affine, int, int]:
@@ -74,8 +84,9 @@ def scan_scene(index: int, relpath: str, bands: dict, opts) -> SourceInfo:
     if len(dtypes) > 1:
         raise ValueError("bands differ in dtype (" + ", ".join(f"{t} {h.dtype}" for t, h in zip(tokens, heads)) + ")")
     if any(h.crs is None for h in heads):
-        raise ValueError(f"'{next(h.relpath for h in heads if h.crs is None)}' has no CRS; cannot put the "
-                         "bands on one grid")
+        raise ValueError(
+            f"'{next(h.relpath for h in heads if h.crs is None)}' has no CRS; cannot put the bands on one grid"
+        )
     finest = min(h.pixel_area for h in heads)
     ref = next(h for h in heads if h.pixel_area == finest)
     transform, width, height = scene_grid(ref, opts.resolution)
@@ -83,11 +94,23 @@ def scan_scene(index: int, relpath: str, bands: dict, opts) -> SourceInfo:
     crs = CRS.from_user_input(ref.crs)
     gsd = abs(transform.a) if crs.is_projected and (crs.linear_units or "").lower() in ("metre", "meter", "m") else None
     return SourceInfo(
-        index=index, path=heads[0].path, relpath=relpath, width=width, height=height, count=len(tokens),
-        dtype=dtypes[0], nodata=None if nodata is None else float(nodata), band_names=list(tokens),
-        indexes=list(range(1, len(tokens) + 1)), crs=ref.crs, transform=tuple(transform)[:6], gsd=gsd,
-        timestamp=ref.timestamp, band_paths=[h.path for h in heads],
-        extra={"band_sources": [h.relpath for h in heads]})
+        index=index,
+        path=heads[0].path,
+        relpath=relpath,
+        width=width,
+        height=height,
+        count=len(tokens),
+        dtype=dtypes[0],
+        nodata=None if nodata is None else float(nodata),
+        band_names=list(tokens),
+        indexes=list(range(1, len(tokens) + 1)),
+        crs=ref.crs,
+        transform=tuple(transform)[:6],
+        gsd=gsd,
+        timestamp=ref.timestamp,
+        band_paths=[h.path for h in heads],
+        extra={"band_sources": [h.relpath for h in heads]},
+    )
 
 
 class BandStack:
@@ -108,8 +131,16 @@ class BandStack:
                     self._bands.append(ds)
                     continue
                 src_nd = ds.nodata if ds.nodata is not None else info.nodata
-                vrt = WarpedVRT(ds, crs=crs, transform=transform, width=self.width, height=self.height,
-                                resampling=method, src_nodata=src_nd, nodata=info.nodata)
+                vrt = WarpedVRT(
+                    ds,
+                    crs=crs,
+                    transform=transform,
+                    width=self.width,
+                    height=self.height,
+                    resampling=method,
+                    src_nodata=src_nd,
+                    nodata=info.nodata,
+                )
                 self._files.append(vrt)
                 self._bands.append(vrt)
         except BaseException:

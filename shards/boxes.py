@@ -17,6 +17,7 @@ One deliberate difference: the baseline divides the box width by ``img.shape[0]`
 images. SatMAE (sustainlab-group/SatMAE ``util/datasets.py``) reads already prepared images from a
 CSV and crops nothing itself, so the baseline is the reference for the crop.
 """
+
 from __future__ import annotations
 
 from shards.chips import Window, plan_windows
@@ -24,7 +25,7 @@ from shards.inputs import chip_key
 
 # (lower bound of the box/image ratio, context multiplier): fMoW baseline schedule
 FMOW_CONTEXT = ((0.5, 0.15), (0.4, 0.2), (0.3, 0.3), (0.2, 0.5), (0.1, 1.0), (0.0, 2.0))
-MIN_BOX = 3   # pixels; the baseline skips boxes with a side <= 2
+MIN_BOX = 3  # pixels; the baseline skips boxes with a side <= 2
 
 
 def fmow_context(ratio: float) -> float:
@@ -82,10 +83,16 @@ def no_window_reason(info, opts) -> str:
     """Why ``sample_windows`` gave nothing (for skipped.jsonl)."""
     if opts.crop_boxes:
         n = len(sidecar_boxes(info.extra))
-        return (f"no usable bounding box for --crop-boxes ({n} in the sidecar; boxes need sides >= {MIN_BOX} px "
-                "inside the image)" if n else "no 'bounding_boxes' in a JSON sidecar, nothing to crop")
-    return (f"image {info.width}x{info.height} is smaller than --chip-size {opts.chip[1]}x{opts.chip[0]} "
-            "with --edge drop (use --edge pad)")
+        return (
+            f"no usable bounding box for --crop-boxes ({n} in the sidecar; boxes need sides >= {MIN_BOX} px "
+            "inside the image)"
+            if n
+            else "no 'bounding_boxes' in a JSON sidecar, nothing to crop"
+        )
+    return (
+        f"image {info.width}x{info.height} is smaller than --chip-size {opts.chip[1]}x{opts.chip[0]} "
+        "with --edge drop (use --edge pad)"
+    )
 
 
 def sample_key_meta(info, n: int, win: Window, opts, meta: dict) -> tuple[str, dict]:

@@ -2,6 +2,7 @@
 finished one on resume. Functions here run in pool processes; they get everything they need as
 arguments (picklable dataclasses) and keep only one open raster handle per process.
 """
+
 from __future__ import annotations
 
 import logging
@@ -52,9 +53,9 @@ class ShardResult:
     skipped: list = field(default_factory=list)
     labels: list = field(default_factory=list)
     kept: bool = False
-    offsets: list = field(default_factory=list)   # sample starts + end of data (writer.offsets)
-    first: dict | None = None                   # band_names/nodata/dtype of the first written source
-    zeros: list = field(default_factory=list)      # [source, pixels, zeros per band] where nodata is undeclared
+    offsets: list = field(default_factory=list)  # sample starts + end of data (writer.offsets)
+    first: dict | None = None  # band_names/nodata/dtype of the first written source
+    zeros: list = field(default_factory=list)  # [source, pixels, zeros per band] where nodata is undeclared
 
 
 def worker_init() -> None:
@@ -72,7 +73,7 @@ def scan_one(job: tuple, opts) -> tuple[int, object]:
     """(index, path, relpath, bands) -> (index, SourceInfo) or (index, reason string) for
     skipped.jsonl; ``bands`` is a --band-files scene's {band: files}, else None."""
     index, path, relpath, bands = job
-    for p, rel in ([pr for cands in bands.values() for pr in cands] if bands else [(path, None)]):
+    for p, rel in [pr for cands in bands.values() for pr in cands] if bands else [(path, None)]:
         odd = not_regular(p)
         if odd:  # GDAL would block forever opening a FIFO, or read a device without end
             return index, odd if rel is None else f"'{rel}': {odd}"
@@ -114,7 +115,7 @@ def iter_chips(ds, info: SourceInfo, windows: list, opts) -> Iterator[tuple[tupl
         strip = read_rows(ds, info, row, h, c0, c1 - c0)
         for win in windows[i:j]:
             col, _, w, _ = win
-            part = strip[:, :, col - c0:col - c0 + w]
+            part = strip[:, :, col - c0 : col - c0 + w]
             if part.shape[1:] != (h, w):
                 chip = place(part, (h, w), (0, 0), fill)
                 pad = h * w - part.shape[1] * part.shape[2]
@@ -129,10 +130,20 @@ def _meta(info: SourceInfo, win, out_hw) -> dict:
     gsd = info.gsd
     if gsd is not None and out_hw is not None:
         gsd = gsd * win[2] / out_hw[1]
-    m.update({"source": info.relpath, "window": list(win), "crs": info.crs,
-              "transform": window_transform(info, win, out_hw), "band_names": list(info.band_names),
-              "nodata": json_number(info.nodata), "dtype": info.dtype, "gsd": gsd, "timestamp": info.timestamp,
-              "label": info.label})
+    m.update(
+        {
+            "source": info.relpath,
+            "window": list(win),
+            "crs": info.crs,
+            "transform": window_transform(info, win, out_hw),
+            "band_names": list(info.band_names),
+            "nodata": json_number(info.nodata),
+            "dtype": info.dtype,
+            "gsd": gsd,
+            "timestamp": info.timestamp,
+            "label": info.label,
+        }
+    )
     names = label_names(info.label)
     if len(names) > 1:  # multi-label CSV cell: "label" keeps the cell string, "labels" the names
         m["labels"] = names
@@ -160,7 +171,7 @@ def _build(task: ShardTask, opts, dead: dict) -> ShardResult:
             if info.relpath in dead:
                 res.skipped.append({"source": info.relpath, "reason": dead[info.relpath]})
                 continue
-            windows = sample_windows(info, opts)[seg.start:seg.stop]
+            windows = sample_windows(info, opts)[seg.start : seg.stop]
             fill = pad_value_for(info.dtype, info.nodata)
             note(info.relpath)  # a worker that dies from here on is blamed on this input
             chips = _read_chips(info, windows, opts)
@@ -216,8 +227,9 @@ def _read_chips(info: SourceInfo, windows: list, opts) -> Iterator:
         for win, chip, pad in iter_chips(_CACHE.get(info, opts.resampling), info, windows, opts):
             if chip.dtype.kind == "f" and np.isinf(chip).any():
                 # inf is not a value the statistics or a model can use (NaN counts as nodata)
-                yield _Failed("+-inf pixel values", ": not usable as data; set them to NaN or the "
-                              "nodata value in the source")
+                yield _Failed(
+                    "+-inf pixel values", ": not usable as data; set them to NaN or the nodata value in the source"
+                )
                 return
             yield win, chip, pad
     except Exception as e:  # noqa: BLE001 - any read failure is the chip's skip reason, not a crash

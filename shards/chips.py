@@ -4,6 +4,7 @@ A window is ``(col_off, row_off, width, height)`` in source pixels, the order ra
 ``Window`` and the sample json's ``"window"`` use. Windows come out row-major (top row of chips
 first, left to right), which fixes the order of samples in a shard.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,8 +35,9 @@ def parse_hw(text: str, flag: str) -> tuple[int, int]:
     return vals[0], vals[1]
 
 
-def plan_windows(width: int, height: int, chip: tuple[int, int] | None,
-                 stride: tuple[int, int] | None, edge: str) -> list[Window]:
+def plan_windows(
+    width: int, height: int, chip: tuple[int, int] | None, stride: tuple[int, int] | None, edge: str
+) -> list[Window]:
     """Windows of one image. ``chip``/``stride`` are (h, w); None chip = the whole image.
 
     edge 'drop': only windows fully inside the image. edge 'pad': windows continue until the
@@ -95,8 +97,7 @@ def parse_band_names(text: str | None) -> list[str] | None:
     return [t.strip() for t in str(text).split(",") if t.strip()]
 
 
-def select_bands(names: Sequence[str], keep: list[str] | None,
-                 drop: list[str] | None) -> list[int]:
+def select_bands(names: Sequence[str], keep: list[str] | None, drop: list[str] | None) -> list[int]:
     """1-based source band indexes to read, in output order.
 
     ``keep`` tokens are 1-based indexes (GDAL's convention) or band names (case-insensitive), in
@@ -141,7 +142,7 @@ def place(valid: np.ndarray, out_hw: tuple[int, int], at: tuple[int, int], fill:
     out = np.empty((c, *out_hw), dtype=valid.dtype)
     out[...] = fill
     r0, c0 = at
-    out[:, r0:r0 + valid.shape[1], c0:c0 + valid.shape[2]] = valid
+    out[:, r0 : r0 + valid.shape[1], c0 : c0 + valid.shape[2]] = valid
     return out
 
 

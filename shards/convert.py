@@ -9,6 +9,7 @@ died where no input could be blamed; 2 bad arguments, input or output (one ``err
 bad flag, a read-only or full --out, ...); 130 Ctrl-C, 143 SIGTERM (both: finished shards are
 kept, partial files removed; rerun with --resume).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,48 +35,102 @@ def convert_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         prog="geoexplora-convert",
         description="Convert a GeoTIFF/JPEG/PNG archive into WebDataset tar shards with a manifest. "
-                    "Subcommand 'verify DIR' re-checks a converted directory.")
-    p.add_argument("inputs", nargs="+", metavar="INPUT",
-                   help="directory (searched recursively), glob ('data/**/*.tif') or list file (one path a line)")
+        "Subcommand 'verify DIR' re-checks a converted directory.",
+    )
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="directory (searched recursively), glob ('data/**/*.tif') or list file (one path a line)",
+    )
     p.add_argument("-o", "--out", required=True, help="output directory (new, empty, or a previous run with --resume)")
     p.add_argument("--prefix", default="shard", help="shard file prefix: <out>/<prefix>-000000.tar (default shard)")
-    p.add_argument("--root", default=None, help="directory that sample sources/keys are relative to "
-                   "(default: the input directory, a glob's fixed prefix, or a list's common parent)")
+    p.add_argument(
+        "--root",
+        default=None,
+        help="directory that sample sources/keys are relative to "
+        "(default: the input directory, a glob's fixed prefix, or a list's common parent)",
+    )
     p.add_argument("--ext", default=",".join(DEFAULT_EXTS), help="file extensions to convert (default %(default)s)")
     g = p.add_argument_group("metadata")
-    g.add_argument("--labels", default=None, help="'folder' (parent folder name), 'folder:N' (N-th ancestor, "
-                   "fMoW: folder:2) or a CSV file with path,label rows")
+    g.add_argument(
+        "--labels",
+        default=None,
+        help="'folder' (parent folder name), 'folder:N' (N-th ancestor, "
+        "fMoW: folder:2) or a CSV file with path,label rows",
+    )
     g.add_argument("--no-sidecars", action="store_true", help="ignore per-image JSON sidecars (x.json beside x.tif)")
-    g.add_argument("--band-names", default=None, help="names of ALL source bands in order, or a preset: "
-                   "s2 (B1..B8,B8A,B9..B12), rgb; default: band descriptions, else band1..bandN")
+    g.add_argument(
+        "--band-names",
+        default=None,
+        help="names of ALL source bands in order, or a preset: "
+        "s2 (B1..B8,B8A,B9..B12), rgb; default: band descriptions, else band1..bandN",
+    )
     g.add_argument("--nodata", type=float, default=None, help="nodata value for files that declare none")
     g = p.add_argument_group("pixels")
-    g.add_argument("--bands", default=None, help="bands to keep, in output order: 1-based indexes, ranges or "
-                   "names, e.g. 2-4, 3-1 (reversed) or B4,B3,B2; each band once")
-    g.add_argument("--drop-bands", default=None, help="bands to leave out, e.g. B1,B9,B10 (instead of --bands, "
-                   "not with it)")
+    g.add_argument(
+        "--bands",
+        default=None,
+        help="bands to keep, in output order: 1-based indexes, ranges or "
+        "names, e.g. 2-4, 3-1 (reversed) or B4,B3,B2; each band once",
+    )
+    g.add_argument(
+        "--drop-bands", default=None, help="bands to leave out, e.g. B1,B9,B10 (instead of --bands, not with it)"
+    )
     g.add_argument("--chip-size", default=None, help="cut windows of N or HxW pixels (default: whole image)")
     g.add_argument("--stride", default=None, help="window step, N or HxW (default: the chip size)")
-    g.add_argument("--edge", choices=("drop", "pad"), default="drop",
-                   help="windows crossing the image edge: drop them, or pad with nodata (default drop)")
-    g.add_argument("--max-nodata", type=float, default=1.0,
-                   help="drop chips whose nodata/NaN/padding pixel fraction exceeds this (default 1.0 = keep all)")
+    g.add_argument(
+        "--edge",
+        choices=("drop", "pad"),
+        default="drop",
+        help="windows crossing the image edge: drop them, or pad with nodata (default drop)",
+    )
+    g.add_argument(
+        "--max-nodata",
+        type=float,
+        default=1.0,
+        help="drop chips whose nodata/NaN/padding pixel fraction exceeds this (default 1.0 = keep all)",
+    )
     g.add_argument("--resize", default=None, help="resample every sample to N or HxW pixels")
-    g.add_argument("--resampling", default="bilinear", help="GDAL resampling for --resize and for --band-files "
-                   "bands resampled to the reference grid (default bilinear)")
+    g.add_argument(
+        "--resampling",
+        default="bilinear",
+        help="GDAL resampling for --resize and for --band-files "
+        "bands resampled to the reference grid (default bilinear)",
+    )
     g = p.add_argument_group("per-band files, fMoW boxes, parts")
-    g.add_argument("--band-files", default=None, metavar="PATTERN", help="one file per band: group files into "
-                   "scenes by a pattern with {scene} and {band} fields, matched against each file's path, e.g. "
-                   "'{scene}_{band}.TIF' ('*' matches within a name), or 'safe' for Sentinel-2 .SAFE folders; "
-                   "--bands lists the bands to stack, in order")
-    g.add_argument("--resolution", type=float, default=None, help="pixel size of the stacked scene in CRS units "
-                   "(metres), e.g. 10; default: the finest band's grid")
-    g.add_argument("--crop-boxes", action="store_true", help="one sample per sidecar bounding box "
-                   "(fMoW 'bounding_boxes'), cropped with a context margin")
-    g.add_argument("--box-context", default=None, help="margin around each box: fmow (the fMoW baseline's "
-                   "size-dependent margin, default) or a fraction of the box size, e.g. 0.15")
-    g.add_argument("--part", default=None, metavar="K/N", help="convert part K of N (one node each; join them "
-                   "with 'geoexplora-convert merge')")
+    g.add_argument(
+        "--band-files",
+        default=None,
+        metavar="PATTERN",
+        help="one file per band: group files into "
+        "scenes by a pattern with {scene} and {band} fields, matched against each file's path, e.g. "
+        "'{scene}_{band}.TIF' ('*' matches within a name), or 'safe' for Sentinel-2 .SAFE folders; "
+        "--bands lists the bands to stack, in order",
+    )
+    g.add_argument(
+        "--resolution",
+        type=float,
+        default=None,
+        help="pixel size of the stacked scene in CRS units (metres), e.g. 10; default: the finest band's grid",
+    )
+    g.add_argument(
+        "--crop-boxes",
+        action="store_true",
+        help="one sample per sidecar bounding box (fMoW 'bounding_boxes'), cropped with a context margin",
+    )
+    g.add_argument(
+        "--box-context",
+        default=None,
+        help="margin around each box: fmow (the fMoW baseline's "
+        "size-dependent margin, default) or a fraction of the box size, e.g. 0.15",
+    )
+    g.add_argument(
+        "--part",
+        default=None,
+        metavar="K/N",
+        help="convert part K of N (one node each; join them with 'geoexplora-convert merge')",
+    )
     g = p.add_argument_group("output")
     g.add_argument("--max-samples-per-shard", type=int, default=10000)
     g.add_argument("--max-shard-bytes", default="1GiB", help="planned shard size limit (default 1GiB)")
@@ -83,31 +138,55 @@ def convert_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true", help="continue an interrupted run into the same --out")
     g.add_argument("--overwrite", action="store_true", help="replace a previous conversion in --out")
     g.add_argument("--strict", action="store_true", help="stop at the first bad input instead of skipping it")
-    g.add_argument("--fsync", action="store_true", help="fsync every shard before the manifest is written "
-                   "(survives a power cut right after the run; costs a full disk write-back)")
+    g.add_argument(
+        "--fsync",
+        action="store_true",
+        help="fsync every shard before the manifest is written "
+        "(survives a power cut right after the run; costs a full disk write-back)",
+    )
     return p
 
 
 def options_from_args(a: argparse.Namespace) -> ConvertOptions:
     chip = parse_hw(a.chip_size, "--chip-size") if a.chip_size else None
     return ConvertOptions(
-        inputs=list(a.inputs), out=a.out, prefix=a.prefix, root=a.root,
+        inputs=list(a.inputs),
+        out=a.out,
+        prefix=a.prefix,
+        root=a.root,
         exts=tuple(e.strip().lstrip(".").lower() for e in a.ext.split(",") if e.strip()),
-        labels=a.labels, sidecars=not a.no_sidecars, chip=chip,
-        stride=parse_hw(a.stride, "--stride") if a.stride else None, edge=a.edge, max_nodata=a.max_nodata,
-        bands=parse_band_tokens(a.bands, "--bands"), drop_bands=parse_band_tokens(a.drop_bands, "--drop-bands"),
-        band_names=parse_band_names(a.band_names), nodata=a.nodata,
-        resize=parse_hw(a.resize, "--resize") if a.resize else None, resampling=a.resampling,
-        max_samples=a.max_samples_per_shard, max_bytes=parse_size(a.max_shard_bytes, "--max-shard-bytes"),
-        workers=a.workers, resume=a.resume, overwrite=a.overwrite, strict=a.strict, fsync=a.fsync,
-        band_files=a.band_files, resolution=a.resolution, crop_boxes=a.crop_boxes,
-        box_context=parse_box_context(a.box_context), part=parse_part(a.part),
+        labels=a.labels,
+        sidecars=not a.no_sidecars,
+        chip=chip,
+        stride=parse_hw(a.stride, "--stride") if a.stride else None,
+        edge=a.edge,
+        max_nodata=a.max_nodata,
+        bands=parse_band_tokens(a.bands, "--bands"),
+        drop_bands=parse_band_tokens(a.drop_bands, "--drop-bands"),
+        band_names=parse_band_names(a.band_names),
+        nodata=a.nodata,
+        resize=parse_hw(a.resize, "--resize") if a.resize else None,
+        resampling=a.resampling,
+        max_samples=a.max_samples_per_shard,
+        max_bytes=parse_size(a.max_shard_bytes, "--max-shard-bytes"),
+        workers=a.workers,
+        resume=a.resume,
+        overwrite=a.overwrite,
+        strict=a.strict,
+        fsync=a.fsync,
+        band_files=a.band_files,
+        resolution=a.resolution,
+        crop_boxes=a.crop_boxes,
+        box_context=parse_box_context(a.box_context),
+        part=parse_part(a.part),
     ).validate()
 
 
 def verify_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="geoexplora-convert verify",
-                                description="Re-read every shard: counts, sha256, decoding; exit 1 on any problem.")
+    p = OneLineParser(
+        prog="geoexplora-convert verify",
+        description="Re-read every shard: counts, sha256, decoding; exit 1 on any problem.",
+    )
     p.add_argument("out", metavar="DIR", help="a converted directory (holds manifest.json)")
     p.add_argument("--workers", type=int, default=1)
     return p
@@ -152,7 +231,7 @@ def _sigterm_unwinds():
 
 _OS_HINTS = {
     errno.ENOSPC: "free space (or choose another --out), then rerun the same command with --resume: "
-                  "finished shards are kept",
+    "finished shards are kept",
     errno.EDQUOT: "the disk quota is used up; free space, then rerun the same command with --resume",
     errno.EROFS: "the file system is read-only; choose a writable --out",
     errno.EACCES: "no permission; choose a --out you can write (inputs must be readable)",
@@ -211,8 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with _sigterm_unwinds():
             return run_convert(argv)
     except Terminated:
-        print("terminated (SIGTERM): finished shards are kept; rerun the same command with --resume",
-              file=sys.stderr)
+        print("terminated (SIGTERM): finished shards are kept; rerun the same command with --resume", file=sys.stderr)
         return 128 + signal.SIGTERM
     except WorkerCrashed as e:
         print(f"error: {e}", file=sys.stderr)

@@ -4,6 +4,7 @@ Inputs are directories (searched recursively), glob patterns, or list files (one
 relative to the list file, ``#`` comments). Files are sorted by relative path, so the order (and
 with it every shard) depends only on the archive, never on the file system's listing order.
 """
+
 from __future__ import annotations
 
 import csv
@@ -30,8 +31,8 @@ LABEL_SEP = ";"
 
 @dataclass
 class InputFile:
-    path: str        # as given/found (absolute or relative to the cwd)
-    relpath: str     # relative to the input root, '/'-separated: recorded as "source"
+    path: str  # as given/found (absolute or relative to the cwd)
+    relpath: str  # relative to the input root, '/'-separated: recorded as "source"
     # --band-files scenes only: band token -> [(path, relpath)] of the files that match it
     bands: dict[str, list[tuple[str, str]]] | None = None
 
@@ -50,8 +51,9 @@ def _glob_root(pattern: str) -> str:
     return str(Path(*fixed)) if fixed else "."
 
 
-def list_inputs(specs: Sequence[str], exts: Sequence[str] = DEFAULT_EXTS, root: str | None = None,
-                exclude: str | None = None) -> list[InputFile]:
+def list_inputs(
+    specs: Sequence[str], exts: Sequence[str] = DEFAULT_EXTS, root: str | None = None, exclude: str | None = None
+) -> list[InputFile]:
     """Expand directories/globs/list files into sorted, de-duplicated InputFiles.
 
     Relative paths are taken from ``root`` when given, else from the directory input, the fixed
@@ -73,8 +75,10 @@ def list_inputs(specs: Sequence[str], exts: Sequence[str] = DEFAULT_EXTS, root: 
                 raise UserError(f"--root '{root}': input '{f}' is outside it; pick a root that contains every input")
             found[real] = InputFile(path=f, relpath=Path(rel).as_posix())
     if not found:
-        raise UserError(f"input {' '.join(repr(s) for s in specs)}: no raster files found "
-                        f"(looked for {', '.join(sorted(suffixes))}); check the path or --ext")
+        raise UserError(
+            f"input {' '.join(repr(s) for s in specs)}: no raster files found "
+            f"(looked for {', '.join(sorted(suffixes))}); check the path or --ext"
+        )
     return sorted(found.values(), key=lambda x: x.relpath)
 
 
@@ -103,15 +107,22 @@ def _expand(spec: str, suffixes: set[str], excl: str | None) -> tuple[list[str],
                 entries.append(line if os.path.isabs(line) else str(p.parent / line))
         missing = [e for e in entries if not os.path.exists(e) or os.path.isdir(e)]
         if missing:
-            raise UserError(f"input list '{spec}': '{missing[0]}' does not exist or is a directory"
-                            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+            raise UserError(
+                f"input list '{spec}': '{missing[0]}' does not exist or is a directory"
+                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            )
         parents = [os.path.dirname(os.path.abspath(e)) for e in entries]
         return entries, os.path.commonpath(parents) if parents else str(p.parent)
     raise UserError(f"input '{spec}': no such file or directory; give a directory, a glob or a list file")
 
 
-_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
-          (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a directory"))
+_KINDS = (
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISDIR, "a directory"),
+)
 
 
 def not_regular(path: str) -> str | None:

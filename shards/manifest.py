@@ -16,6 +16,7 @@ has several class names (CSV cell ``"a;b"``), ``classes`` lists the individual n
 manifest adds ``"multilabel": true``; such a sample's json has ``"labels": ["a", "b"]`` beside
 ``"label": "a;b"``.
 """
+
 from __future__ import annotations
 
 import json
@@ -44,13 +45,21 @@ def json_number(v: float | None):
     return v
 
 
-def build_manifest(args: dict, shards: Sequence[dict], band_names: list[str], dtype: str,
-                   nodata: float | None, classes: list[str] | None, stats: dict,
-                   multilabel: bool = False) -> dict:
+def build_manifest(
+    args: dict,
+    shards: Sequence[dict],
+    band_names: list[str],
+    dtype: str,
+    nodata: float | None,
+    classes: list[str] | None,
+    stats: dict,
+    multilabel: bool = False,
+) -> dict:
     """shards: [{"name", "count", "bytes", "sha256"}] in shard order; multilabel: some sample has
     several class names (adds ``"multilabel": true``)."""
-    rows = [{"name": s["name"], "count": int(s["count"]), "bytes": int(s["bytes"]), "sha256": s["sha256"]}
-            for s in shards]
+    rows = [
+        {"name": s["name"], "count": int(s["count"]), "bytes": int(s["bytes"]), "sha256": s["sha256"]} for s in shards
+    ]
     return {
         "format": FORMAT,
         "converter": {"version": converter_version(), "args": args},
@@ -79,11 +88,14 @@ def read_manifest(out: Path, flag: str = "verify") -> dict:
     try:
         m = json.loads(path.read_text())
     except FileNotFoundError:
-        raise UserError(f"{flag} '{out}': no {NAME}; convert an archive into it first "
-                        "(or the conversion was interrupted: rerun it with --resume)") from None
+        raise UserError(
+            f"{flag} '{out}': no {NAME}; convert an archive into it first "
+            "(or the conversion was interrupted: rerun it with --resume)"
+        ) from None
     except (OSError, ValueError) as e:
-        raise UserError(f"{flag} '{path}': unreadable manifest ({e.__class__.__name__}); "
-                        "rerun the conversion") from None
+        raise UserError(
+            f"{flag} '{path}': unreadable manifest ({e.__class__.__name__}); rerun the conversion"
+        ) from None
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise UserError(f"{flag} '{path}': not a {FORMAT} manifest")
     if not isinstance(m.get("shards"), list):
@@ -98,10 +110,14 @@ def summary_lines(m: dict) -> list[str]:
     def fmt(v):
         return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4g}"
 
-    lines = [f"{m['total_samples']} samples in {len(m['shards'])} shard(s); {m['num_bands']} bands "
-             f"{m['dtype']}, nodata {m['nodata']}; classes: {', '.join(m['classes']) if m['classes'] else '-'}"]
+    lines = [
+        f"{m['total_samples']} samples in {len(m['shards'])} shard(s); {m['num_bands']} bands "
+        f"{m['dtype']}, nodata {m['nodata']}; classes: {', '.join(m['classes']) if m['classes'] else '-'}"
+    ]
     for i, name in enumerate(m["band_names"]):
-        lines.append(f"  {name:>6}: mean {fmt(st['mean'][i])} std {fmt(st['std'][i])} "
-                     f"min {fmt(st['min'][i])} max {fmt(st['max'][i])} p2 {fmt(st['p2'][i])} "
-                     f"p98 {fmt(st['p98'][i])} (n={st['count'][i]})")
+        lines.append(
+            f"  {name:>6}: mean {fmt(st['mean'][i])} std {fmt(st['std'][i])} "
+            f"min {fmt(st['min'][i])} max {fmt(st['max'][i])} p2 {fmt(st['p2'][i])} "
+            f"p98 {fmt(st['p98'][i])} (n={st['count'][i]})"
+        )
     return lines

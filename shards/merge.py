@@ -8,6 +8,7 @@ into full ones (``shards.repack``). The parts are left as they are; remove them 
 archive verifies. Crash-safe: each shard appears complete or not at all, manifest.json comes last,
 and running the same merge again finishes an interrupted one.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,12 +31,18 @@ log = logging.getLogger("geoexplora.convert")
 
 
 def merge_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="geoexplora-convert merge",
-                                description="Join the output folders of 'geoexplora-convert ... --part K/N' runs "
-                                            "into one archive, identical to a single-node conversion.")
+    p = OneLineParser(
+        prog="geoexplora-convert merge",
+        description="Join the output folders of 'geoexplora-convert ... --part K/N' runs "
+        "into one archive, identical to a single-node conversion.",
+    )
     p.add_argument("parts", nargs="+", metavar="PART_DIR", help="the --out folder of every part, 1/N .. N/N")
-    p.add_argument("-o", "--out", required=True, help="the merged archive (a new or empty folder, or an "
-                   "interrupted merge of the same parts)")
+    p.add_argument(
+        "-o",
+        "--out",
+        required=True,
+        help="the merged archive (a new or empty folder, or an interrupted merge of the same parts)",
+    )
     p.add_argument("--workers", type=int, default=1, help="processes for cutting shards (only with --max-nodata)")
     p.add_argument("--fsync", action="store_true", help="fsync every shard written (as the conversion's --fsync)")
     return p
@@ -55,24 +62,36 @@ def merge(part_dirs: Sequence[str], out: str, workers: int = 1, fsync: bool = Fa
     out_dir = Path(out)
     ours, foreign = classify(out_dir, parts.args["prefix"])
     if foreign:
-        raise UserError(f"--out '{out_dir}' holds files the merge did not write ('{foreign[0]}'); "
-                        "choose a new or empty directory")
+        raise UserError(
+            f"--out '{out_dir}' holds files the merge did not write ('{foreign[0]}'); choose a new or empty directory"
+        )
     if MANIFEST in ours:
         raise UserError(f"--out '{out_dir}' already holds a finished archive; choose a new or empty directory")
     if any(out_dir.resolve() == d.resolve() for d in parts.dirs):
         raise UserError(f"--out '{out_dir}' is one of the parts; merge into a new directory")
     out_dir.mkdir(parents=True, exist_ok=True)
     if not any(r["count"] for r in parts.records):
-        raise UserError("merge: the parts hold no sample (every chip exceeded --max-nodata or every file was "
-                        f"skipped); see the parts' {SKIPPED}")
+        raise UserError(
+            "merge: the parts hold no sample (every chip exceeded --max-nodata or every file was "
+            f"skipped); see the parts' {SKIPPED}"
+        )
     repack = float(parts.args["max_nodata"]) < 1.0
     opts = _Opts(parts.args, fsync)
     pool = cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) if repack and workers > 1 else None
     try:
-        return assemble(out_dir, parts.records, parts.stats(), parts.scan_skipped, parts.args,
-                        labelled=parts.args.get("labels") not in (None, "", "none"),
-                        how="repack" if repack else "link", dirs=parts.record_dirs, fallback=parts.fallback,
-                        opts=opts, imap=pool.map if pool else map)
+        return assemble(
+            out_dir,
+            parts.records,
+            parts.stats(),
+            parts.scan_skipped,
+            parts.args,
+            labelled=parts.args.get("labels") not in (None, "", "none"),
+            how="repack" if repack else "link",
+            dirs=parts.record_dirs,
+            fallback=parts.fallback,
+            opts=opts,
+            imap=pool.map if pool else map,
+        )
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
@@ -91,7 +110,10 @@ def run_merge(argv: Sequence[str]) -> int:
         raise UserError(os_error_line(e, a.out)) from None
     for line in summary_lines(m):
         log.info("%s", line)
-    print(f"done: merged {len(a.parts)} parts -> {m['total_samples']} samples in {len(m['shards'])} shards "
-          f"in {time.monotonic() - t0:.1f} s; the part folders can be removed once "
-          f"'geoexplora-convert verify {a.out}' passes", file=sys.stdout)
+    print(
+        f"done: merged {len(a.parts)} parts -> {m['total_samples']} samples in {len(m['shards'])} shards "
+        f"in {time.monotonic() - t0:.1f} s; the part folders can be removed once "
+        f"'geoexplora-convert verify {a.out}' passes",
+        file=sys.stdout,
+    )
     return 0

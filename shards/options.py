@@ -3,6 +3,7 @@
 ``fingerprint()`` is the subset that decides what ends up in the shards; ``--resume`` refuses to
 continue a run whose fingerprint differs (worker count, --strict and the like may change).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -12,8 +13,22 @@ from dataclasses import asdict, dataclass
 from engine.errors import UserError
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
-          "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "kib": 2**10,
+    "m": 10**6,
+    "mb": 10**6,
+    "mib": 2**20,
+    "g": 10**9,
+    "gb": 10**9,
+    "gib": 2**30,
+    "t": 10**12,
+    "tb": 10**12,
+    "tib": 2**40,
+}
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -21,7 +36,7 @@ class OneLineParser(argparse.ArgumentParser):
     instead of the usage block followed by the message; ``--help`` still prints the usage."""
 
     def error(self, message: str):
-        msg = message[len("argument "):] if message.startswith("argument ") else message
+        msg = message[len("argument ") :] if message.startswith("argument ") else message
         raise UserError(f"{msg}; see '{self.prog} --help'")
 
 
@@ -87,8 +102,9 @@ class ConvertOptions:
         if self.bands and self.drop_bands:
             # --bands lists every band kept, in order; a drop list beside it is redundant at best and
             # contradicts it at worst (--bands 1,2 --drop-bands 2), so the two never combine
-            raise UserError("--bands and --drop-bands: give one of them (--bands already lists every "
-                            "band to keep, in order)")
+            raise UserError(
+                "--bands and --drop-bands: give one of them (--bands already lists every band to keep, in order)"
+            )
         if self.resume and self.overwrite:
             raise UserError("--resume and --overwrite contradict each other; pick one")
         self._validate_sources()
@@ -97,7 +113,9 @@ class ConvertOptions:
         try:
             resampling_method(self.resampling)
         except ValueError:
-            raise UserError(f"--resampling '{self.resampling}': use nearest, bilinear, cubic, average, mode, ...") from None
+            raise UserError(
+                f"--resampling '{self.resampling}': use nearest, bilinear, cubic, average, mode, ..."
+            ) from None
         return self
 
     def _validate_sources(self) -> None:
@@ -107,8 +125,9 @@ class ConvertOptions:
 
             check_band_options(self)
         elif self.resolution is not None:
-            raise UserError("--resolution resamples per-band files; it needs --band-files "
-                            "(use --resize to resample whole images)")
+            raise UserError(
+                "--resolution resamples per-band files; it needs --band-files (use --resize to resample whole images)"
+            )
         if self.crop_boxes:
             if self.chip is not None:
                 raise UserError("--crop-boxes and --chip-size both choose the windows; pick one")

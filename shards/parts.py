@@ -13,6 +13,7 @@ verifiable) plus two records for the merge, written before its manifest:
 - ``part-stats.npz``: its statistics, one folded state for 8/16-bit data (exact histograms add up
   in any order), else one state per planned shard (float moments are merged in plan order).
 """
+
 from __future__ import annotations
 
 import io
@@ -33,8 +34,18 @@ FORMAT = "geoexplora-part/1"
 RECORD, STATS = PART_FILES
 
 
-def write_part(out: Path, part: tuple[int, int], args: dict, plan: str, num_tasks: int, records: list[dict],
-               load_stats, stats: BandStats, scan_skipped: list[dict], fallback: dict) -> None:
+def write_part(
+    out: Path,
+    part: tuple[int, int],
+    args: dict,
+    plan: str,
+    num_tasks: int,
+    records: list[dict],
+    load_stats,
+    stats: BandStats,
+    scan_skipped: list[dict],
+    fallback: dict,
+) -> None:
     """Write part-stats.npz, then part.json (the part's records for ``merge``). ``stats``: the
     records' statistics folded; ``load_stats(i)``: record i's own (kept per record for floats)."""
     if stats.exact:
@@ -46,10 +57,24 @@ def write_part(out: Path, part: tuple[int, int], args: dict, plan: str, num_task
     with atomic_write(Path(out) / STATS) as f:
         f.write(buf.getvalue())
     span = part_range(num_tasks, part)
-    atomic_write_text(Path(out) / RECORD, json.dumps({
-        "format": FORMAT, "part": list(part), "args": args, "plan": plan, "tasks": num_tasks,
-        "range": [span.start, span.stop], "records": records, "skipped": scan_skipped,
-        "fallback": fallback, "num_bands": stats.num_bands}) + "\n")  # args keep their order: the manifest's
+    atomic_write_text(
+        Path(out) / RECORD,
+        json.dumps(
+            {
+                "format": FORMAT,
+                "part": list(part),
+                "args": args,
+                "plan": plan,
+                "tasks": num_tasks,
+                "range": [span.start, span.stop],
+                "records": records,
+                "skipped": scan_skipped,
+                "fallback": fallback,
+                "num_bands": stats.num_bands,
+            }
+        )
+        + "\n",
+    )  # args keep their order: the manifest's
 
 
 def part_manifest_entry(part: tuple[int, int], num_tasks: int) -> dict:
@@ -61,8 +86,9 @@ def _load(d: Path) -> dict:
     try:
         rec = json.loads((d / RECORD).read_text())
     except FileNotFoundError:
-        raise UserError(f"merge: '{d}' holds no {RECORD}; it is not a finished --part run "
-                        "(rerun that part with --resume)") from None
+        raise UserError(
+            f"merge: '{d}' holds no {RECORD}; it is not a finished --part run (rerun that part with --resume)"
+        ) from None
     except (OSError, ValueError) as e:
         raise UserError(f"merge: '{d / RECORD}' is unreadable ({e.__class__.__name__}); rerun that part") from None
     if rec.get("format") != FORMAT:
@@ -110,16 +136,23 @@ def read_parts(part_dirs: Sequence[str | os.PathLike]) -> Parts:
     if any(rec["part"][1] != n for _, rec in loaded) or ks != list(range(1, n + 1)):
         have = ", ".join(f"{rec['part'][0]}/{rec['part'][1]}" for _, rec in loaded)
         missing = sorted(set(range(1, n + 1)) - set(ks))
-        raise UserError(f"merge: the parts given are {have}; a merge needs each of 1/{n} .. {n}/{n} exactly once"
-                        + (f" (missing {', '.join(f'{k}/{n}' for k in missing)})" if missing else ""))
+        raise UserError(
+            f"merge: the parts given are {have}; a merge needs each of 1/{n} .. {n}/{n} exactly once"
+            + (f" (missing {', '.join(f'{k}/{n}' for k in missing)})" if missing else "")
+        )
     d0, r0 = loaded[0]
     for d, rec in loaded[1:]:
         if _settings(rec["args"]) != _settings(r0["args"]) or rec["plan"] != r0["plan"]:
-            diff = sorted(k for k in set(rec["args"]) | set(r0["args"])
-                          if k not in ("part", "workers") and rec["args"].get(k) != r0["args"].get(k))
+            diff = sorted(
+                k
+                for k in set(rec["args"]) | set(r0["args"])
+                if k not in ("part", "workers") and rec["args"].get(k) != r0["args"].get(k)
+            )
             what = f"settings differ: {', '.join(diff)}" if diff else "the inputs changed between the parts' scans"
-            raise UserError(f"merge: '{d}' and '{d0}' are not parts of one conversion ({what}); "
-                            "rerun the parts with the same command and inputs")
+            raise UserError(
+                f"merge: '{d}' and '{d0}' are not parts of one conversion ({what}); "
+                "rerun the parts with the same command and inputs"
+            )
     for d, rec in loaded:
         span = part_range(rec["tasks"], tuple(rec["part"]))
         if rec["range"] != [span.start, span.stop] or len(rec["records"]) != len(span):

@@ -9,6 +9,7 @@ every finished shard whose bytes still match its checksum and builds the rest.
 An input whose reading kills a worker (a GDAL segfault, the OOM killer) is recorded in
 skipped.jsonl like any unreadable input; its shard is rebuilt without it and the run goes on.
 """
+
 from __future__ import annotations
 
 import functools
@@ -60,9 +61,11 @@ class Summary:
             return f"done: already complete, {self.chips} samples in {self.shards} shards; nothing to do"
         kept = f" ({self.kept} kept from the interrupted run)" if self.kept else ""
         dropped = f", {self.dropped} chips dropped (--max-nodata)" if self.dropped else ""
-        return (f"done: {self.files} files -> {self.chips} chips in {self.shards} shards{kept}, "
-                f"{self.skipped} skipped{dropped}; read {self.read_bytes / 1e6:.1f} MB in "
-                f"{self.seconds:.1f} s = {self.mb_per_s:.1f} MB/s")
+        return (
+            f"done: {self.files} files -> {self.chips} chips in {self.shards} shards{kept}, "
+            f"{self.skipped} skipped{dropped}; read {self.read_bytes / 1e6:.1f} MB in "
+            f"{self.seconds:.1f} s = {self.mb_per_s:.1f} MB/s"
+        )
 
 
 def convert(opts: ConvertOptions, on_shard: Callable[[ShardResult], None] | None = None) -> Summary:
@@ -100,12 +103,24 @@ def _already_complete(out: Path, state: RunState, fingerprint: dict, t0: float) 
     prev = dict(m["converter"]["args"])
     prev.pop("workers", None)
     if prev != fingerprint:
-        raise UserError(f"--resume: '{out}' holds a finished conversion made with other settings "
-                        f"({_diff(prev, fingerprint)}); use --overwrite or another --out")
+        raise UserError(
+            f"--resume: '{out}' holds a finished conversion made with other settings "
+            f"({_diff(prev, fingerprint)}); use --overwrite or another --out"
+        )
     log.info("'%s' is already complete; run 'geoexplora-convert verify %s' to check it", out, out)
-    return Summary(files=0, chips=m["total_samples"], shards=len(m["shards"]), kept=len(m["shards"]),
-                   skipped=0, dropped=0, read_bytes=0, written_bytes=0, seconds=time.monotonic() - t0, manifest=m,
-                   already_complete=True)
+    return Summary(
+        files=0,
+        chips=m["total_samples"],
+        shards=len(m["shards"]),
+        kept=len(m["shards"]),
+        skipped=0,
+        dropped=0,
+        read_bytes=0,
+        written_bytes=0,
+        seconds=time.monotonic() - t0,
+        manifest=m,
+        already_complete=True,
+    )
 
 
 def _diff(a: dict, b: dict) -> str:
@@ -159,8 +174,9 @@ def _run(opts, files, label_kind, label_arg, fingerprint, out, state, pool, on_s
     if label_kind == "csv":
         missing = [s.relpath for s in sources if s.label is None]
         if missing:
-            log.warning("%d file(s) have no row in the labels CSV (e.g. '%s'); their label is null",
-                        len(missing), missing[0])
+            log.warning(
+                "%d file(s) have no row in the labels CSV (e.g. '%s'); their label is null", len(missing), missing[0]
+            )
     tasks, windowless = make_plan(sources, opts, fingerprint)
     skipped += windowless
     if opts.strict and skipped:
@@ -170,8 +186,10 @@ def _run(opts, files, label_kind, label_arg, fingerprint, out, state, pool, on_s
 
     prev = state.read_plan() if opts.resume else None
     if prev is not None and prev.get("fingerprint") != fingerprint:
-        raise UserError(f"--resume: settings differ from the interrupted run ({_diff(prev['fingerprint'], fingerprint)}); "
-                        "rerun with the original arguments or use --overwrite")
+        raise UserError(
+            f"--resume: settings differ from the interrupted run ({_diff(prev['fingerprint'], fingerprint)}); "
+            "rerun with the original arguments or use --overwrite"
+        )
     if not opts.resume:
         state.remove()
     state.write_plan({"fingerprint": fingerprint, "plan": plan_digest(tasks), "shards": len(tasks)})
@@ -180,8 +198,9 @@ def _run(opts, files, label_kind, label_arg, fingerprint, out, state, pool, on_s
     mine = [tasks[i] for i in part_range(len(tasks), opts.part)]  # all of them, or this --part's range
     results: dict[int, ShardResult] = {}
     if opts.resume:
-        check = pool.run(functools.partial(_check, out_dir=str(out)),
-                         [(t.name, t.digest, str(task_dir(t, out))) for t in mine])
+        check = pool.run(
+            functools.partial(_check, out_dir=str(out)), [(t.name, t.digest, str(task_dir(t, out))) for t in mine]
+        )
         for i, res in progress(check, total=len(mine), desc="check finished shards", unit="shard"):
             if res is not None and not isinstance(res, Crash):  # a crash while hashing: rebuild it
                 results[mine[i].index] = res
@@ -225,13 +244,16 @@ def _blame(task, crash: Crash, dead: dict, opts) -> None:
     """Record the input a worker died reading; a death outside any input read stops the run."""
     seen = dead.setdefault(task.index, {})
     if crash.note is None or crash.note in seen:
-        raise WorkerCrashed(f"a converter worker {crash.how()} while building {task.name}, not while reading "
-                            "an input; rerun with --resume (finished shards are kept)")
+        raise WorkerCrashed(
+            f"a converter worker {crash.how()} while building {task.name}, not while reading "
+            "an input; rerun with --resume (finished shards are kept)"
+        )
     seen[crash.note] = _crash_reason(crash, "reading it")
     if opts.strict:
         raise _strict_fail({"source": crash.note, "reason": seen[crash.note]})
-    log.warning("'%s': the worker reading it %s; skipping it, rebuilding %s without it",
-                crash.note, crash.how(), task.name)
+    log.warning(
+        "'%s': the worker reading it %s; skipping it, rebuilding %s without it", crash.note, crash.how(), task.name
+    )
 
 
 def _check(item, out_dir):
@@ -245,16 +267,18 @@ def _check_strict(opts, results) -> None:
                 raise _strict_fail(r.skipped[0])
 
 
-def _finish(opts, tasks, mine, sources, results, skipped, fingerprint, label_kind, out, state, t0,
-            pool) -> Summary:
+def _finish(opts, tasks, mine, sources, results, skipped, fingerprint, label_kind, out, state, t0, pool) -> Summary:
     ordered = [results[t.index] for t in mine]
     records = [asdict(r) for r in ordered]
     failed = {e["source"] for r in ordered for e in r.skipped}
     _warn_mixed(sources, failed)
     if opts.part is None and sum(r.count for r in ordered) == 0:
-        raise _all_skipped(out, sorted(skipped + [e for r in ordered for e in r.skipped], key=lambda e: e["source"]),
-                           "no sample passed the filters (every chip exceeded --max-nodata or every file was "
-                           "skipped; raise --max-nodata?)")
+        raise _all_skipped(
+            out,
+            sorted(skipped + [e for r in ordered for e in r.skipped], key=lambda e: e["source"]),
+            "no sample passed the filters (every chip exceeded --max-nodata or every file was "
+            "skipped; raise --max-nodata?)",
+        )
     ref = sources[0]
     fallback = {"band_names": list(ref.band_names), "nodata": ref.nodata, "dtype": ref.dtype}
 
@@ -266,23 +290,51 @@ def _finish(opts, tasks, mine, sources, results, skipped, fingerprint, label_kin
     # manifest args: only the settings that decide the output (a --resume with other --workers
     # writes the same file)
     if opts.part is not None:
-        write_part(out, opts.part, fingerprint, plan_digest(tasks), len(tasks), records, load, stats, skipped,
-                   fallback)
-        manifest = assemble(out, records, stats, skipped, fingerprint, label_kind != "none", "built", [], fallback,
-                            opts, extra=part_manifest_entry(opts.part, len(tasks)))
+        write_part(out, opts.part, fingerprint, plan_digest(tasks), len(tasks), records, load, stats, skipped, fallback)
+        manifest = assemble(
+            out,
+            records,
+            stats,
+            skipped,
+            fingerprint,
+            label_kind != "none",
+            "built",
+            [],
+            fallback,
+            opts,
+            extra=part_manifest_entry(opts.part, len(tasks)),
+        )
     else:
         how = "repack" if repacked(opts) else "built"
-        manifest = assemble(out, records, stats, skipped, fingerprint, label_kind != "none", how,
-                            [task_dir(t, out) for t in mine], fallback, opts, imap=_Ordered(pool))
+        manifest = assemble(
+            out,
+            records,
+            stats,
+            skipped,
+            fingerprint,
+            label_kind != "none",
+            how,
+            [task_dir(t, out) for t in mine],
+            fallback,
+            opts,
+            imap=_Ordered(pool),
+        )
     state.remove()
     planned = {seg.source.relpath for t in mine for seg in t.segments}
     built = [r for r in ordered if not r.kept]
     all_skipped = sorted(skipped + [e for r in ordered for e in r.skipped], key=lambda e: e["source"])
-    summary = Summary(files=len(planned - failed), chips=manifest["total_samples"], shards=len(manifest["shards"]),
-                      kept=len(ordered) - len(built), skipped=len(all_skipped),
-                      dropped=sum(r.dropped for r in ordered),
-                      read_bytes=sum(r.read_bytes for r in built), written_bytes=sum(r.bytes for r in built),
-                      seconds=time.monotonic() - t0, manifest=manifest)
+    summary = Summary(
+        files=len(planned - failed),
+        chips=manifest["total_samples"],
+        shards=len(manifest["shards"]),
+        kept=len(ordered) - len(built),
+        skipped=len(all_skipped),
+        dropped=sum(r.dropped for r in ordered),
+        read_bytes=sum(r.read_bytes for r in built),
+        written_bytes=sum(r.bytes for r in built),
+        seconds=time.monotonic() - t0,
+        manifest=manifest,
+    )
     if all_skipped:
         log.warning("%d input(s) skipped; reasons in '%s':", len(all_skipped), out / SKIPPED)
         for line in skip_lines(all_skipped):
@@ -301,8 +353,10 @@ class _Ordered:
         out: list = [None] * len(items)
         for i, res in self.pool.run(fn, items):
             if isinstance(res, Crash):
-                raise WorkerCrashed(f"a converter worker {res.how()} while cutting shards; rerun with --resume "
-                                    "(the built shards are kept)")
+                raise WorkerCrashed(
+                    f"a converter worker {res.how()} while cutting shards; rerun with --resume "
+                    "(the built shards are kept)"
+                )
             out[i] = res
         return out
 
@@ -311,8 +365,18 @@ def _warn_mixed(sources, failed: set) -> None:
     written = [s for s in sources if s.relpath not in failed] or list(sources)
     ref = written[0]
     for attr in ("band_names", "nodata"):
-        odd = [s.relpath for s in written if getattr(s, attr) != getattr(ref, attr)
-               and not (attr == "nodata" and s.nodata != s.nodata and ref.nodata != ref.nodata)]
+        odd = [
+            s.relpath
+            for s in written
+            if getattr(s, attr) != getattr(ref, attr)
+            and not (attr == "nodata" and s.nodata != s.nodata and ref.nodata != ref.nodata)
+        ]
         if odd:
-            log.warning("%d file(s) have other %s than '%s' (e.g. '%s'); the manifest lists the first file's, "
-                        "each sample's json its own", len(odd), attr, ref.relpath, odd[0])
+            log.warning(
+                "%d file(s) have other %s than '%s' (e.g. '%s'); the manifest lists the first file's, "
+                "each sample's json its own",
+                len(odd),
+                attr,
+                ref.relpath,
+                odd[0],
+            )

@@ -11,6 +11,7 @@ shards are then *chunks*: built like shards into the run state, then cut into fu
 the filter by ``shards.repack`` (every shard holds ``--max-samples-per-shard`` samples, the last one
 the rest). ``--part K/N`` builds the contiguous range ``part_range`` of the same plan.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -44,7 +45,7 @@ class ShardTask:
     planned: int = 0
     est_bytes: int = 0
     digest: str = ""
-    chunk: bool = False   # built into the run state and repacked (see module docstring)
+    chunk: bool = False  # built into the run state and repacked (see module docstring)
 
 
 def shard_name(prefix: str, index: int) -> str:
@@ -79,10 +80,14 @@ def filter_signature(sources: Sequence[SourceInfo]) -> tuple[list[SourceInfo], l
         if s.signature == ref:
             keep.append(s)
         else:
-            what = (f"{s.signature[0]} bands after selection" if s.signature[0] != ref[0]
-                    else f"dtype {s.signature[1]}")
-            skipped.append({"source": s.relpath, "reason": f"{what} does not match the rest of the archive "
-                            f"({ref[0]} bands, {ref[1]}; {counts[ref]} files)"})
+            what = f"{s.signature[0]} bands after selection" if s.signature[0] != ref[0] else f"dtype {s.signature[1]}"
+            skipped.append(
+                {
+                    "source": s.relpath,
+                    "reason": f"{what} does not match the rest of the archive "
+                    f"({ref[0]} bands, {ref[1]}; {counts[ref]} files)",
+                }
+            )
     return keep, skipped
 
 
@@ -136,8 +141,26 @@ def task_digest(task: ShardTask, fingerprint: dict) -> str:
     h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
     for seg in task.segments:
         s = seg.source
-        h.update(json.dumps([s.relpath, s.key, s.label, seg.start, seg.stop, s.indexes, s.width, s.height,
-                             s.dtype, s.nodata, s.band_paths, s.extra], sort_keys=True, default=str).encode())
+        h.update(
+            json.dumps(
+                [
+                    s.relpath,
+                    s.key,
+                    s.label,
+                    seg.start,
+                    seg.stop,
+                    s.indexes,
+                    s.width,
+                    s.height,
+                    s.dtype,
+                    s.nodata,
+                    s.band_paths,
+                    s.extra,
+                ],
+                sort_keys=True,
+                default=str,
+            ).encode()
+        )
     return h.hexdigest()
 
 

@@ -6,6 +6,7 @@ worker process. ``read_window`` reads the in-image part of a window, optionally 
 pads the rest. JPEG/PNG previews have no georeferencing: their transform is pixel coordinates
 (identity) and their CRS null.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -22,8 +23,12 @@ from rasterio.windows import Window
 
 from shards.chips import pad_value_for, place, select_bands
 
-_COLOR_NAMES = {ColorInterp.red: "red", ColorInterp.green: "green", ColorInterp.blue: "blue",
-                ColorInterp.alpha: "alpha"}
+_COLOR_NAMES = {
+    ColorInterp.red: "red",
+    ColorInterp.green: "green",
+    ColorInterp.blue: "blue",
+    ColorInterp.alpha: "alpha",
+}
 
 
 @dataclass
@@ -48,7 +53,7 @@ class SourceInfo:
     label: str | None = None
     key: str = ""
     extra: dict = field(default_factory=dict)
-    band_paths: list[str] = field(default_factory=list)   # --band-files: one file per band, in order
+    band_paths: list[str] = field(default_factory=list)  # --band-files: one file per band, in order
 
     @property
     def signature(self) -> tuple[int, str]:
@@ -136,11 +141,21 @@ def scan_source(index: int, path: str, relpath: str, opts, sidecar: dict | None)
         indexes = select_bands(names, opts.bands, opts.drop_bands)
         nodata = ds.nodata if ds.nodata is not None else opts.nodata
         info = SourceInfo(
-            index=index, path=path, relpath=relpath, width=ds.width, height=ds.height,
-            count=ds.count, dtype=ds.dtypes[0], nodata=None if nodata is None else float(nodata),
-            band_names=[names[i - 1] for i in indexes], indexes=indexes, crs=crs_string(ds.crs),
-            transform=tuple(float(v) for v in tuple(ds.transform)[:6]), gsd=_gsd(ds),
-            timestamp=ds.tags().get("TIFFTAG_DATETIME"))
+            index=index,
+            path=path,
+            relpath=relpath,
+            width=ds.width,
+            height=ds.height,
+            count=ds.count,
+            dtype=ds.dtypes[0],
+            nodata=None if nodata is None else float(nodata),
+            band_names=[names[i - 1] for i in indexes],
+            indexes=indexes,
+            crs=crs_string(ds.crs),
+            transform=tuple(float(v) for v in tuple(ds.transform)[:6]),
+            gsd=_gsd(ds),
+            timestamp=ds.tags().get("TIFFTAG_DATETIME"),
+        )
     if sidecar:
         if isinstance(sidecar.get("gsd"), (int, float)):
             info.gsd = float(sidecar["gsd"])
@@ -187,8 +202,9 @@ def window_transform(info: SourceInfo, window, out_hw: tuple[int, int] | None) -
     return [a * sx, b * sy, a * col + b * row + c, d * sx, e * sy, d * col + e * row + f]
 
 
-def read_window(ds, info: SourceInfo, window, out_hw: tuple[int, int] | None,
-                resampling: Resampling) -> tuple[np.ndarray, int]:
+def read_window(
+    ds, info: SourceInfo, window, out_hw: tuple[int, int] | None, resampling: Resampling
+) -> tuple[np.ndarray, int]:
     """Read one window -> (chip (C, H, W) in the source dtype, padded pixels per band).
 
     The in-image part is read (resampled to its share of ``out_hw`` when resizing); the rest is
@@ -212,8 +228,7 @@ def _read(ds, info: SourceInfo, window: Window, out_hw, resampling: Resampling) 
     with _quiet():
         if out_hw is None:
             return ds.read(info.indexes, window=window)
-        return ds.read(info.indexes, window=window, out_shape=(len(info.indexes), *out_hw),
-                       resampling=resampling)
+        return ds.read(info.indexes, window=window, out_shape=(len(info.indexes), *out_hw), resampling=resampling)
 
 
 def read_rows(ds, info: SourceInfo, row: int, height: int, col: int, width: int) -> np.ndarray:

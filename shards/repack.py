@@ -9,6 +9,7 @@ chunks' sample bytes copied as they are, then the tar end blocks. The result equ
 those samples one by one would give, and depends only on the chunks, so a single run and a merge of
 ``--part`` runs cut identical shards. Each shard is written to a temp name and renamed when complete.
 """
+
 from __future__ import annotations
 
 import mmap
@@ -40,8 +41,7 @@ class RepackTask:
     data_bytes: int = 0
 
 
-def plan_repack(chunks: Sequence[tuple[str, dict]], prefix: str, max_samples: int,
-                max_bytes: int) -> list[RepackTask]:
+def plan_repack(chunks: Sequence[tuple[str, dict]], prefix: str, max_samples: int, max_bytes: int) -> list[RepackTask]:
     """chunks: (file path, done record with ``offsets``) in plan order -> the shards to write."""
     tasks: list[RepackTask] = []
     cur = None
@@ -70,7 +70,7 @@ def write_repacked(task: RepackTask, out_dir: str, fsync: bool) -> dict:
                 if len(mm) < piece.stop:
                     raise OSError(f"'{piece.path}' is shorter than its record ({len(mm)} < {piece.stop} bytes)")
                 with memoryview(mm) as view:
-                    writer.append(view[piece.start:piece.stop], piece.samples)
+                    writer.append(view[piece.start : piece.stop], piece.samples)
     return {"name": task.name, "count": writer.count, "bytes": writer.bytes, "sha256": writer.sha256}
 
 

@@ -11,6 +11,7 @@
   target domain (without its labels) can teach it to. Rotations and flips do not change a class,
   so the data pipeline's dihedral augmentation stays label-preserving.
 """
+
 from __future__ import annotations
 
 import numpy as np

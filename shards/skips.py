@@ -4,6 +4,7 @@ terminal's summary of it: the reasons grouped, the biggest group first, one exam
 Reasons of the same kind differ in their numbers and the file they name ("band index 7 out of
 range (image has 3 bands ...)"), so they are grouped with digits and the input's own path masked.
 """
+
 from __future__ import annotations
 
 import json

@@ -6,6 +6,7 @@ and, per finished shard, ``<shard>.stats.npz`` (its partial statistics) then ``<
 commit point. A shard file without a done record, or whose bytes no longer hash to the record, is
 rebuilt. The state directory is removed once manifest.json is in place.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 STATE_DIR = ".convert-state"
 MANIFEST = "manifest.json"
 SKIPPED = "skipped.jsonl"
-PART_FILES = ("part.json", "part-stats.npz")   # a --part run's records for 'merge' (shards.parts)
+PART_FILES = ("part.json", "part-stats.npz")  # a --part run's records for 'merge' (shards.parts)
 
 
 def _shard_re(prefix: str) -> re.Pattern:
@@ -45,8 +46,7 @@ def classify(out: Path, prefix: str) -> tuple[list[str], list[str]]:
     ours: list[str] = []
     foreign: list[str] = []
     for name in sorted(os.listdir(out)):
-        own = (name in (MANIFEST, SKIPPED, STATE_DIR, *PART_FILES) or name.startswith(TMP_PREFIX)
-               or pat.fullmatch(name))
+        own = name in (MANIFEST, SKIPPED, STATE_DIR, *PART_FILES) or name.startswith(TMP_PREFIX) or pat.fullmatch(name)
         (ours if own else foreign).append(name)
     return ours, foreign
 
@@ -56,11 +56,14 @@ def prepare_out_dir(out: Path, prefix: str, resume: bool, overwrite: bool) -> No
     ours, foreign = classify(out, prefix)
     if foreign:
         more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
-        raise UserError(f"--out '{out}' holds files the converter did not write ('{foreign[0]}'{more}); "
-                        "choose a new or empty directory")
+        raise UserError(
+            f"--out '{out}' holds files the converter did not write ('{foreign[0]}'{more}); "
+            "choose a new or empty directory"
+        )
     if ours and not (resume or overwrite):
-        raise UserError(f"--out '{out}' holds a previous conversion; pass --resume to continue it "
-                        "or --overwrite to replace it")
+        raise UserError(
+            f"--out '{out}' holds a previous conversion; pass --resume to continue it or --overwrite to replace it"
+        )
     if ours and overwrite:
         for name in ours:
             p = out / name

@@ -16,6 +16,7 @@ Two exact-or-bounded strategies, chosen by dtype:
   and a 4096-bin histogram on a power-of-two grid that coarsens by 2 whenever the data outgrows
   it, so two histograms always align after coarsening. Percentiles are interpolated within a bin.
 """
+
 from __future__ import annotations
 
 import math
@@ -24,7 +25,7 @@ import numpy as np
 
 EXACT_DTYPES = {"uint8", "int8", "uint16", "int16"}
 FLOAT_BINS = 4096
-_SLICE = 1 << 18          # pixels per bincount call: a 2 MiB intp buffer stays in L2
+_SLICE = 1 << 18  # pixels per bincount call: a 2 MiB intp buffer stays in L2
 _BUFFER: list[np.ndarray] = []
 
 
@@ -70,8 +71,9 @@ class BandStats:
             self.zeros = np.zeros(self.num_bands, dtype=np.int64)
 
     # ---- accumulation -------------------------------------------------------------------------
-    def add(self, chip: np.ndarray, nodata: float | None = None, pad_pixels: int = 0,
-            pad_value: float | None = None) -> None:
+    def add(
+        self, chip: np.ndarray, nodata: float | None = None, pad_pixels: int = 0, pad_value: float | None = None
+    ) -> None:
         """Fold one chip (C, H, W) into the statistics."""
         for b in range(self.num_bands):
             band = chip[b].reshape(-1)
@@ -95,11 +97,11 @@ class BandStats:
         values = _as_unsigned(band)
         idx_buf = _intp_buffer(min(values.size, _SLICE))
         for start in range(0, values.size, _SLICE):
-            part = values[start:start + _SLICE]
-            idx = idx_buf[:part.size]
+            part = values[start : start + _SLICE]
+            idx = idx_buf[: part.size]
             np.copyto(idx, part, casting="unsafe")
             counts = np.bincount(idx)
-            h[:counts.size] += counts
+            h[: counts.size] += counts
         if nd is not None:
             h[nd] = before
         if pad and pad_value is not None and (nd is None or int(pad_value) + self.offset != nd):
@@ -162,8 +164,12 @@ class BandStats:
         head = {"num_bands": np.array(self.num_bands), "dtype": np.array(self.dtype)}
         if self.exact:
             band, value = np.nonzero(self.hist)
-            return {**head, "band": band.astype(np.int32), "value": value.astype(np.int32),
-                    "count": self.hist[band, value]}
+            return {
+                **head,
+                "band": band.astype(np.int32),
+                "value": value.astype(np.int32),
+                "count": self.hist[band, value],
+            }
         out = {**head, "n": self.n, "mean": self.mean, "m2": self.m2, "vmin": self.vmin, "vmax": self.vmax}
         for b, fh in enumerate(self.fhist):
             out[f"h{b}"] = fh.to_array()
@@ -215,8 +221,15 @@ class BandStats:
             v_hi = values[np.searchsorted(cum, min(lo + 1, n - 1), side="right")]
             return float(v_lo + frac * (v_hi - v_lo))
 
-        return {"count": n, "mean": mean, "std": math.sqrt(var), "min": float(values[0]),
-                "max": float(values[-1]), "p2": pct(2), "p98": pct(98)}
+        return {
+            "count": n,
+            "mean": mean,
+            "std": math.sqrt(var),
+            "min": float(values[0]),
+            "max": float(values[-1]),
+            "p2": pct(2),
+            "p98": pct(98),
+        }
 
     def _float_band(self, b: int) -> dict:
         n = int(self.n[b])
@@ -225,8 +238,15 @@ class BandStats:
         lo, hi = float(self.vmin[b]), float(self.vmax[b])
         clamp = lambda v: float(min(max(v, lo), hi))  # noqa: E731
         fh = self.fhist[b]
-        return {"count": n, "mean": float(self.mean[b]), "std": math.sqrt(max(self.m2[b], 0.0) / n),
-                "min": lo, "max": hi, "p2": clamp(fh.percentile(2)), "p98": clamp(fh.percentile(98))}
+        return {
+            "count": n,
+            "mean": float(self.mean[b]),
+            "std": math.sqrt(max(self.m2[b], 0.0) / n),
+            "min": lo,
+            "max": hi,
+            "p2": clamp(fh.percentile(2)),
+            "p98": clamp(fh.percentile(98)),
+        }
 
 
 ZERO_SHARE_WARN = 0.01
@@ -251,9 +271,11 @@ def undeclared_nodata_warning(records) -> str | None:
         return None
     pixels = sum(per[s][0] for s in hit)
     zeros = sum(float(per[s][1].min()) for s in hit)
-    return (f"{len(hit)} file(s) declare no nodata value, yet {100 * zeros / pixels:.1f} % of their pixels are 0 in "
-            f"every band (e.g. '{hit[0]}': {100 * share[hit[0]]:.1f} %): a scene border? The stats count those "
-            "zeros as data; if 0 marks missing pixels, rerun with --nodata 0")
+    return (
+        f"{len(hit)} file(s) declare no nodata value, yet {100 * zeros / pixels:.1f} % of their pixels are 0 in "
+        f"every band (e.g. '{hit[0]}': {100 * share[hit[0]]:.1f} %): a scene border? The stats count those "
+        "zeros as data; if 0 marks missing pixels, rerun with --nodata 0"
+    )
 
 
 def _empty_row() -> dict:
@@ -265,7 +287,7 @@ class FloatHist:
     FLOAT_BINS occupied-span bins. ``k0`` is the first bin's index, ``counts`` the span."""
 
     def __init__(self):
-        self.exp = 0          # w = 2 ** exp
+        self.exp = 0  # w = 2 ** exp
         self.k0 = 0
         self.counts = np.zeros(0, dtype=np.int64)
 
@@ -313,8 +335,8 @@ class FloatHist:
             o._coarsen()
         start = min(self.k0, o.k0)
         out = np.zeros(max(self.k0 + self.counts.size, o.k0 + o.counts.size) - start, dtype=np.int64)
-        out[self.k0 - start:self.k0 - start + self.counts.size] += self.counts
-        out[o.k0 - start:o.k0 - start + o.counts.size] += o.counts
+        out[self.k0 - start : self.k0 - start + self.counts.size] += self.counts
+        out[o.k0 - start : o.k0 - start + o.counts.size] += o.counts
         self.k0, self.counts = start, out
 
     def merge(self, other: FloatHist) -> None:

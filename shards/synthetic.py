@@ -8,6 +8,7 @@ spectral profile, all deterministic from ``seed`` and the file index. ``pixel_fn
 C, H, W) -> (C, H, W) array`` replaces it, e.g. to make classes differ only in non-RGB bands.
 ``bad_files`` adds broken inputs for tests: garbage bytes, a truncated file, a wrong band count.
 """
+
 from __future__ import annotations
 
 import csv
@@ -30,7 +31,7 @@ PixelFn = Callable[[np.random.Generator, int, int, int, int], np.ndarray]
 # Rough top-of-atmosphere DN (reflectance x 10^4) of mixed vegetated land per S2 L1C band.
 S2_PROFILE = np.array([1300, 1100, 1000, 900, 1300, 2200, 2500, 2700, 2800, 900, 30, 1900, 1100], np.float32)
 RGB_PROFILE = np.array([110, 115, 95], np.float32)
-_KINDS = {"rgb": (3, "uint8", 0.5), "s2": (13, "uint16", 10.0)}   # bands, dtype, gsd in metres
+_KINDS = {"rgb": (3, "uint8", 0.5), "s2": (13, "uint16", 10.0)}  # bands, dtype, gsd in metres
 BAD_KINDS = ("garbage", "truncated", "bandcount")
 
 
@@ -81,15 +82,34 @@ def _cast(x: np.ndarray, dtype: str, nodata: float | None) -> np.ndarray:
     return np.clip(np.rint(x), lo, info.max).astype(dtype)
 
 
-def _write(path: Path, data: np.ndarray, fmt: str, crs: str | None, transform, nodata, names,
-           compress: str | None, interleave: str, tiled: bool) -> None:
+def _write(
+    path: Path,
+    data: np.ndarray,
+    fmt: str,
+    crs: str | None,
+    transform,
+    nodata,
+    names,
+    compress: str | None,
+    interleave: str,
+    tiled: bool,
+) -> None:
     c, h, w = data.shape
     path.parent.mkdir(parents=True, exist_ok=True)
     if fmt in ("png", "jpg"):
         profile = dict(driver="PNG" if fmt == "png" else "JPEG", width=w, height=h, count=c, dtype=data.dtype.name)
     else:
-        profile = dict(driver="GTiff", width=w, height=h, count=c, dtype=data.dtype.name, crs=crs,
-                       transform=transform, nodata=nodata, interleave=interleave)
+        profile = dict(
+            driver="GTiff",
+            width=w,
+            height=h,
+            count=c,
+            dtype=data.dtype.name,
+            crs=crs,
+            transform=transform,
+            nodata=nodata,
+            interleave=interleave,
+        )
         if compress:
             profile["compress"] = compress
         if tiled:
@@ -106,12 +126,25 @@ def _write(path: Path, data: np.ndarray, fmt: str, crs: str | None, transform, n
                 dst.set_band_description(i + 1, n)
 
 
-def generate_archive(out_dir: str | os.PathLike, n_files: int, size: int | tuple[int, int] = 64,
-                     kind: str = "rgb", classes: Sequence[str] | None = None, pixel_fn: PixelFn | None = None,
-                     seed: int = 0, nodata: Literal["auto"] | float | None = "auto", layout: str = "class_folders",
-                     fmt: str = "tif", compress: str | None = None, interleave: str = "pixel",
-                     tiled: bool = False, sidecars: bool = False, labels_csv: bool = False,
-                     nodata_fraction: float = 0.0, bad_files: Sequence[str] = ()) -> Archive:
+def generate_archive(
+    out_dir: str | os.PathLike,
+    n_files: int,
+    size: int | tuple[int, int] = 64,
+    kind: str = "rgb",
+    classes: Sequence[str] | None = None,
+    pixel_fn: PixelFn | None = None,
+    seed: int = 0,
+    nodata: Literal["auto"] | float | None = "auto",
+    layout: str = "class_folders",
+    fmt: str = "tif",
+    compress: str | None = None,
+    interleave: str = "pixel",
+    tiled: bool = False,
+    sidecars: bool = False,
+    labels_csv: bool = False,
+    nodata_fraction: float = 0.0,
+    bad_files: Sequence[str] = (),
+) -> Archive:
     """Write ``n_files`` images under ``out_dir`` and return what was written.
 
     size: N or (H, W) pixels. kind: 'rgb' (3 x uint8, 0.5 m) or 's2' (13 x uint16, 10 m, band
@@ -143,13 +176,18 @@ def generate_archive(out_dir: str | os.PathLike, n_files: int, size: int | tuple
         rel = f"{label}/{stem}.{ext}" if label and layout == "class_folders" else f"{stem}.{ext}"
         data = _cast(np.asarray(fn(rng, ci or 0, c, h, w)), dtype, nd)
         if nd is not None and nodata_fraction > 0:
-            data[:, :int(round(h * nodata_fraction))] = nd
+            data[:, : int(round(h * nodata_fraction))] = nd
         transform = Affine(gsd, 0.0, 500000.0 + i * w * gsd, 0.0, -gsd, 4600000.0)
         _write(root / rel, data, fmt, "EPSG:32633", transform, nd, names, compress, interleave, tiled)
         if sidecars:
-            side = {"gsd": gsd, "timestamp": f"2017-{1 + i % 12:02d}-{1 + i % 28:02d}T10:30:00Z", "utm": "33T",
-                    "img_width": w, "img_height": h,
-                    "bounding_boxes": [{"category": label or "none", "box": [0, 0, w, h]}]}
+            side = {
+                "gsd": gsd,
+                "timestamp": f"2017-{1 + i % 12:02d}-{1 + i % 28:02d}T10:30:00Z",
+                "utm": "33T",
+                "img_width": w,
+                "img_height": h,
+                "bounding_boxes": [{"category": label or "none", "box": [0, 0, w, h]}],
+            }
             (root / rel).with_suffix(".json").write_text(json.dumps(side))
         files.append(SyntheticFile(str(root / rel), rel, label, ci))
     bad = {k: str(_write_bad(root, k, kind, (h, w), seed)) for k in bad_files}

@@ -8,6 +8,7 @@ counts add up to ``total_samples``, stats sized to the bands, each statistic fin
 for a band with count 0), ordered (min <= p2 <= p98 <= max, min <= mean <= max, std >= 0) and
 counting no more pixels than the samples hold.
 """
+
 from __future__ import annotations
 
 import functools
@@ -169,8 +170,9 @@ def check_stats(stats: dict, num_bands: int, pixels: int | None) -> list[str]:
             continue
         tol = 1e-9 * max(1.0, abs(row["min"]), abs(row["max"]))  # float rounding of mean and percentiles
         lo, hi = row["min"] - tol, row["max"] + tol
-        if not (lo <= row["p2"] <= row["p98"] + tol and row["p98"] <= hi and lo <= row["mean"] <= hi
-                and row["std"] >= 0):
+        if not (
+            lo <= row["p2"] <= row["p98"] + tol and row["p98"] <= hi and lo <= row["mean"] <= hi and row["std"] >= 0
+        ):
             out.append(f"{where}: out of order (min <= p2 <= p98 <= max, min <= mean <= max, std >= 0): {row}")
     return out
 

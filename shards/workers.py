@@ -21,6 +21,7 @@ files. A worker never outlives its parent: on Linux it gets SIGKILL when the par
 With ``workers == 1`` items run in the calling process (no pickling, a debugger works); a crash of
 the reader then ends the whole run, which ``--resume`` continues.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -39,9 +40,9 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
-_JOIN_S = 10.0          # bound on waiting for a worker to exit after it was told to (or killed)
-_MAX_DEATHS = 4         # deaths in a row (no result between them) allowed beyond 2 per worker
-_CONN = None            # in a worker: the pipe to the parent (note() writes to it)
+_JOIN_S = 10.0  # bound on waiting for a worker to exit after it was told to (or killed)
+_MAX_DEATHS = 4  # deaths in a row (no result between them) allowed beyond 2 per worker
+_CONN = None  # in a worker: the pipe to the parent (note() writes to it)
 
 _SIGNAL_HINTS = {
     "SIGSEGV": "segmentation fault, e.g. in GDAL or a codec",
@@ -56,7 +57,7 @@ class Crash:
     """The result of an item whose worker died while running it."""
 
     exitcode: int | None
-    note: str | None = None      # the last note() the worker sent for this item, if any
+    note: str | None = None  # the last note() the worker sent for this item, if any
 
     def how(self) -> str:
         """'died from SIGSEGV (segmentation fault, ...)' / 'exited with code 3'."""
@@ -154,7 +155,7 @@ class _Worker:
         self.proc = ctx.Process(target=_worker_main, args=(child, initializer, os.getpid()), daemon=True)
         self.proc.start()
         child.close()
-        self.task: list | None = None   # [(index, item), ...] not yet answered; None when idle
+        self.task: list | None = None  # [(index, item), ...] not yet answered; None when idle
         self.note: str | None = None
 
     def send(self, msg) -> bool:
@@ -183,7 +184,7 @@ class WorkerPool:
         self.initializer = initializer
         self.ctx = _context() if workers > 1 else None
         self.workers = [_Worker(self.ctx, initializer) for _ in range(workers)] if self.ctx else []
-        self.deaths = 0   # in a row, since the last result
+        self.deaths = 0  # in a row, since the last result
 
     def run(self, fn: Callable, items: Iterable, chunk: int = 1) -> Iterator[tuple[int, object]]:
         """Apply ``fn`` to every item; yield ``(position in items, fn(item) or Crash)`` in completion
@@ -195,7 +196,7 @@ class WorkerPool:
             for i, item in enumerate(items):
                 yield i, fn(item)
             return
-        queue = deque([list(enumerate(items))[i:i + chunk] for i in range(0, len(items), max(1, chunk))])
+        queue = deque([list(enumerate(items))[i : i + chunk] for i in range(0, len(items), max(1, chunk))])
         self.fn = fn
         for k, w in enumerate(self.workers):
             if not w.send(("fn", fn)):
@@ -250,8 +251,10 @@ class WorkerPool:
         w.stop(kill=True)
         self.deaths += 1
         if self.deaths > 2 * len(self.workers) + _MAX_DEATHS:
-            raise WorkerCrashed(f"converter workers keep dying ({self.deaths} in a row, the last one "
-                                f"{Crash(w.proc.exitcode).how()}); stopping")
+            raise WorkerCrashed(
+                f"converter workers keep dying ({self.deaths} in a row, the last one "
+                f"{Crash(w.proc.exitcode).how()}); stopping"
+            )
         new = _Worker(self.ctx, self.initializer)
         new.send(("fn", self.fn))
         return new

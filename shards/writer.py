@@ -7,6 +7,7 @@ always give byte-identical shards (and the same sha256) on any machine, in any w
 The array bytes go from the numpy buffer straight into the file and the hash (no ``tobytes``, no
 BytesIO, no second read of the finished file to checksum it).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -21,8 +22,8 @@ import numpy as np
 
 from engine.atomic import TMP_PREFIX, current_umask, fsync_dir
 
-BLOCK = tarfile.BLOCKSIZE            # 512
-RECORD = tarfile.RECORDSIZE          # 10240: tar files are padded to whole records
+BLOCK = tarfile.BLOCKSIZE  # 512
+RECORD = tarfile.RECORDSIZE  # 10240: tar files are padded to whole records
 IMAGE_EXT = "img.npy"
 META_EXT = "json"
 # Small writes (tar/npy headers, json) are buffered; pixel data (a band, usually >= 64 KiB) skips
@@ -110,8 +111,7 @@ class ShardWriter:
                 visit(b, image[b].reshape(-1))
                 self._put(memoryview(image[b]).cast("B"))
         js = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
-        self._put(b"\0" * (-size % BLOCK) + tar_header(f"{key}.{META_EXT}", len(js)) + js
-                  + b"\0" * (-len(js) % BLOCK))
+        self._put(b"\0" * (-size % BLOCK) + tar_header(f"{key}.{META_EXT}", len(js)) + js + b"\0" * (-len(js) % BLOCK))
         self.count += 1
 
     def append(self, data, samples: int) -> None:

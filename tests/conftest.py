@@ -1,5 +1,6 @@
 """Suite-wide settings (offline hub, CPU-friendly threads, the `gpu` marker's skip rule) and the fixtures
 more than one test folder uses."""
+
 import multiprocessing as mp
 import os
 import signal

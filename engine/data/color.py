@@ -14,6 +14,7 @@ the unit range ``[0, 1]`` (see :class:`~engine.data.photometric.BandRange`) exce
 - Band-wise ops (any band count): brightness and contrast per band as ``a * x + t``
   (:func:`bandwise_step`), never mixing bands.
 """
+
 from __future__ import annotations
 
 import math
@@ -25,8 +26,9 @@ LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, as torchvision's rgb_to_grayscale
 BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3  # colour op codes (a crop's jitter order)
 
 # RGB <-> YIQ (NTSC): Y is luma, (I, Q) the chroma plane.
-_RGB2YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.5959, -0.2746, -0.3213], [0.2115, -0.5227, 0.3112]],
-                        dtype=torch.float64)
+_RGB2YIQ = torch.tensor(
+    [[0.299, 0.587, 0.114], [0.5959, -0.2746, -0.3213], [0.2115, -0.5227, 0.3112]], dtype=torch.float64
+)
 _YIQ2RGB = torch.linalg.inv(_RGB2YIQ)
 
 
@@ -46,8 +48,9 @@ def hue_matrices(shift: torch.Tensor) -> torch.Tensor:
     return (yiq2rgb @ rot @ rgb2yiq).to(torch.float32)
 
 
-def colour_matrices(brightness: torch.Tensor, contrast: torch.Tensor, saturation: torch.Tensor,
-                    hue: torch.Tensor) -> torch.Tensor:
+def colour_matrices(
+    brightness: torch.Tensor, contrast: torch.Tensor, saturation: torch.Tensor, hue: torch.Tensor
+) -> torch.Tensor:
     """(N, 4, 3, 3): per crop the matrix of each colour op, indexed by its op code.
 
     brightness (N, 3) per-band factors; contrast, saturation (N,) factors; hue (N,) shift in turns.
@@ -57,8 +60,10 @@ def colour_matrices(brightness: torch.Tensor, contrast: torch.Tensor, saturation
     eye = torch.eye(3, device=brightness.device).expand(n, 3, 3)
     gray = torch.tensor(LUMA, device=brightness.device).expand(3, 3)  # every output band = luma
     s = saturation.view(-1, 1, 1)
-    return torch.stack([torch.diag_embed(brightness), contrast.view(-1, 1, 1) * eye,
-                        s * eye + (1.0 - s) * gray, hue_matrices(hue)], dim=1)
+    return torch.stack(
+        [torch.diag_embed(brightness), contrast.view(-1, 1, 1) * eye, s * eye + (1.0 - s) * gray, hue_matrices(hue)],
+        dim=1,
+    )
 
 
 def colour_step(x: torch.Tensor, op: torch.Tensor, matrices: torch.Tensor, contrast: torch.Tensor) -> torch.Tensor:
@@ -77,8 +82,7 @@ def colour_step(x: torch.Tensor, op: torch.Tensor, matrices: torch.Tensor, contr
     return y.clamp_(0.0, 1.0).view_as(x)
 
 
-def bandwise_step(x: torch.Tensor, op: torch.Tensor, brightness: torch.Tensor, contrast: torch.Tensor
-                  ) -> torch.Tensor:
+def bandwise_step(x: torch.Tensor, op: torch.Tensor, brightness: torch.Tensor, contrast: torch.Tensor) -> torch.Tensor:
     """One band-wise op per crop on (N, C, H, W) in [0, 1]: ``op`` BRIGHTNESS scales band c by
     ``brightness[:, c]``; CONTRAST moves band c away from its own crop mean by ``contrast[:, c]``;
     -1 keeps the crop. Clamped to [0, 1]. Bands are never mixed."""
@@ -119,8 +123,8 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     y = F.pad(x, (big, big, big, big), mode="reflect")
     rows = y[..., :, 0:w] * k[..., 0]
     for i in range(1, 2 * big + 1):
-        rows.addcmul_(y[..., :, i:i + w], k[..., i])
+        rows.addcmul_(y[..., :, i : i + w], k[..., i])
     out = rows[..., 0:h, :] * k[..., 0]
     for i in range(1, 2 * big + 1):
-        out.addcmul_(rows[..., i:i + h, :], k[..., i])
+        out.addcmul_(rows[..., i : i + h, :], k[..., i])
     return out

@@ -10,6 +10,7 @@ shutdown (exit) from a scheduler's job-wide SIGTERM (ignore; see :mod:`engine.da
 Layout (``nw`` logical workers): ``[epoch, rotation, closing, resume_batches[nw], resume_raw[nw],
 quota[nw]]``, quota -1 = unlimited.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -42,7 +43,7 @@ class EpochControl:
 
     def _vec(self, k: int) -> torch.Tensor:
         start = _HEAD + k * self.num_workers
-        return self.block[start:start + self.num_workers]
+        return self.block[start : start + self.num_workers]
 
     epoch = _Slot(_EPOCH, int)
     rotation = _Slot(_ROTATION, int)

@@ -11,6 +11,7 @@ in ``"label"`` and add ``"labels": [names]``; ``classes`` then lists the individ
 manifest has ``"multilabel": true``. :class:`MultiLabelIndex` turns a sample into a multi-hot
 vector over ``classes``.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -39,15 +40,18 @@ class ClassIndex:
         return len(self.classes)
 
     @classmethod
-    def from_manifest(cls, manifest: Mapping | None, classes: Sequence[str] | None = None,
-                      source: str = "--data.shards") -> ClassIndex:
+    def from_manifest(
+        cls, manifest: Mapping | None, classes: Sequence[str] | None = None, source: str = "--data.shards"
+    ) -> ClassIndex:
         """``classes`` if given, else ``manifest["classes"]``; UserError when neither exists."""
         if classes:
             return cls(classes)
         listed = (manifest or {}).get("classes")
         if not listed:
-            raise UserError(f"{source}: the manifest lists no classes (an unlabelled archive?); convert "
-                            "with labels or give --data.classes")
+            raise UserError(
+                f"{source}: the manifest lists no classes (an unlabelled archive?); convert "
+                "with labels or give --data.classes"
+            )
         return cls(listed)
 
     def index(self, name: str) -> int:

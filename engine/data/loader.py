@@ -33,6 +33,7 @@ Position / resume semantics (``state_dict()`` / ``load_state_dict()``):
   shards), the position cannot be mapped: the loader logs a warning and starts the *next* epoch
   (a resampled epoch draws fresh shards, so nothing restarts from the beginning).
 """
+
 from __future__ import annotations
 
 import functools
@@ -83,11 +84,22 @@ class ShardLoader:
     exact loaders).
     """
 
-    def __init__(self, dataset: ShardStream, num_workers: int, pin_memory: bool | None, prefetch_factor: int,
-                 equalize: bool = False, persistent: bool = True, *,
-                 manifest: dict | None = None, shards: ShardSet | None = None,
-                 normalizer: Normalizer | None = None, photometric: Photometric | None = None,
-                 classes: ClassIndex | None = None, num_samples: int | None = None):
+    def __init__(
+        self,
+        dataset: ShardStream,
+        num_workers: int,
+        pin_memory: bool | None,
+        prefetch_factor: int,
+        equalize: bool = False,
+        persistent: bool = True,
+        *,
+        manifest: dict | None = None,
+        shards: ShardSet | None = None,
+        normalizer: Normalizer | None = None,
+        photometric: Photometric | None = None,
+        classes: ClassIndex | None = None,
+        num_samples: int | None = None,
+    ):
         self.dataset = dataset
         self.num_workers = int(num_workers)
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
@@ -186,9 +198,15 @@ class ShardLoader:
 
     def _dataloader(self, persistent: bool) -> DataLoader:
         self.dataset.control.closing = False
-        return DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                          prefetch_factor=self.prefetch_factor, persistent_workers=persistent,
-                          worker_init_fn=workers.init_worker)
+        return DataLoader(
+            self.dataset,
+            batch_size=None,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            prefetch_factor=self.prefetch_factor,
+            persistent_workers=persistent,
+            worker_init_fn=workers.init_worker,
+        )
 
     def _batches(self) -> Iterator[dict]:
         """This epoch's raw batches (the control block is already written): in-process, from the
@@ -241,9 +259,14 @@ class ShardLoader:
 
     def _finish_epoch(self) -> None:
         if self.totals["skipped"]:
-            log.warning("epoch %d: skipped %d corrupt sample(s) (%d bad shard(s)) so far, %.3f%% of %d read",
-                        self.epoch, self.totals["skipped"], self.totals["bad_shards"], 100 * self.skip_rate,
-                        self.totals["seen"] + self.totals["skipped"])
+            log.warning(
+                "epoch %d: skipped %d corrupt sample(s) (%d bad shard(s)) so far, %.3f%% of %d read",
+                self.epoch,
+                self.totals["skipped"],
+                self.totals["bad_shards"],
+                100 * self.skip_rate,
+                self.totals["seen"] + self.totals["skipped"],
+            )
         self.epoch += 1
         self._reset_position()
 
@@ -255,8 +278,10 @@ class ShardLoader:
                 n += 1
                 yield batch
             if n == 0 and self.batches == 0:
-                raise UserError("--data.shards: the data stream produced no batches in a whole epoch; "
-                                "check the shards and --data.batch_size")
+                raise UserError(
+                    "--data.shards: the data stream produced no batches in a whole epoch; "
+                    "check the shards and --data.batch_size"
+                )
 
     def set_epoch(self, epoch: int) -> None:
         """Start ``epoch`` from its beginning at the next iteration."""
@@ -266,31 +291,52 @@ class ShardLoader:
     # ---------------------------------------------------------------------------- position
     def _topology(self) -> dict:
         p = self.dataset.plan
-        return {"world_size": p.world_size, "num_workers": self.logical_workers, "batch_size": p.batch_size,
-                "seed": p.seed, "resampled": p.resampled, "shuffle_buffer": p.shuffle_buffer,
-                "shuffle_bytes": p.shuffle_bytes, "shuffle_initial": p.shuffle_initial,
-                "shuffle_shards": p.shuffle_shards, "steps_per_epoch": p.steps_per_epoch,
-                "shards": [u.rsplit("/", 1)[-1] for u in p.urls]}
+        return {
+            "world_size": p.world_size,
+            "num_workers": self.logical_workers,
+            "batch_size": p.batch_size,
+            "seed": p.seed,
+            "resampled": p.resampled,
+            "shuffle_buffer": p.shuffle_buffer,
+            "shuffle_bytes": p.shuffle_bytes,
+            "shuffle_initial": p.shuffle_initial,
+            "shuffle_shards": p.shuffle_shards,
+            "steps_per_epoch": p.steps_per_epoch,
+            "shards": [u.rsplit("/", 1)[-1] for u in p.urls],
+        }
 
     def state_dict(self) -> dict:
         """This rank's position (plain ints/lists/strings: JSON- and torch.save-safe)."""
-        return {"version": STATE_VERSION, "rank": self.dataset.plan.rank, "epoch": self.epoch,
-                "batches": self.batches, "samples": self.samples,
-                "workers": [list(p) for p in self.worker_pos], "next_worker": self.next_worker,
-                "totals": dict(self.totals), "topology": self._topology()}
+        return {
+            "version": STATE_VERSION,
+            "rank": self.dataset.plan.rank,
+            "epoch": self.epoch,
+            "batches": self.batches,
+            "samples": self.samples,
+            "workers": [list(p) for p in self.worker_pos],
+            "next_worker": self.next_worker,
+            "totals": dict(self.totals),
+            "topology": self._topology(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a position from :meth:`state_dict` (semantics in the module docstring)."""
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
             got = state.get("version") if isinstance(state, dict) else repr(state)
-            raise UserError(f"--train.resume: data-loader state version {got} is not {STATE_VERSION}; this "
-                            "checkpoint was written by another version")
+            raise UserError(
+                f"--train.resume: data-loader state version {got} is not {STATE_VERSION}; this "
+                "checkpoint was written by another version"
+            )
         self.totals = {k: int(state.get("totals", {}).get(k, 0)) for k in ("seen", "skipped", "bad_shards")}
         epoch, batches = int(state["epoch"]), int(state["batches"])
         if state.get("topology") != self._topology():
             changed = sorted(k for k, v in self._topology().items() if state.get("topology", {}).get(k) != v)
-            log.warning("data position of epoch %d cannot be restored (changed: %s); starting epoch %d",
-                        epoch, ", ".join(changed), epoch + (1 if batches else 0))
+            log.warning(
+                "data position of epoch %d cannot be restored (changed: %s); starting epoch %d",
+                epoch,
+                ", ".join(changed),
+                epoch + (1 if batches else 0),
+            )
             self.set_epoch(epoch + (1 if batches else 0))
             return
         self.epoch = epoch
@@ -304,5 +350,10 @@ class ShardLoader:
         self.worker_pos = [(t, t * b) for t in taken]
         self.next_worker = nxt
         self.samples = batches * b
-        log.info("restored the data position from rank %s's state: epoch %d, %d batches in (exact unless "
-                 "samples were skipped before the checkpoint)", state.get("rank"), epoch, batches)
+        log.info(
+            "restored the data position from rank %s's state: epoch %d, %d batches in (exact unless "
+            "samples were skipped before the checkpoint)",
+            state.get("rank"),
+            epoch,
+            batches,
+        )

@@ -10,6 +10,7 @@ new patches. For a group-channel model (G band groups sharing one spatial grid, 
 group-major) each group gets its own block mask with the same ratio (``consistent_groups`` repeats
 one spatial mask for all groups instead), so a crop's mask is (G*h*w,).
 """
+
 from __future__ import annotations
 
 import math
@@ -42,7 +43,7 @@ class BlockMaskGenerator:
                 continue
             top = int(rng.integers(0, self.h - bh + 1))
             left = int(rng.integers(0, self.w - bw + 1))
-            block = mask[top:top + bh, left:left + bw]
+            block = mask[top : top + bh, left : left + bw]
             new = bh * bw - int(block.sum())
             if 0 < new <= budget:
                 block[...] = True
@@ -62,9 +63,16 @@ class BlockMaskGenerator:
         return mask
 
 
-def ibot_masks(n_crops: int, grid: tuple[int, int], ratio: Sequence[float], probability: float,
-               rng: np.random.Generator, num_groups: int = 1, consistent_groups: bool = False,
-               generator: BlockMaskGenerator | None = None) -> torch.Tensor:
+def ibot_masks(
+    n_crops: int,
+    grid: tuple[int, int],
+    ratio: Sequence[float],
+    probability: float,
+    rng: np.random.Generator,
+    num_groups: int = 1,
+    consistent_groups: bool = False,
+    generator: BlockMaskGenerator | None = None,
+) -> torch.Tensor:
     """Masks for ``n_crops`` global crops: bool (n_crops, num_groups * h * w), group-major tokens.
 
     ratio: (lo, hi) fraction of each group's h*w patches to mask; probability: fraction of crops

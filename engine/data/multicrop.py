@@ -15,6 +15,7 @@ array and ``view.collate(items, rng) -> batch`` on a micro-batch; images stay in
 - with labels (the stream adds ``item["label"]``): also ``labels`` (B,) long, or (B, C) float32
   multi-hot when the label function returns arrays (:class:`~engine.data.labels.MultiLabelIndex`).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -67,8 +68,10 @@ class _AugmentedCrop:
         if photo is None or mode is None:
             return crop_resize_native(arr, box, self.rrc.size, k, self.rrc.bands), None
         if mode != "blur" and photo.range.lo is None and arr.dtype != np.uint8:
-            raise UserError(f"--data.manifest: photometric augmentation of {arr.dtype} images needs the manifest's "
-                            "p2/p98 band statistics; give the manifest or set --crops.rgb_augment false")
+            raise UserError(
+                f"--data.manifest: photometric augmentation of {arr.dtype} images needs the manifest's "
+                "p2/p98 band statistics; give the manifest or set --crops.rgb_augment false"
+            )
         if self.on_device:
             crop = crop_resize_native(arr, box, self.rrc.size, k, self.rrc.bands)
             return crop, photo.draw(rng, self.kind, bands)
@@ -88,17 +91,27 @@ class DinoMultiCrop:
     training device; bands: band indices kept (None = all).
     """
 
-    def __init__(self, crops: CropConfig, *, patch_size: int, num_groups: int = 1, dino: DinoConfig | None = None,
-                 photometric: Photometric | None = None, on_device: bool = False,
-                 bands: Sequence[int] | None = None):
+    def __init__(
+        self,
+        crops: CropConfig,
+        *,
+        patch_size: int,
+        num_groups: int = 1,
+        dino: DinoConfig | None = None,
+        photometric: Photometric | None = None,
+        on_device: bool = False,
+        bands: Sequence[int] | None = None,
+    ):
         if crops.global_size % patch_size:
             raise ValueError(f"global crop size {crops.global_size} is not a multiple of patch size {patch_size}")
         dino = dino or DinoConfig()
         self.n_global, self.n_local, self.on_device = crops.num_global, crops.num_local, on_device
         g_rrc = RandomResizedCrop(crops.global_size, crops.global_scale, crops.ratio, crops.dihedral, bands)
         l_rrc = RandomResizedCrop(crops.local_size, crops.local_scale, crops.ratio, crops.dihedral, bands)
-        self.global_views = [_AugmentedCrop(g_rrc, photometric, GLOBAL_1 if i == 0 else GLOBAL_2, on_device)
-                             for i in range(crops.num_global)]
+        self.global_views = [
+            _AugmentedCrop(g_rrc, photometric, GLOBAL_1 if i == 0 else GLOBAL_2, on_device)
+            for i in range(crops.num_global)
+        ]
         self.local_view = _AugmentedCrop(l_rrc, photometric, LOCAL, on_device)
         self.grid = (crops.global_size // patch_size, crops.global_size // patch_size)
         self.mask_gen = BlockMaskGenerator(self.grid)
@@ -106,8 +119,10 @@ class DinoMultiCrop:
         self.mask_ratio, self.mask_probability = tuple(dino.mask_ratio), float(dino.mask_probability)
 
     def __call__(self, arr: np.ndarray, rng: np.random.Generator) -> dict:
-        return {"global": [v(arr, rng) for v in self.global_views],
-                "local": [self.local_view(arr, rng) for _ in range(self.n_local)]}
+        return {
+            "global": [v(arr, rng) for v in self.global_views],
+            "local": [self.local_view(arr, rng) for _ in range(self.n_local)],
+        }
 
     def collate(self, items: list[dict], rng: np.random.Generator) -> dict:
         b = len(items)
@@ -119,8 +134,16 @@ class DinoMultiCrop:
             batch[key] = stack([c for c, _ in crops])
             if crops[0][1] is not None:
                 batch[key + PARAMS_SUFFIX] = torch.from_numpy(np.stack([p for _, p in crops]))
-        batch["masks"] = ibot_masks(self.n_global * b, self.grid, self.mask_ratio, self.mask_probability, rng,
-                                    self.num_groups, self.consistent, self.mask_gen)
+        batch["masks"] = ibot_masks(
+            self.n_global * b,
+            self.grid,
+            self.mask_ratio,
+            self.mask_probability,
+            rng,
+            self.num_groups,
+            self.consistent,
+            self.mask_gen,
+        )
         return _stack_labels(items, batch)
 
 

@@ -14,6 +14,7 @@ float32 and applies, per band c::
 ``mean``/``std``/``p2``/``p98`` come from the manifest's ``stats`` (computed by the converter over
 valid pixels), for the bands the run keeps (``--data.bands``).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
@@ -52,9 +53,14 @@ class Normalizer:
     normalising).
     """
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float],
-                 clip_low: Sequence[float] | None = None, clip_high: Sequence[float] | None = None,
-                 nodata: float | None = None):
+    def __init__(
+        self,
+        mean: Sequence[float],
+        std: Sequence[float],
+        clip_low: Sequence[float] | None = None,
+        clip_high: Sequence[float] | None = None,
+        nodata: float | None = None,
+    ):
         if len(mean) != len(std):
             raise UserError(f"normalization: {len(mean)} means but {len(std)} stds; give one of each per band")
         if (clip_low is None) != (clip_high is None):
@@ -71,9 +77,14 @@ class Normalizer:
         return int(self.mean.numel())
 
     @classmethod
-    def from_manifest(cls, manifest: Mapping, bands: Sequence[int] | None = None, clip: bool = False,
-                      mean: Sequence[float] | None = None, std: Sequence[float] | None = None
-                      ) -> Normalizer:
+    def from_manifest(
+        cls,
+        manifest: Mapping,
+        bands: Sequence[int] | None = None,
+        clip: bool = False,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+    ) -> Normalizer:
         """Stats of ``bands`` (None = all) from ``manifest["stats"]``; ``mean``/``std`` override them
         (already restricted to the kept bands). ``clip`` clamps to the manifest's p2/p98 first."""
         stats = manifest.get("stats") or {}
@@ -86,17 +97,19 @@ class Normalizer:
 
         def pick(name: str, flag: str) -> list[float]:
             vals = stats.get(name)
-            if not isinstance(vals, list) or any(b >= len(vals) for b in idx) or any(
-                    vals[b] is None for b in idx):
-                raise UserError(f"{flag}: the manifest has no per-band '{name}' statistics; "
-                                "re-run the converter with statistics or give them explicitly")
+            if not isinstance(vals, list) or any(b >= len(vals) for b in idx) or any(vals[b] is None for b in idx):
+                raise UserError(
+                    f"{flag}: the manifest has no per-band '{name}' statistics; "
+                    "re-run the converter with statistics or give them explicitly"
+                )
             return [float(vals[b]) for b in idx]
 
         mean = list(mean) if mean is not None else pick("mean", "--data.mean")
         std = list(std) if std is not None else pick("std", "--data.std")
         if len(mean) != len(idx) or len(std) != len(idx):
-            raise UserError(f"--data.mean/--data.std: need {len(idx)} values (one per kept band), "
-                            f"got {len(mean)} and {len(std)}")
+            raise UserError(
+                f"--data.mean/--data.std: need {len(idx)} values (one per kept band), got {len(mean)} and {len(std)}"
+            )
         lo = hi = None
         if clip:
             lo, hi = pick("p2", "--data.clip_percentiles"), pick("p98", "--data.clip_percentiles")
@@ -111,8 +124,7 @@ class Normalizer:
             self._cache[device] = (move(self.mean), move(self.std), move(self.clip_low), move(self.clip_high))
         return self._cache[device]
 
-    def __call__(self, x: torch.Tensor, augment: Callable[[torch.Tensor], torch.Tensor] | None = None
-                 ) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, augment: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """x: (..., C, H, W) any dtype on any device -> float32 normalised, same shape and device.
         augment: applied to the float32 values in source units before clipping and normalising."""
         if x.shape[-3] != self.num_bands:
@@ -140,8 +152,12 @@ class Normalizer:
         return y
 
 
-def to_device(batch: Mapping[str, torch.Tensor], device: torch.device | str,
-              normalizer: Normalizer | None = None, photometric: Photometric | None = None) -> dict:
+def to_device(
+    batch: Mapping[str, torch.Tensor],
+    device: torch.device | str,
+    normalizer: Normalizer | None = None,
+    photometric: Photometric | None = None,
+) -> dict:
     """Copy a loader batch to ``device`` (``non_blocking``; the loader pins memory on CUDA hosts),
     then turn image keys (``global_crops``/``local_crops``/``images``) into normalised float32 there.
 
@@ -169,12 +185,15 @@ def to_device(batch: Mapping[str, torch.Tensor], device: torch.device | str,
     return out
 
 
-def _augmenter(params: torch.Tensor | None, photometric: Photometric | None, device: torch.device,
-               key: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
+def _augmenter(
+    params: torch.Tensor | None, photometric: Photometric | None, device: torch.device, key: str
+) -> Callable[[torch.Tensor], torch.Tensor] | None:
     if params is None:
         return None
     if photometric is None:
-        raise ValueError(f"the batch carries photometric parameters for '{key}' but no photometric was given; "
-                         "pass the loader's .photometric to to_device")
+        raise ValueError(
+            f"the batch carries photometric parameters for '{key}' but no photometric was given; "
+            "pass the loader's .photometric to to_device"
+        )
     p = params.to(device, non_blocking=True)
     return lambda y: photometric.apply(y, p)

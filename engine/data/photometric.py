@@ -32,6 +32,7 @@ normalised values within ``[(p2 - mean) / std, (p98 - mean) / std]`` (the white 
 the manifest's max: one saturated pixel at 24,147 against a p98 of 8,621 turned normalised global
 crops of a Landsat scene into std 3.6 with 16 % of values beyond |z| = 5).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -113,8 +114,14 @@ class Photometric:
     :meth:`augment_crop`).
     """
 
-    def __init__(self, band_range: BandRange, rgb: bool = True, spectral: str = "none",
-                 blur_all_bands: bool = False, nodata: float | None = None):
+    def __init__(
+        self,
+        band_range: BandRange,
+        rgb: bool = True,
+        spectral: str = "none",
+        blur_all_bands: bool = False,
+        nodata: float | None = None,
+    ):
         if spectral not in ("none", "shared", "per_band"):
             raise ValueError(f"spectral jitter {spectral!r} is not 'none', 'shared' or 'per_band'")
         self.range, self.rgb, self.spectral, self.blur_all_bands = band_range, rgb, spectral, blur_all_bands
@@ -140,16 +147,16 @@ class Photometric:
         if mode == "colour":
             if rng.random() < kind.jitter_p:
                 row[_ORDER] = rng.permutation(4)
-                row[_BANDS:_BANDS + bands] = rng.uniform(1 - b, 1 + b)
-                row[_BANDS + bands:] = rng.uniform(1 - c, 1 + c)
+                row[_BANDS : _BANDS + bands] = rng.uniform(1 - b, 1 + b)
+                row[_BANDS + bands :] = rng.uniform(1 - c, 1 + c)
                 row[_SAT] = rng.uniform(1 - s, 1 + s)
                 row[_HUE] = rng.uniform(-h, h)
             row[_GRAY] = rng.random() < kind.gray_p
         elif mode == "spectral" and rng.random() < kind.jitter_p:
             row[0:2] = rng.permutation(2)
             n = bands if self.spectral == "per_band" else 1
-            row[_BANDS:_BANDS + bands] = rng.uniform(1 - b, 1 + b, n)
-            row[_BANDS + bands:] = rng.uniform(1 - c, 1 + c, n)
+            row[_BANDS : _BANDS + bands] = rng.uniform(1 - b, 1 + b, n)
+            row[_BANDS + bands :] = rng.uniform(1 - c, 1 + c, n)
         if (mode == "colour" or self.blur_all_bands) and rng.random() < kind.blur_p:
             row[_SIGMA] = rng.uniform(*SIGMA)
         if mode == "colour":
@@ -174,7 +181,7 @@ class Photometric:
         chunk = max(1, _CPU_CHUNK_BYTES // (x[0].numel() * 4))
         if x.device.type == "cpu" and x.shape[0] > chunk:
             for i in range(0, x.shape[0], chunk):
-                x[i:i + chunk] = self._apply(mode, x[i:i + chunk], params[i:i + chunk])
+                x[i : i + chunk] = self._apply(mode, x[i : i + chunk], params[i : i + chunk])
             return x
         return self._apply(mode, x, params)
 
@@ -184,7 +191,7 @@ class Photometric:
             return _where(x, sigma > 0, lambda v, i: gaussian_blur(v, sigma[i]))
         u = self.range.to_unit(x)
         c = x.shape[1]
-        bright, contrast = params[:, _BANDS:_BANDS + c], params[:, _BANDS + c:]
+        bright, contrast = params[:, _BANDS : _BANDS + c], params[:, _BANDS + c :]
         order = params[:, _ORDER]
 
         def jitter(v: torch.Tensor, i) -> torch.Tensor:

@@ -9,6 +9,7 @@ crop, and ``torch.from_numpy`` accepts it without the read-only warning.
 A raw sample is ``{"__key__": str, "__url__": str, "<ext>": bytearray, ...}`` where ``<ext>`` is
 the member name after the first dot (``img.npy``, ``json``).
 """
+
 from __future__ import annotations
 
 import functools
@@ -62,7 +63,7 @@ def _read_exact(f, n: int) -> bytearray:
         if k is None:
             chunk = f.read(n - got)
             k = len(chunk)
-            view[got:got + k] = chunk
+            view[got : got + k] = chunk
         if not k:
             raise TarFormatError(f"unexpected end of data after {got} of {n} bytes")
         got += k
@@ -86,7 +87,7 @@ def _pax_path(data: bytes) -> str | None:
     while pos < len(data):
         sp = data.index(b" ", pos)
         length = int(data[pos:sp])
-        key, _, value = data[sp + 1:pos + length - 1].partition(b"=")
+        key, _, value = data[sp + 1 : pos + length - 1].partition(b"=")
         if key == b"path":
             path = value.decode("utf-8")
         pos += length
@@ -148,7 +149,7 @@ def iter_shard(url: str, opener: Callable[[str], io.RawIOBase]) -> Iterator[dict
             if dot <= 0 or tail.startswith("__"):
                 continue
             key = head + sep + tail[:dot]
-            ext = tail[dot + 1:].lower()
+            ext = tail[dot + 1 :].lower()
             if current is None or current["__key__"] != key:
                 if current is not None:
                     yield current
@@ -187,7 +188,7 @@ def decode_npy(buf: bytearray) -> np.ndarray:
         start, hlen = 12, int.from_bytes(mv[8:12], "little")
     else:
         raise CorruptSample(f"unsupported .npy version {major}")
-    shape, fortran, dtype = _parse_header(bytes(mv[:start + hlen]))
+    shape, fortran, dtype = _parse_header(bytes(mv[: start + hlen]))
     if dtype.hasobject:
         raise CorruptSample("object arrays are not allowed in shards")
     count = int(np.prod(shape)) if shape else 1

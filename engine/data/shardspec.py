@@ -18,6 +18,7 @@ a worker traceback hours later. The manifest is searched beside local shards whe
 name it; its per-shard ``count`` lets the loader size epochs and split work exactly. Shards it
 lists with 0 samples are left out with a warning (an error when all are).
 """
+
 from __future__ import annotations
 
 import glob as globlib
@@ -72,12 +73,15 @@ def load_manifest(path: str | Path, flag: str = "--data.shards") -> dict:
     except FileNotFoundError:
         raise UserError(f"{flag} '{p}': manifest not found; run the converter (shards/) first") from None
     except (OSError, ValueError) as e:
-        raise UserError(f"{flag} '{p}': unreadable manifest ({e.__class__.__name__}: {e}); "
-                        "re-run the converter or restore the file") from None
+        raise UserError(
+            f"{flag} '{p}': unreadable manifest ({e.__class__.__name__}: {e}); re-run the converter or restore the file"
+        ) from None
     if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT:
         got = m.get("format") if isinstance(m, dict) else type(m).__name__
-        raise UserError(f"{flag} '{p}': format {got!r} is not {MANIFEST_FORMAT!r}; "
-                        "convert the archive with this version's converter")
+        raise UserError(
+            f"{flag} '{p}': format {got!r} is not {MANIFEST_FORMAT!r}; "
+            "convert the archive with this version's converter"
+        )
     shards = m.get("shards")
     if not isinstance(shards, list) or not all(isinstance(s, dict) and "name" in s for s in shards):
         raise UserError(f"{flag} '{p}': 'shards' must be a list of {{name, count, ...}} entries")
@@ -131,8 +135,10 @@ def _expand_one(spec: str, flag: str) -> tuple[list[str], tuple[Path, dict] | No
     if p.is_dir():
         mp = p / MANIFEST_NAME
         if not mp.is_file():
-            raise UserError(f"{flag} '{spec}': directory has no {MANIFEST_NAME}; pass a glob like "
-                            f"'{p}/*.tar' or convert the archive with the converter first")
+            raise UserError(
+                f"{flag} '{spec}': directory has no {MANIFEST_NAME}; pass a glob like "
+                f"'{p}/*.tar' or convert the archive with the converter first"
+            )
         urls, m = _from_manifest_file(mp, flag)
         return urls, (mp, m)
     if p.is_file():
@@ -144,8 +150,10 @@ def _expand_one(spec: str, flag: str) -> tuple[list[str], tuple[Path, dict] | No
         return _from_list_file(p, flag), None
     urls = _expand_pattern(spec, flag)
     if urls == [spec]:
-        raise UserError(f"{flag} '{spec}': no such file or directory; give a shard directory "
-                        "(with manifest.json), a glob, a brace pattern or a list file")
+        raise UserError(
+            f"{flag} '{spec}': no such file or directory; give a shard directory "
+            "(with manifest.json), a glob, a brace pattern or a list file"
+        )
     return urls, None
 
 
@@ -158,8 +166,7 @@ def _find_manifest(urls: list[str], flag: str) -> tuple[Path, dict] | None:
     return (mp, load_manifest(mp, flag)) if mp.is_file() else None
 
 
-def resolve_shards(spec: str | Sequence[str], manifest: str = "",
-                   flag: str = "--data.shards") -> ShardSet:
+def resolve_shards(spec: str | Sequence[str], manifest: str = "", flag: str = "--data.shards") -> ShardSet:
     """Expand ``spec`` (see module docstring) and attach the manifest (``manifest`` path wins).
 
     Raises UserError for an empty spec, patterns matching nothing, missing local shards, a
@@ -202,17 +209,23 @@ def resolve_shards(spec: str | Sequence[str], manifest: str = "",
     return ShardSet(urls=urls, counts=counts, manifest=m, manifest_path=mpath)
 
 
-def _drop_empty(urls: list[str], counts: list[int | None], flag: str, mpath: str
-                ) -> tuple[list[str], list[int | None]]:
+def _drop_empty(urls: list[str], counts: list[int | None], flag: str, mpath: str) -> tuple[list[str], list[int | None]]:
     """Leave out shards the manifest lists with 0 samples: read endlessly, a resampled stream would
     spin on them without ever yielding. All of them empty is an error."""
     empty = [u for u, c in zip(urls, counts) if c == 0]
     if not empty:
         return urls, counts
     if len(empty) == len(urls):
-        raise UserError(f"{flag}: every shard listed in '{mpath}' holds 0 samples ({len(urls)} shard(s)); "
-                        "re-run the converter (see its skipped.jsonl for why inputs were skipped)")
-    log.warning("%s: skipping %d shard(s) the manifest lists with 0 samples: %s%s", flag, len(empty),
-                ", ".join(os.path.basename(u) for u in empty[:3]), " ..." if len(empty) > 3 else "")
+        raise UserError(
+            f"{flag}: every shard listed in '{mpath}' holds 0 samples ({len(urls)} shard(s)); "
+            "re-run the converter (see its skipped.jsonl for why inputs were skipped)"
+        )
+    log.warning(
+        "%s: skipping %d shard(s) the manifest lists with 0 samples: %s%s",
+        flag,
+        len(empty),
+        ", ".join(os.path.basename(u) for u in empty[:3]),
+        " ..." if len(empty) > 3 else "",
+    )
     kept = [(u, c) for u, c in zip(urls, counts) if c != 0]
     return [u for u, _ in kept], [c for _, c in kept]

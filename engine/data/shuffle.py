@@ -14,6 +14,7 @@ So the buffer here
 The output is a deterministic function of the input order and ``rng``, which the loader's exact
 resume relies on (it replays the shuffled stream by count).
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -26,8 +27,9 @@ def sample_bytes(sample: dict) -> int:
     return sum(len(v) for v in sample.values() if isinstance(v, (bytes, bytearray, memoryview)))
 
 
-def shuffled(samples: Iterator[dict], rng: np.random.Generator, max_samples: int, max_bytes: int,
-             initial: int) -> Iterator[dict]:
+def shuffled(
+    samples: Iterator[dict], rng: np.random.Generator, max_samples: int, max_bytes: int, initial: int
+) -> Iterator[dict]:
     """``samples`` in shuffled order through a buffer of at most ``max_samples`` samples and
     ``max_bytes`` payload bytes (0 = no byte cap); ``max_samples <= 1`` passes them through."""
     if max_samples <= 1:

@@ -6,6 +6,7 @@ workers' counters (they travel with each batch) and aborts with :class:`SkipRate
 ``skipped / (seen + skipped)`` exceeds ``--data.max_skip_rate`` after at least
 ``MIN_SAMPLES_FOR_ABORT`` samples (so one bad sample among the first ten does not end a run).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -45,8 +46,9 @@ class SkipCounter:
         """A shard failed to open or broke off; ``lost`` samples of it were not read (>= 1)."""
         self.skipped += max(1, lost)
         self.bad_shards += 1
-        self._log("skipping the rest of shard %s (%d sample(s) lost): %s: %s", url, max(1, lost),
-                  err.__class__.__name__, err)
+        self._log(
+            "skipping the rest of shard %s (%d sample(s) lost): %s: %s", url, max(1, lost), err.__class__.__name__, err
+        )
 
     def _log(self, fmt: str, *args) -> None:
         # Messages travel to the main process with the next batch (drain) and are logged there:
@@ -83,4 +85,5 @@ def check_skip_rate(seen: int, skipped: int, max_rate: float, where: str, last: 
         raise SkipRateExceeded(
             f"--data.max_skip_rate: {where} skipped {skipped} of {total} samples ({rate:.1%} > "
             f"{max_rate:.1%}); the shards are damaged: run the shard verifier and re-convert the bad "
-            "shards, or raise --data.max_skip_rate if losing them is acceptable" + (f" (last: {last})" if last else ""))
+            "shards, or raise --data.max_skip_rate if losing them is acceptable" + (f" (last: {last})" if last else "")
+        )

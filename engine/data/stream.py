@@ -31,6 +31,7 @@ A resampled worker whose every shard turned out to hold no sample (possible only
 gives no counts; listed empty shards are dropped up front by :mod:`engine.data.shardspec`) stops
 with a UserError instead of re-reading them forever.
 """
+
 from __future__ import annotations
 
 import logging
@@ -114,8 +115,11 @@ def seed_rng(*entropy: int) -> np.random.Generator:
 
 def _control_field(name: str) -> property:
     """A ShardStream attribute stored in its shared ``control`` block."""
-    return property(lambda self: getattr(self.control, name), lambda self, v: setattr(self.control, name, v),
-                    doc=f"``control.{name}`` (see :class:`~engine.data.epoch.EpochControl`)")
+    return property(
+        lambda self: getattr(self.control, name),
+        lambda self, v: setattr(self.control, name, v),
+        doc=f"``control.{name}`` (see :class:`~engine.data.epoch.EpochControl`)",
+    )
 
 
 class ShardStream(IterableDataset):
@@ -130,8 +134,14 @@ class ShardStream(IterableDataset):
     each epoch's values; the loader gives it one slot per logical worker.
     """
 
-    def __init__(self, plan: StreamPlan, view, label_fn: Callable[[dict], int] | None = None,
-                 opener: Callable | None = None, num_workers: int = 1):
+    def __init__(
+        self,
+        plan: StreamPlan,
+        view,
+        label_fn: Callable[[dict], int] | None = None,
+        opener: Callable | None = None,
+        num_workers: int = 1,
+    ):
         super().__init__()
         self.plan, self.view, self.label_fn = plan, view, label_fn
         self.opener = opener or ShardOpener()
@@ -174,8 +184,7 @@ class ShardStream(IterableDataset):
             n = len(range(offset, n, stride))
         return n
 
-    def expected_samples(self, epoch: int, worker: int, num_workers: int, rank: int | None = None
-                         ) -> int | None:
+    def expected_samples(self, epoch: int, worker: int, num_workers: int, rank: int | None = None) -> int | None:
         """Samples logical ``worker`` yields in an exact epoch per the manifest (None if unknown)."""
         return self._samples_of(self.assignment(epoch, worker, num_workers, rank))
 
@@ -183,8 +192,9 @@ class ShardStream(IterableDataset):
         """Per logical worker batch count of an epoch (resampled: its share of steps_per_epoch)."""
         p = self.plan
         if p.resampled:
-            return [p.steps_per_epoch // num_workers + (w < p.steps_per_epoch % num_workers)
-                    for w in range(num_workers)]
+            return [
+                p.steps_per_epoch // num_workers + (w < p.steps_per_epoch % num_workers) for w in range(num_workers)
+            ]
         order = self._order(epoch)
         rank = p.rank if rank is None else rank
         out: list[int | None] = []
@@ -252,21 +262,26 @@ class ShardStream(IterableDataset):
             except Exception as e:  # noqa: BLE001 - any read failure of a shard is a bad shard
                 lost = (expected - read) if expected is not None and expected > read else 1
                 counter.bad_shard(url, e, -(-lost // share))
-                check_skip_rate(counter.seen, counter.skipped, p.max_skip_rate, f"worker {worker}",
-                                (counter.pending or [""])[-1])
+                check_skip_rate(
+                    counter.seen, counter.skipped, p.max_skip_rate, f"worker {worker}", (counter.pending or [""])[-1]
+                )
                 continue
             if expected is not None and read < expected:
-                counter.bad_shard(url, EOFError(f"shard ended after {read} of {expected} samples"),
-                                  -(-(expected - read) // share))
-                check_skip_rate(counter.seen, counter.skipped, p.max_skip_rate, f"worker {worker}",
-                                (counter.pending or [""])[-1])
+                counter.bad_shard(
+                    url, EOFError(f"shard ended after {read} of {expected} samples"), -(-(expected - read) // share)
+                )
+                check_skip_rate(
+                    counter.seen, counter.skipped, p.max_skip_rate, f"worker {worker}", (counter.pending or [""])[-1]
+                )
             if read:
                 empty.clear()
             elif p.resampled:
                 empty.add(si)
                 if len(empty) == len(p.urls):
-                    raise UserError(f"--data.shards: none of the {len(p.urls)} shard(s) holds a sample "
-                                    f"(e.g. '{url}' is an empty tar); re-run the converter or point at other shards")
+                    raise UserError(
+                        f"--data.shards: none of the {len(p.urls)} shard(s) holds a sample "
+                        f"(e.g. '{url}' is an empty tar); re-run the converter or point at other shards"
+                    )
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -284,9 +299,13 @@ class ShardStream(IterableDataset):
         quota = quotas[worker] if quotas else None
         if quota is not None and batches_done >= quota:
             return
-        raw = shuffled(self._raw_samples(worker, num_workers, counter, epoch),
-                       seed_rng(p.seed, epoch, p.rank, worker, _SHUFFLE_STREAM),
-                       p.shuffle_buffer, p.shuffle_bytes, p.shuffle_initial)
+        raw = shuffled(
+            self._raw_samples(worker, num_workers, counter, epoch),
+            seed_rng(p.seed, epoch, p.rank, worker, _SHUFFLE_STREAM),
+            p.shuffle_buffer,
+            p.shuffle_bytes,
+            p.shuffle_initial,
+        )
         for _ in range(raw_done):  # replay without decoding: reads bytes, skips all transforms
             if next(raw, None) is None:
                 return
@@ -307,8 +326,9 @@ class ShardStream(IterableDataset):
                 raise  # a configuration problem (e.g. photometric statistics missing), not bad data
             except Exception as e:  # noqa: BLE001 - the handler policy: log, count, skip, bounded rate
                 counter.bad_sample(sample.get("__key__", "?"), sample.get("__url__", "?"), e)
-                check_skip_rate(counter.seen, counter.skipped, p.max_skip_rate, f"worker {worker}",
-                                (counter.pending or [""])[-1])
+                check_skip_rate(
+                    counter.seen, counter.skipped, p.max_skip_rate, f"worker {worker}", (counter.pending or [""])[-1]
+                )
                 continue
             counter.ok()
             items.append(item)
@@ -329,9 +349,17 @@ class ShardStream(IterableDataset):
     def _position(self, worker, index, raw_pos, size, counter, base, trailer=False) -> dict:
         self._reported = counter.as_tuple()
         seen, skipped, bad = self._reported
-        return {"worker": worker, "index": index, "raw": raw_pos, "size": size, "trailer": trailer,
-                "events": counter.drain(),
-                "seen": seen - base[0], "skipped": skipped - base[1], "bad_shards": bad - base[2]}
+        return {
+            "worker": worker,
+            "index": index,
+            "raw": raw_pos,
+            "size": size,
+            "trailer": trailer,
+            "events": counter.drain(),
+            "seen": seen - base[0],
+            "skipped": skipped - base[1],
+            "bad_shards": bad - base[2],
+        }
 
     def _emit(self, items, rng, worker, index, raw_pos, counter, base) -> dict:
         batch = self.view.collate(items, rng)

@@ -19,6 +19,7 @@ Data flow inside a loader worker, per crop:
 Randomness comes from a ``numpy.random.Generator`` the caller seeds per batch, so a resumed
 stream reproduces the augmentations of the original run.
 """
+
 from __future__ import annotations
 
 import math
@@ -36,8 +37,7 @@ def torch_dtype(dtype: np.dtype) -> torch.dtype:
     return torch.from_numpy(np.empty(0, dtype=dtype)).dtype
 
 
-def random_resized_box(rng: np.random.Generator, h: int, w: int, scale: Sequence[float],
-                       ratio: Sequence[float]) -> Box:
+def random_resized_box(rng: np.random.Generator, h: int, w: int, scale: Sequence[float], ratio: Sequence[float]) -> Box:
     """Inception-style crop box: area fraction ~ U(scale), aspect ~ log-U(ratio); 10 tries, then
     the largest centred box within ``ratio``."""
     area = h * w
@@ -76,7 +76,7 @@ def random_dihedral(rng: np.random.Generator) -> int:
 def crop_view(arr: np.ndarray, box: Box, dihedral: int = 0) -> np.ndarray:
     """(C, H, W) -> (C, h, w) view of ``box`` after the dihedral element (strides only, no copy)."""
     top, left, ch, cw = box
-    v = arr[:, top:top + ch, left:left + cw]
+    v = arr[:, top : top + ch, left : left + cw]
     if dihedral & 4:
         v = v[:, :, ::-1]
     turns = dihedral & 3
@@ -91,7 +91,7 @@ def select_bands(view: np.ndarray, bands: Sequence[int] | None) -> np.ndarray:
         return view
     b = list(bands)
     if b == list(range(b[0], b[0] + len(b))):
-        return view[b[0]:b[0] + len(b)]
+        return view[b[0] : b[0] + len(b)]
     return view[b]
 
 
@@ -110,8 +110,7 @@ def resize(x: torch.Tensor, size: int) -> torch.Tensor:
     if x.shape[-2:] == (size, size):
         return x
     shrink = x.shape[-2] > size or x.shape[-1] > size
-    return F.interpolate(x[None], size=(size, size), mode="bilinear", align_corners=False,
-                         antialias=shrink)[0]
+    return F.interpolate(x[None], size=(size, size), mode="bilinear", align_corners=False, antialias=shrink)[0]
 
 
 def cast_back(x: torch.Tensor, dtype: np.dtype) -> torch.Tensor:
@@ -123,14 +122,16 @@ def cast_back(x: torch.Tensor, dtype: np.dtype) -> torch.Tensor:
     return x.to(torch_dtype(dtype))
 
 
-def crop_resize(arr: np.ndarray, box: Box, size: int, dihedral: int = 0,
-                bands: Sequence[int] | None = None) -> torch.Tensor:
+def crop_resize(
+    arr: np.ndarray, box: Box, size: int, dihedral: int = 0, bands: Sequence[int] | None = None
+) -> torch.Tensor:
     """Float32 (C', size, size) crop of ``arr`` (C', the selected bands), before any cast back."""
     return resize(to_float(select_bands(crop_view(arr, box, dihedral), bands)), size)
 
 
-def crop_resize_native(arr: np.ndarray, box: Box, size: int, dihedral: int = 0,
-                       bands: Sequence[int] | None = None) -> torch.Tensor:
+def crop_resize_native(
+    arr: np.ndarray, box: Box, size: int, dihedral: int = 0, bands: Sequence[int] | None = None
+) -> torch.Tensor:
     """Like :func:`crop_resize` but returned in the source dtype; skips the float round trip when
     the box already has the output size (e.g. eval on chips converted at the model's size), and
     resizes uint8 directly: torch's uint8 kernel is ~3x faster than float32 on a 224 px RGB crop
@@ -150,8 +151,14 @@ class RandomResizedCrop:
     ``dihedral``: draw flips/90° rotations (else identity). Call with (C, H, W) array and rng.
     """
 
-    def __init__(self, size: int, scale: Sequence[float], ratio: Sequence[float], dihedral: bool,
-                 bands: Sequence[int] | None = None):
+    def __init__(
+        self,
+        size: int,
+        scale: Sequence[float],
+        ratio: Sequence[float],
+        dihedral: bool,
+        bands: Sequence[int] | None = None,
+    ):
         self.size, self.scale, self.ratio = int(size), tuple(scale), tuple(ratio)
         self.dihedral, self.bands = dihedral, bands
 

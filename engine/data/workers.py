@@ -15,6 +15,7 @@ join -- the hang that held 8 GPUs until the wall-time limit (issue 15). Every lo
 workers is closed by an ``atexit`` hook registered after torch's and multiprocessing's own
 (``atexit`` runs hooks last-registered first, so ours runs while both still work).
 """
+
 from __future__ import annotations
 
 import atexit

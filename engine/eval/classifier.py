@@ -6,6 +6,7 @@ logs)``, ``trainable_parameters()``, ``on_step_end(step)``) so fine-tuning runs 
 DeepSpeed loop, checkpoints and launch story as extended pre-training, plus ``lr_multiplier(name)``
 for layer-wise lr decay.
 """
+
 from __future__ import annotations
 
 import logging
@@ -44,9 +45,14 @@ class Classifier(Objective):
         if (cfg.mixup > 0 or cfg.cutmix > 0) and not multilabel:
             from timm.data import Mixup
 
-            self.mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
-                               switch_prob=cfg.mixup_switch_prob, label_smoothing=cfg.label_smoothing,
-                               num_classes=num_classes)
+            self.mixup = Mixup(
+                mixup_alpha=cfg.mixup,
+                cutmix_alpha=cfg.cutmix,
+                prob=cfg.mixup_prob,
+                switch_prob=cfg.mixup_switch_prob,
+                label_smoothing=cfg.label_smoothing,
+                num_classes=num_classes,
+            )
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """(B, num_classes) class scores."""
@@ -71,7 +77,7 @@ class Classifier(Objective):
     def layer_id(self, name: str) -> int:
         """0 for the embeddings, i + 1 for block i, depth + 1 for the final norm and the head."""
         depth = len(self.vit.blocks)
-        return vit_layer_id(name[len("vit."):], depth) if name.startswith("vit.") else depth + 1
+        return vit_layer_id(name[len("vit.") :], depth) if name.startswith("vit.") else depth + 1
 
     def lr_multiplier(self, name: str) -> float:
         """Layer-wise lr decay (BEiT/MAE fine-tuning): layer_decay ** (depth + 1 - layer_id)."""
@@ -80,8 +86,9 @@ class Classifier(Objective):
         return float(self.layer_decay ** (len(self.vit.blocks) + 1 - self.layer_id(name)))
 
 
-def build_classifier(cfg: FinetuneRunConfig, num_classes: int, multilabel: bool = False,
-                     device: torch.device | None = None) -> tuple[Classifier, ParamReport]:
+def build_classifier(
+    cfg: FinetuneRunConfig, num_classes: int, multilabel: bool = False, device: torch.device | None = None
+) -> tuple[Classifier, ParamReport]:
     """ViT from ``cfg.model`` (weights + merged adapter) with the fine-tuning recipe applied, plus head.
 
     'lora': every block keeps its weights frozen and gets LoRA on ``finetune.lora_targets``; norms
@@ -90,9 +97,17 @@ def build_classifier(cfg: FinetuneRunConfig, num_classes: int, multilabel: bool 
     ft = cfg.finetune
     vit = build_vit(cfg.model)
     if ft.mode == "lora":
-        report = apply_explora(vit, unfreeze_blocks=[], lora_rank=ft.lora_rank, lora_alpha=ft.lora_alpha,
-                               lora_targets=list(ft.lora_targets), lora_dropout=ft.lora_dropout,
-                               train_norms=ft.train_norms, train_tokens=False, train_mask_token=False)
+        report = apply_explora(
+            vit,
+            unfreeze_blocks=[],
+            lora_rank=ft.lora_rank,
+            lora_alpha=ft.lora_alpha,
+            lora_targets=list(ft.lora_targets),
+            lora_dropout=ft.lora_dropout,
+            train_norms=ft.train_norms,
+            train_tokens=False,
+            train_mask_token=False,
+        )
     else:
         vit.requires_grad_(True)
         if isinstance(getattr(vit, "mask_token", None), nn.Parameter):
@@ -102,6 +117,11 @@ def build_classifier(cfg: FinetuneRunConfig, num_classes: int, multilabel: bool 
     if device is not None:
         model.to(device)
     head = sum(p.numel() for p in model.head.parameters())
-    log.info("fine-tune (%s): %s backbone + %s head parameters train, %s frozen", ft.mode,
-             f"{report.trainable:,}", f"{head:,}", f"{report.frozen:,}")
+    log.info(
+        "fine-tune (%s): %s backbone + %s head parameters train, %s frozen",
+        ft.mode,
+        f"{report.trainable:,}",
+        f"{head:,}",
+        f"{report.frozen:,}",
+    )
     return model, report

@@ -1,6 +1,7 @@
 """Typed configs of the downstream runs: supervised fine-tuning (``launchers/finetune.py``) and
 frozen-feature evaluation (``launchers/evaluate.py``). They reuse the pre-training sections
 (data, crops, model, optim, zero, deepspeed, kernels, train) and add their own."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -61,8 +62,11 @@ class FinetuneConfig:
         _check(self.lora_rank > 0, "finetune.lora_rank", "must be > 0")
         bad = sorted(set(self.lora_targets) - {"q", "k", "v", "proj", "fc1", "fc2"})
         _check(not bad, "finetune.lora_targets", f"unknown target(s) {bad}; use any of q,k,v,proj,fc1,fc2")
-        _check(self.mode == "full" or bool(self.lora_targets), "finetune.lora_targets",
-               "is empty; LoRA fine-tuning needs at least one target (or --finetune.mode full)")
+        _check(
+            self.mode == "full" or bool(self.lora_targets),
+            "finetune.lora_targets",
+            "is empty; LoRA fine-tuning needs at least one target (or --finetune.mode full)",
+        )
         _check(0.0 <= self.label_smoothing < 1.0, "finetune.label_smoothing", "must be in [0, 1)")
         _check(self.mixup >= 0 and self.cutmix >= 0, "finetune.mixup", "mixup/cutmix alphas must be >= 0")
         _check(0.0 <= self.mixup_prob <= 1.0, "finetune.mixup_prob", "must be in [0, 1]")
@@ -87,8 +91,11 @@ class FinetuneRunConfig:
     def validate(self) -> None:
         """Training and validation views are model.img_size: a multiple of the patch size."""
         check_image_sizes(self.model.name, [("model.img_size", self.model.img_size)])
-        _check(self.optim.layerwise_decay == 1.0, "optim.layerwise_decay",
-               "is the pre-training (DINOv2) setting; fine-tuning uses --finetune.layer_decay")
+        _check(
+            self.optim.layerwise_decay == 1.0,
+            "optim.layerwise_decay",
+            "is the pre-training (DINOv2) setting; fine-tuning uses --finetune.layer_decay",
+        )
 
 
 @dataclass
@@ -123,7 +130,11 @@ class EvalConfig:
     def validate(self) -> None:
         _check(len(self.splits) in (2, 3), "eval.splits", "give train,val or train,val,test split names")
         _check(len(self.probe_lrs) > 0 and min(self.probe_lrs) > 0, "eval.probe_lrs", "needs positive values")
-        _check(self.probe_epochs > 0 and self.probe_batch_size > 0, "eval.probe_epochs", "epochs and batch size must be > 0")
+        _check(
+            self.probe_epochs > 0 and self.probe_batch_size > 0,
+            "eval.probe_epochs",
+            "epochs and batch size must be > 0",
+        )
         _check(self.knn_k > 0 and self.knn_temperature > 0, "eval.knn_k", "k and temperature must be > 0")
         _check(bool(self.output_dir), "eval.output_dir", "must name a directory")
 

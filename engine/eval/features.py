@@ -8,6 +8,7 @@ linear probe / kNN itself and all ranks agree on the result. The gather goes thr
 Feature caches (:func:`save_features` / :func:`load_features`) are keyed by a fingerprint of the
 model and the data, so ``launchers/evaluate.py`` re-runs only the probes when nothing changed.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -27,6 +28,7 @@ from engine.model.tokens import forward_tokens, pool_tokens
 from engine.progress import progress
 
 log = logging.getLogger(__name__)
+
 
 def gather_rows(t: torch.Tensor) -> torch.Tensor:
     """Concatenate each rank's (n_r, ...) CPU tensor in rank order (identity without a process group)."""
@@ -64,15 +66,23 @@ def lockstep(loader: Iterable, device: torch.device) -> Iterator[tuple[dict, boo
         if b is not None:
             last = b
         if last is None:
-            raise UserError(f"the eval split has fewer samples than ranks ({dist.get_world_size()}); "
-                            "evaluate it on fewer ranks")
+            raise UserError(
+                f"the eval split has fewer samples than ranks ({dist.get_world_size()}); evaluate it on fewer ranks"
+            )
         yield (last, b is not None)
 
 
 @torch.no_grad()
-def run_over(loader: Iterable, device: torch.device, fn: Callable[[torch.Tensor], dict[str, torch.Tensor]],
-             normalizer=None, precision: str = "fp32", desc: str = "eval", total: int | None = None,
-             input_dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def run_over(
+    loader: Iterable,
+    device: torch.device,
+    fn: Callable[[torch.Tensor], dict[str, torch.Tensor]],
+    normalizer=None,
+    precision: str = "fp32",
+    desc: str = "eval",
+    total: int | None = None,
+    input_dtype: torch.dtype | None = None,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Apply ``fn(images) -> {name: (B, ...)}`` to every batch; returns ({name: (N, ...)} fp32 CPU,
     labels (N, ...)) over all ranks. input_dtype: cast the normalised images (a model stored in 16 bits)."""
     outs: dict[str, list[torch.Tensor]] = {}
@@ -95,15 +105,28 @@ def run_over(loader: Iterable, device: torch.device, fn: Callable[[torch.Tensor]
     return cat, lab
 
 
-def extract_features(vit: VisionTransformer, loader, device: torch.device, pools: Sequence[str] = ("cls",),
-                     precision: str = "fp32", desc: str = "features") -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def extract_features(
+    vit: VisionTransformer,
+    loader,
+    device: torch.device,
+    pools: Sequence[str] = ("cls",),
+    precision: str = "fp32",
+    desc: str = "features",
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Frozen features of every sample of ``loader`` (all ranks): ({pool: (N, D_pool)}, labels)."""
     was_training = vit.training
     vit.eval()
     try:
         batches = len(loader) if hasattr(loader, "__len__") else None
-        return run_over(loader, device, lambda x: {p: pool_tokens(forward_tokens(vit, x), p) for p in pools},
-                        getattr(loader, "normalizer", None), precision, desc, batches)
+        return run_over(
+            loader,
+            device,
+            lambda x: {p: pool_tokens(forward_tokens(vit, x), p) for p in pools},
+            getattr(loader, "normalizer", None),
+            precision,
+            desc,
+            batches,
+        )
     finally:
         vit.train(was_training)
 

@@ -10,6 +10,7 @@ Run directory (``train.output_dir``): the trainer's files (config.yaml, metrics.
   (:func:`load_best`). Under ZeRO-3 the tensors are gathered before saving.
 - ``best/meta.json`` and ``results.json`` (every validation, the best, parameter counts, wall time).
 """
+
 from __future__ import annotations
 
 import json
@@ -31,15 +32,23 @@ from engine.eval.metrics import mean_average_precision, topk_accuracy
 log = logging.getLogger(__name__)
 
 
-def validate(model: Classifier, loader, device: torch.device, multilabel: bool,
-             input_dtype: torch.dtype | None = None) -> dict[str, float]:
+def validate(
+    model: Classifier, loader, device: torch.device, multilabel: bool, input_dtype: torch.dtype | None = None
+) -> dict[str, float]:
     """Top-1/top-5 (%) or mAP (%) of ``model`` over the whole val split, and the number of samples
     scored (every rank gets the same)."""
-    out, labels = run_over(loader, device, lambda x: {"logits": model.logits(x)}, loader.normalizer,
-                           desc="validate", total=len(loader) if hasattr(loader, "__len__") else None,
-                           input_dtype=input_dtype)
-    scores = ({"mAP": mean_average_precision(out["logits"], labels)} if multilabel
-              else topk_accuracy(out["logits"], labels))
+    out, labels = run_over(
+        loader,
+        device,
+        lambda x: {"logits": model.logits(x)},
+        loader.normalizer,
+        desc="validate",
+        total=len(loader) if hasattr(loader, "__len__") else None,
+        input_dtype=input_dtype,
+    )
+    scores = (
+        {"mAP": mean_average_precision(out["logits"], labels)} if multilabel else topk_accuracy(out["logits"], labels)
+    )
     return {**scores, "samples": int(labels.shape[0])}
 
 
@@ -102,8 +111,10 @@ def check_splits(cfg: FinetuneRunConfig) -> None:
         raise UserError("--data.shards: not set; give the directory holding the train/ and val/ shard splits")
     for which, split in (("train", cfg.finetune.train_split), ("val", cfg.finetune.val_split)):
         if not (Path(cfg.data.shards) / split).is_dir():
-            raise UserError(f"--data.shards '{cfg.data.shards}': no '{split}' sub-directory; convert that split "
-                            f"into {Path(cfg.data.shards) / split} (or set --finetune.{which}_split)")
+            raise UserError(
+                f"--data.shards '{cfg.data.shards}': no '{split}' sub-directory; convert that split "
+                f"into {Path(cfg.data.shards) / split} (or set --finetune.{which}_split)"
+            )
 
 
 def run_finetune(cfg: FinetuneRunConfig, env) -> dict:
@@ -121,10 +132,16 @@ def run_finetune(cfg: FinetuneRunConfig, env) -> dict:
         save_config(cfg, out / "config.yaml")
         write_run_json(out, env.world_size)
     ft = cfg.finetune
-    train = build_finetune_loader(cfg.data, cfg.crops, cfg.model.img_size, split=ft.train_split,
-                                  rank=env.rank, world_size=env.world_size, seed=cfg.train.seed)
-    val = build_eval_loader(cfg.data, cfg.model.img_size, split=ft.val_split, rank=env.rank,
-                            world_size=env.world_size)
+    train = build_finetune_loader(
+        cfg.data,
+        cfg.crops,
+        cfg.model.img_size,
+        split=ft.train_split,
+        rank=env.rank,
+        world_size=env.world_size,
+        seed=cfg.train.seed,
+    )
+    val = build_eval_loader(cfg.data, cfg.model.img_size, split=ft.val_split, rank=env.rank, world_size=env.world_size)
     multilabel = bool(getattr(train, "multilabel", False))
     classes = train.class_names
     if (ft.mixup > 0 or ft.cutmix > 0) and cfg.data.batch_size % 2:
@@ -132,8 +149,12 @@ def run_finetune(cfg: FinetuneRunConfig, env) -> dict:
     seed_all(cfg.train.seed)
     model, report = build_classifier(cfg, len(classes), multilabel)
     metric = "mAP" if multilabel else "top1"
-    keeper = BestKeeper(out, metric, env.is_main, {"classes": classes, "multilabel": multilabel,
-                                                  "model": cfg.model.name, "mode": ft.mode})
+    keeper = BestKeeper(
+        out,
+        metric,
+        env.is_main,
+        {"classes": classes, "multilabel": multilabel, "model": cfg.model.name, "mode": ft.mode},
+    )
     steps_per_epoch = max(1, len(train) // cfg.train.grad_accum_steps)
 
     def evaluate(step: int, module: Classifier) -> dict:
@@ -142,20 +163,41 @@ def run_finetune(cfg: FinetuneRunConfig, env) -> dict:
         record["epoch"] = step / steps_per_epoch
         improved = keeper.update(module, step, record)
         if env.is_main:
-            log.info("step %d (epoch %.2f): val %s%s", step, record["epoch"],
-                     ", ".join(f"{k} {v:.2f}" for k, v in record.items() if k not in ("epoch", "samples")),
-                     " (best so far, saved)" if improved else "")
+            log.info(
+                "step %d (epoch %.2f): val %s%s",
+                step,
+                record["epoch"],
+                ", ".join(f"{k} {v:.2f}" for k, v in record.items() if k not in ("epoch", "samples")),
+                " (best so far, saved)" if improved else "",
+            )
         return record
 
-    trainer = Trainer(cfg, model, train, env, prepare=lambda b: to_device(b, env.device, train.normalizer),
-                      evaluate=evaluate, eval_every=ft.eval_every or steps_per_epoch)
+    trainer = Trainer(
+        cfg,
+        model,
+        train,
+        env,
+        prepare=lambda b: to_device(b, env.device, train.normalizer),
+        evaluate=evaluate,
+        eval_every=ft.eval_every or steps_per_epoch,
+    )
     fit = trainer.fit()
     head = sum(p.numel() for p in model.head.parameters())
-    results = {"mode": ft.mode, "classes": classes, "multilabel": multilabel, "metric": metric,
-               "steps": fit.step, "steps_per_epoch": steps_per_epoch, "preempted": fit.preempted,
-               "validations": fit.evals, "best": keeper.best, "final": fit.evals[-1] if fit.evals else None,
-               "trainable_params": report.trainable + head, "total_params": report.total + head,
-               "wall_s": round(time.perf_counter() - t0, 2)}
+    results = {
+        "mode": ft.mode,
+        "classes": classes,
+        "multilabel": multilabel,
+        "metric": metric,
+        "steps": fit.step,
+        "steps_per_epoch": steps_per_epoch,
+        "preempted": fit.preempted,
+        "validations": fit.evals,
+        "best": keeper.best,
+        "final": fit.evals[-1] if fit.evals else None,
+        "trainable_params": report.trainable + head,
+        "total_params": report.total + head,
+        "wall_s": round(time.perf_counter() - t0, 2),
+    }
     if env.is_main:
         atomic_write_text(out / "results.json", json.dumps(results, indent=1))
     return results

@@ -6,6 +6,7 @@ on cls features and/or cls + mean-patch features, multi-class (top-1/top-5) or m
 ``results.json`` + ``results.txt`` and returns the results dict. Every rank extracts its share of
 the features; the probes run on rank 0's gathered copy and only rank 0 writes.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,12 +36,29 @@ def _split_features(cfg: EvalRunConfig, vit, env, split: str, pools: list[str]):
     from engine.data import build_eval_loader
     from engine.model.base_identity import base_info
 
-    loader = build_eval_loader(cfg.data, cfg.model.img_size, split=split, rank=env.rank,
-                               world_size=env.world_size, multilabel=cfg.eval.multilabel)
+    loader = build_eval_loader(
+        cfg.data,
+        cfg.model.img_size,
+        split=split,
+        rank=env.rank,
+        world_size=env.world_size,
+        multilabel=cfg.eval.multilabel,
+    )
     info = base_info(vit)
-    key = fingerprint(info.name, info.weights, info.weights_sha256(), cfg.model.adapter, to_dict(cfg.model),
-                      str(Path(cfg.data.shards) / split), loader.manifest, cfg.data.bands, cfg.data.eval_crop_pct,
-                      cfg.data.mean, cfg.data.std, cfg.data.clip_percentiles)
+    key = fingerprint(
+        info.name,
+        info.weights,
+        info.weights_sha256(),
+        cfg.model.adapter,
+        to_dict(cfg.model),
+        str(Path(cfg.data.shards) / split),
+        loader.manifest,
+        cfg.data.bands,
+        cfg.data.eval_crop_pct,
+        cfg.data.mean,
+        cfg.data.std,
+        cfg.data.clip_percentiles,
+    )
     path = Path(cfg.eval.output_dir) / "features" / f"{split}.pt"
     cached = load_features(path, key, pools) if cfg.eval.reuse_features else None
     found = [cached is not None]
@@ -50,8 +68,10 @@ def _split_features(cfg: EvalRunConfig, vit, env, split: str, pools: list[str]):
         log.info("%s: %d cached features from %s", split, len(cached[1]), path)
         feats, labels = cached
     elif found[0]:  # rank 0 has the cache, this rank does not see it (no shared filesystem)
-        raise UserError(f"--eval.output_dir '{cfg.eval.output_dir}': not on a filesystem every rank shares; "
-                        "use a shared directory or --eval.reuse_features false")
+        raise UserError(
+            f"--eval.output_dir '{cfg.eval.output_dir}': not on a filesystem every rank shares; "
+            "use a shared directory or --eval.reuse_features false"
+        )
     else:
         feats, labels = extract_features(vit, loader, env.device, pools, cfg.eval.precision, desc=f"features {split}")
         if env.is_main:
@@ -95,31 +115,58 @@ def evaluate_frozen(cfg: EvalRunConfig, env) -> dict:
     test_s = cfg.eval.splits[2] if len(cfg.eval.splits) == 3 else None
     classes, multilabel = data[train_s][2], data[train_s][3]
     t_feat = time.perf_counter() - t0
-    results = {"model": to_dict(cfg.model), "shards": cfg.data.shards, "classes": classes, "multilabel": multilabel,
-               "num_samples": {s: int(len(d[1])) for s, d in data.items()}, "has_test": test_s is not None,
-               "pools": {}}
+    results = {
+        "model": to_dict(cfg.model),
+        "shards": cfg.data.shards,
+        "classes": classes,
+        "multilabel": multilabel,
+        "num_samples": {s: int(len(d[1])) for s, d in data.items()},
+        "has_test": test_s is not None,
+        "pools": {},
+    }
     for pool in pools:
         tr, va = data[train_s], data[val_s]
         te = data[test_s] if test_s else None
-        probe = linear_probe(tr[0][pool], tr[1], va[0][pool], va[1], len(classes),
-                             te[0][pool] if te else None, te[1] if te else None, lrs=tuple(cfg.eval.probe_lrs),
-                             epochs=cfg.eval.probe_epochs, batch_size=cfg.eval.probe_batch_size,
-                             weight_decay=cfg.eval.probe_weight_decay, multilabel=multilabel, seed=cfg.eval.seed)
-        knn = {"val": knn_eval(tr[0][pool], tr[1], va[0][pool], va[1], len(classes), cfg.eval.knn_k,
-                               cfg.eval.knn_temperature), "k": cfg.eval.knn_k, "temperature": cfg.eval.knn_temperature}
+        probe = linear_probe(
+            tr[0][pool],
+            tr[1],
+            va[0][pool],
+            va[1],
+            len(classes),
+            te[0][pool] if te else None,
+            te[1] if te else None,
+            lrs=tuple(cfg.eval.probe_lrs),
+            epochs=cfg.eval.probe_epochs,
+            batch_size=cfg.eval.probe_batch_size,
+            weight_decay=cfg.eval.probe_weight_decay,
+            multilabel=multilabel,
+            seed=cfg.eval.seed,
+        )
+        knn = {
+            "val": knn_eval(
+                tr[0][pool], tr[1], va[0][pool], va[1], len(classes), cfg.eval.knn_k, cfg.eval.knn_temperature
+            ),
+            "k": cfg.eval.knn_k,
+            "temperature": cfg.eval.knn_temperature,
+        }
         if te:
-            knn["test"] = knn_eval(tr[0][pool], tr[1], te[0][pool], te[1], len(classes), cfg.eval.knn_k,
-                                   cfg.eval.knn_temperature)
+            knn["test"] = knn_eval(
+                tr[0][pool], tr[1], te[0][pool], te[1], len(classes), cfg.eval.knn_k, cfg.eval.knn_temperature
+            )
         results["pools"][pool] = {
-            "linear_probe": {"val": probe.val, "test": probe.test, "best_lr": probe.best_lr,
-                             "sweep": {str(k): v for k, v in probe.sweep.items()}},
-            "knn": knn}
+            "linear_probe": {
+                "val": probe.val,
+                "test": probe.test,
+                "best_lr": probe.best_lr,
+                "sweep": {str(k): v for k, v in probe.sweep.items()},
+            },
+            "knn": knn,
+        }
     results["feature_s"] = round(t_feat, 2)
     results["wall_s"] = round(time.perf_counter() - t0, 2)
     table = format_table(results)
     if env.is_main:
         atomic_write_text(out / "results.json", json.dumps(results, indent=1))
         atomic_write_text(out / "results.txt", table + "\n")
-        log.info("frozen-feature evaluation of %s (%s):\n%s", cfg.model.name, cfg.model.weights or "random init",
-                 table)
+        log.info("frozen-feature evaluation of %s (%s):\n%s", cfg.model.name, cfg.model.weights or "random init", table)
     return results

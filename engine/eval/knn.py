@@ -1,4 +1,5 @@
 """Weighted k-nearest-neighbour classifier on frozen features (Wu et al. 2018; as in DINO's eval)."""
+
 from __future__ import annotations
 
 import torch
@@ -29,15 +30,15 @@ def knn_scores(
     k = min(k, train.shape[0])
     out = torch.empty(test.shape[0], num_classes)
     for s in range(0, test.shape[0], chunk):
-        sim = test[s:s + chunk] @ train.T  # (n, N_train)
+        sim = test[s : s + chunk] @ train.T  # (n, N_train)
         top_sim, top_idx = sim.topk(k, dim=1)
         weights = (top_sim / temperature).exp()
         if multilabel:
-            out[s:s + chunk] = torch.einsum("nk,nkc->nc", weights, train_labels[top_idx].float())
+            out[s : s + chunk] = torch.einsum("nk,nkc->nc", weights, train_labels[top_idx].float())
         else:
             votes = torch.zeros(sim.shape[0], num_classes)
             votes.scatter_add_(1, train_labels[top_idx], weights)
-            out[s:s + chunk] = votes
+            out[s : s + chunk] = votes
     return out
 
 

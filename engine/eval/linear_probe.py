@@ -4,6 +4,7 @@ All heads of the grid see the same mini-batches; each has its own lr. Features a
 with the train split's mean/std first, so one lr grid fits backbones of any feature scale.
 The lr is picked on the validation split; the test split (if given) is only ever evaluated.
 """
+
 from __future__ import annotations
 
 import math
@@ -69,8 +70,9 @@ def linear_probe(
     for h in heads:
         nn.init.normal_(h.weight, std=0.01, generator=g)
         nn.init.zeros_(h.bias)
-    opt = torch.optim.SGD([{"params": h.parameters(), "lr": lr} for h, lr in zip(heads, lrs)],
-                          momentum=0.9, weight_decay=weight_decay)
+    opt = torch.optim.SGD(
+        [{"params": h.parameters(), "lr": lr} for h, lr in zip(heads, lrs)], momentum=0.9, weight_decay=weight_decay
+    )
     n = x.shape[0]
     steps_per_epoch = max(1, math.ceil(n / batch_size))
     total = epochs * steps_per_epoch
@@ -78,13 +80,14 @@ def linear_probe(
     for _ in range(epochs):
         perm = torch.randperm(n, generator=g)
         for s in range(steps_per_epoch):
-            idx = perm[s * batch_size:(s + 1) * batch_size]
+            idx = perm[s * batch_size : (s + 1) * batch_size]
             xb, yb = x[idx], y[idx]
             loss = xb.new_zeros(())
             for h in heads:
                 out = h(xb)
-                loss = loss + (F.binary_cross_entropy_with_logits(out, yb.float()) if multilabel
-                               else F.cross_entropy(out, yb))
+                loss = loss + (
+                    F.binary_cross_entropy_with_logits(out, yb.float()) if multilabel else F.cross_entropy(out, yb)
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -1,4 +1,5 @@
 """Classification metrics: top-k accuracy (multi-class) and mean average precision (multi-label)."""
+
 from __future__ import annotations
 
 import torch

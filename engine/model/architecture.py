@@ -11,6 +11,7 @@ Tiny models for tests and demos: ``name`` 'tiny' (DINOv2-style, patch 14), 'tiny
 or 'tiny_mae' (MAE-style, patch 16) = width 64, depth 2, 2 heads; ``embed_dim``/``depth``/``num_heads``
 override any architecture.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -50,8 +51,10 @@ def resolve_arch(name: str) -> tuple[str, dict]:
     if timm.is_model(base) and base.startswith(("vit_", "deit")):
         log.warning("model %s is not one of the tested DINOv2/MAE architectures; building it anyway", base)
         return base, {}
-    raise UserError(f"--model.name: unknown architecture {name!r}; choose one of "
-                    f"{', '.join(DINOV2_ARCHS + MAE_ARCHS + tuple(TINY_ARCHS))}")
+    raise UserError(
+        f"--model.name: unknown architecture {name!r}; choose one of "
+        f"{', '.join(DINOV2_ARCHS + MAE_ARCHS + tuple(TINY_ARCHS))}"
+    )
 
 
 def create_vit(cfg: ModelConfig, device: str | torch.device | None = None) -> VisionTransformer:
@@ -61,11 +64,18 @@ def create_vit(cfg: ModelConfig, device: str | torch.device | None = None) -> Vi
         if getattr(cfg, k) is not None:
             shape[k] = int(getattr(cfg, k))
     if "embed_dim" in shape and "num_heads" in shape and shape["embed_dim"] % shape["num_heads"]:
-        raise UserError(f"--model.embed_dim {shape['embed_dim']} is not divisible by --model.num_heads "
-                        f"{shape['num_heads']}")
+        raise UserError(
+            f"--model.embed_dim {shape['embed_dim']} is not divisible by --model.num_heads {shape['num_heads']}"
+        )
     group = cfg.patch_embed == "group"
-    kwargs = dict(pretrained=False, img_size=cfg.img_size, in_chans=3 if group else cfg.in_chans,
-                  dynamic_img_size=True, num_classes=0, **shape)
+    kwargs = dict(
+        pretrained=False,
+        img_size=cfg.img_size,
+        in_chans=3 if group else cfg.in_chans,
+        dynamic_img_size=True,
+        num_classes=0,
+        **shape,
+    )
     with torch.device(device) if device is not None else contextlib.nullcontext():
         # resolve_arch admits ViT architectures only; timm types every model as nn.Module
         vit = cast(VisionTransformer, timm.create_model(arch, **kwargs))
@@ -75,13 +85,13 @@ def create_vit(cfg: ModelConfig, device: str | torch.device | None = None) -> Vi
             except ValueError as e:
                 raise UserError(f"--model.band_groups: {e}") from None
     if cfg.img_size % vit.patch_embed.patch_size[0]:
-        raise UserError(f"--model.img_size {cfg.img_size} is not a multiple of {arch}'s patch size "
-                        f"{vit.patch_embed.patch_size[0]}")
+        raise UserError(
+            f"--model.img_size {cfg.img_size} is not a multiple of {arch}'s patch size {vit.patch_embed.patch_size[0]}"
+        )
     set_drop_path(vit, cfg.drop_path_rate, cfg.drop_path_uniform)
     vit.token_assembly = TokenAssembly()  # no parameters: the timm state dict is unchanged
     vit.geoexplora_name = arch  # type: ignore[assignment]  # metadata: torch's stub wants a tensor or module
     return vit
-
 
 
 def arch_of(vit: nn.Module) -> str:

@@ -17,6 +17,7 @@ timm's own fused path does:
 ``qkv`` is always called as a module, so wrapping it later (e.g. by ``engine.model.lora``) keeps
 working; nothing here reads ``qkv.weight``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -52,17 +53,18 @@ class DispatchAttention(nn.Module):
         self.proj = src.proj
         self.proj_drop = src.proj_drop
 
-    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-              attn_mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
+    def _core(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool
+    ) -> torch.Tensor:
         """q, k, v: (B, H, N, D) -> (B, H, N, D)."""
         dropout_p = self.attn_drop.p if self.training else 0.0
         if dropout_p > 0.0 or attn_mask is not None or is_causal:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
-                                                  is_causal=is_causal, scale=self.scale)
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=self.scale
+            )
         return dispatch.attention(q, k, v, self.scale)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
-                is_causal: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         """x: (B, N, C) tokens; attn_mask: optional (.., N, N) bool/additive mask (SDPA semantics)."""
         B, N, _ = x.shape
         gate = self.gate(x).sigmoid() if self.gate is not None else None

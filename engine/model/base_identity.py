@@ -1,6 +1,7 @@
 """What a model was built from: :class:`BaseInfo`, attached by ``build_vit`` as ``vit.base_info`` and
 recorded in adapter files and exports (``base_meta``) so an adapter finds its base again.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -44,5 +45,10 @@ def base_info(vit: VisionTransformer) -> BaseInfo:
 
 def base_meta(info: BaseInfo) -> dict:
     """The base as file metadata: name, timm architecture, weight-file name, its sha256, format."""
-    return {"name": info.name, "arch": info.arch, "weights": Path(info.weights).name if info.weights else "",
-            "weights_sha256": info.weights_sha256(), "format": info.format}
+    return {
+        "name": info.name,
+        "arch": info.arch,
+        "weights": Path(info.weights).name if info.weights else "",
+        "weights_sha256": info.weights_sha256(),
+        "format": info.format,
+    }

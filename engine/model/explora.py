@@ -11,6 +11,7 @@ group-channel, or RGB kernels adapted to other bands).
 returns a :class:`ParamReport` (trainable / frozen counts per group) and logs its table; the
 resolved recipe stays on the model (:func:`applied_recipe`) for adapter files and exports.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,8 +31,17 @@ from engine.model.lora import LoRALinear, is_lora_param, lora_modules
 log = logging.getLogger(__name__)
 
 LORA_TARGETS = ("q", "k", "v", "proj", "fc1", "fc2")
-GROUPS = ("unfrozen_blocks", "lora", "norms", "layerscale", "patch_embed", "pos_embed", "tokens",
-          "block_weights", "other")
+GROUPS = (
+    "unfrozen_blocks",
+    "lora",
+    "norms",
+    "layerscale",
+    "patch_embed",
+    "pos_embed",
+    "tokens",
+    "block_weights",
+    "other",
+)
 NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
 
 
@@ -41,14 +51,17 @@ def resolve_blocks(depth: int, blocks: Iterable[int]) -> list[int]:
     for b in blocks:
         i = int(b) + depth if int(b) < 0 else int(b)
         if not 0 <= i < depth:
-            raise UserError(f"--explora.unfreeze_blocks: block {b} does not exist in a {depth}-block ViT "
-                            f"(valid: {-depth}..{depth - 1})")
+            raise UserError(
+                f"--explora.unfreeze_blocks: block {b} does not exist in a {depth}-block ViT "
+                f"(valid: {-depth}..{depth - 1})"
+            )
         out.add(i)
     return sorted(out)
 
 
-def add_lora(vit: VisionTransformer, blocks: Iterable[int], targets: Sequence[str], rank: int, alpha: float,
-             dropout: float = 0.0) -> int:
+def add_lora(
+    vit: VisionTransformer, blocks: Iterable[int], targets: Sequence[str], rank: int, alpha: float, dropout: float = 0.0
+) -> int:
     """Wrap ``targets`` of ``vit.blocks[i]`` for i in ``blocks`` with LoRALinear; returns layers wrapped.
 
     q/k/v share one LoRALinear on the fused ``attn.qkv`` with one output segment per target.
@@ -57,8 +70,14 @@ def add_lora(vit: VisionTransformer, blocks: Iterable[int], targets: Sequence[st
     return add_lora_to_blocks([vit.blocks[i] for i in blocks], targets, rank, alpha, dropout, labels=blocks)
 
 
-def add_lora_to_blocks(blocks: Sequence[nn.Module], targets: Sequence[str], rank: int, alpha: float,
-                       dropout: float = 0.0, labels: Sequence[int] | None = None) -> int:
+def add_lora_to_blocks(
+    blocks: Sequence[nn.Module],
+    targets: Sequence[str],
+    rank: int,
+    alpha: float,
+    dropout: float = 0.0,
+    labels: Sequence[int] | None = None,
+) -> int:
     """LoRA on ``targets`` of timm-style transformer blocks (``attn.qkv``, ``attn.proj``,
     ``mlp.fc1``, ``mlp.fc2``): the ViT's blocks, or the MAE decoder's. Returns layers wrapped."""
     bad = sorted(set(targets) - set(LORA_TARGETS))
@@ -71,8 +90,9 @@ def add_lora_to_blocks(blocks: Sequence[nn.Module], targets: Sequence[str], rank
         if qkv_targets:
             qkv = _linear(attn, "qkv", i)
             dim = qkv.out_features // 3
-            attn.qkv = LoRALinear(qkv, rank, alpha, dropout,
-                                  segments=["qkv".index(t) * dim for t in qkv_targets], segment_width=dim)
+            attn.qkv = LoRALinear(
+                qkv, rank, alpha, dropout, segments=["qkv".index(t) * dim for t in qkv_targets], segment_width=dim
+            )
             count += 1
         for name, parent in (("proj", attn), ("fc1", mlp), ("fc2", mlp)):
             if name in targets:
@@ -84,8 +104,9 @@ def add_lora_to_blocks(blocks: Sequence[nn.Module], targets: Sequence[str], rank
 def _linear(parent: nn.Module, name: str, block: int) -> nn.Linear:
     layer = getattr(parent, name)
     if not isinstance(layer, nn.Linear):
-        raise UserError(f"--explora.lora_targets: {name} of block {block} is a {type(layer).__name__}, "
-                        "not a linear layer")
+        raise UserError(
+            f"--explora.lora_targets: {name} of block {block} is a {type(layer).__name__}, not a linear layer"
+        )
     return layer
 
 
@@ -121,10 +142,15 @@ class ParamReport:
 
     def as_dict(self) -> dict:
         return {
-            "trainable": self.trainable, "frozen": self.frozen, "total": self.total,
+            "trainable": self.trainable,
+            "frozen": self.frozen,
+            "total": self.total,
             "trainable_pct": 100.0 * self.trainable / max(self.total, 1),
-            "groups": {k: {"trainable": g.trainable, "frozen": g.frozen, "total": g.total}
-                       for k, g in self.groups.items() if g.total},
+            "groups": {
+                k: {"trainable": g.trainable, "frozen": g.frozen, "total": g.total}
+                for k, g in self.groups.items()
+                if g.total
+            },
             "recipe": self.recipe,
         }
 
@@ -148,8 +174,9 @@ class ParamReport:
         return self.table()
 
 
-def param_report(vit: VisionTransformer, unfrozen_blocks: Iterable[int] | None = None,
-                 recipe: dict | None = None) -> ParamReport:
+def param_report(
+    vit: VisionTransformer, unfrozen_blocks: Iterable[int] | None = None, recipe: dict | None = None
+) -> ParamReport:
     """Count ``vit``'s parameters by group from their current ``requires_grad`` flags.
 
     unfrozen_blocks: non-negative block indices reported as 'unfrozen_blocks' (default: the recipe
@@ -207,8 +234,9 @@ def _as_config(cfg: ExploraConfig | dict | None, overrides: dict) -> ExploraConf
         if unknown:
             raise TypeError(f"apply_explora() got unknown options {unknown}")
         cfg = dataclasses.replace(cfg, **overrides)
-    cfg = dataclasses.replace(cfg, unfreeze_blocks=[int(b) for b in cfg.unfreeze_blocks],
-                              lora_targets=list(cfg.lora_targets))
+    cfg = dataclasses.replace(
+        cfg, unfreeze_blocks=[int(b) for b in cfg.unfreeze_blocks], lora_targets=list(cfg.lora_targets)
+    )
     cfg.validate()
     return cfg
 
@@ -239,8 +267,12 @@ def apply_explora(vit: VisionTransformer, cfg: ExploraConfig | dict | None = Non
                 p.requires_grad_(True)
     if cfg.train_patch_embed or getattr(vit.patch_embed, "fresh", False):
         vit.patch_embed.requires_grad_(True)
-    flags = (("pos_embed", cfg.train_pos_embed), ("cls_token", cfg.train_tokens), ("reg_token", cfg.train_tokens),
-             ("mask_token", cfg.train_mask_token))
+    flags = (
+        ("pos_embed", cfg.train_pos_embed),
+        ("cls_token", cfg.train_tokens),
+        ("reg_token", cfg.train_tokens),
+        ("mask_token", cfg.train_mask_token),
+    )
     for name, on in flags:
         t = getattr(vit, name, None)
         if isinstance(t, nn.Parameter):
@@ -250,7 +282,14 @@ def apply_explora(vit: VisionTransformer, cfg: ExploraConfig | dict | None = Non
     recipe["depth"] = depth
     vit.geoexplora_recipe = recipe  # type: ignore[assignment]  # metadata: torch's stub wants a tensor or module
     report = param_report(vit, unfrozen, recipe)
-    log.info("ExPLoRA recipe: unfrozen blocks %s, LoRA r=%d on %s; %s/%s parameters train (%.2f%%)\n%s",
-             unfrozen, cfg.lora_rank, ",".join(cfg.lora_targets) or "-", f"{report.trainable:,}",
-             f"{report.total:,}", 100.0 * report.trainable / max(report.total, 1), report.table())
+    log.info(
+        "ExPLoRA recipe: unfrozen blocks %s, LoRA r=%d on %s; %s/%s parameters train (%.2f%%)\n%s",
+        unfrozen,
+        cfg.lora_rank,
+        ",".join(cfg.lora_targets) or "-",
+        f"{report.trainable:,}",
+        f"{report.total:,}",
+        100.0 * report.trainable / max(report.total, 1),
+        report.table(),
+    )
     return report

@@ -10,6 +10,7 @@ embeddings ``decay ** (depth + 1)``, the final norm 1. This is DINOv2's
 Names are relative to the ViT (``blocks.3.attn.qkv.lora_a``, ``cls_token``); LoRA tensors of a
 block belong to that block.
 """
+
 from __future__ import annotations
 
 import re
@@ -48,7 +49,7 @@ class LayerDecay:
         """Multiplier of an objective's parameter: ``vit.*`` as above, an objective-level
         ``mask_token`` as an embedding (DINOv2 keeps it in the backbone), anything else 1."""
         if name.startswith("vit."):
-            return self(name[len("vit."):], depth)
+            return self(name[len("vit.") :], depth)
         if name == "mask_token":
             return self(name, depth)
         return 1.0

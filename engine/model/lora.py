@@ -16,6 +16,7 @@ folded weight, for exports), :meth:`LoRALinear.merge` / ``unmerge`` (in place), 
 :func:`mark_only_lora_as_trainable`, :func:`merge_lora_weights`, :func:`lora_modules` and
 :func:`unwrap_lora` (merge, then plain ``nn.Linear`` modules: timm's exact modules and keys).
 """
+
 from __future__ import annotations
 
 import math
@@ -88,28 +89,29 @@ class LoRALinear(nn.Linear):
         if self.lora_a.is_meta:
             return
         for s in range(self.num_segments):
-            nn.init.kaiming_uniform_(self.lora_a.data[s * self.rank:(s + 1) * self.rank], a=math.sqrt(5))
+            nn.init.kaiming_uniform_(self.lora_a.data[s * self.rank : (s + 1) * self.rank], a=math.sqrt(5))
         nn.init.zeros_(self.lora_b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., in_features) -> (..., out_features)."""
         if self.merged:
             return F.linear(x, self.weight, self.bias)
-        return dispatch.lora_linear(x, self.weight, self.bias, self.lora_a, self.lora_b, self.scale,
-                                    self.dropout, self.training, self.segments)
+        return dispatch.lora_linear(
+            x, self.weight, self.bias, self.lora_a, self.lora_b, self.scale, self.dropout, self.training, self.segments
+        )
 
     def segment_deltas(self) -> Iterator[tuple[int, torch.Tensor]]:
         """(row offset, scale * B_s A_s of shape (n, in_features)) per segment, in fp32."""
         r, n = self.rank, self.segment_width
         a, b = self.lora_a.detach().float(), self.lora_b.detach().float()
         for s, off in enumerate(self.segments if self.segments is not None else (0,)):
-            yield off, self.scale * (b[s * n:(s + 1) * n] @ a[s * r:(s + 1) * r])
+            yield off, self.scale * (b[s * n : (s + 1) * n] @ a[s * r : (s + 1) * r])
 
     def delta_weight(self) -> torch.Tensor:
         """The full (out_features, in_features) update ``W_merged - W`` in fp32."""
         delta = torch.zeros(self.out_features, self.in_features, dtype=torch.float32, device=self.weight.device)
         for off, d in self.segment_deltas():
-            delta[off:off + d.shape[0]] += d
+            delta[off : off + d.shape[0]] += d
         return delta
 
     def merged_weight(self) -> torch.Tensor:
@@ -132,8 +134,10 @@ class LoRALinear(nn.Linear):
 
     def extra_repr(self) -> str:
         seg = f", segments={self.segments}x{self.segment_width}" if self.segments is not None else ""
-        return (f"in={self.in_features}, out={self.out_features}, rank={self.rank}, alpha={self.alpha:g}, "
-                f"dropout={self.dropout:g}{seg}, merged={self.merged}")
+        return (
+            f"in={self.in_features}, out={self.out_features}, rank={self.rank}, alpha={self.alpha:g}, "
+            f"dropout={self.dropout:g}{seg}, merged={self.merged}"
+        )
 
 
 def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:

@@ -21,6 +21,7 @@ leaving ``S2_KEPT_BANDS`` in this order; the groups are (B2,B3,B4,B8) visible+NI
 A patch embed that did not exist in the pre-trained model (group-channel always, a plain one whose
 weights were adapted to C != 3 bands) carries ``fresh = True``; the ExPLoRA recipe trains it.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -50,7 +51,7 @@ def sincos_group_encoding(num_groups: int, dim: int, channels: int) -> torch.Ten
     omega = 1.0 / 10000 ** (torch.arange(half, dtype=torch.float64) / half)
     angle = torch.arange(num_groups, dtype=torch.float64)[:, None] * omega[None]
     out = torch.zeros(num_groups, dim, dtype=torch.float64)
-    out[:, dim - channels:] = torch.cat([angle.sin(), angle.cos()], dim=1)
+    out[:, dim - channels :] = torch.cat([angle.sin(), angle.cos()], dim=1)
     return out.float()
 
 
@@ -72,8 +73,10 @@ def adapt_rgb_weight(weight: torch.Tensor, in_chans: int, mode: AdaptMode = "tim
 def default_band_groups(in_chans: int) -> list[list[int]]:
     """The Sentinel-2 groups for 10 bands; any other band count needs explicit groups."""
     if in_chans != len(S2_KEPT_BANDS):
-        raise ValueError(f"the default band groups are for the {len(S2_KEPT_BANDS)} Sentinel-2 bands "
-                         f"{','.join(S2_KEPT_BANDS)}; got {in_chans} bands")
+        raise ValueError(
+            f"the default band groups are for the {len(S2_KEPT_BANDS)} Sentinel-2 bands "
+            f"{','.join(S2_KEPT_BANDS)}; got {in_chans} bands"
+        )
     return [list(g) for g in S2_DEFAULT_GROUPS]
 
 
@@ -89,12 +92,20 @@ class GroupChannelPatchEmbed(nn.Module):
 
     fresh = True
 
-    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int,
-                 band_groups: Sequence[Sequence[int]] | None = None, bias: bool = True,
-                 encoding: GroupEncoding = "learned"):
+    def __init__(
+        self,
+        img_size: int,
+        patch_size: int,
+        in_chans: int,
+        embed_dim: int,
+        band_groups: Sequence[Sequence[int]] | None = None,
+        bias: bool = True,
+        encoding: GroupEncoding = "learned",
+    ):
         super().__init__()
-        groups = [list(map(int, g)) for g in (band_groups if band_groups is not None
-                                               else default_band_groups(in_chans))]
+        groups = [
+            list(map(int, g)) for g in (band_groups if band_groups is not None else default_band_groups(in_chans))
+        ]
         bad = [b for g in groups for b in g if not 0 <= b < in_chans]
         if not groups or any(not g for g in groups) or bad:
             raise ValueError(f"band groups {groups} must be non-empty lists of indices in [0, {in_chans})")
@@ -108,7 +119,8 @@ class GroupChannelPatchEmbed(nn.Module):
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.flatten = False
         self.proj = nn.ModuleList(
-            nn.Conv2d(len(g), embed_dim, kernel_size=patch_size, stride=patch_size, bias=bias) for g in groups)
+            nn.Conv2d(len(g), embed_dim, kernel_size=patch_size, stride=patch_size, bias=bias) for g in groups
+        )
         self.encoding = encoding
         if encoding == "sincos":
             table = sincos_group_encoding(self.num_groups, embed_dim, min(SATMAE_GROUP_CHANNELS, embed_dim))
@@ -142,9 +154,12 @@ class GroupChannelPatchEmbed(nn.Module):
         return f"groups={self.band_groups}, patch={self.patch_size[0]}, dim={self.embed_dim}, encoding={self.encoding}"
 
 
-def use_group_channel_embed(vit: VisionTransformer, band_groups: Sequence[Sequence[int]] | None = None,
-                            in_chans: int | None = None,
-                            encoding: GroupEncoding = "learned") -> GroupChannelPatchEmbed:
+def use_group_channel_embed(
+    vit: VisionTransformer,
+    band_groups: Sequence[Sequence[int]] | None = None,
+    in_chans: int | None = None,
+    encoding: GroupEncoding = "learned",
+) -> GroupChannelPatchEmbed:
     """Replace ``vit.patch_embed`` by a group-channel embed of the same patch size, grid and width.
 
     The spatial ``vit.pos_embed`` is kept (shared by all groups). in_chans: input bands (default:
@@ -153,8 +168,15 @@ def use_group_channel_embed(vit: VisionTransformer, band_groups: Sequence[Sequen
     """
     old = vit.patch_embed
     c_old = old.proj.weight.shape[1]
-    pe = GroupChannelPatchEmbed(old.img_size[0], old.patch_size[0], in_chans or c_old, vit.embed_dim,
-                                band_groups, bias=old.proj.bias is not None, encoding=encoding)
+    pe = GroupChannelPatchEmbed(
+        old.img_size[0],
+        old.patch_size[0],
+        in_chans or c_old,
+        vit.embed_dim,
+        band_groups,
+        bias=old.proj.bias is not None,
+        encoding=encoding,
+    )
     pe.to(device=old.proj.weight.device, dtype=old.proj.weight.dtype)
     if c_old == 3 and not old.proj.weight.is_meta:
         pe.init_from_rgb(old.proj.weight, old.proj.bias)

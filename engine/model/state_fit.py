@@ -11,6 +11,7 @@ Then :func:`strict_load`. Anything that still does not fit raises one :class:`Us
 file, the missing / unexpected / mismatched keys and the architecture the file seems to hold
 (:func:`describe_state`).
 """
+
 from __future__ import annotations
 
 import logging
@@ -37,12 +38,22 @@ def describe_state(sd: StateDict) -> str:
     regs = sd.get("reg_token", sd.get("register_tokens"))
     n_reg = int(regs.shape[1]) if regs is not None else 0
     dinov2 = any(k.endswith("ls1.gamma") for k in sd)
-    names: dict[tuple[int | None, int, int | None], str] = {(384, 12, 14): "vit_small_patch14{}_dinov2", (768, 12, 14): "vit_base_patch14{}_dinov2",
-             (1024, 24, 14): "vit_large_patch14{}_dinov2", (1536, 40, 14): "vit_giant_patch14{}_dinov2"}
-    mae: dict[tuple[int | None, int, int | None], str] = {(768, 12, 16): "vit_base_patch16_224", (1024, 24, 16): "vit_large_patch16_224",
-           (1280, 32, 14): "vit_huge_patch14_224"}
-    guess = (names.get((dim, depth, patch), "").format(f"_reg{n_reg}" if n_reg else "") if dinov2
-             else mae.get((dim, depth, patch), ""))
+    names: dict[tuple[int | None, int, int | None], str] = {
+        (384, 12, 14): "vit_small_patch14{}_dinov2",
+        (768, 12, 14): "vit_base_patch14{}_dinov2",
+        (1024, 24, 14): "vit_large_patch14{}_dinov2",
+        (1536, 40, 14): "vit_giant_patch14{}_dinov2",
+    }
+    mae: dict[tuple[int | None, int, int | None], str] = {
+        (768, 12, 16): "vit_base_patch16_224",
+        (1024, 24, 16): "vit_large_patch16_224",
+        (1280, 32, 14): "vit_huge_patch14_224",
+    }
+    guess = (
+        names.get((dim, depth, patch), "").format(f"_reg{n_reg}" if n_reg else "")
+        if dinov2
+        else mae.get((dim, depth, patch), "")
+    )
     text = f"width {dim}, {depth} blocks, patch {patch}, {n_reg} registers"
     return text + (f" (looks like {guess})" if guess else "")
 
@@ -51,8 +62,15 @@ def _short(items: list[str], n: int = 8) -> str:
     return "[" + ", ".join(items[:n]) + (f", ... +{len(items) - n} more" if len(items) > n else "") + "]"
 
 
-def fit_error(flag: str, path: str, model_name: str, sd: StateDict, missing: list[str], unexpected: list[str],
-              mismatched: list[str]) -> UserError:
+def fit_error(
+    flag: str,
+    path: str,
+    model_name: str,
+    sd: StateDict,
+    missing: list[str],
+    unexpected: list[str],
+    mismatched: list[str],
+) -> UserError:
     """The one-line error of a file that does not fit ``--model.name``."""
     parts = []
     if missing:
@@ -61,17 +79,22 @@ def fit_error(flag: str, path: str, model_name: str, sd: StateDict, missing: lis
         parts.append(f"{len(unexpected)} unexpected keys {_short(unexpected)}")
     if mismatched:
         parts.append(f"{len(mismatched)} mismatched shapes {_short(mismatched)}")
-    return UserError(f"{flag} '{path}' does not fit --model.name {model_name}: " + "; ".join(parts)
-                     + f". The file holds a ViT of {describe_state(sd)}; pick the matching --model.name "
-                       "or the right weight file")
+    return UserError(
+        f"{flag} '{path}' does not fit --model.name {model_name}: "
+        + "; ".join(parts)
+        + f". The file holds a ViT of {describe_state(sd)}; pick the matching --model.name "
+        "or the right weight file"
+    )
 
 
 def check_not_partitioned(vit: VisionTransformer, sd: StateDict, flag: str, path: str) -> None:
     """Empty tensors where the model has data: a DeepSpeed ZeRO-3 partition, not weights."""
     if any(v.numel() == 0 for v in sd.values()) and any(v.numel() for v in vit.state_dict().values()):
-        raise UserError(f"{flag} '{path}' holds empty (partitioned) tensors: a DeepSpeed ZeRO-3 checkpoint. "
-                        "Consolidate it with the zero_to_fp32.py script in the checkpoint directory, or use "
-                        "the run's export/ files")
+        raise UserError(
+            f"{flag} '{path}' holds empty (partitioned) tensors: a DeepSpeed ZeRO-3 checkpoint. "
+            "Consolidate it with the zero_to_fp32.py script in the checkpoint directory, or use "
+            "the run's export/ files"
+        )
 
 
 def drop_head(sd: StateDict, vit: VisionTransformer, path: str) -> StateDict:
@@ -104,8 +127,9 @@ def _resampled(pe: torch.Tensor, vit: VisionTransformer) -> torch.Tensor | None:
     side = math.isqrt(max(n_old, 0))
     if side * side != n_old or pe.shape[-1] != own.shape[-1] or pe.dim() != 3:
         return None
-    return resample_abs_pos_embed(pe.float(), new_size=list(vit.patch_embed.grid_size), old_size=[side, side],
-                                  num_prefix_tokens=n_prefix).to(pe.dtype)
+    return resample_abs_pos_embed(
+        pe.float(), new_size=list(vit.patch_embed.grid_size), old_size=[side, side], num_prefix_tokens=n_prefix
+    ).to(pe.dtype)
 
 
 def resample_pos_embed(sd: StateDict, vit: VisionTransformer) -> StateDict:
@@ -117,7 +141,9 @@ def resample_pos_embed(sd: StateDict, vit: VisionTransformer) -> StateDict:
     return sd if pe is None else dict(sd, pos_embed=pe)
 
 
-def fit_patch_embed(sd: StateDict, vit: VisionTransformer, adapt: AdaptMode, flag: str, path: str) -> tuple[StateDict, bool]:
+def fit_patch_embed(
+    sd: StateDict, vit: VisionTransformer, adapt: AdaptMode, flag: str, path: str
+) -> tuple[StateDict, bool]:
     """(state dict, whether RGB kernels were adapted) for ``vit``'s patch embed.
 
     Group-channel model + RGB file: the group convs are initialised from the RGB kernels and their
@@ -128,9 +154,18 @@ def fit_patch_embed(sd: StateDict, vit: VisionTransformer, adapt: AdaptMode, fla
     rgb_w = sd.get("patch_embed.proj.weight")
     if isinstance(pe_mod, GroupChannelPatchEmbed) and rgb_w is not None:
         if rgb_w.dim() != 4 or rgb_w.shape[0] != pe_mod.embed_dim or rgb_w.shape[-1] != pe_mod.patch_size[0]:
-            raise fit_error(flag, path, getattr(vit, "geoexplora_name", "?"), sd, [], [],
-                            [f"patch_embed.proj.weight: file {tuple(rgb_w.shape)} vs group convs "
-                             f"({pe_mod.embed_dim}, c_g, {pe_mod.patch_size[0]}, {pe_mod.patch_size[1]})"])
+            raise fit_error(
+                flag,
+                path,
+                getattr(vit, "geoexplora_name", "?"),
+                sd,
+                [],
+                [],
+                [
+                    f"patch_embed.proj.weight: file {tuple(rgb_w.shape)} vs group convs "
+                    f"({pe_mod.embed_dim}, c_g, {pe_mod.patch_size[0]}, {pe_mod.patch_size[1]})"
+                ],
+            )
         sd = dict(sd)
         pe_mod.init_from_rgb(sd.pop("patch_embed.proj.weight"), sd.pop("patch_embed.proj.bias", None), adapt)
         for k, v in pe_mod.state_dict().items():
@@ -141,8 +176,11 @@ def fit_patch_embed(sd: StateDict, vit: VisionTransformer, adapt: AdaptMode, fla
         return sd, False
     if rgb_w is not None and rgb_w.dim() == 4:
         c_model = pe_mod.proj.weight.shape[1]
-        if rgb_w.shape[1] != c_model and rgb_w.shape[0] == pe_mod.proj.weight.shape[0] \
-                and rgb_w.shape[2:] == pe_mod.proj.weight.shape[2:]:
+        if (
+            rgb_w.shape[1] != c_model
+            and rgb_w.shape[0] == pe_mod.proj.weight.shape[0]
+            and rgb_w.shape[2:] == pe_mod.proj.weight.shape[2:]
+        ):
             sd = dict(sd, **{"patch_embed.proj.weight": adapt_rgb_weight(rgb_w, c_model, adapt)})
             pe_mod.fresh = True
             log.info("%s: patch embedding adapted from %d to %d bands (%s)", path, rgb_w.shape[1], c_model, adapt)
@@ -155,9 +193,13 @@ def strict_load(vit: VisionTransformer, sd: StateDict, flag: str, path: str) -> 
     own = vit.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
-    mismatched = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-                  for k in own if k in sd and sd[k].shape != own[k].shape]
+    mismatched = [
+        f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in sd and sd[k].shape != own[k].shape
+    ]
     if missing or unexpected or mismatched:
-        raise fit_error(flag, path, getattr(vit, "geoexplora_name", type(vit).__name__), sd, missing,
-                        unexpected, mismatched)
+        raise fit_error(
+            flag, path, getattr(vit, "geoexplora_name", type(vit).__name__), sd, missing, unexpected, mismatched
+        )
     vit.load_state_dict(sd, strict=True)

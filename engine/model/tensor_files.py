@@ -3,6 +3,7 @@ pickles (weights-only unless the file is our own), and a cached sha256 of a file
 
 Nothing here knows a state-dict layout; the formats in ``engine.model.formats`` do.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,5 +65,7 @@ def torch_load(path: Path, flag: str, trusted: bool = False) -> Any:
         if trusted:
             return torch.load(path, map_location="cpu", weights_only=False)
         first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
-        raise UserError(f"{flag} '{path}': cannot be read as a weights-only torch checkpoint ({first}); "
-                        "re-save its state dict with torch.save(model.state_dict(), ...) or as .safetensors") from None
+        raise UserError(
+            f"{flag} '{path}': cannot be read as a weights-only torch checkpoint ({first}); "
+            "re-save its state dict with torch.save(model.state_dict(), ...) or as .safetensors"
+        ) from None

@@ -11,6 +11,7 @@ groups, and ``vit.patch_embed.grid_size`` is the grid the position embedding was
 Token order is group-major: token ``g*h*w + i`` is spatial cell i of group g. The spatial position
 embedding is shared by all groups (the group embed adds the spectral identity).
 """
+
 from __future__ import annotations
 
 import torch
@@ -37,8 +38,14 @@ def _pos_embeds(vit: VisionTransformer, grid: tuple[int, int]) -> tuple[torch.Te
     return (prefix if n_prefix else None), patch
 
 
-def _assemble(vit: VisionTransformer, t: torch.Tensor, grid: tuple[int, int], mask: torch.Tensor | None,
-              mask_token: torch.Tensor | None, ids_keep: torch.Tensor | None) -> torch.Tensor:
+def _assemble(
+    vit: VisionTransformer,
+    t: torch.Tensor,
+    grid: tuple[int, int],
+    mask: torch.Tensor | None,
+    mask_token: torch.Tensor | None,
+    ids_keep: torch.Tensor | None,
+) -> torch.Tensor:
     """Patch tokens t (B, G*h*w, D) -> [prefix][patch] tokens, with every tensor that lives on the
     ViT itself (mask token, position embedding, cls/register tokens) read here."""
     B, _, D = t.shape
@@ -79,8 +86,15 @@ class TokenAssembly(nn.Module):
     EMA teacher's swap of trainable tensors (engine/objectives/teacher.py).
     """
 
-    def forward(self, vit: VisionTransformer, t: torch.Tensor, grid: tuple[int, int], mask: torch.Tensor | None = None,
-                mask_token: torch.Tensor | None = None, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        vit: VisionTransformer,
+        t: torch.Tensor,
+        grid: tuple[int, int],
+        mask: torch.Tensor | None = None,
+        mask_token: torch.Tensor | None = None,
+        ids_keep: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         return _assemble(vit, t, grid, mask, mask_token, ids_keep)
 
 

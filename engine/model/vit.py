@@ -12,6 +12,7 @@ ViT-g in about a second).
 ``build_from_adapter(path)`` rebuilds a trained model from its adapter file alone: the recorded
 base, the recorded recipe, the file's tensors.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -59,8 +60,9 @@ def build_vit(cfg: ModelConfig, device: str | torch.device | None = None) -> Vis
     return vit
 
 
-def build_from_adapter(path: str | Path, weights: str | None = None, seed: int | None = None,
-                       device: str | torch.device | None = None) -> VisionTransformer:
+def build_from_adapter(
+    path: str | Path, weights: str | None = None, seed: int | None = None, device: str | torch.device | None = None
+) -> VisionTransformer:
     """Rebuild the trained model from an adapter: base from its recorded model config, recipe
     applied, tensors loaded.
 

@@ -16,6 +16,7 @@ embedding, patch embed) -> strict load (merging LoRA for a trainer checkpoint). 
 not fit raises one :class:`UserError` naming the file, the keys and the architecture the file
 seems to hold.
 """
+
 from __future__ import annotations
 
 import logging
@@ -84,7 +85,7 @@ def read_checkpoint(path: str | Path, flag: str = "--model.weights") -> tuple[St
         if isinstance(obj.get(key), dict):
             obj = obj[key]
     sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+    sd = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in sd.items()}
     inner = dinov2.take_backbone(sd)
     if inner is None:
         inner = trainer_checkpoint.take_objective_vit(sd)
@@ -103,7 +104,9 @@ def detect_format(sd: StateDict, meta: dict) -> str:
     return TIMM
 
 
-def load_weights(vit: VisionTransformer, path: str, adapt: AdaptMode = "timm", flag: str = "--model.weights") -> LoadedWeights:
+def load_weights(
+    vit: VisionTransformer, path: str, adapt: AdaptMode = "timm", flag: str = "--model.weights"
+) -> LoadedWeights:
     """Load a local weight file of any supported format into ``vit`` (in place, strict).
 
     vit: a timm VisionTransformer built on CPU (plain or group-channel patch embed, no LoRA yet).
@@ -112,8 +115,10 @@ def load_weights(vit: VisionTransformer, path: str, adapt: AdaptMode = "timm", f
     """
     sd, meta = read_checkpoint(path, flag)
     if str(meta.get("format", "")).startswith("geoexplora-adapter"):
-        raise UserError(f"{flag} '{path}' is an ExPLoRA adapter, not base weights: give the base model's file "
-                        "in --model.weights and this file in --model.adapter")
+        raise UserError(
+            f"{flag} '{path}' is an ExPLoRA adapter, not base weights: give the base model's file "
+            "in --model.weights and this file in --model.adapter"
+        )
     fmt = detect_format(sd, meta)
     extra = mae.decoder_tensors(sd) if fmt == mae.FORMAT else {}
     if fmt in FILTERS:

@@ -1,4 +1,5 @@
 """Build the configured self-supervised objective around an (ExPLoRA-prepared) ViT."""
+
 from __future__ import annotations
 
 import logging
@@ -44,12 +45,19 @@ def build_objective(
             raise UserError("--crops.num_global: DINO needs 2+ global crops or some local crops (--crops.num_local)")
         if decoder_state is not None:
             log.info("objective 'dino' ignores the MAE decoder state")
-        return DinoObjective(vit, obj.dino, total_steps, n_global_crops=n_global, all_reduce=all_reduce,
-                             layer_decay=decay)
+        return DinoObjective(
+            vit, obj.dino, total_steps, n_global_crops=n_global, all_reduce=all_reduce, layer_decay=decay
+        )
     if obj.name == "mae":
         groups = None
         if run is not None and getattr(vit.patch_embed, "band_groups", None) is None:
             groups = run.model.band_groups
-        return MAEObjective(vit, obj.mae, decoder_state=decoder_state, band_groups=groups,
-                            train_norms=run.explora.train_norms if run is not None else True, layer_decay=decay)
+        return MAEObjective(
+            vit,
+            obj.mae,
+            decoder_state=decoder_state,
+            band_groups=groups,
+            train_norms=run.explora.train_norms if run is not None else True,
+            layer_decay=decay,
+        )
     raise UserError(f"--objective.name: unknown objective {obj.name!r}; use 'dino' or 'mae'")

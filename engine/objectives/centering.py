@@ -5,6 +5,7 @@ GLOBAL batch, so every cross-rank sum goes through an injected ``all_reduce`` (s
 identity by default; the trainer passes ``engine.trainer.collectives.all_reduce_sum``). Every rank
 must call these functions in the same order, also a rank that holds zero rows this step.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -89,8 +90,14 @@ class TeacherTargetLoss(nn.Module):
     both modes so checkpoints have one layout (state key ``center.center``).
     """
 
-    def __init__(self, out_dim: int, student_temp: float = 0.1, centering: str = "sinkhorn_knopp",
-                 center_momentum: float = 0.9, sinkhorn_iterations: int = 3):
+    def __init__(
+        self,
+        out_dim: int,
+        student_temp: float = 0.1,
+        centering: str = "sinkhorn_knopp",
+        center_momentum: float = 0.9,
+        sinkhorn_iterations: int = 3,
+    ):
         super().__init__()
         if centering not in ("sinkhorn_knopp", "centering"):
             raise ValueError(f"centering must be 'sinkhorn_knopp' or 'centering', got {centering!r}")
@@ -100,8 +107,9 @@ class TeacherTargetLoss(nn.Module):
         self.center = RunningCenter(out_dim, center_momentum)
 
     @torch.no_grad()
-    def teacher_targets(self, teacher_logits: torch.Tensor, teacher_temp: float,
-                        all_reduce: AllReduce = identity_all_reduce) -> torch.Tensor:
+    def teacher_targets(
+        self, teacher_logits: torch.Tensor, teacher_temp: float, all_reduce: AllReduce = identity_all_reduce
+    ) -> torch.Tensor:
         """teacher_logits: (N, K) teacher scores of this rank -> target distributions (N, K) fp32.
 
         Sinkhorn-Knopp equipartitions over the rows of ALL ranks (N may be 0 on a rank). With

@@ -11,6 +11,7 @@ One ``forward(batch, step)`` is one DINOv2 iteration on this rank's micro-batch:
    summed over the global views (never across views of one image), as in DINOv2.
 ``on_step_end(step)`` moves the EMA after the optimizer step.
 """
+
 from __future__ import annotations
 
 import logging
@@ -62,8 +63,12 @@ class DinoObjective(Objective):
         self.all_reduce = all_reduce or identity_all_reduce
         self.layer_decay = layer_decay
         dim = vit.embed_dim
-        head_kw = dict(out_dim=cfg.head_n_prototypes, hidden_dim=cfg.head_hidden_dim,
-                       bottleneck_dim=cfg.head_bottleneck_dim, nlayers=cfg.head_nlayers)
+        head_kw = dict(
+            out_dim=cfg.head_n_prototypes,
+            hidden_dim=cfg.head_hidden_dim,
+            bottleneck_dim=cfg.head_bottleneck_dim,
+            nlayers=cfg.head_nlayers,
+        )
         self.dino_head = DINOHead(dim, **head_kw)
         self.ibot_head = DINOHead(dim, **head_kw) if cfg.ibot_separate_head else None
         # DINOv2 checkpoints carry a mask token in the backbone; use it when the model kept one
@@ -72,19 +77,31 @@ class DinoObjective(Objective):
             self.mask_token = None
         else:
             self.mask_token = nn.Parameter(torch.zeros(dim))
-        self.dino_loss = DINOClsLoss(cfg.head_n_prototypes, student_temp=cfg.student_temp, centering=cfg.centering,
-                                     center_momentum=cfg.center_momentum, sinkhorn_iterations=cfg.sinkhorn_iterations)
-        self.ibot_loss = IBOTPatchLoss(cfg.head_n_prototypes, student_temp=cfg.student_temp, centering=cfg.centering,
-                                       center_momentum=cfg.center_momentum,
-                                       sinkhorn_iterations=cfg.sinkhorn_iterations)
+        self.dino_loss = DINOClsLoss(
+            cfg.head_n_prototypes,
+            student_temp=cfg.student_temp,
+            centering=cfg.centering,
+            center_momentum=cfg.center_momentum,
+            sinkhorn_iterations=cfg.sinkhorn_iterations,
+        )
+        self.ibot_loss = IBOTPatchLoss(
+            cfg.head_n_prototypes,
+            student_temp=cfg.student_temp,
+            centering=cfg.centering,
+            center_momentum=cfg.center_momentum,
+            sinkhorn_iterations=cfg.sinkhorn_iterations,
+        )
         teacher_modules = {"vit": vit, "dino_head": self.dino_head}
         if self.ibot_head is not None:
             teacher_modules["ibot_head"] = self.ibot_head
         self.teacher = EMATeacher(teacher_modules)
         self.monitor = CollapseMonitor()
         heads = "DINO and iBOT heads" if self.ibot_head is not None else "DINO head (shared by iBOT)"
-        log.info("%s (%d prototypes) initialised from scratch: DINOv2 checkpoints carry no heads",
-                 heads, cfg.head_n_prototypes)
+        log.info(
+            "%s (%d prototypes) initialised from scratch: DINOv2 checkpoints carry no heads",
+            heads,
+            cfg.head_n_prototypes,
+        )
         if self.mask_token is not None:
             log.info("iBOT mask token starts from zeros (the model has none)")
 
@@ -105,8 +122,9 @@ class DinoObjective(Objective):
 
     def momentum(self, step: int) -> float:
         c = self.cfg
-        return momentum_schedule(c.momentum_schedule, step, self.total_steps, c.momentum_teacher,
-                                 c.final_momentum_teacher)
+        return momentum_schedule(
+            c.momentum_schedule, step, self.total_steps, c.momentum_teacher, c.final_momentum_teacher
+        )
 
     def teacher_temp(self, step: int) -> float:
         c = self.cfg
@@ -152,7 +170,7 @@ class DinoObjective(Objective):
                 t_patch = t_tok["patch"][masks]  # (M, D), image-major
                 if shared:
                     t_out = self.dino_head(torch.cat([t_cls, t_patch]))
-                    t_cls_logits, t_patch_logits = t_out[: t_cls.shape[0]], t_out[t_cls.shape[0]:]
+                    t_cls_logits, t_patch_logits = t_out[: t_cls.shape[0]], t_out[t_cls.shape[0] :]
                 else:
                     t_cls_logits, t_patch_logits = self.dino_head(t_cls), self._ibot_head()(t_patch)
             else:

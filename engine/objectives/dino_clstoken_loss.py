@@ -5,6 +5,7 @@ Every student view (global and local crops) is pulled towards the teacher's dist
 OTHER global view of the same image: cross-entropy H(teacher_t, student_s) averaged over the batch,
 summed over the (s, t) pairs with s != t, divided by the number of pairs.
 """
+
 from __future__ import annotations
 
 import torch

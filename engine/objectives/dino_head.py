@@ -9,6 +9,7 @@ weight-norm is written out: ``prototypes`` is DINOv2's ``weight_v`` (K, bottlene
 both are the "last layer" that ``objective.dino.freeze_last_layer_steps`` holds at lr 0.
 DINOv2 hub checkpoints carry no heads, so the heads always start from this init.
 """
+
 from __future__ import annotations
 
 import torch
@@ -48,7 +49,7 @@ class DINOHead(nn.Module):
                 nn.init.zeros_(m.bias)
         self.prototypes = nn.Parameter(torch.empty(out_dim, bottleneck_dim))
         # nn.Linear's default init, as DINOv2's weight-normed layer starts from one
-        nn.init.kaiming_uniform_(self.prototypes, a=5 ** 0.5)
+        nn.init.kaiming_uniform_(self.prototypes, a=5**0.5)
         self.prototype_gain = nn.Parameter(torch.ones(out_dim, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,7 @@ position it must predict the teacher's prototype distribution for the UNMASKED c
 counts equally whatever its number of masked patches: a masked patch of image i has weight
 1 / m_i, and the sum is divided by the number of images (masked or not) on this rank.
 """
+
 from __future__ import annotations
 
 import torch

@@ -3,6 +3,7 @@ by DINOv2 on the student's class tokens: the Kozachenko-Leonenko differential-en
 -mean_i log(min_{j != i} ||x_i - x_j||) on L2-normalised features, which pushes each feature away
 from its nearest neighbour so the batch spreads over the sphere.
 """
+
 from __future__ import annotations
 
 import torch

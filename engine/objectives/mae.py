@@ -9,6 +9,7 @@ group-channel patch embedding the encoder has G*h*w group-major tokens: masking 
 them (a cell can be visible in one band group and hidden in another), and the decoder reconstructs
 every group from its own bands.
 """
+
 from __future__ import annotations
 
 import logging
@@ -45,7 +46,9 @@ def random_masking(
     return ids_keep, ids_restore, mask
 
 
-def patchify(images: torch.Tensor, patch_size: int, band_groups: Sequence[Sequence[int]] | None = None) -> list[torch.Tensor]:
+def patchify(
+    images: torch.Tensor, patch_size: int, band_groups: Sequence[Sequence[int]] | None = None
+) -> list[torch.Tensor]:
     """images: (B, C, H, W) -> per group (B, h*w, p*p*c_g) in MAE's (p, p, c) value order.
 
     band_groups: band indices of each group (None = one group of all bands).
@@ -63,7 +66,10 @@ def patchify(images: torch.Tensor, patch_size: int, band_groups: Sequence[Sequen
 
 
 def masked_mse(
-    preds: Sequence[torch.Tensor], targets: Sequence[torch.Tensor], mask: torch.Tensor, norm_pix_loss: bool,
+    preds: Sequence[torch.Tensor],
+    targets: Sequence[torch.Tensor],
+    mask: torch.Tensor,
+    norm_pix_loss: bool,
     pix_stats: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Mean over masked tokens of the per-token mean squared error.
@@ -77,8 +83,9 @@ def masked_mse(
     for pred, tgt in zip(preds, targets):
         tgt = tgt.float()
         if norm_pix_loss:
-            mean, var = pix_stats if pix_stats is not None else (tgt.mean(dim=-1, keepdim=True),
-                                                                  tgt.var(dim=-1, keepdim=True))
+            mean, var = (
+                pix_stats if pix_stats is not None else (tgt.mean(dim=-1, keepdim=True), tgt.var(dim=-1, keepdim=True))
+            )
             tgt = (tgt - mean) / (var + 1e-6) ** 0.5
         errs.append(((pred.float() - tgt) ** 2).mean(dim=-1))  # (B, h*w)
     err = torch.cat(errs, dim=1)  # (B, G*h*w), group-major like the mask
@@ -98,8 +105,10 @@ def _band_groups(vit: VisionTransformer, band_groups: Sequence[Sequence[int]] | 
     if G == 1:
         return None
     if groups is None or len(groups) != G:
-        raise ValueError(f"group-channel model with {G} groups needs band_groups "
-                         "(vit.patch_embed.band_groups or the band_groups argument)")
+        raise ValueError(
+            f"group-channel model with {G} groups needs band_groups "
+            "(vit.patch_embed.band_groups or the band_groups argument)"
+        )
     return [list(map(int, g)) for g in groups]
 
 
@@ -137,16 +146,24 @@ class MAEObjective(Objective):
         self.band_groups = _band_groups(vit, band_groups)
         chans = [len(g) for g in self.band_groups] if self.band_groups else [_in_chans(vit)]
         self.decoder = MAEDecoder(
-            vit.embed_dim, tuple(vit.patch_embed.grid_size), self.patch_size, chans,
-            cfg.decoder_embed_dim, cfg.decoder_depth, cfg.decoder_num_heads,
+            vit.embed_dim,
+            tuple(vit.patch_embed.grid_size),
+            self.patch_size,
+            chans,
+            cfg.decoder_embed_dim,
+            cfg.decoder_depth,
+            cfg.decoder_num_heads,
             num_prefix_tokens=vit.num_prefix_tokens,
-            group_encoding=getattr(vit.patch_embed, "encoding", "learned"))
+            group_encoding=getattr(vit.patch_embed, "encoding", "learned"),
+        )
         fresh = load_mae_decoder(self.decoder, decoder_state)
         self.decoder_loaded = fresh is not None
         if fresh is None:
-            log.warning("MAE decoder starts from scratch and trains fully: the weight file has no decoder "
-                        "(MAE's mae_pretrain_* files hold the encoder only; the mae_visualize_* files include it)%s",
-                        "; objective.mae.decoder_lora_rank is ignored" if cfg.decoder_lora_rank else "")
+            log.warning(
+                "MAE decoder starts from scratch and trains fully: the weight file has no decoder "
+                "(MAE's mae_pretrain_* files hold the encoder only; the mae_visualize_* files include it)%s",
+                "; objective.mae.decoder_lora_rank is ignored" if cfg.decoder_lora_rank else "",
+            )
         elif cfg.decoder_lora_rank > 0:
             self._decoder_lora(fresh, train_norms)
         self.monitor = CollapseMonitor()
@@ -155,8 +172,9 @@ class MAEObjective(Objective):
         """Freeze the loaded decoder, then train LoRA on its attention's q,v, its norms and ``fresh``."""
         dec = self.decoder
         dec.requires_grad_(False)
-        add_lora_to_blocks(list(dec.decoder_blocks), ["q", "v"], self.cfg.decoder_lora_rank,
-                           self.cfg.decoder_lora_alpha)
+        add_lora_to_blocks(
+            list(dec.decoder_blocks), ["q", "v"], self.cfg.decoder_lora_rank, self.cfg.decoder_lora_alpha
+        )
         for m in dec.modules():
             if train_norms and isinstance(m, NORM_TYPES):
                 m.requires_grad_(True)
@@ -165,10 +183,15 @@ class MAEObjective(Objective):
             if k in params:
                 params[k].requires_grad_(True)
         n_train = sum(p.numel() for p in dec.parameters() if p.requires_grad)
-        log.info("MAE decoder: LoRA r=%d on q,v of %d blocks%s%s; %s of %s decoder parameters train",
-                 self.cfg.decoder_lora_rank, len(dec.decoder_blocks), ", norms" if train_norms else "",
-                 f", new {sorted({k.rsplit('.', 1)[0] for k in fresh})}" if fresh else "", f"{n_train:,}",
-                 f"{sum(p.numel() for p in dec.parameters()):,}")
+        log.info(
+            "MAE decoder: LoRA r=%d on q,v of %d blocks%s%s; %s of %s decoder parameters train",
+            self.cfg.decoder_lora_rank,
+            len(dec.decoder_blocks),
+            ", norms" if train_norms else "",
+            f", new {sorted({k.rsplit('.', 1)[0] for k in fresh})}" if fresh else "",
+            f"{n_train:,}",
+            f"{sum(p.numel() for p in dec.parameters()):,}",
+        )
 
     def lr_multiplier(self, name: str) -> float:
         """Layer-wise lr factor of trainable ``name`` (encoder only; the decoder gets 1)."""

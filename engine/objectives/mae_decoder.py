@@ -15,6 +15,7 @@ file cannot provide (group-channel prediction heads and group encoding, a predic
 band count other than the file's) start from MAE's init and are reported as ``fresh``, as ExPLoRA
 drops mismatching ``decoder_pred`` keys before loading (its mae/pretrain.py).
 """
+
 from __future__ import annotations
 
 import logging
@@ -31,8 +32,15 @@ from engine.model.patch_embed import SATMAE_DECODER_GROUP_CHANNELS, GroupEncodin
 
 log = logging.getLogger(__name__)
 
-DECODER_PREFIXES = ("decoder_embed.", "mask_token", "decoder_pos_embed", "decoder_blocks.", "decoder_norm.",
-                    "decoder_pred.", "decoder_group_embed")
+DECODER_PREFIXES = (
+    "decoder_embed.",
+    "mask_token",
+    "decoder_pos_embed",
+    "decoder_blocks.",
+    "decoder_norm.",
+    "decoder_pred.",
+    "decoder_group_embed",
+)
 
 
 def sincos_pos_embed_2d(dim: int, h: int, w: int, cls_token: bool = True) -> torch.Tensor:
@@ -45,8 +53,9 @@ def sincos_pos_embed_2d(dim: int, h: int, w: int, cls_token: bool = True) -> tor
         raise ValueError(f"sin-cos position embedding needs a width divisible by 4, got {dim}")
     quarter = dim // 4
     omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
-    rows, cols = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64),
-                                indexing="ij")
+    rows, cols = torch.meshgrid(
+        torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij"
+    )
 
     def encode(pos: torch.Tensor) -> torch.Tensor:
         a = pos.reshape(-1, 1) * omega.reshape(1, -1)
@@ -96,7 +105,7 @@ class MAEDecoder(nn.Module):
         block = partial(Block, dd, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm)  # type: ignore[arg-type]
         self.decoder_blocks = nn.ModuleList(block() for _ in range(decoder_depth))
         self.decoder_norm = norm(dd)
-        p2 = self.patch_size ** 2
+        p2 = self.patch_size**2
         if len(self.group_chans) == 1:
             self.decoder_pred: nn.Linear | nn.ModuleList = nn.Linear(dd, p2 * self.group_chans[0], bias=True)
             self.decoder_group_embed = None
@@ -168,7 +177,7 @@ def _decoder_keys(state: dict) -> dict:
         state = state["model"]
     out = {}
     for k, v in state.items():
-        k = k[len("module."):] if k.startswith("module.") else k
+        k = k[len("module.") :] if k.startswith("module.") else k
         if k.startswith(DECODER_PREFIXES):
             out[k] = v
     return out
@@ -201,10 +210,11 @@ def load_mae_decoder(decoder: MAEDecoder, state: dict | None) -> list[str] | Non
     if "decoder_pos_embed" in sd and sd["decoder_pos_embed"].shape != own["decoder_pos_embed"].shape:
         pe = sd["decoder_pos_embed"]
         n_old = pe.shape[1] - 1
-        side = int(round(n_old ** 0.5))
+        side = int(round(n_old**0.5))
         if side * side == n_old and pe.shape[2] == own["decoder_pos_embed"].shape[2]:
             sd["decoder_pos_embed"] = resample_abs_pos_embed(
-                pe.float(), new_size=list(decoder.grid_size), old_size=[side, side], num_prefix_tokens=1)
+                pe.float(), new_size=list(decoder.grid_size), old_size=[side, side], num_prefix_tokens=1
+            )
     if "mask_token" not in sd:
         # some exports keep only the decoder_* tensors; the rest of the decoder is still worth loading
         log.warning("MAE decoder state has no mask_token: the decoder's mask token starts from its init")
@@ -215,20 +225,29 @@ def load_mae_decoder(decoder: MAEDecoder, state: dict | None) -> list[str] | Non
     sd = {k: v for k, v in sd.items() if not (k.startswith("decoder_pred") and k not in own)}
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
-    mismatched = [f"{k}: file {tuple(sd[k].shape)} vs configured {tuple(own[k].shape)}"
-                  for k in own if k in sd and sd[k].shape != own[k].shape]
+    mismatched = [
+        f"{k}: file {tuple(sd[k].shape)} vs configured {tuple(own[k].shape)}"
+        for k in own
+        if k in sd and sd[k].shape != own[k].shape
+    ]
     if missing or unexpected or mismatched:
         width = sd["decoder_embed.weight"].shape[0] if "decoder_embed.weight" in sd else "?"
         depth = len({k.split(".")[1] for k in sd if k.startswith("decoder_blocks.")})
-        parts = ([f"{len(mismatched)} mismatched {mismatched[:4]}"] if mismatched else []) + \
-                ([f"{len(missing)} missing {missing[:4]}"] if missing else []) + \
-                ([f"{len(unexpected)} unexpected {unexpected[:4]}"] if unexpected else [])
+        parts = (
+            ([f"{len(mismatched)} mismatched {mismatched[:4]}"] if mismatched else [])
+            + ([f"{len(missing)} missing {missing[:4]}"] if missing else [])
+            + ([f"{len(unexpected)} unexpected {unexpected[:4]}"] if unexpected else [])
+        )
         raise UserError(
             "--objective.mae.decoder_embed_dim/decoder_depth: the weight file's MAE decoder does not fit the "
             f"configured one ({'; '.join(parts)}). The file's decoder has width {width} and {depth} blocks; "
             f"configured: width {decoder.decoder_embed.out_features}, {len(decoder.decoder_blocks)} blocks. "
-            "Set the decoder settings to the file's (official MAE: 512, 8, 16 heads)")
+            "Set the decoder settings to the file's (official MAE: 512, 8, 16 heads)"
+        )
     decoder.load_state_dict(sd, strict=True)
-    log.info("MAE decoder loaded from the weight file (%d tensors%s)", len(sd) - len(fresh),
-             f"; new: {sorted({k.rsplit('.', 1)[0] for k in fresh})}" if fresh else "")
+    log.info(
+        "MAE decoder loaded from the weight file (%d tensors%s)",
+        len(sd) - len(fresh),
+        f"; new: {sorted({k.rsplit('.', 1)[0] for k in fresh})}" if fresh else "",
+    )
     return fresh

@@ -8,6 +8,7 @@ Features that stop depending on the input show as ``*_feature_std`` -> 0: the pe
 over the batch of L2-normalised features, times sqrt(D), which is about 1 for features spread over
 the sphere. Values are local to this rank (no collective) and returned as Python floats.
 """
+
 from __future__ import annotations
 
 import logging
@@ -70,9 +71,14 @@ class CollapseMonitor:
     def _warn(self, vals: dict[str, float]) -> None:
         me = vals.get("teacher_mean_entropy")
         if me is not None and me < self.min_mean_entropy:
-            log.warning("collapse? teacher batch-mean entropy %.3f (of log K) < %.3f: images share one "
-                        "prototype; check teacher temperature / centering", me, self.min_mean_entropy)
+            log.warning(
+                "collapse? teacher batch-mean entropy %.3f (of log K) < %.3f: images share one "
+                "prototype; check teacher temperature / centering",
+                me,
+                self.min_mean_entropy,
+            )
         for k, v in vals.items():
             if k.endswith("_feature_std") and v < self.min_feature_std:
-                log.warning("collapse? %s = %.3f < %.3f: features barely vary across the batch",
-                            k, v, self.min_feature_std)
+                log.warning(
+                    "collapse? %s = %.3f < %.3f: features barely vary across the batch", k, v, self.min_feature_std
+                )

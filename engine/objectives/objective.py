@@ -1,6 +1,7 @@
 """What the trainer drives: :class:`Objective`, the base of DinoObjective, MAEObjective and the
 fine-tuning Classifier. DeepSpeed wraps the module whole; ``engine.trainer`` calls only what is here
 and the optional hooks it looks up by name (``lr_multiplier(name)``, ``frozen_steps(name)``)."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator

@@ -4,6 +4,7 @@ The trainer passes the run's total number of optimizer steps; each schedule is a
 ``step`` (0-based optimizer step), so nothing needs saving in checkpoints and a resumed run picks
 up the same values.
 """
+
 from __future__ import annotations
 
 # The half-cosine ramp is the same math as the trainer's lr / weight-decay cosine; that module is

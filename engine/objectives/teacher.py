@@ -24,6 +24,7 @@ objective's forward they would stay gathered until it ends, across the swap). Th
 condition before and after the teacher pass and raises instead of silently running the student
 with teacher weights (or the reverse).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -131,8 +132,9 @@ class EMATeacher:
         for prefix, mod in self.modules.items():
             for n, m in mod.named_modules():
                 if getattr(m, "merged", False) is True:
-                    raise RuntimeError(f"EMA teacher {when}: LoRA layer '{prefix}.{n}' is merged; unmerge "
-                                       "adapters before training")
+                    raise RuntimeError(
+                        f"EMA teacher {when}: LoRA layer '{prefix}.{n}' is merged; unmerge adapters before training"
+                    )
         for name, p in zip(self.names, self.params):
             ds = getattr(p, "ds_tensor", None)
             if ds is None:
@@ -141,12 +143,14 @@ class EMATeacher:
                 raise RuntimeError(
                     f"EMA teacher {when}: ZeRO-3 parameter '{name}' is gathered, so swapping its shard "
                     f"would not reach the values in use. Set zero_optimization {ZERO3_REQUIREMENTS} "
-                    "(see engine/objectives/teacher.py)")
+                    "(see engine/objectives/teacher.py)"
+                )
             if ds.numel() == 0 or getattr(p, "ds_secondary_tensor", None) is not None:
                 raise RuntimeError(
                     f"EMA teacher {when}: ZeRO-3 parameter '{name}' has no resident shard or a cached "
                     "secondary (hpZ) copy; NVMe parameter offload and hpZ are not supported with the "
-                    "shared-base teacher")
+                    "shared-base teacher"
+                )
 
     @contextlib.contextmanager
     def swapped(self) -> Iterator[None]:
@@ -194,12 +198,15 @@ class EMATeacher:
             raise UserError(
                 f"--train.resume: the checkpoint's EMA teacher tracks other tensors than this model "
                 f"trains (missing {missing[:3]}, unexpected {extra[:3]}); resume with the same "
-                "explora/objective settings")
+                "explora/objective settings"
+            )
         for n, e in zip(self.names, self.ema):
             src = ema[n]
             if src.shape != e.shape:
-                raise UserError(f"--train.resume: EMA tensor '{n}' has shape {tuple(src.shape)}, "
-                                f"the model's is {tuple(e.shape)} (different model or ZeRO world size)")
+                raise UserError(
+                    f"--train.resume: EMA tensor '{n}' has shape {tuple(src.shape)}, "
+                    f"the model's is {tuple(e.shape)} (different model or ZeRO world size)"
+                )
             e.copy_(src.to(e.device, e.dtype))
 
     # ---------------------------------------------------------------- memory
@@ -226,5 +233,10 @@ def teacher_memory(modules: Mapping[str, nn.Module], dtype: torch.dtype = torch.
             trainable += p.numel() if p.requires_grad else 0
     size = torch.empty((), dtype=dtype).element_size()
     shared, naive = trainable * size, total * size
-    return {"trainable_params": trainable, "total_params": total, "shared_bytes": shared,
-            "naive_bytes": naive, "saving": 1.0 - shared / naive if naive else 0.0}
+    return {
+        "trainable_params": trainable,
+        "total_params": total,
+        "shared_bytes": shared,
+        "naive_bytes": naive,
+        "saving": 1.0 - shared / naive if naive else 0.0,
+    }

@@ -4,6 +4,7 @@
 preset of this folder; any other value is a path to a YAML file. An existing file always wins, so a
 local ``tiny_cpu.yaml`` is read instead of the shipped one.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -28,5 +29,6 @@ def resolve_preset(name_or_path: str) -> Path:
     stem = name_or_path[:-5] if name_or_path.endswith(".yaml") else name_or_path
     if "/" not in stem and (PRESET_DIR / f"{stem}.yaml").is_file():
         return PRESET_DIR / f"{stem}.yaml"
-    raise UserError(f"--config: '{name_or_path}' is neither a YAML file nor a preset; "
-                    f"presets: {', '.join(preset_names())}")
+    raise UserError(
+        f"--config: '{name_or_path}' is neither a YAML file nor a preset; presets: {', '.join(preset_names())}"
+    )

@@ -19,6 +19,7 @@ removed at the next start. "Complete" = the name has no temp prefix and meta.jso
 
 Assumes ``output_dir`` is on a filesystem every rank sees (the usual shared FS of a cluster).
 """
+
 from __future__ import annotations
 
 import json
@@ -97,8 +98,10 @@ def resolve_resume(spec: str, output_dir: Path) -> Path | None:
         found = complete_checkpoints(d)
         if found:
             return found[-1][1]
-    raise UserError(f"--train.resume: '{spec}' is not a complete checkpoint (step_XXXXXXXX with meta.json) "
-                    "nor a run directory holding one; use auto, none or such a path")
+    raise UserError(
+        f"--train.resume: '{spec}' is not a complete checkpoint (step_XXXXXXXX with meta.json) "
+        "nor a run directory holding one; use auto, none or such a path"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -149,8 +152,15 @@ class CheckpointManager:
     rank, world_size: this process's place. keep_last: complete checkpoints kept (oldest pruned).
     """
 
-    def __init__(self, output_dir: Path, rank: int, world_size: int, keep_last: int = 3,
-                 flag: str = "--train.output_dir", group=None):
+    def __init__(
+        self,
+        output_dir: Path,
+        rank: int,
+        world_size: int,
+        keep_last: int = 3,
+        flag: str = "--train.output_dir",
+        group=None,
+    ):
         self.dir = Path(output_dir) / "checkpoints"
         self.rank, self.world_size, self.keep_last = rank, world_size, keep_last
         self.flag = flag
@@ -227,7 +237,8 @@ class CheckpointManager:
         return CheckpointWriteError(
             f"{self.flag} '{self.dir.parent}': no space left for checkpoint {tag} (the last one, {last.name}, "
             f"takes {need / 1e6:.1f} MB; {free / 1e6:.1f} MB free); free space there or choose another "
-            f"directory; {self._kept()}")
+            f"directory; {self._kept()}"
+        )
 
     def _kept(self) -> str:
         previous = complete_checkpoints(self.dir)
@@ -248,8 +259,9 @@ class CheckpointManager:
         missing = [r for r in range(self.world_size) if not (tmp / rank_file(r)).is_file()]
         if missing:
             raise RuntimeError(f"checkpoint {meta['tag']}: rank files missing for ranks {missing}")
-        body = dict(meta, format=FORMAT, world_size=self.world_size, saved=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                    complete=True)
+        body = dict(
+            meta, format=FORMAT, world_size=self.world_size, saved=time.strftime("%Y-%m-%dT%H:%M:%S%z"), complete=True
+        )
         (tmp / META).write_text(json.dumps(body, indent=1, default=str))
         _fsync_tree(tmp)
         old = final.with_name(TMP_PREFIX + "old-" + final.name)
@@ -278,7 +290,7 @@ class CheckpointManager:
 
     def _prune(self, keep: Path) -> None:
         done = complete_checkpoints(self.dir)
-        for _, p in done[:-self.keep_last]:
+        for _, p in done[: -self.keep_last]:
             if p != keep:
                 shutil.rmtree(p, ignore_errors=True)
 
@@ -288,13 +300,21 @@ class CheckpointManager:
         meta = read_meta(path)
         if meta is None:
             raise UserError(f"--train.resume: '{path}' is not a complete checkpoint")
-        load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
-                                              load_lr_scheduler_states=False, load_module_strict=True)
+        load_path, _ = engine.load_checkpoint(
+            str(path.parent),
+            tag=path.name,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=False,
+            load_module_strict=True,
+        )
         if load_path is None:
             raise UserError(f"--train.resume: DeepSpeed could not load '{path}'")
         if int(meta["world_size"]) != self.world_size:
-            log.warning("checkpoint was written by %s ranks, this run has %d: data position and RNG "
-                        "streams restart", meta["world_size"], self.world_size)
+            log.warning(
+                "checkpoint was written by %s ranks, this run has %d: data position and RNG streams restart",
+                meta["world_size"],
+                self.world_size,
+            )
             return meta, None
         state = torch.load(path / rank_file(self.rank), map_location="cpu", weights_only=False)
         return meta, state

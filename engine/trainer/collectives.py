@@ -4,6 +4,7 @@
 the trainer hands ``all_reduce_sum`` to ``build_objective(..., all_reduce=all_reduce_sum)``. When
 no process group is initialised (single process, unit tests) every function is the identity.
 """
+
 from __future__ import annotations
 
 import torch

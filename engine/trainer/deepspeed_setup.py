@@ -8,6 +8,7 @@ partitioned across ranks (it is the bulk of the weights) but stays out of the op
 The lr and weight decay are set on the param groups every step by ``schedules.OptimSchedule``
 (DeepSpeed's own scheduler is not used), so the ``lr``/``weight_decay`` given here are placeholders.
 """
+
 from __future__ import annotations
 
 import logging
@@ -43,9 +44,12 @@ def is_no_decay(name: str, p: nn.Parameter, no_decay_lora_b: bool) -> bool:
     return no_decay_lora_b and parts[-1] == "lora_b"
 
 
-def param_groups(named: Iterable[tuple[str, nn.Parameter]], no_decay_lora_b: bool = True,
-                 lr_mult: Callable[[str], float] | None = None,
-                 frozen_steps: Callable[[str], int] | None = None) -> list[dict]:
+def param_groups(
+    named: Iterable[tuple[str, nn.Parameter]],
+    no_decay_lora_b: bool = True,
+    lr_mult: Callable[[str], float] | None = None,
+    frozen_steps: Callable[[str], int] | None = None,
+) -> list[dict]:
     """AdamW param groups over the given (trainable) parameters: 'decay' (wd_mult 1) and
     'no_decay' (wd_mult 0); empty groups are dropped (ZeRO cannot partition an empty group).
     lr_mult: name -> lr multiplier (layer-wise lr decay); frozen_steps: name -> number of first
@@ -63,8 +67,11 @@ def param_groups(named: Iterable[tuple[str, nn.Parameter]], no_decay_lora_b: boo
         if id(p) in seen:
             continue
         seen.add(id(p))
-        key = (is_no_decay(name, p, no_decay_lora_b), float(lr_mult(name)) if lr_mult else 1.0,
-               int(frozen_steps(name)) if frozen_steps else 0)
+        key = (
+            is_no_decay(name, p, no_decay_lora_b),
+            float(lr_mult(name)) if lr_mult else 1.0,
+            int(frozen_steps(name)) if frozen_steps else 0,
+        )
         buckets.setdefault(key, []).append((name, p))
     groups = []
     for (no_decay, mult, frozen), members in sorted(buckets.items(), key=lambda kv: (kv[0][0], -kv[0][1], kv[0][2])):
@@ -73,9 +80,18 @@ def param_groups(named: Iterable[tuple[str, nn.Parameter]], no_decay_lora_b: boo
             tag += f"@lr_x{mult:.4g}"
         if frozen:
             tag += f"@frozen_{frozen}_steps"
-        groups.append({"params": [p for _, p in members], "names": [n for n, _ in members], "group": tag,
-                       "wd_mult": 0.0 if no_decay else 1.0, "lr_mult": mult, "frozen_until": frozen,
-                       "weight_decay": 0.0, "lr": 0.0})
+        groups.append(
+            {
+                "params": [p for _, p in members],
+                "names": [n for n, _ in members],
+                "group": tag,
+                "wd_mult": 0.0 if no_decay else 1.0,
+                "lr_mult": mult,
+                "frozen_until": frozen,
+                "weight_decay": 0.0,
+                "lr": 0.0,
+            }
+        )
     return groups
 
 
@@ -84,8 +100,9 @@ def _strip_names(groups: list[dict]) -> list[dict]:
     return [{k: v for k, v in g.items() if k != "names"} for g in groups]
 
 
-def build_optimizer(groups: list[dict], optim: OptimConfig, device_type: str,
-                    offload: bool = False) -> tuple[torch.optim.Optimizer, str]:
+def build_optimizer(
+    groups: list[dict], optim: OptimConfig, device_type: str, offload: bool = False
+) -> tuple[torch.optim.Optimizer, str]:
     """AdamW (decoupled weight decay) over ``groups``; returns (optimizer, implementation name).
 
     offload (ZeRO-Offload): DeepSpeed's CPU Adam (SIMD C++, JIT-built on first use). On CUDA with
@@ -126,8 +143,9 @@ def _deepspeed_fused_adam_prebuilt() -> bool:
     return bool(installed_ops.get("fused_adam", False))
 
 
-def build_ds_config(cfg: TrainingRun, world_size: int, device_type: str,
-                    zero_overrides: dict | None = None, user_config: bool = True) -> dict:
+def build_ds_config(
+    cfg: TrainingRun, world_size: int, device_type: str, zero_overrides: dict | None = None, user_config: bool = True
+) -> dict:
     """The DeepSpeed config dict for ``cfg`` on ``world_size`` ranks of ``device_type``.
 
     zero_overrides: zero_optimization entries the objective requires (e.g. the shared-base EMA
@@ -153,17 +171,25 @@ def build_ds_config(cfg: TrainingRun, world_size: int, device_type: str,
     elif t.precision == "bf16":
         ds["bf16"] = {"enabled": True}
     elif t.precision == "fp16":
-        ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
-                      "hysteresis": 2, "min_loss_scale": 1}
+        ds["fp16"] = {
+            "enabled": True,
+            "loss_scale": 0,
+            "initial_scale_power": 16,
+            "loss_scale_window": 1000,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        }
     zero: dict = {"stage": z.stage}
     if z.stage >= 1:
-        zero.update(contiguous_gradients=True, overlap_comm=device_type == "cuda",
-                    reduce_bucket_size=z.bucket_size)
+        zero.update(contiguous_gradients=True, overlap_comm=device_type == "cuda", reduce_bucket_size=z.bucket_size)
     if z.stage in (1, 2):
         zero.update(allgather_bucket_size=z.bucket_size, reduce_scatter=True)
     if z.stage == 3:
-        zero.update(stage3_prefetch_bucket_size=z.bucket_size, stage3_max_live_parameters=10 * z.bucket_size,
-                    stage3_max_reuse_distance=10 * z.bucket_size)
+        zero.update(
+            stage3_prefetch_bucket_size=z.bucket_size,
+            stage3_max_live_parameters=10 * z.bucket_size,
+            stage3_max_reuse_distance=10 * z.bucket_size,
+        )
     if z.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device_type == "cuda"}
     if z.offload_param:
@@ -190,8 +216,13 @@ class OptimizerReport:
     ds_config: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"implementation": self.implementation, "trainable_numel": self.trainable_numel,
-                "frozen_numel": self.frozen_numel, "groups": self.groups, "ds_config": self.ds_config}
+        return {
+            "implementation": self.implementation,
+            "trainable_numel": self.trainable_numel,
+            "frozen_numel": self.frozen_numel,
+            "groups": self.groups,
+            "ds_config": self.ds_config,
+        }
 
 
 def initialize(objective: Objective, cfg: TrainingRun, world_size: int, device_type: str):
@@ -205,24 +236,44 @@ def initialize(objective: Objective, cfg: TrainingRun, world_size: int, device_t
     named = list(objective.trainable_parameters())
     if not named:
         raise UserError("--explora.*: the recipe left no trainable parameters; check unfreeze_blocks/lora_targets")
-    groups = param_groups(named, cfg.optim.no_decay_lora_b, getattr(objective, "lr_multiplier", None),
-                          getattr(objective, "frozen_steps", None))
+    groups = param_groups(
+        named,
+        cfg.optim.no_decay_lora_b,
+        getattr(objective, "lr_multiplier", None),
+        getattr(objective, "frozen_steps", None),
+    )
     optimizer, impl = build_optimizer(groups, cfg.optim, device_type, offload=cfg.zero.offload_optimizer)
     ds_config = build_ds_config(cfg, world_size, device_type, objective.zero_config_overrides(cfg.zero.stage))
     trainable_ids = {id(p) for g in groups for p in g["params"]}
     frozen = sum(p.numel() for p in objective.parameters() if id(p) not in trainable_ids)
     report = OptimizerReport(
         implementation=impl,
-        groups=[{"group": g["group"], "wd_mult": g["wd_mult"], "lr_mult": g["lr_mult"],
-                 "frozen_until": g["frozen_until"], "tensors": len(g["params"]),
-                 "numel": sum(p.numel() for p in g["params"]), "names": g["names"]} for g in groups],
+        groups=[
+            {
+                "group": g["group"],
+                "wd_mult": g["wd_mult"],
+                "lr_mult": g["lr_mult"],
+                "frozen_until": g["frozen_until"],
+                "tensors": len(g["params"]),
+                "numel": sum(p.numel() for p in g["params"]),
+                "names": g["names"],
+            }
+            for g in groups
+        ],
         trainable_numel=sum(p.numel() for g in groups for p in g["params"]),
         frozen_numel=frozen,
         ds_config=ds_config,
     )
-    log.info("optimizer: %s over %d trainable tensors (%.2fM params; %.2fM frozen params get no state); "
-             "ZeRO-%d, precision %s%s", impl, len(trainable_ids), report.trainable_numel / 1e6, frozen / 1e6,
-             cfg.zero.stage, cfg.train.precision,
-             f" ({cfg.train.amp})" if cfg.train.precision == "bf16" else "")
+    log.info(
+        "optimizer: %s over %d trainable tensors (%.2fM params; %.2fM frozen params get no state); "
+        "ZeRO-%d, precision %s%s",
+        impl,
+        len(trainable_ids),
+        report.trainable_numel / 1e6,
+        frozen / 1e6,
+        cfg.zero.stage,
+        cfg.train.precision,
+        f" ({cfg.train.amp})" if cfg.train.precision == "bf16" else "",
+    )
     engine, _, _, _ = deepspeed.initialize(model=objective, optimizer=optimizer, config=ds_config)
     return engine, report

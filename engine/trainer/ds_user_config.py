@@ -7,6 +7,7 @@ different value there would silently contradict config.yaml. The merged config i
 DeepSpeed's own parser before any process group exists, and the trainer saves what it hands to
 DeepSpeed as ``<output_dir>/deepspeed_config.json``.
 """
+
 from __future__ import annotations
 
 import copy
@@ -52,8 +53,9 @@ def read_user_config(path: str) -> dict:
     try:
         data = json.loads(p.read_text()) if p.suffix == ".json" else yaml.safe_load(p.read_text())
     except (ValueError, yaml.YAMLError) as e:
-        raise UserError(f"{FLAG} {path}: not valid {'JSON' if p.suffix == '.json' else 'YAML'} "
-                        f"({str(e).splitlines()[0]})") from None
+        raise UserError(
+            f"{FLAG} {path}: not valid {'JSON' if p.suffix == '.json' else 'YAML'} ({str(e).splitlines()[0]})"
+        ) from None
     if not isinstance(data, dict):
         raise UserError(f"{FLAG} {path}: must hold a mapping of DeepSpeed keys, got {type(data).__name__}")
     return data
@@ -81,8 +83,10 @@ def merge_user_config(generated: dict, user: dict, path: str, reserved: dict[str
         clash = next((k for k in ours if k == key or k.startswith(key + ".") or key.startswith(k + ".")), None)
         if clash is not None:
             what = f"key '{key}' is" if clash == key else f"key '{key}' conflicts with '{clash}', which is"
-            raise UserError(f"{FLAG} {path}: {what} set by geoexplora (deepspeed_config.json in a run directory "
-                            f"lists all such keys); remove it from the file")
+            raise UserError(
+                f"{FLAG} {path}: {what} set by geoexplora (deepspeed_config.json in a run directory "
+                f"lists all such keys); remove it from the file"
+            )
     merged = copy.deepcopy(generated)
     for key, value in _leaves(user):
         node = merged
@@ -106,10 +110,12 @@ def check_user_config(cfg) -> None:
     if getattr(getattr(cfg, "objective", None), "name", None) == "dino" and cfg.zero.stage == 3:
         from engine.objectives.teacher import ZERO3_REQUIREMENTS
 
-        teacher = {f"zero_optimization.{k}": "the shared-base EMA teacher at --zero.stage 3"
-                   for k in ZERO3_REQUIREMENTS}
-    merged = merge_user_config(build_ds_config(cfg, 1, "cuda", user_config=False), read_user_config(path), path,
-                               teacher)
+        teacher = {
+            f"zero_optimization.{k}": "the shared-base EMA teacher at --zero.stage 3" for k in ZERO3_REQUIREMENTS
+        }
+    merged = merge_user_config(
+        build_ds_config(cfg, 1, "cuda", user_config=False), read_user_config(path), path, teacher
+    )
     validate_with_deepspeed(merged, path)
 
 

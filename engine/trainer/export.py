@@ -16,6 +16,7 @@ teacher. DINOv2 evaluates its teacher; the student is exported too.
 Files in ``<output_dir>/export/``: ``adapter.safetensors`` + ``vit_merged.safetensors`` (student),
 ``teacher_adapter.safetensors`` + ``teacher_vit_merged.safetensors`` (EMA teacher, DINO).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -79,8 +80,9 @@ def _rebuild(cfg: RunConfig, state: dict[str, torch.Tensor]) -> VisionTransforme
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
-        raise RuntimeError(f"export: trained model and rebuilt model differ (missing {missing[:5]}, "
-                           f"unexpected {unexpected[:5]})")
+        raise RuntimeError(
+            f"export: trained model and rebuilt model differ (missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
     vit.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
     return vit
 
@@ -90,8 +92,10 @@ def _write(vit: VisionTransformer, out_dir: Path, prefix: str, seed: int) -> dic
     from engine.model.formats.adapter import save_adapter
     from engine.model.formats.merged import export_merged
 
-    return {f"{prefix}adapter": save_adapter(vit, out_dir / f"{prefix}adapter.safetensors", seed=seed),
-            f"{prefix}merged": export_merged(vit, out_dir / f"{prefix}vit_merged.safetensors")}
+    return {
+        f"{prefix}adapter": save_adapter(vit, out_dir / f"{prefix}adapter.safetensors", seed=seed),
+        f"{prefix}merged": export_merged(vit, out_dir / f"{prefix}vit_merged.safetensors"),
+    }
 
 
 def export_run(vit: VisionTransformer, objective: nn.Module, cfg: RunConfig, is_main: bool) -> dict[str, Path]:

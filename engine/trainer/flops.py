@@ -9,6 +9,7 @@ hardware does -- compare MFU between runs of the same recipe, not across recipes
 
 Works on meta-device models (only shapes are read).
 """
+
 from __future__ import annotations
 
 from timm.models.vision_transformer import VisionTransformer
@@ -51,8 +52,9 @@ def training_flops_per_sample(cfg: RunConfig, vit: VisionTransformer) -> float:
     DINO teacher's forward on the global crops (1x), or MAE's encoder + decoder (3x)."""
     c = cfg.crops
     if cfg.objective.name == "dino":
-        student = (c.num_global * vit_forward_flops(vit, c.global_size)
-                   + c.num_local * vit_forward_flops(vit, c.local_size))
+        student = c.num_global * vit_forward_flops(vit, c.global_size) + c.num_local * vit_forward_flops(
+            vit, c.local_size
+        )
         teacher = c.num_global * vit_forward_flops(vit, c.global_size)
         return 3.0 * student + teacher
     m = cfg.objective.mae
@@ -72,9 +74,20 @@ def classifier_flops_per_sample(vit: VisionTransformer, img_size: int) -> float:
 # Dense 16-bit tensor-core peaks (TFLOPS, no sparsity) from the vendors' data sheets; matched as
 # substrings of torch.cuda.get_device_name(), most specific first.
 PEAK_TFLOPS_16BIT = (
-    ("GB200", 2500.0), ("B200", 2250.0), ("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0),
-    ("GH200", 989.0), ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0), ("A10G", 70.0), ("A10", 125.0),
-    ("V100", 125.0), ("MI300X", 1307.0), ("MI250", 362.0),
+    ("GB200", 2500.0),
+    ("B200", 2250.0),
+    ("H200", 989.0),
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),
+    ("GH200", 989.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("L4", 121.0),
+    ("A10G", 70.0),
+    ("A10", 125.0),
+    ("V100", 125.0),
+    ("MI300X", 1307.0),
+    ("MI250", 362.0),
 )
 
 

@@ -5,6 +5,7 @@ in :func:`run_cli`: strip the launcher's ``--local_rank``, read ``--config PRESE
 overrides into the run's config class, check the inputs before any process group exists (every
 rank finds the same problem; rank 0 prints it, exit 2), join the process group, run, leave it.
 """
+
 from __future__ import annotations
 
 import gc
@@ -53,7 +54,8 @@ def check_output_dir(cfg) -> None:
     cause = probe_writable(out)
     if cause is not None:
         raise fs_user_error(cause, out, flag, "creating the run directory") or UserError(
-            f"{flag} '{out}': cannot write there ({cause.strerror}); choose another directory")
+            f"{flag} '{out}': cannot write there ({cause.strerror}); choose another directory"
+        )
 
 
 def _run_dir_error(err: Exception, cfg) -> UserError | None:
@@ -73,8 +75,9 @@ def _run_dir_error(err: Exception, cfg) -> UserError | None:
     return None if cause is None else fs_user_error(cause, out, flag, "writing the run directory")
 
 
-def run_cli(config_cls: type, argv: Sequence[str] | None, run: Callable, check: Callable = lambda cfg: None,
-            doc: str = "") -> int:
+def run_cli(
+    config_cls: type, argv: Sequence[str] | None, run: Callable, check: Callable = lambda cfg: None, doc: str = ""
+) -> int:
     """Parse, check, join the process group, ``run(cfg, env) -> exit code``, leave the group.
 
     Exit codes: what ``run`` returns (0 finished, 128 + N stopped by signal N after a checkpoint),
@@ -97,9 +100,12 @@ def run_cli(config_cls: type, argv: Sequence[str] | None, run: Callable, check: 
     rank = launcher_rank()
     setup_logging(rank)
     if any(a.split("=")[0] in RUNNER_OPTIONS for a in raw) and rank == 0:
-        log.warning("runner options after the script (%s) reach the script, not the deepspeed runner, "
-                    "which then uses every visible GPU; write them first: deepspeed --num_gpus 8 %s ...",
-                    " ".join(a for a in raw if a.split("=")[0] in RUNNER_OPTIONS), Path(sys.argv[0]).name)
+        log.warning(
+            "runner options after the script (%s) reach the script, not the deepspeed runner, "
+            "which then uses every visible GPU; write them first: deepspeed --num_gpus 8 %s ...",
+            " ".join(a for a in raw if a.split("=")[0] in RUNNER_OPTIONS),
+            Path(sys.argv[0]).name,
+        )
     try:
         cfg = parse_config_args(config_cls, argv, doc)  # -h/--help and --print-config print, then exit 0
         check(cfg)

@@ -17,6 +17,7 @@ small all-reduces keep the ranks in agreement:
 
 Steps are 0-based; ``step`` in checkpoints and logs counts the optimizer steps done.
 """
+
 from __future__ import annotations
 
 import json
@@ -93,9 +94,18 @@ class Trainer:
     record goes to the metrics as ``val/...`` (fine-tuning's validation and best-checkpoint keeping).
     """
 
-    def __init__(self, cfg: TrainingRun, objective: Objective, loader: Iterable, env: DistEnv, *,
-                 prepare: Callable[[dict], dict] = lambda b: b, flops_per_image: float = 0.0,
-                 evaluate: Callable[[int, Any], dict] | None = None, eval_every: int = 0):
+    def __init__(
+        self,
+        cfg: TrainingRun,
+        objective: Objective,
+        loader: Iterable,
+        env: DistEnv,
+        *,
+        prepare: Callable[[dict], dict] = lambda b: b,
+        flops_per_image: float = 0.0,
+        evaluate: Callable[[int, Any], dict] | None = None,
+        eval_every: int = 0,
+    ):
         self.cfg, self.objective, self.loader, self.env = cfg, objective, loader, env
         self.prepare, self.flops_per_image = prepare, flops_per_image
         self.evaluate, self.eval_every = evaluate, int(eval_every)
@@ -105,8 +115,9 @@ class Trainer:
         self.report: deepspeed_setup.OptimizerReport | None = None
         self.resumed_from: Path | None = None
         self.ckpt = CheckpointManager(self.output_dir, env.rank, env.world_size, cfg.train.keep_last)
-        self.metrics = MetricsWriter(self.output_dir, enabled=env.is_main, loggers=cfg.train.logger,
-                                     config=to_dict(cfg) if env.is_main else None)
+        self.metrics = MetricsWriter(
+            self.output_dir, enabled=env.is_main, loggers=cfg.train.logger, config=to_dict(cfg) if env.is_main else None
+        )
         self._git = git_revision() if env.is_main else ""
         self._flags: dist.ProcessGroup | None = None  # group of the stop-flag all-reduce (None = the default)
         self._it: Iterator = iter(())
@@ -147,16 +158,20 @@ class Trainer:
 
     def _boundary(self) -> dict:
         """Data position and RNG states now, at a step boundary (what a checkpoint of it holds)."""
-        return {"rng": rng_state(),
-                "data": self.loader.state_dict() if hasattr(self.loader, "state_dict") else None}
+        return {"rng": rng_state(), "data": self.loader.state_dict() if hasattr(self.loader, "state_dict") else None}
 
     def save(self, step: int, boundary: dict | None = None) -> Path:
         """Checkpoint after ``step`` optimizer steps (all ranks call it). boundary: the data position
         and RNG states of that step boundary when the loop has moved past it (abandoned step)."""
         rank_state = dict(boundary or self._boundary(), extra=extra_state(self.objective))
-        meta = {"config": to_dict(self.cfg), "git": self._git, "global_batch": self.global_batch,
-                "samples_seen": step * self.global_batch, "zero_stage": self.cfg.zero.stage,
-                "data_rank0": rank_state["data"]}
+        meta = {
+            "config": to_dict(self.cfg),
+            "git": self._git,
+            "global_batch": self.global_batch,
+            "samples_seen": step * self.global_batch,
+            "zero_stage": self.cfg.zero.stage,
+            "data_rank0": rank_state["data"],
+        }
         return self.ckpt.save(self.engine, step, rank_state, meta)
 
     # ------------------------------------------------------------------ data
@@ -171,8 +186,10 @@ class Trainer:
                 try:
                     return next(self._it), False
                 except StopIteration:
-                    raise UserError("--data.shards: the data stream produced no batch in a whole epoch; "
-                                    "check the shards and --data.batch_size") from None
+                    raise UserError(
+                        "--data.shards: the data stream produced no batch in a whole epoch; "
+                        "check the shards and --data.batch_size"
+                    ) from None
         except (RuntimeError, OSError, EOFError):
             if not guard.requested:
                 raise
@@ -193,32 +210,48 @@ class Trainer:
         floating inputs to that dtype (autocast and fp32 runs feed fp32)."""
         batch = self.prepare(batch)
         t = self.cfg.train
-        dtype = torch.float16 if t.precision == "fp16" else (
-            torch.bfloat16 if t.precision == "bf16" and t.amp == "cast" else None)
+        dtype = (
+            torch.float16
+            if t.precision == "fp16"
+            else (torch.bfloat16 if t.precision == "bf16" and t.amp == "cast" else None)
+        )
         if dtype is None:
             return batch
-        return {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
-                for k, v in batch.items()}
+        return {
+            k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in batch.items()
+        }
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> FitResult:
         cfg, env, t = self.cfg, self.env, self.cfg.train
         step = start = self.setup()
         sched = OptimSchedule.from_config(cfg.optim, self.global_batch, t.max_steps)
-        peak = device_peak_flops(torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else "cpu",
-                                 t.precision, t.peak_tflops)
+        peak = device_peak_flops(
+            torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else "cpu", t.precision, t.peak_tflops
+        )
         meter = ThroughputMeter(self.global_batch, env.world_size, env.device, self.flops_per_image, peak)
         if env.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(env.device)
         result = FitResult(step=step, checkpoint=self.resumed_from)
         last_saved = step if self.resumed_from is not None else None
         self._it = iter(self.loader)
-        with PreemptionGuard() as guard, progress(total=t.max_steps, initial=start, desc="train", unit="step",
-                                                  every=t.log_every, disable=not env.is_main) as bar:
+        with (
+            PreemptionGuard() as guard,
+            progress(
+                total=t.max_steps, initial=start, desc="train", unit="step", every=t.log_every, disable=not env.is_main
+            ) as bar,
+        ):
             # logged once the guard is installed: from this line on, SIGTERM/SIGINT mean "checkpoint and stop"
-            log.info("training steps %d -> %d: global batch %d (%d/rank x %d accumulation x %d ranks), "
-                     "peak lr %.3g", step, t.max_steps, self.global_batch, cfg.data.batch_size,
-                     t.grad_accum_steps, env.world_size, sched.peak_lr)
+            log.info(
+                "training steps %d -> %d: global batch %d (%d/rank x %d accumulation x %d ranks), peak lr %.3g",
+                step,
+                t.max_steps,
+                self.global_batch,
+                cfg.data.batch_size,
+                t.grad_accum_steps,
+                env.world_size,
+                sched.peak_lr,
+            )
             while step < t.max_steps:
                 boundary = self._boundary()
                 lr, wd = sched.apply(self.engine.optimizer.param_groups, step)
@@ -228,8 +261,9 @@ class Trainer:
                         result.checkpoint, last_saved = self.save(step, boundary), step
                     result.preempted = signal.Signals(stop).name
                     if env.is_main:
-                        log.warning("stopped at step %d after %s; resume with --train.resume auto", step,
-                                    result.preempted)
+                        log.warning(
+                            "stopped at step %d after %s; resume with --train.resume auto", step, result.preempted
+                        )
                     self.metrics.event("preempted", step, signal=result.preempted)
                     break
                 self.objective.on_step_end(step)
@@ -241,8 +275,9 @@ class Trainer:
                     if env.is_main:
                         bar.set_postfix_str(format_metrics(result.last))
                 bar.update(1)  # a log line on log_every steps without a TTY (with the metrics above)
-                if self.evaluate is not None and (step == t.max_steps or
-                                                  (self.eval_every and step % self.eval_every == 0)):
+                if self.evaluate is not None and (
+                    step == t.max_steps or (self.eval_every and step % self.eval_every == 0)
+                ):
                     self._validate(step, result)
                 if (step == t.max_steps or (t.save_every and step % t.save_every == 0)) and last_saved != step:
                     result.checkpoint, last_saved = self.save(step), step
@@ -262,8 +297,9 @@ class Trainer:
         result.evals.append({"step": step, **record})
         self.metrics.write(step, {"split": "val", **record}, prefix="val/")
 
-    def _optimizer_step(self, step: int, guard: PreemptionGuard, meter: ThroughputMeter,
-                        last_checkpoint: Path | None) -> tuple[int, dict]:
+    def _optimizer_step(
+        self, step: int, guard: PreemptionGuard, meter: ThroughputMeter, last_checkpoint: Path | None
+    ) -> tuple[int, dict]:
         """``grad_accum_steps`` good micro-batches, each followed by ``engine.step()`` (DeepSpeed steps
         the optimizer at the accumulation boundary). Returns (stop: the number of the stop signal
         some rank received, 0 = none; abandon this step when set, last logs)."""
@@ -302,13 +338,15 @@ class Trainer:
         """A micro-batch whose loss was NaN/inf on ``ranks`` rank(s): warn, or halt after too many."""
         self._bad += 1
         if self.env.is_main:
-            log.warning("step %d: non-finite loss on %d rank(s); micro-batch skipped (%d in a row)", step, ranks,
-                        self._bad)
+            log.warning(
+                "step %d: non-finite loss on %d rank(s); micro-batch skipped (%d in a row)", step, ranks, self._bad
+            )
         self.metrics.event("skip_nonfinite", step, consecutive=self._bad)
         if self._bad >= self.cfg.train.max_bad_steps:
             raise NonFiniteLoss(
                 f"loss was NaN/inf for {self._bad} consecutive micro-batches at step {step}; lower --optim.lr, "
-                f"raise --optim.warmup_steps or check the data (last checkpoint: {last_checkpoint or 'none'})")
+                f"raise --optim.warmup_steps or check the data (last checkpoint: {last_checkpoint or 'none'})"
+            )
 
     def _record(self, logs: dict, lr: float, wd: float, meter: ThroughputMeter) -> dict:
         """Metrics record: rank-averaged objective logs (of the last micro-batch; every rank's objective

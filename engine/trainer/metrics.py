@@ -6,6 +6,7 @@ file, after a ``{"event": "resume"}`` line; steps redone after the last checkpoi
 the later record wins) and hands numeric values to the experiment loggers of ``train.logger``
 (TensorBoard under ``<output_dir>/tb``, W&B, MLflow: ``engine/trainer/loggers``).
 """
+
 from __future__ import annotations
 
 import json
@@ -39,8 +40,14 @@ class ThroughputMeter:
     compute = the rest of the wall time (exact on CUDA because ``snapshot`` synchronises).
     """
 
-    def __init__(self, images_per_step: int, world_size: int, device: torch.device,
-                 flops_per_image: float = 0.0, peak_flops: float = 0.0):
+    def __init__(
+        self,
+        images_per_step: int,
+        world_size: int,
+        device: torch.device,
+        flops_per_image: float = 0.0,
+        peak_flops: float = 0.0,
+    ):
         self.images_per_step, self.world_size, self.device = images_per_step, world_size, device
         self.flops_per_image, self.peak_flops = flops_per_image, peak_flops
         self._reset(time.perf_counter())
@@ -84,8 +91,13 @@ class MetricsWriter:
     run config as a dict, for the loggers that record hyper-parameters.
     """
 
-    def __init__(self, output_dir: Path, enabled: bool = True, loggers: Sequence[str] = ("tensorboard",),
-                 config: dict | None = None):
+    def __init__(
+        self,
+        output_dir: Path,
+        enabled: bool = True,
+        loggers: Sequence[str] = ("tensorboard",),
+        config: dict | None = None,
+    ):
         self.enabled = enabled
         self.path = Path(output_dir) / "metrics.jsonl"
         self._fh = None
@@ -101,8 +113,11 @@ class MetricsWriter:
         if not self.enabled:
             return
         self._line({"step": step, "time": round(time.time(), 3), **record})
-        scalars = {prefix + k: float(v) for k, v in record.items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+        scalars = {
+            prefix + k: float(v)
+            for k, v in record.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        }
         for logger in self._loggers:
             logger.log(step, scalars)
 
@@ -147,4 +162,3 @@ def format_metrics(record: dict, keys: list[str] | None = None) -> str:
     """Compact human line: ``loss 3.21 lr 0.00012 ... images_per_s 850``."""
     keys = keys or ["loss", "lr", "grad_norm", "images_per_s", "data_wait_frac", "mfu", "peak_mem_gb"]
     return " ".join(f"{k} {record[k]:.3g}" for k in keys if isinstance(record.get(k), float))
-

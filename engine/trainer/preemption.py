@@ -24,6 +24,7 @@ restart policy: 128-255), unlike 0 ("finished": a Kubernetes Job would count the
 1 (NaN halt) or 2 (bad input). The ``deepspeed`` runner, itself killed by the signal, reports the
 same 143 (see :mod:`engine.trainer.supervise` for a wrapper that waits for the ranks).
 """
+
 from __future__ import annotations
 
 import logging
@@ -46,6 +47,7 @@ def stop_exit_code(signal_name: str | None) -> int:
 # What signal.signal returns and accepts: a handler, SIG_DFL/SIG_IGN, or None (set outside Python).
 _Handler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
 
+
 class PreemptionGuard:
     """Context manager that turns SIGTERM/SIGINT into ``requested`` for the duration of a run."""
 
@@ -66,8 +68,11 @@ class PreemptionGuard:
         self.requested = True
         if self._sigchld is None:
             self._sigchld = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        log.warning("%s received: saving a checkpoint at the next step boundary, then exiting "
-                    "(Ctrl-C again to abort without saving)", name)
+        log.warning(
+            "%s received: saving a checkpoint at the next step boundary, then exiting "
+            "(Ctrl-C again to abort without saving)",
+            name,
+        )
 
     def install(self) -> PreemptionGuard:
         if threading.current_thread() is not threading.main_thread():

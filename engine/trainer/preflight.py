@@ -12,6 +12,7 @@ allocated; on CPU the process's peak RSS), model FLOPs per image, which tensors 
 ``--preflight`` uses one sample per rank; ``--preflight=N`` N samples (mixup/cutmix need an even
 number). The step uses the run's lr schedule at step 0 and one micro-batch (no accumulation).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -61,8 +62,9 @@ def take_flag(argv: Sequence[str]) -> tuple[list[str], int]:
 # ---------------------------------------------------------------------------------------------
 # Synthetic batches of the config's real shapes (already normalised, on the device)
 # ---------------------------------------------------------------------------------------------
-def pretrain_batch(cfg, objective_name: str, patch: int, groups: int, samples: int,
-                   device: torch.device, seed: int = 0) -> dict:
+def pretrain_batch(
+    cfg, objective_name: str, patch: int, groups: int, samples: int, device: torch.device, seed: int = 0
+) -> dict:
     """DINO: ``global_crops``/``local_crops``/``masks`` as engine/data's multi-crop yields them
     (crop-major, iBOT block masks from :func:`engine.data.masking.ibot_masks`); MAE: ``images``."""
     from engine.data.masking import ibot_masks
@@ -76,23 +78,41 @@ def pretrain_batch(cfg, objective_name: str, patch: int, groups: int, samples: i
         batch["local_crops"] = torch.randn(c.num_local * samples, chans, c.local_size, c.local_size, generator=g)
     side = c.global_size // patch
     d = cfg.objective.dino
-    masks = ibot_masks(c.num_global * samples, (side, side), d.mask_ratio, d.mask_probability,
-                       np.random.default_rng(seed), num_groups=groups, consistent_groups=c.consistent_group_masks)
+    masks = ibot_masks(
+        c.num_global * samples,
+        (side, side),
+        d.mask_ratio,
+        d.mask_probability,
+        np.random.default_rng(seed),
+        num_groups=groups,
+        consistent_groups=c.consistent_group_masks,
+    )
     if not masks.any():  # one sample at mask_probability 0.5 may draw no mask: the iBOT path must run
-        masks = ibot_masks(c.num_global * samples, (side, side), d.mask_ratio, 1.0, np.random.default_rng(seed),
-                           num_groups=groups, consistent_groups=c.consistent_group_masks)
+        masks = ibot_masks(
+            c.num_global * samples,
+            (side, side),
+            d.mask_ratio,
+            1.0,
+            np.random.default_rng(seed),
+            num_groups=groups,
+            consistent_groups=c.consistent_group_masks,
+        )
     batch["masks"] = masks
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def classifier_batch(cfg, num_classes: int, multilabel: bool, samples: int, device: torch.device,
-                     seed: int = 0) -> dict:
+def classifier_batch(
+    cfg, num_classes: int, multilabel: bool, samples: int, device: torch.device, seed: int = 0
+) -> dict:
     """Fine-tuning: ``images`` at model.img_size and labels (class ids, or multi-hot)."""
     g = torch.Generator().manual_seed(seed)
     s = cfg.model.img_size
     images = torch.randn(samples, cfg.model.in_chans, s, s, generator=g)
-    labels = (torch.rand(samples, num_classes, generator=g) < 0.3).float() if multilabel else \
-        torch.randint(0, num_classes, (samples,), generator=g)
+    labels = (
+        (torch.rand(samples, num_classes, generator=g) < 0.3).float()
+        if multilabel
+        else torch.randint(0, num_classes, (samples,), generator=g)
+    )
     return {"images": images.to(device), "labels": labels.to(device)}
 
 
@@ -165,13 +185,17 @@ def _gather(value: int) -> list[int]:
     return [int(v) for v in out]
 
 
-def run_step(cfg, env, objective: Objective, batch: dict, flops_per_image: float, build_s: float,
-             samples: int) -> StepReport:
+def run_step(
+    cfg, env, objective: Objective, batch: dict, flops_per_image: float, build_s: float, samples: int
+) -> StepReport:
     """One forward + backward + optimizer step of ``objective`` under the DeepSpeed engine of
     ``cfg`` (one micro-batch; lr and weight decay of step 0 for the run's global batch)."""
     run_batch = cfg.data.batch_size * cfg.train.grad_accum_steps * env.world_size
-    step_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=samples),
-                                   train=dataclasses.replace(cfg.train, grad_accum_steps=1))
+    step_cfg = dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(cfg.data, batch_size=samples),
+        train=dataclasses.replace(cfg.train, grad_accum_steps=1),
+    )
     engine, report = deepspeed_setup.initialize(objective, step_cfg, env.world_size, env.device.type)
     engine.train()
     named = list(objective.named_parameters())
@@ -196,14 +220,25 @@ def run_step(cfg, env, objective: Objective, batch: dict, flops_per_image: float
     frozen_changed = sorted(n for n, p in named if n not in trainable and fingerprint(_home(p)) != prints[n])
     frozen_until = {n: g["frozen_until"] for g in report.groups if g["frozen_until"] for n in g["names"]}
     peak, kind = _peak_memory(env.device)
-    return StepReport(samples_per_rank=samples, world_size=env.world_size, device=str(env.device),
-                      loss=float(loss.detach().float().item()), trainable_numel=report.trainable_numel,
-                      frozen_numel=report.frozen_numel, trainable=sorted(trainable),
-                      frozen=sorted(n for n, _ in named if n not in trainable), changed=changed,
-                      frozen_changed=frozen_changed, frozen_until=frozen_until, peak_memory_bytes=_gather(peak),
-                      memory_kind=kind, flops_per_image=float(flops_per_image), build_s=round(build_s, 2),
-                      step_s=round(step_s, 2),
-                      groups=[{k: g[k] for k in ("group", "tensors", "numel")} for g in report.groups])
+    return StepReport(
+        samples_per_rank=samples,
+        world_size=env.world_size,
+        device=str(env.device),
+        loss=float(loss.detach().float().item()),
+        trainable_numel=report.trainable_numel,
+        frozen_numel=report.frozen_numel,
+        trainable=sorted(trainable),
+        frozen=sorted(n for n, _ in named if n not in trainable),
+        changed=changed,
+        frozen_changed=frozen_changed,
+        frozen_until=frozen_until,
+        peak_memory_bytes=_gather(peak),
+        memory_kind=kind,
+        flops_per_image=float(flops_per_image),
+        build_s=round(build_s, 2),
+        step_s=round(step_s, 2),
+        groups=[{k: g[k] for k in ("group", "tensors", "numel")} for g in report.groups],
+    )
 
 
 def _summary(names: Sequence[str], n: int = 4) -> str:
@@ -214,24 +249,28 @@ def _summary(names: Sequence[str], n: int = 4) -> str:
 def print_report(r: StepReport, title: str, param_table: str = "") -> None:
     """The human-readable report, then the JSON line (main rank only)."""
     total = r.trainable_numel + r.frozen_numel
-    lines = [f"preflight: {title}",
-             f"  ranks            {r.world_size} on {r.device}, {r.samples_per_rank} sample(s) per rank, "
-             "one optimizer step",
-             f"  parameters       trainable {r.trainable_numel:,}, frozen {r.frozen_numel:,} "
-             f"({100.0 * r.trainable_numel / max(total, 1):.2f} % train, heads/decoder included)"]
+    lines = [
+        f"preflight: {title}",
+        f"  ranks            {r.world_size} on {r.device}, {r.samples_per_rank} sample(s) per rank, one optimizer step",
+        f"  parameters       trainable {r.trainable_numel:,}, frozen {r.frozen_numel:,} "
+        f"({100.0 * r.trainable_numel / max(total, 1):.2f} % train, heads/decoder included)",
+    ]
     if param_table:
         lines += ["    " + line for line in param_table.splitlines()]
     mem = ", ".join(f"rank {i}: {b / 2**30:.2f} GiB" for i, b in enumerate(r.peak_memory_bytes))
-    lines += [f"  loss             {r.loss:.4f} ({'finite' if np.isfinite(r.loss) else 'NOT FINITE'})",
-              f"  time             build {r.build_s:.1f} s, forward + backward + step {r.step_s:.1f} s",
-              f"  peak memory      {mem} ({r.memory_kind})",
-              f"  FLOPs / image    {r.flops_per_image / 1e9:,.4g} GFLOP per training image (fwd + bwd, model FLOPs)",
-              f"  changed          {len(r.changed)} of {len(r.trainable)} trainable tensors; unchanged: "
-              f"{_summary(r.unchanged)}",
-              f"  frozen changed   {_summary(r.frozen_changed)}"]
+    lines += [
+        f"  loss             {r.loss:.4f} ({'finite' if np.isfinite(r.loss) else 'NOT FINITE'})",
+        f"  time             build {r.build_s:.1f} s, forward + backward + step {r.step_s:.1f} s",
+        f"  peak memory      {mem} ({r.memory_kind})",
+        f"  FLOPs / image    {r.flops_per_image / 1e9:,.4g} GFLOP per training image (fwd + bwd, model FLOPs)",
+        f"  changed          {len(r.changed)} of {len(r.trainable)} trainable tensors; unchanged: "
+        f"{_summary(r.unchanged)}",
+        f"  frozen changed   {_summary(r.frozen_changed)}",
+    ]
     if r.frozen_until:
-        lines.append(f"  lr 0 for now     {_summary(sorted(r.frozen_until))} "
-                     f"(first {max(r.frozen_until.values())} steps)")
+        lines.append(
+            f"  lr 0 for now     {_summary(sorted(r.frozen_until))} (first {max(r.frozen_until.values())} steps)"
+        )
     print("\n".join(lines), flush=True)
     print(json.dumps(r.as_dict()), flush=True)
 
@@ -242,6 +281,8 @@ def finish(r: StepReport, is_main: bool, title: str, param_table: str = "") -> i
         print_report(r, title, param_table)
     ok = np.isfinite(r.loss) and not r.frozen_changed
     if not ok:
-        log.error("preflight failed: %s", "non-finite loss" if not np.isfinite(r.loss) else
-                  f"frozen tensors changed: {_summary(r.frozen_changed)}")
+        log.error(
+            "preflight failed: %s",
+            "non-finite loss" if not np.isfinite(r.loss) else f"frozen tensors changed: {_summary(r.frozen_changed)}",
+        )
     return 0 if ok else 1

@@ -5,6 +5,7 @@ a plain ``python launchers/pretrain.py`` has none, so we become a one-rank group
 port. The backend is the accelerator's (NCCL on CUDA, gloo -- or oneCCL when installed -- on CPU),
 the same code path everywhere.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -120,8 +121,9 @@ def init_distributed(timeout_minutes: int = 30) -> DistEnv:
     backend = acc.communication_backend_name()
     deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
     device = torch.device(acc.device_name(local_rank)) if acc.device_name() != "cpu" else torch.device("cpu")
-    env = DistEnv(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
-                  device=device, backend=backend)
+    env = DistEnv(
+        rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=device, backend=backend
+    )
     log.info("process group: %d rank(s), backend %s, device %s", env.world_size, backend, device)
     return env
 

@@ -1,5 +1,6 @@
 """What produced a run: git revision, package versions, command line, host -- saved in the run dir
 and in every checkpoint so a result can be traced back to the code that made it."""
+
 from __future__ import annotations
 
 import json
@@ -15,10 +16,16 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 def git_revision(root: Path = REPO_ROOT) -> str:
     """``<sha>`` of HEAD, ``<sha>-dirty`` with uncommitted changes, ``unknown`` outside a git checkout."""
     try:
-        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        sha = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return f"{sha}-dirty" if dirty else sha

@@ -1,6 +1,7 @@
 """Seeding and RNG snapshots, so that a resumed run draws the same random numbers as an
 uninterrupted one (MAE masks, dropout, drop-path are drawn on the training process; the data
 loader keeps its own seeds in its ``state_dict``)."""
+
 from __future__ import annotations
 
 import random

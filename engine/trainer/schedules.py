@@ -5,6 +5,7 @@ same values as an uninterrupted one and nothing about them needs to be checkpoin
 momentum and teacher-temperature ramps live with the objective, ``engine/objectives/schedules.py``,
 and follow the same rule.)
 """
+
 from __future__ import annotations
 
 import math
@@ -72,9 +73,14 @@ class OptimSchedule:
     def from_config(cls, optim: OptimConfig, global_batch: int, total_steps: int) -> OptimSchedule:
         """global_batch: images per optimizer step over all ranks (micro-batch x accumulation x world)."""
         peak = scaled_lr(optim.lr, global_batch, optim.lr_scaling)
-        return cls(peak_lr=peak, min_lr=min(optim.min_lr, peak), warmup_steps=min(optim.warmup_steps, total_steps),
-                   total_steps=total_steps, weight_decay=optim.weight_decay,
-                   weight_decay_end=optim.weight_decay_end)
+        return cls(
+            peak_lr=peak,
+            min_lr=min(optim.min_lr, peak),
+            warmup_steps=min(optim.warmup_steps, total_steps),
+            total_steps=total_steps,
+            weight_decay=optim.weight_decay,
+            weight_decay_end=optim.weight_decay_end,
+        )
 
     def lr(self, step: int) -> float:
         return warmup_cosine(step, self.total_steps, self.peak_lr, self.min_lr, self.warmup_steps)

@@ -25,6 +25,7 @@ the code the ranks reported -- 0 finished, 143/130 stopped after a checkpoint, 1
 input -- or else with the launcher's (128 + N when a signal ended it, or 128 + N of the signal the
 supervisor received).
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -109,8 +110,11 @@ class Supervisor:
     def _forward(self, signum: int, frame) -> None:
         self.signum = self.signum or signum
         ranks = self.ranks()
-        log.warning("%s received: passing it to %s", signal.Signals(signum).name,
-                    f"rank pid(s) {ranks}" if ranks else "the launcher's process group")
+        log.warning(
+            "%s received: passing it to %s",
+            signal.Signals(signum).name,
+            f"rank pid(s) {ranks}" if ranks else "the launcher's process group",
+        )
         for pid in ranks:
             try:
                 os.kill(pid, signum)

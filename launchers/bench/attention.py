@@ -18,6 +18,7 @@ On CPU there is no compiled Triton: the ``triton`` provider runs in the interpre
 (TRITON_INTERPRET=1) on one tiny shape as a correctness row; its time is NOT a performance figure.
 Registers and spills of the compiled kernels: ``python -m launchers.bench.ptxas`` (no GPU needed).
 """
+
 from __future__ import annotations
 
 import os
@@ -32,8 +33,12 @@ from launchers.bench import harness
 from launchers.bench.harness import Column
 
 GPU_SHAPES = [  # (B, H, N, D): ViT-B (12 heads) and ViT-L (16 heads), 224/256/512 px at patch 16
-    (64, 12, 197, 64), (64, 12, 257, 64), (16, 12, 1025, 64),
-    (64, 16, 197, 64), (64, 16, 257, 64), (16, 16, 1025, 64),
+    (64, 12, 197, 64),
+    (64, 12, 257, 64),
+    (16, 12, 1025, 64),
+    (64, 16, 197, 64),
+    (64, 16, 257, 64),
+    (16, 16, 1025, 64),
 ]
 CPU_SHAPES = [(4, 12, 197, 64), (2, 12, 257, 64), (1, 12, 1025, 64)]
 INTERPRETER_SHAPE = (1, 2, 197, 64)
@@ -49,14 +54,16 @@ def _sdpa(backend: str | None) -> Attn:
 
         with sdpa_kernel(getattr(SDPBackend, backend)):
             return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
+
     return run
 
 
 def _xformers(q, k, v, scale):
     import xformers.ops as xops
 
-    return xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           scale=scale).transpose(1, 2)
+    return xops.memory_efficient_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale
+    ).transpose(1, 2)
 
 
 def _triton(q, k, v, scale):
@@ -70,13 +77,24 @@ def providers(device: str, names: str | None) -> dict[str, Attn]:
 
     table: dict[str, Attn] = {"reference": attention_reference, "sdpa": _sdpa(None)}
     if device == "cuda":
-        table.update({"sdpa-flash": _sdpa("FLASH_ATTENTION"), "sdpa-cudnn": _sdpa("CUDNN_ATTENTION"),
-                      "sdpa-efficient": _sdpa("EFFICIENT_ATTENTION"), "sdpa-math": _sdpa("MATH"), "triton": _triton})
+        table.update(
+            {
+                "sdpa-flash": _sdpa("FLASH_ATTENTION"),
+                "sdpa-cudnn": _sdpa("CUDNN_ATTENTION"),
+                "sdpa-efficient": _sdpa("EFFICIENT_ATTENTION"),
+                "sdpa-math": _sdpa("MATH"),
+                "triton": _triton,
+            }
+        )
         if xformers_available():
             table["xformers"] = _xformers
     if names:
-        table = {n: table[n] for n in harness.comma_list(names, "--providers", list(table),
-                                                         hint=f"these are the ones available on {device}")}
+        table = {
+            n: table[n]
+            for n in harness.comma_list(
+                names, "--providers", list(table), hint=f"these are the ones available on {device}"
+            )
+        }
     return table
 
 
@@ -93,18 +111,28 @@ def _qkv(shape: tuple[int, ...], dtype: torch.dtype, device: str, grad: bool):
     return qkv, qkv.permute(2, 0, 3, 1, 4).unbind(0)
 
 
-def bench_case(table: dict[str, Attn], shape: tuple[int, ...], dtype: torch.dtype, mode: str,
-               device: str, args, ref: torch.Tensor) -> list[dict]:
+def bench_case(
+    table: dict[str, Attn], shape: tuple[int, ...], dtype: torch.dtype, mode: str, device: str, args, ref: torch.Tensor
+) -> list[dict]:
     """Rows for every provider on one (shape, mode), measured by the harness against the fp32 reference."""
     B, H, N, D = shape
     qkv, (q, k, v) = _qkv(shape, dtype, device, mode == "fwd_bwd")
-    scale = D ** -0.5
+    scale = D**-0.5
     do = torch.randn(B, H, N, D, device=device, dtype=dtype)
     builders = {name: (lambda attn=attn: ((lambda: attn(q, k, v, scale)), [qkv])) for name, attn in table.items()}
     case = {"B": B, "H": H, "N": N, "D": D, "dtype": str(dtype).replace("torch.", ""), "mode": mode, "device": device}
-    return harness.measure_providers(builders, case, mode=mode, grad_out=do, reference=ref, device=device,
-                                     warmup=args.warmup, iters=args.iters, flops=attention_flops(B, H, N, D, mode),
-                                     cuda_graph=args.cuda_graph)
+    return harness.measure_providers(
+        builders,
+        case,
+        mode=mode,
+        grad_out=do,
+        reference=ref,
+        device=device,
+        warmup=args.warmup,
+        iters=args.iters,
+        flops=attention_flops(B, H, N, D, mode),
+        cuda_graph=args.cuda_graph,
+    )
 
 
 def _reference_out(shape, dtype, device) -> torch.Tensor:
@@ -117,21 +145,37 @@ def interpreter_row() -> dict:
     B, H, N, D = INTERPRETER_SHAPE
     qkv, (q, k, v) = _qkv(INTERPRETER_SHAPE, torch.float32, "cpu", True)
     do = torch.randn(B, H, N, D)
-    return harness.interpreter_row(lambda: _triton(q, k, v, D ** -0.5), lambda: attention_reference(q, k, v, D ** -0.5),
-                                   [qkv], do, {"B": B, "H": H, "N": N, "D": D, "dtype": "float32", "mode": "fwd_bwd",
-                                               "device": "cpu"})
+    return harness.interpreter_row(
+        lambda: _triton(q, k, v, D**-0.5),
+        lambda: attention_reference(q, k, v, D**-0.5),
+        [qkv],
+        do,
+        {"B": B, "H": H, "N": N, "D": D, "dtype": "float32", "mode": "fwd_bwd", "device": "cpu"},
+    )
 
 
 def format_table(rows: list[dict], baseline: str) -> str:
     base = harness.baseline_of(rows, baseline, KEYS)
-    columns = [Column("provider", "provider", left=True), Column("B", "B"), Column("H", "H"), Column("N", "N"),
-               Column("D", "D"), Column("mode", "mode", left=True), Column("ms", "ms", "{:.3f}"),
-               Column("TFLOP/s", "tflops", "{:.3f}"), Column("alloc MB", "alloc_mb", "{:.1f}"),
-               Column("peak MB", "peak_mb", "{:.1f}"),
-               Column("vs " + baseline, lambda r: harness.ratio(base(r).get("ms"), r.get("ms")), "{:.2f}x"),
-               Column("max|err|", "max_abs_err", "{:.2e}"),
-               Column("graph ms", lambda r: f"{r['graph_ms']:.3f} ({r['graph_timing']})" if "graph_ms" in r else None,
-                      left=True, optional=True)]
+    columns = [
+        Column("provider", "provider", left=True),
+        Column("B", "B"),
+        Column("H", "H"),
+        Column("N", "N"),
+        Column("D", "D"),
+        Column("mode", "mode", left=True),
+        Column("ms", "ms", "{:.3f}"),
+        Column("TFLOP/s", "tflops", "{:.3f}"),
+        Column("alloc MB", "alloc_mb", "{:.1f}"),
+        Column("peak MB", "peak_mb", "{:.1f}"),
+        Column("vs " + baseline, lambda r: harness.ratio(base(r).get("ms"), r.get("ms")), "{:.2f}x"),
+        Column("max|err|", "max_abs_err", "{:.2e}"),
+        Column(
+            "graph ms",
+            lambda r: f"{r['graph_ms']:.3f} ({r['graph_timing']})" if "graph_ms" in r else None,
+            left=True,
+            optional=True,
+        ),
+    ]
     return harness.format_table(rows, columns, lead=len(KEYS) + 1)
 
 
@@ -139,8 +183,11 @@ def parse_args(argv: list[str] | None = None):
     p = harness.parser(__doc__, "python -m launchers.bench.attention")
     harness.kernel_flags(p)
     p.add_argument("--shapes", default=None, help="'B,H,N,D;B,H,N,D;...' (default: ViT-B/L set for the device)")
-    p.add_argument("--baseline", default=None, help="provider the ratios are against "
-                                                    "(default sdpa-flash on CUDA, reference on CPU)")
+    p.add_argument(
+        "--baseline",
+        default=None,
+        help="provider the ratios are against (default sdpa-flash on CUDA, reference on CPU)",
+    )
     return p.parse_args(argv)
 
 
@@ -152,8 +199,11 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before kernels.attention imports triton
     dtype = harness.kernel_settings(args)
     device = args.device
-    shapes = (harness.int_groups(args.shapes, "--shapes", 4, "64,12,197,64") if args.shapes
-              else (GPU_SHAPES if device == "cuda" else CPU_SHAPES))
+    shapes = (
+        harness.int_groups(args.shapes, "--shapes", 4, "64,12,197,64")
+        if args.shapes
+        else (GPU_SHAPES if device == "cuda" else CPU_SHAPES)
+    )
     table = providers(device, args.providers)
     baseline = args.baseline or ("sdpa-flash" if device == "cuda" else "reference")
     record = harness.start("attention", args, device)
@@ -162,8 +212,17 @@ def main(argv: list[str] | None = None) -> int:
         ref = _reference_out(shape, dtype, device)
         rows += [row for mode in args.modes for row in bench_case(table, shape, dtype, mode, device, args, ref)]
         del ref
-    harness.kernel_report(args, record, rows, interpreter_row, lambda rows: format_table(rows, baseline), "dq,dk,dv",
-                          dtype, baseline, flops_convention="fwd 4*B*H*N^2*D; fwd_bwd 3.5x fwd")
+    harness.kernel_report(
+        args,
+        record,
+        rows,
+        interpreter_row,
+        lambda rows: format_table(rows, baseline),
+        "dq,dk,dv",
+        dtype,
+        baseline,
+        flops_convention="fwd 4*B*H*N^2*D; fwd_bwd 3.5x fwd",
+    )
     return 0
 
 

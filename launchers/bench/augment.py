@@ -24,6 +24,7 @@ Device side, per batch of ``batch_size`` images: ``to_device`` with normalisatio
 baseline) against photometric ops + normalisation, on ``--device`` (CUDA when present, else CPU with
 ``--threads`` threads; wall ms and CPU-seconds are reported).
 """
+
 from __future__ import annotations
 
 import io
@@ -65,8 +66,12 @@ def synthetic_chips(n: int, bands: int, size: int, dtype: str, seed: int = 0) ->
         np.save(buf, a)
         chips.append(bytearray(buf.getvalue()))
     px = arrs.transpose(1, 0, 2, 3).reshape(bands, -1).astype(np.float64)
-    stats = {"mean": px.mean(1).tolist(), "std": px.std(1).tolist(), "p2": np.percentile(px, 2, axis=1).tolist(),
-             "p98": np.percentile(px, 98, axis=1).tolist()}
+    stats = {
+        "mean": px.mean(1).tolist(),
+        "std": px.std(1).tolist(),
+        "p2": np.percentile(px, 2, axis=1).tolist(),
+        "p98": np.percentile(px, 98, axis=1).tolist(),
+    }
     return chips, {"dtype": dtype, "num_bands": bands, "stats": stats}
 
 
@@ -86,8 +91,14 @@ def write_archive(root: Path, chips: list[bytearray], manifest: dict) -> Path:
 
 def loader_cost(root: Path, crops: CropConfig, augment_on: Literal["worker", "device"], a) -> float:
     """CPU seconds per image of one persistent loader worker over ``a.loader_epochs`` epochs."""
-    cfg = DataConfig(shards=str(root), batch_size=a.batch_size, num_workers=1, shuffle_buffer=a.batch_size,
-                     steps_per_epoch=a.images // a.batch_size, augment_on=augment_on)
+    cfg = DataConfig(
+        shards=str(root),
+        batch_size=a.batch_size,
+        num_workers=1,
+        shuffle_buffer=a.batch_size,
+        steps_per_epoch=a.images // a.batch_size,
+        augment_on=augment_on,
+    )
     loader = build_pretrain_loader(cfg, crops, "dino", patch_size=a.patch_size, rank=0, world_size=1)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     n = sum(int(b["global_crops"].shape[0]) // crops.num_global for _ in range(a.loader_epochs) for b in loader)
@@ -133,9 +144,13 @@ class KorniaRecipe:
         import kornia.augmentation as K
 
         def seq(blur_p: float, solarize_p: float):
-            return K.AugmentationSequential(K.ColorJiggle(0.4, 0.4, 0.2, 0.1, p=0.8), K.RandomGrayscale(p=0.2),
-                                            K.RandomGaussianBlur((13, 13), (0.1, 2.0), p=blur_p),
-                                            K.RandomSolarize(0.0, 0.0, p=solarize_p))
+            return K.AugmentationSequential(
+                K.ColorJiggle(0.4, 0.4, 0.2, 0.1, p=0.8),
+                K.RandomGrayscale(p=0.2),
+                K.RandomGaussianBlur((13, 13), (0.1, 2.0), p=blur_p),
+                K.RandomSolarize(0.0, 0.0, p=solarize_p),
+            )
+
         self.glob, self.loc = seq(1.0, 0.0), seq(0.5, 0.0)
 
     def __call__(self, batch: dict, device: torch.device, normalizer, photometric) -> None:
@@ -146,15 +161,18 @@ class KorniaRecipe:
 
 
 def run(a, device: torch.device) -> list[dict]:
-    crops = CropConfig(global_size=a.global_size, local_size=a.local_size, num_local=a.num_local,
-                       spectral_jitter=a.spectral_jitter)
+    crops = CropConfig(
+        global_size=a.global_size, local_size=a.local_size, num_local=a.num_local, spectral_jitter=a.spectral_jitter
+    )
     chips, manifest = synthetic_chips(a.images, a.bands, a.size, a.dtype)
     photometric = build_photometric(crops, manifest, None)
     if photometric is None or photometric.mode(a.bands) is None:
         raise UserError("--bands: no photometric op applies to these crops; use 3 bands or --spectral-jitter")
     normalizer = build_normalizer(DataConfig(), manifest)
-    views: dict[Literal["worker", "device"], DinoMultiCrop] = {"worker": DinoMultiCrop(crops, patch_size=a.patch_size, photometric=photometric),
-             "device": DinoMultiCrop(crops, patch_size=a.patch_size, photometric=photometric, on_device=True)}
+    views: dict[Literal["worker", "device"], DinoMultiCrop] = {
+        "worker": DinoMultiCrop(crops, patch_size=a.patch_size, photometric=photometric),
+        "device": DinoMultiCrop(crops, patch_size=a.patch_size, photometric=photometric, on_device=True),
+    }
     threads = a.threads if device.type == "cpu" else torch.get_num_threads()
     kornia = None
     if a.kornia and a.dtype == "uint8" and a.bands == 3:
@@ -176,8 +194,10 @@ def run(a, device: torch.device) -> list[dict]:
             if a.loader_epochs:
                 out["worker process"][name] = loader_cost(archive, crops, name, a)
         torch.set_num_threads(threads)
-        out["device"] = {"normalise": device_cost(batches["worker"], device, normalizer, None),
-                         "photometric+normalise": device_cost(batches["device"], device, normalizer, photometric)}
+        out["device"] = {
+            "normalise": device_cost(batches["worker"], device, normalizer, None),
+            "photometric+normalise": device_cost(batches["device"], device, normalizer, photometric),
+        }
         if kornia is not None:
             out["device"]["kornia"] = device_cost(batches["device"], device, None, None, kornia)
         return out
@@ -194,28 +214,53 @@ def run(a, device: torch.device) -> list[dict]:
         for name in views:
             costs = [r[side][name] for r in runs]
             rate = 1.0 / statistics.median(costs)
-            rows.append({"side": side, "provider": name, "images_per_cpu_s": rate, "cpu_ms_per_image": 1000 / rate,
-                         "vs_worker": rate / base_rate, "runs_images_per_cpu_s": [1 / c for c in costs]})
+            rows.append(
+                {
+                    "side": side,
+                    "provider": name,
+                    "images_per_cpu_s": rate,
+                    "cpu_ms_per_image": 1000 / rate,
+                    "vs_worker": rate / base_rate,
+                    "runs_images_per_cpu_s": [1 / c for c in costs],
+                }
+            )
     for name in runs[0]["device"]:
         med = harness.medians([r["device"][name] for r in runs], ("wall_ms", "cpu_s"))
-        rows.append({"side": str(device), "provider": name, "batch_size": a.batch_size,
-                     "wall_ms_per_batch": med["wall_ms"], "cpu_s_per_batch": med["cpu_s"],
-                     "threads": threads if device.type == "cpu" else None})
+        rows.append(
+            {
+                "side": str(device),
+                "provider": name,
+                "batch_size": a.batch_size,
+                "wall_ms_per_batch": med["wall_ms"],
+                "cpu_s_per_batch": med["cpu_s"],
+                "threads": threads if device.type == "cpu" else None,
+            }
+        )
     return rows
 
 
-WORKER_COLUMNS = [Column("worker side", "side", left=True), Column("photometric ops", "provider", left=True),
-                  Column("images / CPU-s", "images_per_cpu_s", "{:.0f}"),
-                  Column("CPU ms / image", "cpu_ms_per_image", "{:.2f}"), Column("vs worker", "vs_worker", "{:.2f}x")]
-DEVICE_COLUMNS = [Column("device side", lambda r: f"{r['provider']} ({r['side']})", left=True),
-                  Column("batch", "batch_size"), Column("wall ms / batch", "wall_ms_per_batch", "{:.1f}"),
-                  Column("CPU s / batch", "cpu_s_per_batch", "{:.3f}")]
+WORKER_COLUMNS = [
+    Column("worker side", "side", left=True),
+    Column("photometric ops", "provider", left=True),
+    Column("images / CPU-s", "images_per_cpu_s", "{:.0f}"),
+    Column("CPU ms / image", "cpu_ms_per_image", "{:.2f}"),
+    Column("vs worker", "vs_worker", "{:.2f}x"),
+]
+DEVICE_COLUMNS = [
+    Column("device side", lambda r: f"{r['provider']} ({r['side']})", left=True),
+    Column("batch", "batch_size"),
+    Column("wall ms / batch", "wall_ms_per_batch", "{:.1f}"),
+    Column("CPU s / batch", "cpu_s_per_batch", "{:.3f}"),
+]
 
 
 def table(rows: list[dict]) -> str:
     worker = [r for r in rows if "worker" in r["side"]]
-    return (harness.format_table(worker, WORKER_COLUMNS, markdown=True) + "\n\n"
-            + harness.format_table([r for r in rows if r not in worker], DEVICE_COLUMNS, markdown=True))
+    return (
+        harness.format_table(worker, WORKER_COLUMNS, markdown=True)
+        + "\n\n"
+        + harness.format_table([r for r in rows if r not in worker], DEVICE_COLUMNS, markdown=True)
+    )
 
 
 def parser():
@@ -224,22 +269,37 @@ def parser():
     p.add_argument("--size", type=int, default=256, help="chip side (pixels)")
     p.add_argument("--bands", type=int, default=3)
     p.add_argument("--dtype", default="uint8", choices=["uint8", "uint16"])
-    p.add_argument("--spectral-jitter", default="none", choices=["none", "shared", "per_band"],
-                   help="photometric ops of non-RGB chips (--crops.spectral_jitter)")
+    p.add_argument(
+        "--spectral-jitter",
+        default="none",
+        choices=["none", "shared", "per_band"],
+        help="photometric ops of non-RGB chips (--crops.spectral_jitter)",
+    )
     p.add_argument("--global-size", type=int, default=224)
     p.add_argument("--local-size", type=int, default=98)
     p.add_argument("--num-local", type=int, default=8)
     p.add_argument("--patch-size", type=int, default=14)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--repeat", type=int, default=5)
-    p.add_argument("--loader-epochs", type=int, default=3,
-                   help="epochs of the real-loader measurement (0 skips it); more epochs amortise the worker's start")
+    p.add_argument(
+        "--loader-epochs",
+        type=int,
+        default=3,
+        help="epochs of the real-loader measurement (0 skips it); more epochs amortise the worker's start",
+    )
     p.add_argument("--device", default="auto", help="device side: auto (cuda if present), cpu or cuda")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads of the device side on CPU (1: a clean measure of the work; more threads "
-                        "spin in OpenMP barriers on a loaded machine)")
-    p.add_argument("--kornia", action="store_true",
-                   help="also time kornia's containers for the same ops on the device side (uint8 RGB; needs kornia)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads of the device side on CPU (1: a clean measure of the work; more threads "
+        "spin in OpenMP barriers on a loaded machine)",
+    )
+    p.add_argument(
+        "--kornia",
+        action="store_true",
+        help="also time kornia's containers for the same ops on the device side (uint8 RGB; needs kornia)",
+    )
     return p
 
 
@@ -250,8 +310,9 @@ def main(argv=None) -> int:
         raise UserError("--repeat must be >= 1 and --images >= --batch-size")
     if a.device not in ("auto", "cpu", "cuda") or (a.device == "cuda" and not torch.cuda.is_available()):
         raise UserError(f"--device {a.device}: use auto, cpu, or cuda on a machine with a GPU")
-    device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if a.device == "auto" else a.device))
+    device = torch.device(
+        "cuda" if a.device == "auto" and torch.cuda.is_available() else ("cpu" if a.device == "auto" else a.device)
+    )
     record = harness.start("augment", a, device.type)
     rows = run(a, device)
     print(table(rows))

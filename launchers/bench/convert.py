@@ -22,6 +22,7 @@ work done independent of other load on a shared machine; ``cpu vs raw`` is the r
 seconds over the provider's (the least CPU of the repeats each): the converter's efficiency per
 core, which a loaded machine distorts far less than wall time.
 """
+
 from __future__ import annotations
 
 import functools
@@ -51,16 +52,24 @@ from shards.synthetic import generate_archive
 
 def _archive(work: Path, a) -> list[str]:
     """Generate (or reuse, when the parameters match) the benchmark archive."""
-    spec = {"files": a.files, "size": a.size, "kind": a.kind, "compress": a.compress,
-            "interleave": a.interleave, "tiled": a.tiled, "seed": 0}
+    spec = {
+        "files": a.files,
+        "size": a.size,
+        "kind": a.kind,
+        "compress": a.compress,
+        "interleave": a.interleave,
+        "tiled": a.tiled,
+        "seed": 0,
+    }
     root = work / "archive"
     marker = root / "bench-spec.json"
     if marker.exists() and json.loads(marker.read_text()) == spec:
         return sorted(str(p) for p in root.glob("*.tif"))
     shutil.rmtree(root, ignore_errors=True)
     t = time.perf_counter()
-    arc = generate_archive(root, a.files, a.size, kind=a.kind, layout="flat", compress=a.compress,
-                           interleave=a.interleave, tiled=a.tiled)
+    arc = generate_archive(
+        root, a.files, a.size, kind=a.kind, layout="flat", compress=a.compress, interleave=a.interleave, tiled=a.tiled
+    )
     marker.write_text(json.dumps(spec))
     print(f"generated {a.files} files in {time.perf_counter() - t:.1f} s under {root}", file=sys.stderr)
     return [f.path for f in arc.files]
@@ -108,16 +117,19 @@ def prototype(paths: list[str], out: Path, max_bytes: int) -> tuple[float, int]:
 
 
 def ours(root: Path, out: Path, workers: int, max_bytes: int, fsync: bool) -> tuple[float, int]:
-    opts = ConvertOptions(inputs=[str(root)], out=str(out), workers=workers, max_bytes=max_bytes,
-                          fsync=fsync).validate()
+    opts = ConvertOptions(
+        inputs=[str(root)], out=str(out), workers=workers, max_bytes=max_bytes, fsync=fsync
+    ).validate()
     t = time.perf_counter()
     s = convert(opts)
     return time.perf_counter() - t, s.read_bytes
 
 
-def providers(a, workers: list[int], work: Path, paths: list[str], max_bytes: int
-              ) -> dict[str, Callable[[], tuple[float, float, int]]]:
+def providers(
+    a, workers: list[int], work: Path, paths: list[str], max_bytes: int
+) -> dict[str, Callable[[], tuple[float, float, int]]]:
     """name -> one run: (wall seconds, CPU seconds of the process and its workers, decoded bytes)."""
+
     def timed(name: str, fn: Callable[[Path], tuple[float, int]]) -> Callable[[], tuple[float, float, int]]:
         out = work / f"out-{name.replace('/', '')}"
 
@@ -128,24 +140,34 @@ def providers(a, workers: list[int], work: Path, paths: list[str], max_bytes: in
             cpu = _cpu() - c0
             shutil.rmtree(out, ignore_errors=True)
             return secs, cpu, n
+
         return run
 
-    table = {"raw": timed("raw", lambda out: raw_read(paths)),
-             "raw-tuned": timed("raw-tuned", lambda out: raw_read_tuned(paths))}
+    table = {
+        "raw": timed("raw", lambda out: raw_read(paths)),
+        "raw-tuned": timed("raw-tuned", lambda out: raw_read_tuned(paths)),
+    }
     if not a.no_prototype:
         table["prototype"] = timed("prototype", lambda out: prototype(paths, out, max_bytes))
     for w in workers:
-        table[f"convert/{w}"] = timed(f"convert/{w}", functools.partial(ours, work / "archive", workers=w,
-                                                                         max_bytes=max_bytes, fsync=a.fsync))
+        table[f"convert/{w}"] = timed(
+            f"convert/{w}", functools.partial(ours, work / "archive", workers=w, max_bytes=max_bytes, fsync=a.fsync)
+        )
     return table
 
 
-COLUMNS = [Column("provider", "provider", left=True), Column("seconds", "seconds", "{:.2f}"),
-           Column("cpu s", "cpu_seconds", "{:.2f}"), Column("MB/s", "mb_per_s", "{:.1f}"),
-           Column("vs raw", "vs_raw", "{:.2f}"), Column("vs tuned", "vs_raw_tuned", "{:.2f}"),
-           Column("/worker vs raw", "per_worker_vs_raw", "{:.2f}"),
-           Column("/worker vs tuned", "per_worker_vs_raw_tuned", "{:.2f}"),
-           Column("vs 1 worker", "speedup_vs_1_worker", "{:.2f}x"), Column("cpu vs raw", "cpu_vs_raw", "{:.2f}")]
+COLUMNS = [
+    Column("provider", "provider", left=True),
+    Column("seconds", "seconds", "{:.2f}"),
+    Column("cpu s", "cpu_seconds", "{:.2f}"),
+    Column("MB/s", "mb_per_s", "{:.1f}"),
+    Column("vs raw", "vs_raw", "{:.2f}"),
+    Column("vs tuned", "vs_raw_tuned", "{:.2f}"),
+    Column("/worker vs raw", "per_worker_vs_raw", "{:.2f}"),
+    Column("/worker vs tuned", "per_worker_vs_raw_tuned", "{:.2f}"),
+    Column("vs 1 worker", "speedup_vs_1_worker", "{:.2f}x"),
+    Column("cpu vs raw", "cpu_vs_raw", "{:.2f}"),
+]
 
 
 @cli_entry
@@ -182,18 +204,29 @@ def main(argv=None) -> int:
     rows = []
     for name in runs:
         n_workers = int(name.split("/")[1]) if name.startswith("convert/") else 1
-        rows.append({"provider": name, "seconds": best[name][0], "cpu_seconds": best[name][1],
-                     "all_seconds": [s for s, _, _ in runs[name]], "mb_per_s": mbs[name],
-                     "vs_raw": mbs[name] / mbs["raw"], "vs_raw_tuned": mbs[name] / mbs["raw-tuned"],
-                     "per_worker_vs_raw": mbs[name] / mbs["raw"] / n_workers,
-                     "per_worker_vs_raw_tuned": mbs[name] / mbs["raw-tuned"] / n_workers,
-                     "cpu_vs_raw": least_cpu["raw"] / max(least_cpu[name], 1e-9),
-                     "speedup_vs_1_worker": (mbs[name] / mbs["convert/1"])
-                     if "convert/1" in mbs and name.startswith("convert/") else None})
+        rows.append(
+            {
+                "provider": name,
+                "seconds": best[name][0],
+                "cpu_seconds": best[name][1],
+                "all_seconds": [s for s, _, _ in runs[name]],
+                "mb_per_s": mbs[name],
+                "vs_raw": mbs[name] / mbs["raw"],
+                "vs_raw_tuned": mbs[name] / mbs["raw-tuned"],
+                "per_worker_vs_raw": mbs[name] / mbs["raw"] / n_workers,
+                "per_worker_vs_raw_tuned": mbs[name] / mbs["raw-tuned"] / n_workers,
+                "cpu_vs_raw": least_cpu["raw"] / max(least_cpu[name], 1e-9),
+                "speedup_vs_1_worker": (mbs[name] / mbs["convert/1"])
+                if "convert/1" in mbs and name.startswith("convert/")
+                else None,
+            }
+        )
     load = (harness.load_average() or [float("nan")])[0]
-    print(f"archive: {a.files} x {a.size}x{a.size} {a.kind} ({nbytes / 1e6:.0f} MB decoded), compress={a.compress}, "
-          f"interleave={a.interleave}, tiled={a.tiled}; shards {a.max_shard_bytes}, fsync={a.fsync}; "
-          f"cpus={os.cpu_count()}, load {load:.1f}; best of {a.repeats}")
+    print(
+        f"archive: {a.files} x {a.size}x{a.size} {a.kind} ({nbytes / 1e6:.0f} MB decoded), compress={a.compress}, "
+        f"interleave={a.interleave}, tiled={a.tiled}; shards {a.max_shard_bytes}, fsync={a.fsync}; "
+        f"cpus={os.cpu_count()}, load {load:.1f}; best of {a.repeats}"
+    )
     print(harness.format_table(rows, COLUMNS))
     harness.save(a.out, record, decoded_bytes=nbytes, rows=rows)
     if not a.workdir:

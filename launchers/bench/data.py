@@ -35,6 +35,7 @@ normalise in the main process (``to_device``; on a GPU host that step runs on th
 to model network storage. The cost of DINOv2 multi-crop augmentation is measured by
 ``python -m launchers.bench.augment``.
 """
+
 from __future__ import annotations
 
 import functools
@@ -112,8 +113,12 @@ def _children_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def measure(epochs: Callable[[], Iterable[Iterable[dict]]], close: Callable[[], None],
-            normalizer: Normalizer | None, workers: int) -> dict:
+def measure(
+    epochs: Callable[[], Iterable[Iterable[dict]]],
+    close: Callable[[], None],
+    normalizer: Normalizer | None,
+    workers: int,
+) -> dict:
     """Read every epoch of ``epochs()``; start-up, steady rate and worker CPU (see the docstring)."""
     cpu0, main0 = _children_cpu(), time.process_time()
     t0 = time.perf_counter()
@@ -130,14 +135,25 @@ def measure(epochs: Callable[[], Iterable[Iterable[dict]]], close: Callable[[], 
     close()  # reaps the workers, so their CPU time is counted
     cpu = (_children_cpu() - cpu0) if workers else (time.process_time() - main0)
     assert first is not None, "no batch"
-    return {"startup_s": first - t0, "steady_samples_per_s": (n - n_first) / max(end - first, 1e-9),
-            "worker_cpu_ms_per_sample": 1000 * cpu / n, "samples": n}
+    return {
+        "startup_s": first - t0,
+        "steady_samples_per_s": (n - n_first) / max(end - first, 1e-9),
+        "worker_cpu_ms_per_sample": 1000 * cpu / n,
+        "samples": n,
+    }
 
 
 def run_naive(paths, view, normalizer, a, latency_s) -> dict:
     ds = NaiveGeoTiffDataset(paths, view, latency_s)
-    dl = DataLoader(ds, batch_size=a.batch_size, shuffle=True, num_workers=a.workers, collate_fn=_Collate(view),
-                    drop_last=False, persistent_workers=a.workers > 0)
+    dl = DataLoader(
+        ds,
+        batch_size=a.batch_size,
+        shuffle=True,
+        num_workers=a.workers,
+        collate_fn=_Collate(view),
+        drop_last=False,
+        persistent_workers=a.workers > 0,
+    )
     iters = []
 
     def epochs():
@@ -153,12 +169,24 @@ def run_naive(paths, view, normalizer, a, latency_s) -> dict:
 
 
 def run_stream(shards: ShardSet, view, normalizer, a, latency_s) -> dict:
-    plan = StreamPlan(urls=shards.urls, counts=shards.counts, batch_size=a.batch_size, resampled=False,
-                      shuffle_buffer=a.buffer, max_skip_rate=0.0, shuffle_initial=a.batch_size, drop_last=False,
-                      num_bands=(shards.manifest or {}).get("num_bands"))
+    plan = StreamPlan(
+        urls=shards.urls,
+        counts=shards.counts,
+        batch_size=a.batch_size,
+        resampled=False,
+        shuffle_buffer=a.buffer,
+        max_skip_rate=0.0,
+        shuffle_initial=a.batch_size,
+        drop_last=False,
+        num_bands=(shards.manifest or {}).get("num_bands"),
+    )
     data = DataConfig()
-    loader = ShardLoader(ShardStream(plan, view, opener=ShardOpener(latency_s), num_workers=max(1, a.workers)),
-                         a.workers, data.pin_memory, data.prefetch_factor)
+    loader = ShardLoader(
+        ShardStream(plan, view, opener=ShardOpener(latency_s), num_workers=max(1, a.workers)),
+        a.workers,
+        data.pin_memory,
+        data.prefetch_factor,
+    )
     return measure(lambda: (loader for _ in range(a.epochs)), loader.close, normalizer, a.workers)
 
 
@@ -202,25 +230,42 @@ def bench_archive(name: str, shard_dir: Path, tif_dir: Path | None, a) -> list[d
                 providers["naive"] = functools.partial(run_naive, paths, view, normalizer, a, lat / 1000)
             providers["stream"] = functools.partial(run_stream, shards, view, normalizer, a, lat / 1000)
             if mode == "decode" and lat == 0:
-                providers["stream-f32"] = functools.partial(run_stream, shards, _FloatInWorker(view, normalizer), None, a,
-                                                            0.0)
+                providers["stream-f32"] = functools.partial(
+                    run_stream, shards, _FloatInWorker(view, normalizer), None, a, 0.0
+                )
             # round 0 warms the page cache and is dropped; providers alternate within a round
             runs = harness.rounds(providers, a.repeat, warmup=1)
             base = None
             for provider, rs in runs.items():
                 med = harness.medians(rs, ("startup_s", "steady_samples_per_s", "worker_cpu_ms_per_sample"))
                 base = med["steady_samples_per_s"] if provider == "naive" else base
-                rows.append({"archive": name, "mode": mode, "latency_ms": lat, "provider": provider,
-                             "workers": a.workers, **med, "mb_per_s": med["steady_samples_per_s"] * px / 1e6,
-                             "vs_naive": med["steady_samples_per_s"] / base if base else None, "runs": rs})
+                rows.append(
+                    {
+                        "archive": name,
+                        "mode": mode,
+                        "latency_ms": lat,
+                        "provider": provider,
+                        "workers": a.workers,
+                        **med,
+                        "mb_per_s": med["steady_samples_per_s"] * px / 1e6,
+                        "vs_naive": med["steady_samples_per_s"] / base if base else None,
+                        "runs": rs,
+                    }
+                )
     return rows
 
 
-COLUMNS = [Column("archive", "archive", left=True), Column("view", "mode", left=True),
-           Column("open latency", "latency_ms", "{:g} ms", left=True), Column("loader", "provider", left=True),
-           Column("start-up s", "startup_s", "{:.2f}"), Column("steady samples/s", "steady_samples_per_s", "{:.0f}"),
-           Column("MB/s", "mb_per_s", "{:.1f}"), Column("vs naive", "vs_naive", "{:.2f}x"),
-           Column("worker CPU ms/sample", "worker_cpu_ms_per_sample", "{:.2f}")]
+COLUMNS = [
+    Column("archive", "archive", left=True),
+    Column("view", "mode", left=True),
+    Column("open latency", "latency_ms", "{:g} ms", left=True),
+    Column("loader", "provider", left=True),
+    Column("start-up s", "startup_s", "{:.2f}"),
+    Column("steady samples/s", "steady_samples_per_s", "{:.0f}"),
+    Column("MB/s", "mb_per_s", "{:.1f}"),
+    Column("vs naive", "vs_naive", "{:.2f}x"),
+    Column("worker CPU ms/sample", "worker_cpu_ms_per_sample", "{:.2f}"),
+]
 
 
 def parser():
@@ -230,15 +275,21 @@ def parser():
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--files", type=int, default=600, help="files per generated archive")
-    p.add_argument("--kinds", default="s2,rgb", help="generated archives: s2 (13x128x128 uint16), rgb (3x256x256 uint8)")
+    p.add_argument(
+        "--kinds", default="s2,rgb", help="generated archives: s2 (13x128x128 uint16), rgb (3x256x256 uint8)"
+    )
     p.add_argument("--modes", default="decode,mae", help="views: decode (identity + normalise), mae (224 crop)")
     p.add_argument("--latency-ms", default="0", help="simulated per-open latency(ies), e.g. 0,10")
     p.add_argument("--epochs", type=int, default=3, help="epochs per loader (workers persist across them)")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--buffer", type=int, default=256, help="stream shuffle buffer (samples per worker)")
     p.add_argument("--work", default=None, help="where to generate archives (default: a temp dir)")
-    p.add_argument("--main-threads", type=int, default=1,
-                   help="torch threads of the main process (normalisation); the workers use 1 each")
+    p.add_argument(
+        "--main-threads",
+        type=int,
+        default=1,
+        help="torch threads of the main process (normalisation); the workers use 1 each",
+    )
     return p
 
 

@@ -24,6 +24,7 @@ environment record: date (UTC), git commit and whether tracked files had changes
 triton / CUDA versions, the measuring device and any GPU, CPU count, torch threads, and the load
 average at the start and at the end of the run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -95,12 +96,21 @@ def environment(device: str = "cpu") -> dict:
     """Where, when and on what code a figure was measured."""
     commit = _git("rev-parse", "HEAD")
     changes = _git("status", "--porcelain", "--untracked-files=no") if commit else None
-    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "git_commit": commit,
-            "git_dirty": None if changes is None else bool(changes), "python": platform.python_version(),
-            "platform": platform.platform(), "torch": torch.__version__, "triton": _version("triton"),
-            "cuda": torch.version.cuda, "device": device_label(device),
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "load_average": load_average()}
+    return {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": commit,
+        "git_dirty": None if changes is None else bool(changes),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "cuda": torch.version.cuda,
+        "device": device_label(device),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average": load_average(),
+    }
 
 
 def start(benchmark: str, args: argparse.Namespace | Mapping[str, Any], device: str = "cpu") -> dict:
@@ -129,24 +139,45 @@ def save(path: str | None, record: dict, **sections: Any) -> dict:
 def parser(doc: str, prog: str, out: str | None = None) -> argparse.ArgumentParser:
     """A benchmark's parser: its docstring's first paragraph as description, ``--out`` (or ``--json``)."""
     p = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
-    p.add_argument("--out", "--json", dest="out", default=out, metavar="PATH",
-                   help="write the rows, the settings and the environment record as JSON here"
-                        + (f" (default {out})" if out else ""))
+    p.add_argument(
+        "--out",
+        "--json",
+        dest="out",
+        default=out,
+        metavar="PATH",
+        help="write the rows, the settings and the environment record as JSON here"
+        + (f" (default {out})" if out else ""),
+    )
     return p
 
 
 @overload
-def comma_list(text: str, flag: str, choices: Sequence[str] | None = None, *, hint: str = "",
-               allow_empty: bool = False) -> list[str]: ...
+def comma_list(
+    text: str, flag: str, choices: Sequence[str] | None = None, *, hint: str = "", allow_empty: bool = False
+) -> list[str]: ...
 
 
 @overload
-def comma_list(text: str, flag: str, choices: Sequence[str] | None = None, *, cast: Callable[[str], T],
-               hint: str = "", allow_empty: bool = False) -> list[T]: ...
+def comma_list(
+    text: str,
+    flag: str,
+    choices: Sequence[str] | None = None,
+    *,
+    cast: Callable[[str], T],
+    hint: str = "",
+    allow_empty: bool = False,
+) -> list[T]: ...
 
 
-def comma_list(text: str, flag: str, choices: Sequence[str] | None = None, *, cast: Callable[[str], Any] = str,
-               hint: str = "", allow_empty: bool = False) -> list[Any]:
+def comma_list(
+    text: str,
+    flag: str,
+    choices: Sequence[str] | None = None,
+    *,
+    cast: Callable[[str], Any] = str,
+    hint: str = "",
+    allow_empty: bool = False,
+) -> list[Any]:
     """``'a,b'`` -> ``[cast('a'), cast('b')]`` in the given order; an empty list (unless allowed), a value
     outside ``choices`` or one ``cast`` refuses is a UserError naming ``flag`` (``hint`` says more)."""
     parts = [s.strip() for s in str(text).split(",") if s.strip()]
@@ -168,8 +199,9 @@ def int_groups(text: str, flag: str, size: int, example: str) -> list[tuple[int,
     except ValueError:
         groups = []
     if not groups or any(len(g) != size or min(g) < 1 for g in groups):
-        raise UserError(f"{flag} {text!r}: expected groups of {size} positive integers separated by ';', "
-                        f"e.g. {example!r}")
+        raise UserError(
+            f"{flag} {text!r}: expected groups of {size} positive integers separated by ';', e.g. {example!r}"
+        )
     return groups
 
 
@@ -177,8 +209,9 @@ def kernel_flags(p: argparse.ArgumentParser) -> None:
     """The flags of the torch-callable benchmarks (LoRA linear, attention)."""
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--providers", default=None, help="comma list, in the order they are measured "
-                                                     "(default: all usable here)")
+    p.add_argument(
+        "--providers", default=None, help="comma list, in the order they are measured (default: all usable here)"
+    )
     p.add_argument("--modes", default="fwd,fwd_bwd", help="fwd, fwd_bwd (forward and gradients) or both")
     p.add_argument("--warmup", type=int, default=None, help="default 10 on CUDA, 1 on CPU")
     p.add_argument("--iters", type=int, default=None, help="default 50 on CUDA, 5 on CPU")
@@ -225,9 +258,19 @@ def failure_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}"
 
 
-def measure_providers(builders: Mapping[str, Callable[[], tuple[Forward, Sequence[torch.Tensor]]]], case: dict,
-                      *, mode: str, grad_out: torch.Tensor, reference: torch.Tensor | None, device: str,
-                      warmup: int, iters: int, flops: float, cuda_graph: bool = False) -> list[dict]:
+def measure_providers(
+    builders: Mapping[str, Callable[[], tuple[Forward, Sequence[torch.Tensor]]]],
+    case: dict,
+    *,
+    mode: str,
+    grad_out: torch.Tensor,
+    reference: torch.Tensor | None,
+    device: str,
+    warmup: int,
+    iters: int,
+    flops: float,
+    cuda_graph: bool = False,
+) -> list[dict]:
     """One row per provider on one case. ``builders[name]()`` gives (forward, the tensors ``fwd_bwd``
     differentiates with ``grad_out``). Per provider: max |forward - reference| (when a reference is
     given), one warm-up step (one-off allocations stay out of the figures), bytes allocated and peak
@@ -265,8 +308,17 @@ def measure_providers(builders: Mapping[str, Callable[[], tuple[Forward, Sequenc
     return list(rows.values())
 
 
-def kernel_report(args: argparse.Namespace, record: dict, rows: list[dict], interpreter: Callable[[], dict],
-                  show: Callable[[list[dict]], str], grads: str, dtype: torch.dtype, baseline: str, **meta: Any) -> None:
+def kernel_report(
+    args: argparse.Namespace,
+    record: dict,
+    rows: list[dict],
+    interpreter: Callable[[], dict],
+    show: Callable[[list[dict]], str],
+    grads: str,
+    dtype: torch.dtype,
+    baseline: str,
+    **meta: Any,
+) -> None:
     """The end of a torch-callable benchmark: on CPU the Triton-interpreter correctness row (unless
     ``--no-interpreter-row``), the table(s) ``show`` renders, that row's gradient error (``grads``: the
     gradients' names), and the result file with the run's meta."""
@@ -276,13 +328,25 @@ def kernel_report(args: argparse.Namespace, record: dict, rows: list[dict], inte
     for r in rows:
         if "max_abs_grad_err" in r:
             print(f"{r['provider']}: max |{grads} - reference| = {r['max_abs_grad_err']:.2e}")
-    save(args.out, record, rows=rows,
-         meta={"dtype": str(dtype), "baseline": baseline, "warmup": args.warmup, "iters": args.iters, **meta,
-               "timing": "medians, providers interleaved per round", "memory": memory_method(args.device)})
+    save(
+        args.out,
+        record,
+        rows=rows,
+        meta={
+            "dtype": str(dtype),
+            "baseline": baseline,
+            "warmup": args.warmup,
+            "iters": args.iters,
+            **meta,
+            "timing": "medians, providers interleaved per round",
+            "memory": memory_method(args.device),
+        },
+    )
 
 
-def interpreter_row(ours: Forward, reference: Forward, targets: Sequence[torch.Tensor], grad_out: torch.Tensor,
-                    case: dict) -> dict:
+def interpreter_row(
+    ours: Forward, reference: Forward, targets: Sequence[torch.Tensor], grad_out: torch.Tensor, case: dict
+) -> dict:
     """One forward + backward of ``ours`` (a Triton kernel under TRITON_INTERPRET=1 on CPU) against
     ``reference``: max |output error| and max |gradient error| over ``targets``. Its time is no
     performance figure."""
@@ -292,8 +356,13 @@ def interpreter_row(ours: Forward, reference: Forward, targets: Sequence[torch.T
     ms = (time.perf_counter() - t0) * 1e3
     ref = reference()
     ref_grads = torch.autograd.grad(ref, targets, grad_out)
-    return {"provider": INTERPRETER, **case, "ms": ms, "max_abs_err": (out - ref).abs().max().item(),
-            "max_abs_grad_err": max((g - gr).abs().max().item() for g, gr in zip(grads, ref_grads))}
+    return {
+        "provider": INTERPRETER,
+        **case,
+        "ms": ms,
+        "max_abs_err": (out - ref).abs().max().item(),
+        "max_abs_grad_err": max((g - gr).abs().max().item() for g, gr in zip(grads, ref_grads)),
+    }
 
 
 # ---- tables --------------------------------------------------------------------------------------------
@@ -301,6 +370,7 @@ def interpreter_row(ours: Forward, reference: Forward, targets: Sequence[torch.T
 class Column:
     """One table column: title, the row's value (a key, or a function of the row; None prints '-'), its
     format, whether it is left-aligned, and whether it is left out when no row has a value."""
+
     title: str
     value: str | Callable[[dict], Any]
     fmt: str = "{}"

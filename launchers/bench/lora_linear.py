@@ -22,6 +22,7 @@ warm-up), ratios to the baseline provider, and max |error| of the output against
 ``--cuda-graph`` adds CUDA-graph replay timings. FLOPs: fwd = 2MNK + 2M(K*S*r + S*n*r); fwd_bwd =
 2x the base GEMM more (dx) and 3x the rank-r part.
 """
+
 from __future__ import annotations
 
 import os
@@ -45,6 +46,7 @@ KEYS = ("layer", "M", "K", "N", "r", "mode")
 @dataclass(frozen=True)
 class Case:
     """One adapted layer: x (M, K) -> (M, N), rank r; qv = adapters on q and v of a fused qkv."""
+
     layer: str
     M: int
     K: int
@@ -69,8 +71,12 @@ class Case:
 
 def vit_cases(dim: int, M: int, name: str) -> list[Case]:
     """The LoRA layers of one ViT block: qkv with q,v adapters, fc1, fc2 at r=64; proj at r=8."""
-    return [Case(f"{name}.qkv(q,v)", M, dim, 3 * dim, 64, qv=True), Case(f"{name}.fc1", M, dim, 4 * dim, 64),
-            Case(f"{name}.fc2", M, 4 * dim, dim, 64), Case(f"{name}.proj", M, dim, dim, 8)]
+    return [
+        Case(f"{name}.qkv(q,v)", M, dim, 3 * dim, 64, qv=True),
+        Case(f"{name}.fc1", M, dim, 4 * dim, 64),
+        Case(f"{name}.fc2", M, 4 * dim, dim, 64),
+        Case(f"{name}.proj", M, dim, dim, 8),
+    ]
 
 
 def default_cases(device: str) -> list[Case]:
@@ -87,9 +93,9 @@ def make_inputs(case: Case, dtype: torch.dtype, device: str, seed: int = 0):
         return (torch.randn(*shape, generator=g) * std).to(device=device, dtype=dtype)
 
     x = rand(case.M, case.K).requires_grad_(True)
-    w, b = rand(case.N, case.K, std=case.K ** -0.5), rand(case.N, std=0.1)
-    a = rand(S * case.r, case.K, std=case.K ** -0.5).requires_grad_(True)
-    bb = rand(S * n, case.r, std=case.r ** -0.5).requires_grad_(True)
+    w, b = rand(case.N, case.K, std=case.K**-0.5), rand(case.N, std=0.1)
+    a = rand(S * case.r, case.K, std=case.K**-0.5).requires_grad_(True)
+    bb = rand(S * n, case.r, std=case.r**-0.5).requires_grad_(True)
     return x, w, b, a, bb
 
 
@@ -147,11 +153,25 @@ def bench_case(names: list[str], case: Case, dtype: torch.dtype, mode: str, devi
     x, w, b, a, bb = (t.detach().float() for t in inputs)
     ref = lora_linear_reference(x, w, b, a, bb, scale, 0.0, False, case.segments) if args.dropout == 0 else None
     builders = {n: (lambda n=n: build_provider(n, case, inputs, scale, args.dropout)) for n in names}
-    row = {**asdict(case), "dtype": str(dtype).replace("torch.", ""), "mode": mode, "device": device,
-           "dropout": args.dropout}
-    return harness.measure_providers(builders, row, mode=mode, grad_out=dy, reference=ref, device=device,
-                                     warmup=args.warmup, iters=args.iters, flops=case.flops(mode),
-                                     cuda_graph=args.cuda_graph)
+    row = {
+        **asdict(case),
+        "dtype": str(dtype).replace("torch.", ""),
+        "mode": mode,
+        "device": device,
+        "dropout": args.dropout,
+    }
+    return harness.measure_providers(
+        builders,
+        row,
+        mode=mode,
+        grad_out=dy,
+        reference=ref,
+        device=device,
+        warmup=args.warmup,
+        iters=args.iters,
+        flops=case.flops(mode),
+        cuda_graph=args.cuda_graph,
+    )
 
 
 def interpreter_row() -> dict:
@@ -160,31 +180,48 @@ def interpreter_row() -> dict:
 
     case = Case("tiny.qkv(q,v)", 64, 64, 96, 8, qv=True)
     x, w, b, a, bb = make_inputs(case, torch.float32, "cpu")
-    return harness.interpreter_row(lambda: fused_lora_linear(x, w, b, a, bb, 2.0, segments=case.segments),
-                                   lambda: lora_linear_reference(x, w, b, a, bb, 2.0, segments=case.segments),
-                                   [x, a, bb], torch.randn(case.M, case.N),
-                                   {**asdict(case), "dtype": "float32", "mode": "fwd_bwd", "device": "cpu",
-                                    "dropout": 0.0})
+    return harness.interpreter_row(
+        lambda: fused_lora_linear(x, w, b, a, bb, 2.0, segments=case.segments),
+        lambda: lora_linear_reference(x, w, b, a, bb, 2.0, segments=case.segments),
+        [x, a, bb],
+        torch.randn(case.M, case.N),
+        {**asdict(case), "dtype": "float32", "mode": "fwd_bwd", "device": "cpu", "dropout": 0.0},
+    )
 
 
 def columns(rows: list[dict], baseline: str) -> list[Column]:
     base = harness.baseline_of(rows, baseline, KEYS)
-    return [Column("provider", "provider", left=True), Column("layer", "layer", left=True), Column("M", "M"),
-            Column("K", "K"), Column("N", "N"), Column("r", "r"), Column("mode", "mode", left=True),
-            Column("ms", "ms", "{:.3f}"), Column("TFLOP/s", "tflops", "{:.3f}"),
-            Column("alloc MB", "alloc_mb", "{:.1f}"), Column("peak MB", "peak_mb", "{:.1f}"),
-            Column("speedup", lambda r: harness.ratio(base(r).get("ms"), r.get("ms")), "{:.2f}x"),
-            Column("alloc", lambda r: harness.ratio(r.get("alloc_mb"), base(r).get("alloc_mb")), "{:.2f}x"),
-            Column("peak", lambda r: harness.ratio(r.get("peak_mb"), base(r).get("peak_mb")), "{:.2f}x"),
-            Column("max|err|", "max_abs_err", "{:.2e}"),
-            Column("graph ms", lambda r: f"{r['graph_ms']:.3f} ({r['graph_timing']})" if "graph_ms" in r else None,
-                   left=True, optional=True)]
+    return [
+        Column("provider", "provider", left=True),
+        Column("layer", "layer", left=True),
+        Column("M", "M"),
+        Column("K", "K"),
+        Column("N", "N"),
+        Column("r", "r"),
+        Column("mode", "mode", left=True),
+        Column("ms", "ms", "{:.3f}"),
+        Column("TFLOP/s", "tflops", "{:.3f}"),
+        Column("alloc MB", "alloc_mb", "{:.1f}"),
+        Column("peak MB", "peak_mb", "{:.1f}"),
+        Column("speedup", lambda r: harness.ratio(base(r).get("ms"), r.get("ms")), "{:.2f}x"),
+        Column("alloc", lambda r: harness.ratio(r.get("alloc_mb"), base(r).get("alloc_mb")), "{:.2f}x"),
+        Column("peak", lambda r: harness.ratio(r.get("peak_mb"), base(r).get("peak_mb")), "{:.2f}x"),
+        Column("max|err|", "max_abs_err", "{:.2e}"),
+        Column(
+            "graph ms",
+            lambda r: f"{r['graph_ms']:.3f} ({r['graph_timing']})" if "graph_ms" in r else None,
+            left=True,
+            optional=True,
+        ),
+    ]
 
 
 def format_table(rows: list[dict], baseline: str) -> str:
-    return (harness.format_table(rows, columns(rows, baseline), lead=len(KEYS) + 1)
-            + f"\nspeedup = {baseline} ms / provider ms; alloc, peak = provider / {baseline} "
-              "(bytes allocated during the call; peak live bytes above its start)")
+    return (
+        harness.format_table(rows, columns(rows, baseline), lead=len(KEYS) + 1)
+        + f"\nspeedup = {baseline} ms / provider ms; alloc, peak = provider / {baseline} "
+        "(bytes allocated during the call; peak live bytes above its start)"
+    )
 
 
 def format_comparison(rows: list[dict], ours: str = "torch") -> str:
@@ -202,9 +239,13 @@ def format_comparison(rows: list[dict], ours: str = "torch") -> str:
         if ours not in provs:
             continue
         o = provs[ours]
-        parts = [f"{p}: time {x(harness.ratio(r['ms'], o['ms']))} "
-                 f"alloc {x(harness.ratio(o.get('alloc_mb'), r.get('alloc_mb')))} "
-                 f"peak {x(harness.ratio(o.get('peak_mb'), r.get('peak_mb')))}" for p, r in provs.items() if p != ours]
+        parts = [
+            f"{p}: time {x(harness.ratio(r['ms'], o['ms']))} "
+            f"alloc {x(harness.ratio(o.get('alloc_mb'), r.get('alloc_mb')))} "
+            f"peak {x(harness.ratio(o.get('peak_mb'), r.get('peak_mb')))}"
+            for p, r in provs.items()
+            if p != ours
+        ]
         lines.append(f"  {key[0]:<14} M={key[1]:<5} r={key[4]:<3} {key[5]:<8} " + " | ".join(parts))
     return "\n".join(lines)
 
@@ -242,14 +283,29 @@ def main(argv: list[str] | None = None) -> int:
     if not has_peft:
         print("peft is not installed: the PEFT provider is skipped (pip install peft, or the 'bench' extra)")
     usable = [n for n in PROVIDERS if (n != "peft" or has_peft) and (n != "triton" or device == "cuda")]
-    names = usable if not args.providers else harness.comma_list(
-        args.providers, "--providers", usable, hint="triton needs CUDA, peft needs `pip install peft`")
+    names = (
+        usable
+        if not args.providers
+        else harness.comma_list(
+            args.providers, "--providers", usable, hint="triton needs CUDA, peft needs `pip install peft`"
+        )
+    )
     record = harness.start("lora_linear", args, device)
     rows = [row for case in cases for mode in args.modes for row in bench_case(names, case, dtype, mode, device, args)]
-    harness.kernel_report(args, record, rows, interpreter_row,
-                          lambda rows: format_table(rows, args.baseline) + "\n" + format_comparison(rows), "dx, dA, dB",
-                          dtype, args.baseline, providers=names, scale=2.0, dropout=args.dropout,
-                          flops="fwd 2MNK + 2M(K*S*r + S*n*r); fwd_bwd 4MNK + 3*(rank-r part)")
+    harness.kernel_report(
+        args,
+        record,
+        rows,
+        interpreter_row,
+        lambda rows: format_table(rows, args.baseline) + "\n" + format_comparison(rows),
+        "dx, dA, dB",
+        dtype,
+        args.baseline,
+        providers=names,
+        scale=2.0,
+        dropout=args.dropout,
+        flops="fwd 2MNK + 2M(K*S*r + S*n*r); fwd_bwd 4MNK + 3*(rank-r part)",
+    )
     return 0
 
 

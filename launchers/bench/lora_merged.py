@@ -6,6 +6,7 @@ GEMM ``y = x W_eff^T + b``. Backward, factored: ``dx = dy W_eff``; ``g_s = s * d
 It costs an (N, K) weight per call and cannot apply dropout to the LoRA branch alone, so it is
 measured (``python -m launchers.bench.lora_linear``), not used; ``kernels.lora_torch`` is the backend.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -19,7 +20,7 @@ class _MergedLoRALinear(torch.autograd.Function):
         r = lora_b.shape[1]
         w_eff = weight.clone()
         for s, off in enumerate(segments):
-            w_eff[off:off + n].addmm_(lora_b[s * n:(s + 1) * n], lora_a[s * r:(s + 1) * r], alpha=scale)
+            w_eff[off : off + n].addmm_(lora_b[s * n : (s + 1) * n], lora_a[s * r : (s + 1) * r], alpha=scale)
         x2 = x.reshape(-1, x.shape[-1])
         y = torch.mm(x2, w_eff.t()) if bias is None else torch.addmm(bias, x2, w_eff.t())
         ctx.save_for_backward(x, w_eff, lora_a, lora_b)
@@ -37,16 +38,23 @@ class _MergedLoRALinear(torch.autograd.Function):
         da = lora_a.new_empty(lora_a.shape) if ctx.needs_input_grad[3] else None
         db = lora_b.new_empty(lora_b.shape) if ctx.needs_input_grad[4] else None
         for s, off in enumerate(segments):
-            dy_s, b_s, a_s = dy2[:, off:off + n], lora_b[s * n:(s + 1) * n], lora_a[s * r:(s + 1) * r]
+            dy_s, b_s, a_s = dy2[:, off : off + n], lora_b[s * n : (s + 1) * n], lora_a[s * r : (s + 1) * r]
             if da is not None:
-                torch.mm(torch.mm(dy_s, b_s).t(), x2, out=da[s * r:(s + 1) * r]).mul_(scale)
+                torch.mm(torch.mm(dy_s, b_s).t(), x2, out=da[s * r : (s + 1) * r]).mul_(scale)
             if db is not None:
-                torch.mm(dy_s.t(), torch.mm(x2, a_s.t()), out=db[s * n:(s + 1) * n]).mul_(scale)
+                torch.mm(dy_s.t(), torch.mm(x2, a_s.t()), out=db[s * n : (s + 1) * n]).mul_(scale)
         return dx, None, None, da, db, None, None, None
 
 
-def lora_linear_merged(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
-                       lora_b: torch.Tensor, scale: float, segments: Sequence[int] | None = None) -> torch.Tensor:
+def lora_linear_merged(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+    segments: Sequence[int] | None = None,
+) -> torch.Tensor:
     """``y = x (W + s * B A)^T + b`` without dropout; W and b frozen (no gradient)."""
     n = lora_b.shape[0] // (1 if segments is None else len(segments))
     segs = (0,) if segments is None else tuple(int(s) for s in segments)

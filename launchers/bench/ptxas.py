@@ -15,6 +15,7 @@ Cases: LoRA linear forward + backward (with and without dropout) at ViT-B/L laye
 adapters at r=64, fc1/fc2 at r=64, proj at r=8, M = 64 x 257 tokens) and flash attention forward +
 backward at ViT-B/L global and local crops (D = 64) plus D = 80 and 128.
 """
+
 from __future__ import annotations
 
 import logging
@@ -32,9 +33,16 @@ from launchers.bench.harness import Column
 
 log = logging.getLogger(__name__)
 # (name, M, K, N, r, qv): the adapted layers of ViT-B/14 and ViT-L/14 at 64 images x 257 tokens
-LORA_CASES = [(f"{m}.{layer}", 64 * 257, k, n, r, qv) for m, d in (("vitb", 768), ("vitl", 1024))
-              for layer, k, n, r, qv in (("qkv(q,v)", d, 3 * d, 64, True), ("proj", d, d, 8, False),
-                                         ("fc1", d, 4 * d, 64, False), ("fc2", 4 * d, d, 64, False))]
+LORA_CASES = [
+    (f"{m}.{layer}", 64 * 257, k, n, r, qv)
+    for m, d in (("vitb", 768), ("vitl", 1024))
+    for layer, k, n, r, qv in (
+        ("qkv(q,v)", d, 3 * d, 64, True),
+        ("proj", d, d, 8, False),
+        ("fc1", d, 4 * d, 64, False),
+        ("fc2", 4 * d, d, 64, False),
+    )
+]
 # (B, H, N, D): ViT-L global crops (224 px / 14 -> 257 tokens), local crops (98 px -> 50), D 80 / 128
 ATTENTION_CASES = [(64, 16, 257, 64), (256, 16, 50, 64), (64, 16, 257, 80), (32, 8, 257, 128)]
 
@@ -65,7 +73,7 @@ def record_attention(B: int, H: int, N: int, D: int, dtype: torch.dtype) -> list
     qkv = torch.empty(B, N, 3, H, D, dtype=dtype, requires_grad=True)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     with recording_launches() as launches:  # the ops, not flash_attention: that refuses CPU tensors
-        out, _ = torch.ops.geoexplora.flash_attn_fwd(q, k, v, D ** -0.5)
+        out, _ = torch.ops.geoexplora.flash_attn_fwd(q, k, v, D**-0.5)
         torch.autograd.grad(out, qkv, torch.empty_like(out))
     return launches
 
@@ -95,12 +103,15 @@ def compile_report(src, target, options: dict) -> dict:
         f.write(compiled.asm["ptx"])
         f.flush()
         gpu = f"sm_{target.arch}a" if target.arch >= 90 else f"sm_{target.arch}"
-        text = subprocess.run([ptxas, "-v", f"--gpu-name={gpu}", f.name, "-o", os.devnull],
-                              capture_output=True, text=True, check=True).stderr
-    return {"smem_bytes": compiled.metadata.shared,
-            "registers": _ptxas_count(r"Used (\d+) registers", text),
-            "spill_store_bytes": _ptxas_count(r"(\d+) bytes spill stores", text),
-            "spill_load_bytes": _ptxas_count(r"(\d+) bytes spill loads", text)}
+        text = subprocess.run(
+            [ptxas, "-v", f"--gpu-name={gpu}", f.name, "-o", os.devnull], capture_output=True, text=True, check=True
+        ).stderr
+    return {
+        "smem_bytes": compiled.metadata.shared,
+        "registers": _ptxas_count(r"Used (\d+) registers", text),
+        "spill_store_bytes": _ptxas_count(r"(\d+) bytes spill stores", text),
+        "spill_load_bytes": _ptxas_count(r"(\d+) bytes spill loads", text),
+    }
 
 
 def _ptxas_count(pattern: str, text: str) -> int:
@@ -126,14 +137,27 @@ def report(archs: list[int], dtypes: list[torch.dtype], ops: list[str]) -> list[
             for case, launches in cases:
                 for kname, kernel, _grid, args, kwargs in launches:
                     src, target, options = specialise(kernel, args, kwargs, arch)
-                    key = (kname, arch, repr(src.signature), repr(src.constants), repr(src.attrs),
-                           options["num_warps"], options["num_stages"])
+                    key = (
+                        kname,
+                        arch,
+                        repr(src.signature),
+                        repr(src.constants),
+                        repr(src.attrs),
+                        options["num_warps"],
+                        options["num_stages"],
+                    )
                     if key in seen:  # same kernel, specialisation and meta-parameters: same binary
                         continue
                     seen.add(key)
                     meta = {k: v for k, v in kwargs.items() if k.isupper() or k.startswith("num_")}
-                    row = {"arch": f"sm_{arch}", "dtype": str(dtype).replace("torch.", ""), "case": case,
-                           "kernel": kname, "config": meta, **compile_report(src, target, options)}
+                    row = {
+                        "arch": f"sm_{arch}",
+                        "dtype": str(dtype).replace("torch.", ""),
+                        "case": case,
+                        "kernel": kname,
+                        "config": meta,
+                        **compile_report(src, target, options),
+                    }
                     log.info("%s", row)
                     rows.append(row)
     return rows
@@ -141,16 +165,23 @@ def report(archs: list[int], dtypes: list[torch.dtype], ops: list[str]) -> list[
 
 def _tile(r: dict) -> str:
     c = r["config"]
-    dims = "x".join(str(c[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_A", "BLOCK_B", "BLOCK_R",
-                                         "BLOCK_D") if k in c)
+    dims = "x".join(
+        str(c[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_A", "BLOCK_B", "BLOCK_R", "BLOCK_D") if k in c
+    )
     flags = "".join(f" {k.lower()}" for k in ("DROPOUT", "SEG_ALIGNED") if c.get(k))
     return f"{dims} w{c.get('num_warps', 4)} s{c.get('num_stages', 3)}{flags}"
 
 
-COLUMNS = [Column("arch", "arch", left=True), Column("dtype", "dtype", left=True),
-           Column("kernel", "kernel", left=True), Column("first case", "case", left=True),
-           Column("tile", _tile, left=True), Column("smem KB", lambda r: r["smem_bytes"] / 1024, "{:.1f}"),
-           Column("regs", "registers"), Column("spill B", "spill_store_bytes")]
+COLUMNS = [
+    Column("arch", "arch", left=True),
+    Column("dtype", "dtype", left=True),
+    Column("kernel", "kernel", left=True),
+    Column("first case", "case", left=True),
+    Column("tile", _tile, left=True),
+    Column("smem KB", lambda r: r["smem_bytes"] / 1024, "{:.1f}"),
+    Column("regs", "registers"),
+    Column("spill B", "spill_store_bytes"),
+]
 
 
 def format_table(rows: list[dict]) -> str:

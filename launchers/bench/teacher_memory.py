@@ -9,6 +9,7 @@ JSON::
 
 Remaining ``--section.field value`` arguments are run-config overrides (explora.*, objective.dino.*).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,7 +28,7 @@ from launchers.bench import harness
 from launchers.bench.harness import Column
 
 DEFAULT_MODELS = ("vit_base_patch14_dinov2", "vit_large_patch14_dinov2", "vit_giant_patch14_dinov2")
-MIB = 2 ** 20
+MIB = 2**20
 
 
 def memory_row(cfg: RunConfig, model_name: str) -> dict:
@@ -38,8 +39,12 @@ def memory_row(cfg: RunConfig, model_name: str) -> dict:
     d = cfg.objective.dino
     modules: dict[str, torch.nn.Module] = {"vit": vit}
     with torch.device("meta"):
-        kw = dict(out_dim=d.head_n_prototypes, hidden_dim=d.head_hidden_dim, bottleneck_dim=d.head_bottleneck_dim,
-                  nlayers=d.head_nlayers)
+        kw = dict(
+            out_dim=d.head_n_prototypes,
+            hidden_dim=d.head_hidden_dim,
+            bottleneck_dim=d.head_bottleneck_dim,
+            nlayers=d.head_nlayers,
+        )
         modules["dino_head"] = DINOHead(vit.embed_dim, **kw)
         if d.ibot_separate_head:
             modules["ibot_head"] = DINOHead(vit.embed_dim, **kw)
@@ -48,11 +53,14 @@ def memory_row(cfg: RunConfig, model_name: str) -> dict:
     return row
 
 
-COLUMNS = [Column("base", "model", left=True), Column("params", lambda r: r["total_params"] / 1e6, "{:.1f} M"),
-           Column("trainable", lambda r: r["trainable_params"] / 1e6, "{:.1f} M"),
-           Column("naive deep-copy teacher", lambda r: r["naive_bytes"] / MIB, "{:.1f} MiB"),
-           Column("shared-base teacher", lambda r: r["shared_bytes"] / MIB, "{:.1f} MiB"),
-           Column("saving", lambda r: 100 * r["saving"], "{:.1f} %")]
+COLUMNS = [
+    Column("base", "model", left=True),
+    Column("params", lambda r: r["total_params"] / 1e6, "{:.1f} M"),
+    Column("trainable", lambda r: r["trainable_params"] / 1e6, "{:.1f} M"),
+    Column("naive deep-copy teacher", lambda r: r["naive_bytes"] / MIB, "{:.1f} MiB"),
+    Column("shared-base teacher", lambda r: r["shared_bytes"] / MIB, "{:.1f} MiB"),
+    Column("saving", lambda r: 100 * r["saving"], "{:.1f} %"),
+]
 
 
 def format_table(rows: list[dict]) -> str:

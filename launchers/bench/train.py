@@ -13,6 +13,7 @@ on the meta device; bytes = fp32 trainable weights, fp32 gradients, AdamW moment
 trainable parameter, plus the per-rank share of the moments under ZeRO-1/2/3 with ``--zero-ranks``
 ranks. Prints two tables and writes JSON. Not a test.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,18 +38,53 @@ TINY = REPO / "engine" / "presets" / "tiny_cpu.yaml"
 # step takes seconds, with a smaller DINO head so the backbone dominates the step.
 CONFIGS = {
     "tiny": [],
-    "vitb": ["--model.name", "vit_base_patch14_dinov2", "--model.img_size", "56", "--data.batch_size", "4",
-             "--explora.lora_rank", "64", "--explora.lora_alpha", "64",
-             "--objective.dino.head_n_prototypes", "4096", "--objective.dino.head_hidden_dim", "1024",
-             "--objective.dino.head_bottleneck_dim", "256"],
+    "vitb": [
+        "--model.name",
+        "vit_base_patch14_dinov2",
+        "--model.img_size",
+        "56",
+        "--data.batch_size",
+        "4",
+        "--explora.lora_rank",
+        "64",
+        "--explora.lora_alpha",
+        "64",
+        "--objective.dino.head_n_prototypes",
+        "4096",
+        "--objective.dino.head_hidden_dim",
+        "1024",
+        "--objective.dino.head_bottleneck_dim",
+        "256",
+    ],
     # The ExPLoRA DINOv2 ViT-L/14 recipe at real size (engine/presets/explora_dinov2_vitl14_fmow_rgb.yaml):
     # batch 32 per GPU, 2 x 224 px global + 8 x 98 px local crops (98 = 7 patches of 14), LoRA r=64
     # on q,v, the 65536-prototype DINO/iBOT head; random init (throughput needs no weights).
-    "vitl": ["--model.name", "vit_large_patch14_dinov2", "--model.img_size", "224", "--data.batch_size", "32",
-             "--crops.global_size", "224", "--crops.local_size", "98", "--crops.num_global", "2",
-             "--crops.num_local", "8", "--explora.lora_rank", "64", "--explora.lora_alpha", "64",
-             "--objective.dino.head_n_prototypes", "65536", "--objective.dino.head_hidden_dim", "2048",
-             "--objective.dino.head_bottleneck_dim", "256"],
+    "vitl": [
+        "--model.name",
+        "vit_large_patch14_dinov2",
+        "--model.img_size",
+        "224",
+        "--data.batch_size",
+        "32",
+        "--crops.global_size",
+        "224",
+        "--crops.local_size",
+        "98",
+        "--crops.num_global",
+        "2",
+        "--crops.num_local",
+        "8",
+        "--explora.lora_rank",
+        "64",
+        "--explora.lora_alpha",
+        "64",
+        "--objective.dino.head_n_prototypes",
+        "65536",
+        "--objective.dino.head_hidden_dim",
+        "2048",
+        "--objective.dino.head_bottleneck_dim",
+        "256",
+    ],
 }
 
 
@@ -71,12 +107,16 @@ class SyntheticBatches:
         grid = (c.global_size // self.patch) ** 2
         while True:
             self.pos += 1
-            batch = {"global_crops": torch.randint(0, 256, (c.num_global * b, 3, c.global_size, c.global_size),
-                                                   dtype=torch.uint8, generator=self.gen),
-                     "masks": torch.rand(c.num_global * b, grid, generator=self.gen) < 0.3}
+            batch = {
+                "global_crops": torch.randint(
+                    0, 256, (c.num_global * b, 3, c.global_size, c.global_size), dtype=torch.uint8, generator=self.gen
+                ),
+                "masks": torch.rand(c.num_global * b, grid, generator=self.gen) < 0.3,
+            }
             if c.num_local:
-                batch["local_crops"] = torch.randint(0, 256, (c.num_local * b, 3, c.local_size, c.local_size),
-                                                     dtype=torch.uint8, generator=self.gen)
+                batch["local_crops"] = torch.randint(
+                    0, 256, (c.num_local * b, 3, c.local_size, c.local_size), dtype=torch.uint8, generator=self.gen
+                )
             yield batch
 
     def state_dict(self) -> dict:
@@ -115,10 +155,27 @@ def worker(args: argparse.Namespace) -> int:
     setup_logging(env.rank)
     run_dir = Path(args.run_dir)
     overrides = CONFIGS[args.config] + [
-        "--zero.stage", str(args.stage), "--train.max_steps", str(args.warmup + args.steps),
-        "--train.output_dir", str(run_dir), "--train.resume", "none", "--train.log_every", "1",
-        "--train.save_every", "0", "--train.export", "false", "--train.logger", "",
-        "--train.precision", "bf16" if env.device.type == "cuda" else "fp32", "--data.shards", "synthetic"]
+        "--zero.stage",
+        str(args.stage),
+        "--train.max_steps",
+        str(args.warmup + args.steps),
+        "--train.output_dir",
+        str(run_dir),
+        "--train.resume",
+        "none",
+        "--train.log_every",
+        "1",
+        "--train.save_every",
+        "0",
+        "--train.export",
+        "false",
+        "--train.logger",
+        "",
+        "--train.precision",
+        "bf16" if env.device.type == "cuda" else "fp32",
+        "--data.shards",
+        "synthetic",
+    ]
     cfg = load_config(RunConfig, str(TINY), overrides)
     seed_all(cfg.train.seed)
     vit = build_vit(cfg.model)
@@ -133,27 +190,35 @@ def worker(args: argparse.Namespace) -> int:
                 out[k] = (out[k].float() / 255.0 - 0.45) / 0.25
         return out
 
-    trainer = Trainer(cfg, objective, batches, env, prepare=prepare,
-                      flops_per_image=training_flops_per_sample(cfg, vit))
+    trainer = Trainer(
+        cfg, objective, batches, env, prepare=prepare, flops_per_image=training_flops_per_sample(cfg, vit)
+    )
     trainer.fit()
     report = trainer.report
     assert report is not None  # fit() built the engine and its optimizer report
-    opt_bytes = torch.tensor([float(_optimizer_state_bytes(trainer.engine))], dtype=torch.float64,
-                             device=env.device)
+    opt_bytes = torch.tensor([float(_optimizer_state_bytes(trainer.engine))], dtype=torch.float64, device=env.device)
     per_rank = [torch.zeros_like(opt_bytes) for _ in range(env.world_size)]
     dist.all_gather(per_rank, opt_bytes)
     if env.is_main:
         rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["step"] > args.warmup]
         step_s = sum(r["step_time_s"] for r in rows) / len(rows)
-        result = {"config": args.config, "stage": args.stage, "ranks": env.world_size,
-                  "device": str(env.device.type), "global_batch": trainer.global_batch, "timed_steps": len(rows),
-                  "steps_per_s": 1.0 / step_s, "images_per_s": trainer.global_batch / step_s,
-                  "images_per_s_per_device": trainer.global_batch / step_s / env.world_size,
-                  "data_wait_frac": sum(r["data_wait_frac"] for r in rows) / len(rows),
-                  "peak_mem_gb": max(r["peak_mem_gb"] for r in rows),
-                  "optimizer_state_bytes_per_rank": [int(t.item()) for t in per_rank],
-                  "trainable_params": report.trainable_numel, "frozen_params": report.frozen_numel,
-                  "mfu": rows[-1].get("mfu")}
+        result = {
+            "config": args.config,
+            "stage": args.stage,
+            "ranks": env.world_size,
+            "device": str(env.device.type),
+            "global_batch": trainer.global_batch,
+            "timed_steps": len(rows),
+            "steps_per_s": 1.0 / step_s,
+            "images_per_s": trainer.global_batch / step_s,
+            "images_per_s_per_device": trainer.global_batch / step_s / env.world_size,
+            "data_wait_frac": sum(r["data_wait_frac"] for r in rows) / len(rows),
+            "peak_mem_gb": max(r["peak_mem_gb"] for r in rows),
+            "optimizer_state_bytes_per_rank": [int(t.item()) for t in per_rank],
+            "trainable_params": report.trainable_numel,
+            "frozen_params": report.frozen_numel,
+            "mfu": rows[-1].get("mfu"),
+        }
         (run_dir / "bench.json").write_text(json.dumps(result))
     shutdown()
     return 0
@@ -174,18 +239,30 @@ def memory_rows(models: Sequence[str], zero_ranks: int) -> list[dict]:
         for regime in ("explora", "full"):
             vit = build_vit(ModelConfig(name=name), device="meta")
             if regime == "explora":
-                apply_explora(vit, ExploraConfig(unfreeze_blocks=[-1], lora_rank=64, lora_alpha=64.0,
-                                                 lora_targets=["q", "v"], train_norms=True))
+                apply_explora(
+                    vit,
+                    ExploraConfig(
+                        unfreeze_blocks=[-1], lora_rank=64, lora_alpha=64.0, lora_targets=["q", "v"], train_norms=True
+                    ),
+                )
             else:
                 vit.requires_grad_(True)
             trainable = sum(p.numel() for p in vit.parameters() if p.requires_grad)
             total = sum(p.numel() for p in vit.parameters())
             adam = 8 * trainable
-            rows.append({"model": name, "regime": regime, "trainable_params": trainable,
-                         "frozen_params": total - trainable, "trainable_bytes": 4 * trainable,
-                         "grad_bytes": 4 * trainable, "optimizer_state_bytes": adam,
-                         "training_state_bytes": 4 * total + 4 * trainable + adam,
-                         f"optimizer_state_bytes_per_rank_zero1+_{zero_ranks}": adam // zero_ranks})
+            rows.append(
+                {
+                    "model": name,
+                    "regime": regime,
+                    "trainable_params": trainable,
+                    "frozen_params": total - trainable,
+                    "trainable_bytes": 4 * trainable,
+                    "grad_bytes": 4 * trainable,
+                    "optimizer_state_bytes": adam,
+                    "training_state_bytes": 4 * total + 4 * trainable + adam,
+                    f"optimizer_state_bytes_per_rank_zero1+_{zero_ranks}": adam // zero_ranks,
+                }
+            )
     return rows
 
 
@@ -197,9 +274,28 @@ def run_one(config: str, stage: int, args: argparse.Namespace, tmp: Path) -> dic
 
     run_dir = tmp / f"{config}_z{stage}"
     # the runner as a module: works where deepspeed was installed without its console script beside python
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.nproc), "--master_port", str(free_port()), "--module", "launchers.bench.train",
-           "--worker", "--config", config, "--stage", str(stage), "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--run-dir", str(run_dir)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--num_gpus",
+        str(args.nproc),
+        "--master_port",
+        str(free_port()),
+        "--module",
+        "launchers.bench.train",
+        "--worker",
+        "--config",
+        config,
+        "--stage",
+        str(stage),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--run-dir",
+        str(run_dir),
+    ]
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     import torch
 
@@ -208,8 +304,9 @@ def run_one(config: str, stage: int, args: argparse.Namespace, tmp: Path) -> dic
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if proc.returncode != 0 or not (run_dir / "bench.json").is_file():
-        raise SystemExit(f"{config} ZeRO-{stage} failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                         f"{proc.stderr[-3000:]}")
+        raise SystemExit(
+            f"{config} ZeRO-{stage} failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
     result = json.loads((run_dir / "bench.json").read_text())
     result["launch_wall_s"] = time.perf_counter() - t0
     return result
@@ -219,19 +316,30 @@ def _gib(title: str, key: str) -> Column:
     return Column(title, lambda r: r[key] / 2**30, "{:.3f}")
 
 
-RUN_COLUMNS = [Column("config", "config", left=True), Column("ZeRO", "stage"), Column("gbatch", "global_batch"),
-               Column("steps/s", "steps_per_s", "{:.3f}"), Column("img/s", "images_per_s", "{:.1f}"),
-               Column("img/s/dev", "images_per_s_per_device", "{:.1f}"), Column("vs Z0", "ratio_vs_zero0", "{:.2f}"),
-               Column("data%", lambda r: 100 * r["data_wait_frac"], "{:.1f}%"),
-               Column("optim MiB/rank", lambda r: max(r["optimizer_state_bytes_per_rank"]) / 2**20, "{:.3f}")]
+RUN_COLUMNS = [
+    Column("config", "config", left=True),
+    Column("ZeRO", "stage"),
+    Column("gbatch", "global_batch"),
+    Column("steps/s", "steps_per_s", "{:.3f}"),
+    Column("img/s", "images_per_s", "{:.1f}"),
+    Column("img/s/dev", "images_per_s_per_device", "{:.1f}"),
+    Column("vs Z0", "ratio_vs_zero0", "{:.2f}"),
+    Column("data%", lambda r: 100 * r["data_wait_frac"], "{:.1f}%"),
+    Column("optim MiB/rank", lambda r: max(r["optimizer_state_bytes_per_rank"]) / 2**20, "{:.3f}"),
+]
 
 
 def memory_columns(zero_ranks: int) -> list[Column]:
-    return [Column("model", "model", left=True), Column("regime", "regime", left=True),
-            Column("trainable", "trainable_params", "{:,}"), _gib("trainable", "trainable_bytes"),
-            _gib("grads", "grad_bytes"), _gib("AdamW", "optimizer_state_bytes"),
-            _gib("state/copy", "training_state_bytes"),
-            _gib(f"AdamW/rank@{zero_ranks}", f"optimizer_state_bytes_per_rank_zero1+_{zero_ranks}")]
+    return [
+        Column("model", "model", left=True),
+        Column("regime", "regime", left=True),
+        Column("trainable", "trainable_params", "{:,}"),
+        _gib("trainable", "trainable_bytes"),
+        _gib("grads", "grad_bytes"),
+        _gib("AdamW", "optimizer_state_bytes"),
+        _gib("state/copy", "training_state_bytes"),
+        _gib(f"AdamW/rank@{zero_ranks}", f"optimizer_state_bytes_per_rank_zero1+_{zero_ranks}"),
+    ]
 
 
 @cli_entry
@@ -261,9 +369,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     configs = harness.comma_list(args.configs, "--configs", tuple(CONFIGS))
     stages = harness.comma_list(args.stages, "--stages", ("0", "1", "2", "3"), cast=int)
     models = harness.comma_list(args.memory_models, "--memory-models", allow_empty=True)
-    record = harness.start("train", {k: v for k, v in vars(args).items()
-                                     if k not in ("worker", "config", "stage", "run_dir", "local_rank")},
-                           "cuda" if torch.cuda.is_available() else "cpu")
+    record = harness.start(
+        "train",
+        {k: v for k, v in vars(args).items() if k not in ("worker", "config", "stage", "run_dir", "local_rank")},
+        "cuda" if torch.cuda.is_available() else "cpu",
+    )
     runs = []
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         for c in configs:
@@ -273,16 +383,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     base = {r["config"]: r["steps_per_s"] for r in runs if r["stage"] == 0}
     for r in runs:
         r["ratio_vs_zero0"] = r["steps_per_s"] / base[r["config"]] if r["config"] in base else float("nan")
-    print(f"\nTraining step, {args.nproc} ranks, {record['environment']['device']}; {args.steps} timed steps "
-          f"after {args.warmup} warm-up")
+    print(
+        f"\nTraining step, {args.nproc} ranks, {record['environment']['device']}; {args.steps} timed steps "
+        f"after {args.warmup} warm-up"
+    )
     print(harness.format_table(runs, RUN_COLUMNS))
     mem = memory_rows(models, args.zero_ranks)
     print("\nExPLoRA (last block + LoRA r64 q,v + norms + cls token) vs full fine-tuning, backbone only (GiB)")
     print(harness.format_table(mem, memory_columns(args.zero_ranks)))
     for m in dict.fromkeys(r["model"] for r in mem):
         e, f = (next(r for r in mem if r["model"] == m and r["regime"] == g) for g in ("explora", "full"))
-        print(f"{m}: full fine-tuning needs {f['optimizer_state_bytes'] / e['optimizer_state_bytes']:.1f}x the "
-              f"optimizer state of ExPLoRA")
+        print(
+            f"{m}: full fine-tuning needs {f['optimizer_state_bytes'] / e['optimizer_state_bytes']:.1f}x the "
+            f"optimizer state of ExPLoRA"
+        )
     print()
     harness.save(args.out, record, runs=runs, memory=mem)
     return 0

@@ -4,6 +4,7 @@ weights, and a helper that runs ``DS_ACCELERATOR=cpu deepspeed --num_gpus 2 laun
 The shards are written directly (tar of ``<key>.img.npy`` + ``<key>.json`` plus manifest.json, see
 CONVENTIONS "Shard format") so these tests exercise the trainer, not the converter.
 """
+
 from __future__ import annotations
 
 import io
@@ -46,19 +47,43 @@ def write_rgb_shards(root: Path, n_shards: int = 2, per_shard: int = 16, size: i
                 buf = io.BytesIO()
                 np.save(buf, arr)
                 _add(tf, key + ".img.npy", buf.getvalue())
-                meta = {"source": f"scene{s}_{i:03d}.tif", "window": [0, 0, size, size], "crs": None,
-                        "transform": [1, 0, 0, 0, -1, 0], "band_names": ["red", "green", "blue"], "nodata": None,
-                        "dtype": "uint8", "gsd": None, "timestamp": None, "label": None}
+                meta = {
+                    "source": f"scene{s}_{i:03d}.tif",
+                    "window": [0, 0, size, size],
+                    "crs": None,
+                    "transform": [1, 0, 0, 0, -1, 0],
+                    "band_names": ["red", "green", "blue"],
+                    "nodata": None,
+                    "dtype": "uint8",
+                    "gsd": None,
+                    "timestamp": None,
+                    "label": None,
+                }
                 _add(tf, key + ".json", json.dumps(meta).encode())
                 pixels.append(arr.reshape(3, -1).astype(np.float64))
         entries.append({"name": name, "count": per_shard, "bytes": (root / name).stat().st_size, "sha256": ""})
     px = np.concatenate(pixels, axis=1)
-    stats = {"count": [px.shape[1]] * 3, "mean": px.mean(1).tolist(), "std": px.std(1).tolist(),
-             "min": px.min(1).tolist(), "max": px.max(1).tolist(),
-             "p2": np.percentile(px, 2, axis=1).tolist(), "p98": np.percentile(px, 98, axis=1).tolist()}
-    manifest = {"format": "geoexplora-shards/1", "converter": {"version": "tests", "args": {}}, "shards": entries,
-                "total_samples": n_shards * per_shard, "num_bands": 3, "band_names": ["red", "green", "blue"],
-                "dtype": "uint8", "nodata": None, "classes": None, "stats": stats}
+    stats = {
+        "count": [px.shape[1]] * 3,
+        "mean": px.mean(1).tolist(),
+        "std": px.std(1).tolist(),
+        "min": px.min(1).tolist(),
+        "max": px.max(1).tolist(),
+        "p2": np.percentile(px, 2, axis=1).tolist(),
+        "p98": np.percentile(px, 98, axis=1).tolist(),
+    }
+    manifest = {
+        "format": "geoexplora-shards/1",
+        "converter": {"version": "tests", "args": {}},
+        "shards": entries,
+        "total_samples": n_shards * per_shard,
+        "num_bands": 3,
+        "band_names": ["red", "green", "blue"],
+        "dtype": "uint8",
+        "nodata": None,
+        "classes": None,
+        "stats": stats,
+    }
     (root / "manifest.json").write_text(json.dumps(manifest))
     return root
 
@@ -91,21 +116,43 @@ def tiny_weights(tmp_path_factory) -> Path:
 def pretrain_command(*args: str) -> list[str]:
     """``deepspeed --num_gpus 2 launchers/pretrain.py --config tiny_cpu <args>``."""
     deepspeed = str(Path(sys.executable).parent / "deepspeed")
-    return [deepspeed, "--num_gpus", "2", "--master_port", str(free_port()), str(LAUNCHER),
-            "--config", str(TINY), "--data.num_workers", "0", "--train.logger", "",
-            "--objective.dino.warmup_teacher_temp_steps", "0", "--train.log_every", "1", *args]
+    return [
+        deepspeed,
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        str(LAUNCHER),
+        "--config",
+        str(TINY),
+        "--data.num_workers",
+        "0",
+        "--train.logger",
+        "",
+        "--objective.dino.warmup_teacher_temp_steps",
+        "0",
+        "--train.log_every",
+        "1",
+        *args,
+    ]
 
 
 def launch_env() -> dict:
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
-               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(
+        os.environ,
+        DS_ACCELERATOR="cpu",
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
     env.pop("RANK", None)
     return env
 
 
 def run_pretrain(*args: str, timeout: float = 400) -> subprocess.CompletedProcess:
-    proc = subprocess.run(pretrain_command(*args), cwd=REPO, env=launch_env(), capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(
+        pretrain_command(*args), cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=timeout
+    )
     if proc.returncode != 0:
         raise AssertionError(f"pretrain failed (rc {proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc

@@ -1,6 +1,7 @@
 """Fine-tuning under a 2-rank ZeRO-3 DeepSpeed launch and 2-rank frozen evaluation: validation and
 features cover every sample exactly once across ranks, and the best file holds real (gathered)
 tensors, not ZeRO-3's empty placeholders."""
+
 import json
 import subprocess
 import sys
@@ -21,8 +22,21 @@ def split_shards(tmp_path_factory):
 
 def _launch(script: str, *args: str) -> subprocess.CompletedProcess:
     deepspeed = str(Path(sys.executable).parent / "deepspeed")
-    cmd = [deepspeed, "--num_gpus", "2", "--master_port", str(free_port()), str(REPO / "launchers" / script),
-           "--model.name", "tiny", "--model.img_size", "28", "--data.num_workers", "0", *args]
+    cmd = [
+        deepspeed,
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        str(REPO / "launchers" / script),
+        "--model.name",
+        "tiny",
+        "--model.img_size",
+        "28",
+        "--data.num_workers",
+        "0",
+        *args,
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
@@ -33,10 +47,31 @@ def test_zero3_finetune_and_two_rank_eval(split_shards, tmp_path):
     from safetensors.torch import load_file
 
     ft = tmp_path / "ft"
-    _launch("finetune.py", "--data.shards", str(split_shards), "--data.batch_size", "4", "--zero.stage", "3",
-            "--train.output_dir", str(ft), "--train.max_steps", "8", "--train.precision", "fp32",
-            "--train.logger", "", "--finetune.lora_rank", "4", "--finetune.pool", "cls_avgpool",
-            "--optim.lr", "0.01", "--optim.lr_scaling", "none")
+    _launch(
+        "finetune.py",
+        "--data.shards",
+        str(split_shards),
+        "--data.batch_size",
+        "4",
+        "--zero.stage",
+        "3",
+        "--train.output_dir",
+        str(ft),
+        "--train.max_steps",
+        "8",
+        "--train.precision",
+        "fp32",
+        "--train.logger",
+        "",
+        "--finetune.lora_rank",
+        "4",
+        "--finetune.pool",
+        "cls_avgpool",
+        "--optim.lr",
+        "0.01",
+        "--optim.lr_scaling",
+        "none",
+    )
     res = json.loads((ft / "results.json").read_text())
     # 32 train samples / (2 ranks x 4) = 4 steps an epoch; the odd-sized val split is scored whole
     assert [v["step"] for v in res["validations"]] == [4, 8]
@@ -46,8 +81,9 @@ def test_zero3_finetune_and_two_rank_eval(split_shards, tmp_path):
     assert all(t.numel() > 0 for t in best.values())
 
     ev = tmp_path / "ev"
-    _launch("evaluate.py", "--data.shards", str(split_shards), "--eval.output_dir", str(ev),
-            "--eval.probe_epochs", "20")
+    _launch(
+        "evaluate.py", "--data.shards", str(split_shards), "--eval.output_dir", str(ev), "--eval.probe_epochs", "20"
+    )
     out = json.loads((ev / "results.json").read_text())
     assert out["num_samples"] == {"train": 32, "val": 21}
     assert out["pools"]["cls_avgpool"]["knn"]["val"]["top1"] > 90.0

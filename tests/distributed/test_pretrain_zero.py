@@ -17,6 +17,7 @@ Resume equality is checked within one ZeRO stage: ZeRO-2 and ZeRO-3 runs agree a
 1e-5 at step 2, then drift apart (DINO + AdamW amplify the different reduction order; measured 3e-2
 on the weights at step 6), so a cross-stage comparison could not be tight.
 """
+
 import json
 import signal
 import time
@@ -60,8 +61,7 @@ def _wait_for(path, text: str, proc, timeout: float = 400) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_shards, tiny_weights):
     root = tmp_path_factory.mktemp("runs")
-    common = ["--data.shards", str(tiny_shards), "--model.weights", str(tiny_weights),
-              "--train.max_steps", str(STEPS)]
+    common = ["--data.shards", str(tiny_shards), "--model.weights", str(tiny_weights), "--train.max_steps", str(STEPS)]
     log = root / "z2.log"
     proc = start_pretrain(*common, "--zero.stage", "2", "--train.output_dir", str(root / "z2"), log=log)
     try:
@@ -78,8 +78,17 @@ def runs(tmp_path_factory, tiny_shards, tiny_weights):
     run_pretrain(*common, "--zero.stage", "2", "--train.output_dir", str(root / "z2"), "--train.resume", "auto")
 
     run_pretrain(*common, "--zero.stage", "3", "--train.output_dir", str(root / "z3"), "--train.save_every", "3")
-    run_pretrain(*common, "--zero.stage", "3", "--train.output_dir", str(root / "z3r"), "--train.resume",
-                 str(_step(root, "z3", 3)), "--train.export", "false")
+    run_pretrain(
+        *common,
+        "--zero.stage",
+        "3",
+        "--train.output_dir",
+        str(root / "z3r"),
+        "--train.resume",
+        str(_step(root, "z3", 3)),
+        "--train.export",
+        "false",
+    )
     return root, stopped, exported_early
 
 
@@ -108,14 +117,21 @@ def test_sigterm_on_one_rank_leaves_complete_resumable_checkpoint(runs):
     assert len(stopped) == 1 and not exported_early
     k = stopped[0][0]
     assert 1 <= k < STEPS  # the step in flight when the flag was seen is abandoned, not half-saved
-    events = [json.loads(line) for line in (root / "z2" / "metrics.jsonl").read_text().splitlines() if '"event"' in line]
+    events = [
+        json.loads(line) for line in (root / "z2" / "metrics.jsonl").read_text().splitlines() if '"event"' in line
+    ]
     assert [(e["event"], e["step"]) for e in events] == [("preempted", k), ("resume", k)]
     assert events[0]["signal"] == "SIGTERM"
     ckpt = _step(root, "z2", k)
     meta = read_meta(ckpt)
     assert meta["world_size"] == 2 and meta["zero_stage"] == 2 and meta["git"]
-    for f in ("rank_00000.pt", "rank_00001.pt", "mp_rank_00_model_states.pt",
-              "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"):
+    for f in (
+        "rank_00000.pt",
+        "rank_00001.pt",
+        "mp_rank_00_model_states.pt",
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    ):
         assert (ckpt / f).is_file(), f
     ckdir = root / "z2" / "checkpoints"
     assert (ckdir / "latest").read_text() == _step(root, "z2").name
@@ -138,7 +154,9 @@ def test_stop_and_resume_equals_straight_run(runs):
         assert ema_a.keys() == ema_b.keys() and {"vit.cls_token", "vit.mask_token"} <= set(ema_a)
         for k in ema_a:
             torch.testing.assert_close(ema_b[k], ema_a[k], rtol=1e-5, atol=1e-6, msg=k)
-    events = [json.loads(line) for line in (root / "z3r" / "metrics.jsonl").read_text().splitlines() if '"event"' in line]
+    events = [
+        json.loads(line) for line in (root / "z3r" / "metrics.jsonl").read_text().splitlines() if '"event"' in line
+    ]
     assert [(e["event"], e["step"]) for e in events] == [("resume", 3)]
 
 
@@ -190,7 +208,7 @@ def test_exported_adapter_reproduces_trained_features(runs, tiny_weights, run):
     trained = build_vit(cfg.model)
     apply_explora(trained, cfg.explora)
     state = _consolidated(_step(root, run))
-    trained.load_state_dict({k[len("vit."):]: v for k, v in state.items() if k.startswith("vit.")}, strict=True)
+    trained.load_state_dict({k[len("vit.") :]: v for k, v in state.items() if k.startswith("vit.")}, strict=True)
     x = torch.randn(3, 3, 56, 56, generator=torch.Generator().manual_seed(0))
     ref = _features(trained, x)
 

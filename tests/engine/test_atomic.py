@@ -1,4 +1,5 @@
 """engine.atomic: crash-safe writes land with the permissions a plain open()/mkdir() would give."""
+
 import contextlib
 import os
 import stat

@@ -8,24 +8,38 @@ from engine.errors import UserError
 def test_defaults_and_overrides(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text(yaml.safe_dump({"data": {"batch_size": 8}, "optim": {"lr": 0.5}}))
-    cfg = load_config(RunConfig, str(p), ["--data.batch_size", "64", "--explora.lora_targets", "q,k,v",
-                                           "--optim.betas=[0.8,0.95]", "--zero.stage", "3",
-                                           "--model.grad_checkpointing"])
+    cfg = load_config(
+        RunConfig,
+        str(p),
+        [
+            "--data.batch_size",
+            "64",
+            "--explora.lora_targets",
+            "q,k,v",
+            "--optim.betas=[0.8,0.95]",
+            "--zero.stage",
+            "3",
+            "--model.grad_checkpointing",
+        ],
+    )
     assert cfg.data.batch_size == 64 and cfg.optim.lr == 0.5
     assert cfg.explora.lora_targets == ["q", "k", "v"]
     assert cfg.optim.betas == (0.8, 0.95)
     assert cfg.zero.stage == 3 and cfg.model.grad_checkpointing is True
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["--data.batch_size", "abc"], "--data.batch_size: expected int"),
-    (["--data.batch_size", "0"], "--data.batch_size: must be > 0"),
-    (["--zero.stage", "4"], "--zero.stage"),
-    (["--data.nope", "1"], "--data.nope: unknown option"),
-    (["--objective.name", "simclr"], "--objective.name: expected one of"),
-    (["--explora.lora_targets", "q,x"], "--explora.lora_targets"),
-    (["stray"], "unexpected argument"),
-])
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--data.batch_size", "abc"], "--data.batch_size: expected int"),
+        (["--data.batch_size", "0"], "--data.batch_size: must be > 0"),
+        (["--zero.stage", "4"], "--zero.stage"),
+        (["--data.nope", "1"], "--data.nope: unknown option"),
+        (["--objective.name", "simclr"], "--objective.name: expected one of"),
+        (["--explora.lora_targets", "q,x"], "--explora.lora_targets"),
+        (["stray"], "unexpected argument"),
+    ],
+)
 def test_errors_name_the_field(argv, needle):
     with pytest.raises(UserError) as e:
         load_config(RunConfig, None, argv)
@@ -63,6 +77,7 @@ def test_parse_overrides_nesting():
 def test_every_field_documented():
     from engine.eval.config import EvalRunConfig, FinetuneRunConfig
 
-    undocumented = [name for cls in (RunConfig, FinetuneRunConfig, EvalRunConfig)
-                    for name, _, doc in describe(cls) if not doc]
+    undocumented = [
+        name for cls in (RunConfig, FinetuneRunConfig, EvalRunConfig) for name, _, doc in describe(cls) if not doc
+    ]
     assert not undocumented, undocumented

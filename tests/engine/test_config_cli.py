@@ -1,5 +1,6 @@
 """The launchers' command line: presets by name, --help generated from the config dataclasses,
 --print-config round-tripping through --config, one-line errors."""
+
 import re
 import subprocess
 import sys
@@ -51,11 +52,29 @@ def test_type_and_default_rendering():
     assert type_name(Literal["a", "b"]) == "{a,b}" and type_name(list[int] | None) == "list[int]|null"
     assert type_name(Optional[list[int]]) == "list[int]|null"  # noqa: UP045 - the typing spelling reads too
     assert type_name(tuple[float, float]) == "float,float" and type_name(list[str]) == "list[str]"
-    assert [format_default(v) for v in ("", None, True, [-1], ["q", "v"], (0.9, 0.999), [], [[0, 1], [2]])] == \
-        ["''", "null", "true", "-1", "q,v", "0.9,0.999", "''", "[[0, 1], [2]]"]
+    assert [format_default(v) for v in ("", None, True, [-1], ["q", "v"], (0.9, 0.999), [], [[0, 1], [2]])] == [
+        "''",
+        "null",
+        "true",
+        "-1",
+        "q,v",
+        "0.9,0.999",
+        "''",
+        "[[0, 1], [2]]",
+    ]
     # what --help shows as a default is what the command line accepts back
-    cfg = load_config(RunConfig, None, ["--explora.lora_targets", format_default(["q", "v"]),
-                                        "--optim.betas", format_default((0.9, 0.999)), "--data.bands", "null"])
+    cfg = load_config(
+        RunConfig,
+        None,
+        [
+            "--explora.lora_targets",
+            format_default(["q", "v"]),
+            "--optim.betas",
+            format_default((0.9, 0.999)),
+            "--data.bands",
+            "null",
+        ],
+    )
     assert cfg.explora.lora_targets == ["q", "v"] and cfg.optim.betas == (0.9, 0.999) and cfg.data.bands is None
 
 
@@ -90,7 +109,12 @@ def test_launcher_process_help_and_one_line_error():
     cmd = [sys.executable, str(REPO / "launchers" / "pretrain.py")]
     shown = subprocess.run([*cmd, "-h"], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert shown.returncode == 0 and "--train.logger list[{tensorboard,wandb,mlflow}]" in shown.stdout
-    bad = subprocess.run([*cmd, "--config", "tiny_cpu", "--data.batch_size", "zero"], capture_output=True,
-                         text=True, timeout=120, cwd=REPO)
+    bad = subprocess.run(
+        [*cmd, "--config", "tiny_cpu", "--data.batch_size", "zero"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
     assert bad.returncode == 2 and not bad.stdout
     assert bad.stderr.strip().splitlines() == ["error: --data.batch_size: expected int, got 'zero'"]

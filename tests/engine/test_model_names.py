@@ -1,5 +1,6 @@
 """Image sizes are checked against the model's patch size at config time, before any model or data
 is built: one error line naming the flag, the model and the nearest valid size; exit 2 from the CLI."""
+
 from pathlib import Path
 
 import pytest
@@ -22,15 +23,27 @@ def test_plain_defaults_are_valid():
     load_config(EvalRunConfig)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--model.name", L14, "--crops.local_size", "96"],
-     f"--crops.local_size 96: not a multiple of patch size 14 ({L14}); use 98"),
-    (["--model.name", L14, "--crops.global_size", "220"],
-     f"--crops.global_size 220: not a multiple of patch size 14 ({L14}); use 224"),
-    (["--model.name", "vit_large_patch16_224", "--objective.name", "mae", "--crops.global_size", "100"],
-     "--crops.global_size 100: not a multiple of patch size 16 (vit_large_patch16_224); use 96"),
-    (["--model.name", "tiny", "--model.img_size", "50"], "--model.img_size 50: not a multiple of patch size 14 (tiny)"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["--model.name", L14, "--crops.local_size", "96"],
+            f"--crops.local_size 96: not a multiple of patch size 14 ({L14}); use 98",
+        ),
+        (
+            ["--model.name", L14, "--crops.global_size", "220"],
+            f"--crops.global_size 220: not a multiple of patch size 14 ({L14}); use 224",
+        ),
+        (
+            ["--model.name", "vit_large_patch16_224", "--objective.name", "mae", "--crops.global_size", "100"],
+            "--crops.global_size 100: not a multiple of patch size 16 (vit_large_patch16_224); use 96",
+        ),
+        (
+            ["--model.name", "tiny", "--model.img_size", "50"],
+            "--model.img_size 50: not a multiple of patch size 14 (tiny)",
+        ),
+    ],
+)
 def test_bad_size_names_flag_model_and_fix(argv, message):
     with pytest.raises(UserError) as e:
         load_config(RunConfig, None, argv)
@@ -39,8 +52,11 @@ def test_bad_size_names_flag_model_and_fix(argv, message):
 
 def test_unused_sizes_are_not_checked():
     # MAE has no local crops; DINO without local crops ignores their size
-    load_config(RunConfig, None, ["--model.name", "vit_large_patch16_224", "--objective.name", "mae",
-                                  "--crops.local_size", "98"])
+    load_config(
+        RunConfig,
+        None,
+        ["--model.name", "vit_large_patch16_224", "--objective.name", "mae", "--crops.local_size", "98"],
+    )
     load_config(RunConfig, None, ["--crops.num_local", "0", "--crops.local_size", "96"])
 
 
@@ -66,8 +82,18 @@ def test_cli_prints_one_line_and_exits_2(capsys):
     from launchers.pretrain import main
 
     with pytest.raises(SystemExit) as e:
-        main(["--config", str(REPO / "engine/presets/explora_dinov2_vitl14_fmow_rgb.yaml"), "--crops.local_size", "96",
-              "--model.weights", "", "--data.shards", "/no/shards"])
+        main(
+            [
+                "--config",
+                str(REPO / "engine/presets/explora_dinov2_vitl14_fmow_rgb.yaml"),
+                "--crops.local_size",
+                "96",
+                "--model.weights",
+                "",
+                "--data.shards",
+                "/no/shards",
+            ]
+        )
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == f"error: --crops.local_size 96: not a multiple of patch size 14 ({L14}); use 98"

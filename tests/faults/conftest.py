@@ -4,6 +4,7 @@ is in tests/conftest.py).
 
 Every wait here is bounded, so a regression that hangs fails the test instead of blocking CI.
 """
+
 from __future__ import annotations
 
 import os
@@ -25,17 +26,40 @@ TIMEOUT_S = 180  # per subprocess: generous for a loaded 2-core machine; a hang 
 # The tiny preset as the fault tests run it: no loader workers (worker shutdown is tested in
 # tests/engine/data), every step logged, no logger but metrics.jsonl, DINO teacher temperature
 # without warm-up.
-TINY_ARGS = ("--config", str(TINY), "--data.num_workers", "0", "--train.log_every", "1", "--train.logger", "",
-             "--objective.dino.warmup_teacher_temp_steps", "0")
+TINY_ARGS = (
+    "--config",
+    str(TINY),
+    "--data.num_workers",
+    "0",
+    "--train.log_every",
+    "1",
+    "--train.logger",
+    "",
+    "--objective.dino.warmup_teacher_temp_steps",
+    "0",
+)
 
 
 def cli_env(**extra: str) -> dict:
     """Environment of a command line run from this tree: offline, CPU DeepSpeed, one thread per
     process, and none of the launcher variables of an enclosing run."""
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", **extra)
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-              "GEOEXPLORA_SUPERVISE"):
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        HF_HUB_OFFLINE="1",
+        DS_ACCELERATOR="cpu",
+        OMP_NUM_THREADS="1",
+        **extra,
+    )
+    for k in (
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "LOCAL_WORLD_SIZE",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "GEOEXPLORA_SUPERVISE",
+    ):
         env.pop(k, None)
     return env
 
@@ -59,13 +83,21 @@ def python_cmd(*args: str) -> list[str]:
     return [sys.executable, *map(str, args)]
 
 
-def run_cli(args: Sequence[str], timeout: float = TIMEOUT_S, env: dict | None = None,
-            prefix: Sequence[str] = ()) -> Result:
+def run_cli(
+    args: Sequence[str], timeout: float = TIMEOUT_S, env: dict | None = None, prefix: Sequence[str] = ()
+) -> Result:
     """Run ``python <args>`` (or ``<prefix> python <args>``) from the repository root; returns rc,
     stdout and stderr. A run past ``timeout`` is killed with its whole process group and fails."""
     cmd = [*prefix, *python_cmd(*args)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env or cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=env or cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -79,8 +111,14 @@ def start_cli(args: Sequence[str], log: Path, env: dict | None = None, prefix: S
     """Start ``<prefix> python <args>`` in its own session (so ``kill -<sig> -<pid>`` reaches all of it),
     stdout and stderr to ``log``; stop it with :func:`kill_group` in a ``finally``."""
     with open(log, "w") as fh:
-        return subprocess.Popen([*prefix, *python_cmd(*args)], cwd=REPO, env=env or cli_env(), stdout=fh,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(
+            [*prefix, *python_cmd(*args)],
+            cwd=REPO,
+            env=env or cli_env(),
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 def kill_group(proc: subprocess.Popen) -> None:
@@ -104,16 +142,23 @@ def kill_group(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
-def wait_for(what: str, done: Callable[[], bool], proc: subprocess.Popen | None = None,
-             timeout: float = TIMEOUT_S, log: Path | None = None) -> None:
+def wait_for(
+    what: str,
+    done: Callable[[], bool],
+    proc: subprocess.Popen | None = None,
+    timeout: float = TIMEOUT_S,
+    log: Path | None = None,
+) -> None:
     """Poll ``done()`` until true; fail after ``timeout`` or when ``proc`` ends first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if done():
             return
         if proc is not None and proc.poll() is not None:
-            pytest.fail(f"the run ended (rc {proc.returncode}) before {what}\n"
-                        + (log.read_text(errors="replace")[-3000:] if log and log.is_file() else ""))
+            pytest.fail(
+                f"the run ended (rc {proc.returncode}) before {what}\n"
+                + (log.read_text(errors="replace")[-3000:] if log and log.is_file() else "")
+            )
         time.sleep(0.1)
     pytest.fail(f"{what} did not happen within {timeout:.0f}s")
 
@@ -133,8 +178,14 @@ def namespace_prefix() -> list[str] | None:
         return None
     try:
         with tempfile.TemporaryDirectory() as d:
-            ok = subprocess.run([exe, "-rm", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {d} && touch {d}/x"],
-                                capture_output=True, timeout=20).returncode == 0
+            ok = (
+                subprocess.run(
+                    [exe, "-rm", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {d} && touch {d}/x"],
+                    capture_output=True,
+                    timeout=20,
+                ).returncode
+                == 0
+            )
     except (OSError, subprocess.SubprocessError):
         return None
     return [exe, "-rm"] if ok else None
@@ -162,11 +213,15 @@ def in_namespace(prefix: Sequence[str], setup: str, after: str = "") -> list[str
 def tiny_shards(tmp_path_factory) -> Path:
     """4 shards x 8 RGB chips of 64 px (shards/synthetic.py archive, converted by our converter)."""
     root = tmp_path_factory.mktemp("faults_data")
-    gen = run_cli(["-c", f"from shards.synthetic import generate_archive; generate_archive({str(root / 'syn')!r}, 32, 64)"],
-                  timeout=120)
+    gen = run_cli(
+        ["-c", f"from shards.synthetic import generate_archive; generate_archive({str(root / 'syn')!r}, 32, 64)"],
+        timeout=120,
+    )
     assert gen.rc == 0, gen.tail()
-    conv = run_cli(["-m", "shards.convert", str(root / "syn"), "-o", str(root / "shards"),
-                    "--max-samples-per-shard", "8"], timeout=120)
+    conv = run_cli(
+        ["-m", "shards.convert", str(root / "syn"), "-o", str(root / "shards"), "--max-samples-per-shard", "8"],
+        timeout=120,
+    )
     assert conv.rc == 0, conv.tail()
     return root / "shards"
 

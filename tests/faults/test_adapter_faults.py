@@ -1,6 +1,7 @@
 """An adapter trained from a random-init base (issue 15, item 10): the file cannot hold that base, so
 rebuilding it must not silently use another one -- before the fix build_from_adapter built a fresh
 random base and outputs differed by up to 4.2."""
+
 import pytest
 import torch
 
@@ -69,8 +70,9 @@ def test_an_adapter_holding_every_tensor_needs_no_base(tmp_path, images):
     """Every tensor trained (the demo's from-scratch base): any base of the architecture fits."""
     torch.manual_seed(SEED)
     vit = build_vit(tiny_cfg())
-    apply_explora(vit, unfreeze_blocks=[0, 1], lora_targets=[], train_patch_embed=True, train_pos_embed=True,
-                  train_tokens=True)
+    apply_explora(
+        vit, unfreeze_blocks=[0, 1], lora_targets=[], train_patch_embed=True, train_pos_embed=True, train_tokens=True
+    )
     perturb_trainable(vit)
     path = save_adapter(vit, tmp_path / "all.safetensors")
     assert torch.equal(_out(build_from_adapter(path), images), _out(vit, images))

@@ -7,6 +7,7 @@ the patch), so nothing here waits on timing. Real read-only / full file systems 
 private mount namespace (``unshare -rm`` + tmpfs); where that is not allowed, the same errors are
 injected at the shard writer (errno ENOSPC) and those tests still run.
 """
+
 import errno
 import json
 import logging
@@ -68,8 +69,14 @@ def _cli(*args, fault=None, shard=None):
     TIMEOUT_S (the whole session is killed then). Returns CompletedProcess with ``pid`` (= its pgid)."""
     env = dict(ENV, FAULT=fault or "", FAULT_SHARD=shard or "shard-000002.tar")
     head = ["-c", DRIVER] if fault else ["-m", "shards.convert"]
-    p = subprocess.Popen([sys.executable, *head, *map(str, args)], env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    p = subprocess.Popen(
+        [sys.executable, *head, *map(str, args)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, err = p.communicate(timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
@@ -129,8 +136,9 @@ def test_fifo_named_tif_is_skipped_never_opened(tmp_path):
     r = _cli(tmp_path / "in", "--out", tmp_path / "out", "--workers", "2")
     assert r.returncode == 0, r.stderr
     skipped = [json.loads(x) for x in (tmp_path / "out" / "skipped.jsonl").read_text().splitlines()]
-    assert skipped == [{"source": "pipe.tif", "reason": "a FIFO (named pipe), not a regular file; "
-                                                         "only regular files are read"}]
+    assert skipped == [
+        {"source": "pipe.tif", "reason": "a FIFO (named pipe), not a regular file; only regular files are read"}
+    ]
     assert _strict_json(tmp_path / "out" / "manifest.json")["total_samples"] == 2
     # a glob and a list file keep it listed (so it is reported), a FIFO given as a list file is refused
     assert "pipe.tif" in {f.relpath for f in list_inputs([str(tmp_path / "in" / "*.tif")])}
@@ -145,9 +153,17 @@ def test_fifo_named_tif_is_skipped_never_opened(tmp_path):
 
 # ---- item 4: stats only over written samples, strict JSON, verify checks them ---------------------
 def _float_file(path, data):
-    with rasterio.open(path, "w", driver="GTiff", width=data.shape[2], height=data.shape[1],
-                       count=data.shape[0], dtype="float32", crs="EPSG:32633",
-                       transform=rasterio.transform.Affine(10, 0, 0, 0, -10, 0)) as dst:
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=data.shape[2],
+        height=data.shape[1],
+        count=data.shape[0],
+        dtype="float32",
+        crs="EPSG:32633",
+        transform=rasterio.transform.Affine(10, 0, 0, 0, -10, 0),
+    ) as dst:
         dst.write(data)
 
 
@@ -157,20 +173,21 @@ def test_skipped_input_adds_nothing_to_stats(tmp_path, capsys):
     for i in range(3):
         data = rng.normal(0.3, 0.1, (2, 16, 32)).astype(np.float32)
         if i == 1:
-            data[0, 3, 20] = np.inf   # second chip of this file: its first chip is kept
+            data[0, 3, 20] = np.inf  # second chip of this file: its first chip is kept
         if i == 2:
-            data[1, 0, 0] = -np.inf   # first chip: the whole file is skipped
+            data[1, 0, 0] = -np.inf  # first chip: the whole file is skipped
         _float_file(tmp_path / "in" / f"f{i}.tif", data)
     assert main([str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--chip-size", "16"]) == 0
-    reasons = {e["source"]: e["reason"] for e in
-               map(json.loads, (tmp_path / "out" / "skipped.jsonl").read_text().splitlines())}
+    reasons = {
+        e["source"]: e["reason"] for e in map(json.loads, (tmp_path / "out" / "skipped.jsonl").read_text().splitlines())
+    }
     assert reasons["f1.tif"].startswith("+-inf pixel values at window [16, 0, 16, 16]")
     assert reasons["f1.tif"].endswith("1 earlier window(s) of it kept")
     assert reasons["f2.tif"].startswith("+-inf pixel values at window [0, 0, 16, 16]")
     assert "earlier" not in reasons["f2.tif"]
     m = _strict_json(tmp_path / "out" / "manifest.json")
     samples, _ = read_samples(tmp_path / "out")
-    assert m["total_samples"] == len(samples) == 3   # f0: 2 chips, f1: 1 chip
+    assert m["total_samples"] == len(samples) == 3  # f0: 2 chips, f1: 1 chip
     for b in range(2):  # exactly the written pixels
         v = np.concatenate([a[b].ravel() for a, _ in samples.values()]).astype(np.float64)
         assert m["stats"]["count"][b] == v.size
@@ -183,8 +200,9 @@ def test_nan_nodata_manifest_is_strict_json(tmp_path):
     data = np.full((1, 8, 8), 0.5, np.float32)
     data[0, 0, :4] = np.nan
     (tmp_path / "in").mkdir()
-    with rasterio.open(tmp_path / "in" / "a.tif", "w", driver="GTiff", width=8, height=8, count=1,
-                       dtype="float32", nodata=float("nan")) as dst:
+    with rasterio.open(
+        tmp_path / "in" / "a.tif", "w", driver="GTiff", width=8, height=8, count=1, dtype="float32", nodata=float("nan")
+    ) as dst:
         dst.write(data)
     run_convert(tmp_path / "in", tmp_path / "out")
     m = _strict_json(tmp_path / "out" / "manifest.json")
@@ -259,16 +277,17 @@ def test_disk_full_injected_at_the_writer(archive, capsys, monkeypatch, fork_wor
 
 def _namespace_mounts_work() -> bool:
     try:
-        r = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs tmpfs /mnt"], capture_output=True,
-                           timeout=30)
+        r = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs tmpfs /mnt"], capture_output=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return False
     return r.returncode == 0
 
 
-needs_mounts = pytest.mark.skipif(not shutil.which("unshare") or not _namespace_mounts_work(),
-                                  reason="no private mount namespace here (unshare -rm + tmpfs); "
-                                         "test_disk_full_injected_at_the_writer covers the error path")
+needs_mounts = pytest.mark.skipif(
+    not shutil.which("unshare") or not _namespace_mounts_work(),
+    reason="no private mount namespace here (unshare -rm + tmpfs); "
+    "test_disk_full_injected_at_the_writer covers the error path",
+)
 
 
 @needs_mounts
@@ -291,8 +310,9 @@ def test_real_read_only_and_full_file_systems(archive):
     {py} --out full/out --resume 2> resume.err; echo "rc resume $?"
     cp -r full/out '{copy}'; cp *.err '{archive}'
     """
-    r = subprocess.run(["unshare", "-rm", "sh", "-c", script], env=ENV, capture_output=True, text=True,
-                       timeout=TIMEOUT_S)
+    r = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", script], env=ENV, capture_output=True, text=True, timeout=TIMEOUT_S
+    )
     codes = dict(line.split()[1:] for line in r.stdout.splitlines() if line.startswith("rc "))
     assert codes == {"ro": "2", "ro-new": "2", "full": "2", "resume": "0"}, (r.stdout, r.stderr)
     for name in ("ro", "ro-new"):
@@ -304,13 +324,16 @@ def test_real_read_only_and_full_file_systems(archive):
 
 
 # ---- item 6: contradictory band flags ------------------------------------------------------------
-@pytest.mark.parametrize("flags,needle", [
-    (["--bands", "1,2", "--drop-bands", "2"], "--bands and --drop-bands: give one of them"),
-    (["--bands", "1,1,2"], "--bands '1,1,2': band 1 is listed twice"),
-    (["--bands", "2,1-3"], "band 2 is listed twice"),
-    (["--bands", "B2,b2"], "band b2 is listed twice"),
-    (["--drop-bands", "0-2"], "--drop-bands '0-2': band indexes start at 1"),
-])
+@pytest.mark.parametrize(
+    "flags,needle",
+    [
+        (["--bands", "1,2", "--drop-bands", "2"], "--bands and --drop-bands: give one of them"),
+        (["--bands", "1,1,2"], "--bands '1,1,2': band 1 is listed twice"),
+        (["--bands", "2,1-3"], "band 2 is listed twice"),
+        (["--bands", "B2,b2"], "band b2 is listed twice"),
+        (["--drop-bands", "0-2"], "--drop-bands '0-2': band indexes start at 1"),
+    ],
+)
 def test_contradictory_band_flags_are_errors(tmp_path, capsys, flags, needle):
     generate_archive(tmp_path / "in", 1, 16, kind="rgb")
     with pytest.raises(SystemExit) as e:
@@ -322,8 +345,8 @@ def test_descending_band_range_is_honoured(tmp_path):
     generate_archive(tmp_path / "in", 1, 16, kind="rgb", layout="flat")
     run_convert(tmp_path / "in", tmp_path / "a")
     run_convert(tmp_path / "in", tmp_path / "b", "--bands", "3-1")
-    (a, _), = read_samples(tmp_path / "a")[0].values()
-    (b, meta), = read_samples(tmp_path / "b")[0].values()
+    ((a, _),) = read_samples(tmp_path / "a")[0].values()
+    ((b, meta),) = read_samples(tmp_path / "b")[0].values()
     assert meta["band_names"] == ["blue", "green", "red"]
     np.testing.assert_array_equal(b, a[::-1])
 
@@ -347,20 +370,26 @@ def test_kill9_mid_write_then_resume_with_other_workers_is_byte_identical(archiv
     assert "workers" not in json.loads((out / "manifest.json").read_text())["converter"]["args"]
 
 
-@pytest.mark.parametrize("fault,nworkers,code", [
-    ("TERM-group", "2", 143),   # kill -TERM -<pgid>: a scheduler's preemption
-    ("TERM-parent", "2", 143),  # kill -TERM <pid>
-    ("TERM-parent", "1", 143),  # in-process conversion
-    ("INT-group", "2", 130),    # Ctrl-C in a terminal
-])
+@pytest.mark.parametrize(
+    "fault,nworkers,code",
+    [
+        ("TERM-group", "2", 143),  # kill -TERM -<pgid>: a scheduler's preemption
+        ("TERM-parent", "2", 143),  # kill -TERM <pid>
+        ("TERM-parent", "1", 143),  # in-process conversion
+        ("INT-group", "2", 130),  # Ctrl-C in a terminal
+    ],
+)
 def test_signal_mid_run_stops_cleanly_and_resumes(archive, fault, nworkers, code):
     out = archive / "out"
     r = _cli(archive / "in", "--out", out, *FLAGS, "--workers", nworkers, fault=fault)
     assert r.returncode == code, r.stderr
     last = r.stderr.strip().splitlines()[-1]
     assert "Traceback" not in r.stderr
-    assert last == ("interrupted" if code == 130 else
-                    "terminated (SIGTERM): finished shards are kept; rerun the same command with --resume")
+    assert last == (
+        "interrupted"
+        if code == 130
+        else "terminated (SIGTERM): finished shards are kept; rerun the same command with --resume"
+    )
     names = os.listdir(out)
     assert "manifest.json" not in names and not [n for n in names if n.startswith(".tmp-")]
     assert "shard-000002.tar" in names
@@ -444,11 +473,14 @@ def test_worker_crash_with_strict_or_outside_any_input_stops(archive, monkeypatc
 
 
 # ---- item 11: one-line errors, reasons summarized ----------------------------------------------
-@pytest.mark.parametrize("flags,needle", [
-    (["--nodata", "abc"], "error: --nodata: invalid float value: 'abc'; see 'geoexplora-convert --help'"),
-    (["--workers", "two"], "error: --workers: invalid int value: 'two'"),
-    (["--edge", "wrap"], "error: --edge: invalid choice: 'wrap'"),
-])
+@pytest.mark.parametrize(
+    "flags,needle",
+    [
+        (["--nodata", "abc"], "error: --nodata: invalid float value: 'abc'; see 'geoexplora-convert --help'"),
+        (["--workers", "two"], "error: --workers: invalid int value: 'two'"),
+        (["--edge", "wrap"], "error: --edge: invalid choice: 'wrap'"),
+    ],
+)
 def test_bad_flag_value_is_one_line(tmp_path, capsys, flags, needle):
     """argparse used to print its 12-line usage before the message."""
     with pytest.raises(SystemExit) as e:
@@ -477,7 +509,7 @@ def test_truncated_shard_is_found_by_verify(archive, capsys, keep):
     out = archive / "ref"
     path = out / "shard-000002.tar"
     data = path.read_bytes()
-    path.write_bytes(data[:int(len(data) * keep)])
+    path.write_bytes(data[: int(len(data) * keep)])
     assert main(["verify", str(out)]) == 1
     err = capsys.readouterr().err
     assert f"shard-000002.tar: {int(len(data) * keep)} bytes, manifest says {len(data)}" in err

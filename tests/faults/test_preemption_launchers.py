@@ -7,6 +7,7 @@
    Kubernetes does to PID 1): it passes the signal to the ranks, exits 143 only after every process
    of the run is gone, and the checkpoint is complete.
 """
+
 import os
 import signal
 import sys
@@ -23,8 +24,21 @@ pytestmark = pytest.mark.distributed
 
 def _deepspeed_args(shards, run_dir):
     deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-    return [deepspeed, "--num_gpus", "2", "--master_port", str(free_port()), str(REPO / "launchers" / "pretrain.py"),
-            *TINY_ARGS, "--data.shards", str(shards), "--train.output_dir", str(run_dir), "--train.max_steps", "1000"]
+    return [
+        deepspeed,
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        str(REPO / "launchers" / "pretrain.py"),
+        *TINY_ARGS,
+        "--data.shards",
+        str(shards),
+        "--train.output_dir",
+        str(run_dir),
+        "--train.max_steps",
+        "1000",
+    ]
 
 
 def _assert_one_complete_stop_checkpoint(run_dir):

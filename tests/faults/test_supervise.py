@@ -5,6 +5,7 @@ first non-zero code) or dies at once leaving its ranks orphaned; the stand-in ra
 the supervisor, take ``delay`` seconds to "checkpoint" after SIGTERM, report and exit 128 + 15.
 The real launchers are in test_preemption_launchers.py.
 """
+
 import signal
 import sys
 import textwrap
@@ -45,8 +46,14 @@ LAUNCHER = textwrap.dedent("""
 def _scripts(tmp_path):
     (tmp_path / "rank.py").write_text(RANK)
     (tmp_path / "launcher.py").write_text(LAUNCHER)
-    return ["-m", "engine.trainer.supervise", sys.executable, str(tmp_path / "launcher.py"), str(tmp_path / "rank.py"),
-            str(tmp_path)]
+    return [
+        "-m",
+        "engine.trainer.supervise",
+        sys.executable,
+        str(tmp_path / "launcher.py"),
+        str(tmp_path / "rank.py"),
+        str(tmp_path),
+    ]
 
 
 def test_sigterm_to_the_supervisor_alone_reaches_the_ranks_and_waits_for_them(tmp_path):

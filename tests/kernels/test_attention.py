@@ -1,5 +1,6 @@
 """Parity of the Triton flash attention (interpreted on CPU, compiled on GPU) with the fp32 reference,
 its launch grid, and the attention backend choice in kernels.dispatch."""
+
 import logging
 import math
 
@@ -49,20 +50,24 @@ def _check_parity(B, H, N, D, dtype, scale, device="cpu", gain=1.0, fn=flash_att
         # Absolute tolerance relative to the gradient's size: with saturated softmax (large logits)
         # dS = P (dP - delta) cancels, so elementwise relative error is not meaningful there.
         scale_g = max(1.0, g_ref[:, :, i].abs().max().item())
-        torch.testing.assert_close(g[:, :, i].float(), g_ref[:, :, i], atol=ga * scale_g, rtol=gr,
-                                   msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(
+            g[:, :, i].float(), g_ref[:, :, i], atol=ga * scale_g, rtol=gr, msg=lambda m, name=name: f"{name}: {m}"
+        )
 
 
 # Few, cheap cases: the interpreter runs each program instance in Python (~3 s for N=197, B*H=4).
 # Together they cover N < block and N with a tail block, D = 64 and padded D (80, 88 -> 128 block; 16),
 # fp32 and fp16, B > 1 and H > 1, strided views from a fused qkv, and scale != 1/sqrt(D).
-@pytest.mark.parametrize("N, D, dtype, scale", [
-    (17, 64, torch.float32, 0.3),
-    (197, 64, torch.float16, 0.11),
-    (197, 80, torch.float32, 80 ** -0.5),
-    (17, 16, torch.float16, 0.5),
-    (40, 88, torch.float16, 0.2),
-])
+@pytest.mark.parametrize(
+    "N, D, dtype, scale",
+    [
+        (17, 64, torch.float32, 0.3),
+        (197, 64, torch.float16, 0.11),
+        (197, 80, torch.float32, 80**-0.5),
+        (17, 16, torch.float16, 0.5),
+        (40, 88, torch.float16, 0.2),
+    ],
+)
 def test_forward_backward_match_reference(N, D, dtype, scale):
     _check_parity(2, 2, N, D, dtype, scale)
 
@@ -92,8 +97,12 @@ def test_large_logits_are_stable(dtype):
     delta = (do.double() * o.to(dtype).double()).sum(-1, keepdim=True)
     ds = p * (dp - delta)
     dq, dk, dv = g.permute(2, 0, 3, 1, 4).unbind(0)
-    expected = {"O": (out, o), "dQ": (dq, ds @ k), "dK": (dk, ds.transpose(-2, -1) @ q),
-                "dV": (dv, p.transpose(-2, -1) @ do.double())}
+    expected = {
+        "O": (out, o),
+        "dQ": (dq, ds @ k),
+        "dK": (dk, ds.transpose(-2, -1) @ q),
+        "dV": (dv, p.transpose(-2, -1) @ do.double()),
+    }
     for name, (got, want) in expected.items():
         err = ((got.double() - want).norm() / want.norm()).item()
         assert err < 5e-3, f"{name}: relative error {err:.2e}"
@@ -158,18 +167,26 @@ def test_custom_op_registration_passes_opcheck():
 
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 2, 17, 16, requires_grad=True) for _ in range(3))
-    torch.library.opcheck(_flash_attn_fwd, (q, k, v, 0.25),
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor",
-                                      "test_aot_dispatch_dynamic"))
+    torch.library.opcheck(
+        _flash_attn_fwd,
+        (q, k, v, 0.25),
+        test_utils=("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"),
+    )
     o, lse = _flash_attn_fwd(q.detach(), k.detach(), v.detach(), 0.25)
-    torch.library.opcheck(_flash_attn_bwd, (torch.randn_like(o), q.detach(), k.detach(), v.detach(), o, lse, 0.25),
-                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(
+        _flash_attn_bwd,
+        (torch.randn_like(o), q.detach(), k.detach(), v.detach(), o, lse, 0.25),
+        test_utils=("test_schema", "test_faketensor"),
+    )
 
 
-@pytest.mark.parametrize("bad, match", [
-    (dict(D=160), "head dim D=160"),
-    (dict(dtype=torch.float64), "dtypes"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (dict(D=160), "head dim D=160"),
+        (dict(dtype=torch.float64), "dtypes"),
+    ],
+)
 def test_unsupported_inputs_raise_a_plain_error(bad, match):
     D = bad.get("D", 64)
     dtype = bad.get("dtype", torch.float32)
@@ -207,6 +224,7 @@ def test_launch_refuses_a_grid_cuda_cannot_run():
 
 
 # ---- dispatch -------------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def clean_dispatch(monkeypatch):
@@ -247,11 +265,13 @@ def test_env_overrides_config(clean_dispatch):
     assert dispatch.resolve("attention", torch.device("cpu")) == "triton"
     calls = []
     import kernels.attention as kattn
+
     real = kattn.flash_attention
     clean_dispatch.setattr(kattn, "flash_attention", lambda *a: calls.append(1) or real(*a))
     q = torch.randn(1, 2, 17, 16)
-    torch.testing.assert_close(dispatch.attention(q, q, q, 0.4), attention_reference(q, q, q, 0.4),
-                               atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(
+        dispatch.attention(q, q, q, 0.4), attention_reference(q, q, q, 0.4), atol=2e-5, rtol=2e-5
+    )
     assert calls == [1]
     clean_dispatch.setenv("GEOEXPLORA_ATTENTION", "bogus")
     with pytest.raises(UserError, match="GEOEXPLORA_ATTENTION"):
@@ -270,11 +290,12 @@ def test_xformers_requested_without_xformers_is_a_user_error(clean_dispatch):
 
 # ---- compiled kernel (CUDA only) ------------------------------------------------------------------
 
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("N, D", [(197, 64), (257, 64), (261, 88), (1025, 64), (197, 80), (257, 128)])
 def test_gpu_matches_reference(N, D, dtype):
-    _check_parity(4, 6, N, D, dtype, D ** -0.5, device="cuda")
+    _check_parity(4, 6, N, D, dtype, D**-0.5, device="cuda")
 
 
 @pytest.mark.gpu

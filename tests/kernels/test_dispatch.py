@@ -1,4 +1,5 @@
 """kernels.dispatch logs a backend's first use, but never while torch.compile traces (a graph break)."""
+
 import logging
 
 import pytest

@@ -1,4 +1,5 @@
 """Backend choice for the LoRA linear in kernels.dispatch, and the LoRA layer on each backend."""
+
 import logging
 
 import pytest
@@ -49,9 +50,11 @@ def test_auto_calls_the_torch_backend(monkeypatch):
 
 @pytest.mark.parametrize("env, called", [("triton", "fused"), ("reference", "reference"), ("torch", "torch")])
 def test_environment_forces_a_backend(monkeypatch, env, called):
-    spies = {"fused": _spy(monkeypatch, lora_kernel, "fused_lora_linear"),
-             "reference": _spy(monkeypatch, dispatch, "lora_linear_reference"),
-             "torch": _spy(monkeypatch, dispatch, "lora_linear_torch")}
+    spies = {
+        "fused": _spy(monkeypatch, lora_kernel, "fused_lora_linear"),
+        "reference": _spy(monkeypatch, dispatch, "lora_linear_reference"),
+        "torch": _spy(monkeypatch, dispatch, "lora_linear_torch"),
+    }
     monkeypatch.setenv("GEOEXPLORA_KERNELS", env)
     dispatch.lora_linear(*_args())
     assert {k: len(v) for k, v in spies.items()} == {k: int(k == called) for k in spies}

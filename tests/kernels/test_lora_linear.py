@@ -3,6 +3,7 @@
 Ground truth is ``kernels.reference.lora_linear_reference`` in float64 on the same (rounded) inputs,
 with the kernel's own dropout mask passed explicitly, so dropout cases compare exactly too.
 """
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,23 +20,25 @@ from kernels.triton_launch import recording_launches
 TOL = {torch.float32: (2e-6, 1e-5), torch.float16: (2e-3, 1e-2), torch.bfloat16: (1.6e-2, 5e-2)}
 
 
-def _inputs(lead, K, N, r, dtype, device="cpu", segments=None, n=None, bias=True, bias_grad=False,
-            w_grad=False, b_zero=False):
+def _inputs(
+    lead, K, N, r, dtype, device="cpu", segments=None, n=None, bias=True, bias_grad=False, w_grad=False, b_zero=False
+):
     """x (*lead, K), W (N, K), b (N,), A (S*r, K), B (S*n, r) at unit-ish output scale; A, B, x train."""
     torch.manual_seed(0)
     S = 1 if segments is None else len(segments)
     n = N if n is None else n
     x = torch.randn(*lead, K, device=device).to(dtype).requires_grad_(True)
-    w = (torch.randn(N, K, device=device) / K ** 0.5).to(dtype).requires_grad_(w_grad)
+    w = (torch.randn(N, K, device=device) / K**0.5).to(dtype).requires_grad_(w_grad)
     b = (torch.randn(N, device=device) * 0.1).to(dtype).requires_grad_(bias_grad) if bias else None
-    a = (torch.randn(S * r, K, device=device) / K ** 0.5).to(dtype).requires_grad_(True)
-    bb = torch.zeros(S * n, r, device=device) if b_zero else torch.randn(S * n, r, device=device) / r ** 0.5
+    a = (torch.randn(S * r, K, device=device) / K**0.5).to(dtype).requires_grad_(True)
+    bb = torch.zeros(S * n, r, device=device) if b_zero else torch.randn(S * n, r, device=device) / r**0.5
     return x, w, b, a, bb.to(dtype).requires_grad_(True)
 
 
 def _leaves(x, w, b, a, bb):
-    return {k: t for k, t in dict(x=x, weight=w, bias=b, lora_a=a, lora_b=bb).items()
-            if t is not None and t.requires_grad}
+    return {
+        k: t for k, t in dict(x=x, weight=w, bias=b, lora_a=a, lora_b=bb).items() if t is not None and t.requires_grad
+    }
 
 
 def _check_parity(tensors, scale, p=0.0, training=False, segments=None, seed=1234, x_view=None):
@@ -49,8 +52,10 @@ def _check_parity(tensors, scale, p=0.0, training=False, segments=None, seed=123
     grads = torch.autograd.grad(y, list(leaves.values()), dy)
 
     ref_leaves = {k: t.detach().double().requires_grad_(True) for k, t in leaves.items()}
-    rx, rw, rb, ra, rbb = (ref_leaves.get(k, t.detach().double() if t is not None else None)
-                           for k, t in dict(x=x, weight=w, bias=b, lora_a=a, lora_b=bb).items())
+    rx, rw, rb, ra, rbb = (
+        ref_leaves.get(k, t.detach().double() if t is not None else None)
+        for k, t in dict(x=x, weight=w, bias=b, lora_a=a, lora_b=bb).items()
+    )
     rxin = rx if x_view is None else x_view(rx)
     mask = lora_dropout_mask(seed, xin.shape, p, x.device) if (p > 0 and training) else None
     ref = lora_linear_reference(rxin, rw, rb, ra, rbb, scale, p, training, segments, dropout_mask=mask)
@@ -60,20 +65,28 @@ def _check_parity(tensors, scale, p=0.0, training=False, segments=None, seed=123
     torch.testing.assert_close(y.double(), ref, atol=atol * max(1.0, ref.abs().max().item()), rtol=rtol)
     for name, g, gr in zip(leaves, grads, ref_grads):
         assert g.dtype == x.dtype and g.shape == gr.shape, name
-        torch.testing.assert_close(g.double(), gr, atol=atol * max(1.0, gr.abs().max().item()), rtol=rtol,
-                                   msg=lambda m, name=name: f"d{name}: {m}")
+        torch.testing.assert_close(
+            g.double(),
+            gr,
+            atol=atol * max(1.0, gr.abs().max().item()),
+            rtol=rtol,
+            msg=lambda m, name=name: f"d{name}: {m}",
+        )
     return y, grads
 
 
 # The interpreter runs every program in Python (~0.5-2 s per fwd+bwd here), so few cases, chosen to
 # cover: sizes that are no multiple of any block (M=197, K=100, N=75), r=3 and 8, leading dims,
 # bias frozen / trainable / absent, trainable W, dropout on, scale != 1, fp32 and fp16.
-@pytest.mark.parametrize("lead, K, N, r, dtype, bias, p, scale", [
-    ((197,), 100, 75, 3, torch.float32, "train", 0.0, 0.5),
-    ((197,), 100, 75, 8, torch.float16, None, 0.0, 2.0),
-    ((2, 37), 64, 48, 8, torch.float32, "frozen", 0.25, 1.5),
-    ((3, 20), 40, 72, 4, torch.float16, "frozen", 0.1, 1.0),
-])
+@pytest.mark.parametrize(
+    "lead, K, N, r, dtype, bias, p, scale",
+    [
+        ((197,), 100, 75, 3, torch.float32, "train", 0.0, 0.5),
+        ((197,), 100, 75, 8, torch.float16, None, 0.0, 2.0),
+        ((2, 37), 64, 48, 8, torch.float32, "frozen", 0.25, 1.5),
+        ((3, 20), 40, 72, 4, torch.float16, "frozen", 0.1, 1.0),
+    ],
+)
 def test_forward_backward_match_reference(lead, K, N, r, dtype, bias, p, scale):
     tensors = _inputs(lead, K, N, r, dtype, bias=bias is not None, bias_grad=bias == "train")
     _check_parity(tensors, scale, p, training=p > 0)
@@ -98,10 +111,13 @@ def test_non_contiguous_x(layout):
     _check_parity((x, w, b, a, bb), 1.0, x_view=view)
 
 
-@pytest.mark.parametrize("dim, segments, p, dtype", [
-    (32, (0, 64), 0.0, torch.float32),      # q and v of a fused qkv (N = 3*dim); tiles straddle segments
-    (25, (10, 60), 0.2, torch.float16),     # widths and offsets aligned to nothing, with dropout
-])
+@pytest.mark.parametrize(
+    "dim, segments, p, dtype",
+    [
+        (32, (0, 64), 0.0, torch.float32),  # q and v of a fused qkv (N = 3*dim); tiles straddle segments
+        (25, (10, 60), 0.2, torch.float16),  # widths and offsets aligned to nothing, with dropout
+    ],
+)
 def test_output_segments(dim, segments, p, dtype):
     N = 3 * dim if segments == (0, 64) else 100
     tensors = _inputs((50,), 40, N, 4, dtype, segments=segments, n=dim, bias_grad=True)
@@ -110,7 +126,7 @@ def test_output_segments(dim, segments, p, dtype):
     # columns outside every segment carry the plain linear layer
     untouched = torch.ones(N, dtype=torch.bool)
     for off in segments:
-        untouched[off:off + dim] = False
+        untouched[off : off + dim] = False
     base = F.linear(x.detach().double(), w.double(), b.detach().double())
     atol, rtol = TOL[dtype]
     torch.testing.assert_close(y.detach().double()[:, untouched], base[:, untouched], atol=atol, rtol=rtol)
@@ -231,9 +247,11 @@ def test_custom_op_registration_opcheck():
     """Schema, fake tensor and autograd registration of the forward op (torch.library's own checks)."""
     x, w, b, a, bb = _inputs((20,), 16, 12, 4, torch.float32)
     seed = torch.tensor([5])
-    torch.library.opcheck(torch.ops.geoexplora.lora_linear_fwd.default,
-                          (x, w, b, a, bb, [0], 12, 0.5, 0.2, seed),
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    torch.library.opcheck(
+        torch.ops.geoexplora.lora_linear_fwd.default,
+        (x, w, b, a, bb, [0], 12, 0.5, 0.2, seed),
+        test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+    )
 
 
 def test_traces_under_torch_compile():

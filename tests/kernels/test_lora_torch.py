@@ -3,6 +3,7 @@
 Both draw dropout from torch's generator in the same way, so after the same ``torch.manual_seed``
 they apply the same mask: every comparison here, dropout included, is exact up to float64 rounding.
 """
+
 import pytest
 import torch
 
@@ -18,10 +19,10 @@ def _inputs(lead, K, N, r, segments=None, n=None, bias="frozen", w_grad=False, d
     S = 1 if segments is None else len(segments)
     n = N if n is None else n
     x = torch.randn(*lead, K, dtype=dtype).requires_grad_(True)
-    w = (torch.randn(N, K, dtype=dtype) / K ** 0.5).requires_grad_(w_grad)
+    w = (torch.randn(N, K, dtype=dtype) / K**0.5).requires_grad_(w_grad)
     b = None if bias is None else (torch.randn(N, dtype=dtype) * 0.1).requires_grad_(bias == "train")
-    a = (torch.randn(S * r, K, dtype=dtype) / K ** 0.5).requires_grad_(True)
-    bb = (torch.randn(S * n, r, dtype=dtype) / r ** 0.5).requires_grad_(True)
+    a = (torch.randn(S * r, K, dtype=dtype) / K**0.5).requires_grad_(True)
+    bb = (torch.randn(S * n, r, dtype=dtype) / r**0.5).requires_grad_(True)
     return x, w, b, a, bb
 
 
@@ -31,8 +32,9 @@ def _run(fn, tensors, scale, p, segments, dy=None, x_view=None, seed=7):
     xin = x if x_view is None else x_view(x)
     torch.manual_seed(seed)
     y = fn(xin, w, b, a, bb, scale, p, p > 0, segments)
-    leaves = {k: t for k, t in dict(x=x, weight=w, bias=b, lora_a=a, lora_b=bb).items()
-              if t is not None and t.requires_grad}
+    leaves = {
+        k: t for k, t in dict(x=x, weight=w, bias=b, lora_a=a, lora_b=bb).items() if t is not None and t.requires_grad
+    }
     if dy is None:
         dy = torch.randn(y.shape, dtype=y.dtype, generator=torch.Generator().manual_seed(1))
     grads = torch.autograd.grad(y, list(leaves.values()), dy)
@@ -49,13 +51,16 @@ def _assert_parity(tensors, scale, p=0.0, segments=None, x_view=None):
     return y
 
 
-@pytest.mark.parametrize("lead, K, N, r, segments, n, bias, w_grad, p, scale", [
-    ((197,), 100, 75, 3, None, None, "train", False, 0.0, 0.5),        # sizes aligned to nothing
-    ((2, 37), 64, 96, 8, (0, 64), 32, "frozen", False, 0.25, 2.0),     # q,v of a fused qkv, dropout
-    ((3, 5, 7), 40, 100, 4, (10, 60), 25, None, False, 0.1, 1.5),      # unaligned segments, no bias
-    ((33,), 24, 20, 4, None, None, "train", True, 0.3, 0.75),          # base layer trains too
-    ((2, 9), 16, 48, 2, (0, 16, 32), 16, "frozen", True, 0.0, 1.0),    # three adjacent segments
-])
+@pytest.mark.parametrize(
+    "lead, K, N, r, segments, n, bias, w_grad, p, scale",
+    [
+        ((197,), 100, 75, 3, None, None, "train", False, 0.0, 0.5),  # sizes aligned to nothing
+        ((2, 37), 64, 96, 8, (0, 64), 32, "frozen", False, 0.25, 2.0),  # q,v of a fused qkv, dropout
+        ((3, 5, 7), 40, 100, 4, (10, 60), 25, None, False, 0.1, 1.5),  # unaligned segments, no bias
+        ((33,), 24, 20, 4, None, None, "train", True, 0.3, 0.75),  # base layer trains too
+        ((2, 9), 16, 48, 2, (0, 16, 32), 16, "frozen", True, 0.0, 1.0),  # three adjacent segments
+    ],
+)
 def test_outputs_and_every_gradient_match_the_reference(lead, K, N, r, segments, n, bias, w_grad, p, scale):
     tensors = _inputs(lead, K, N, r, segments, n, bias=bias, w_grad=w_grad)
     _assert_parity(tensors, scale, p, segments)
@@ -89,8 +94,7 @@ def test_dropout_is_on_only_in_training_and_follows_the_generator():
 def test_traces_under_torch_compile_without_graph_breaks():
     """fullgraph=True fails on any graph break; dropout inside the graph keeps the reference's mask."""
     x, w, b, a, bb = _inputs((2, 19), 24, 72, 4, (0, 48), 24)
-    fn = torch.compile(lambda *t: lora_linear_torch(*t, 0.5, 0.2, True, (0, 48)), backend="aot_eager",
-                       fullgraph=True)
+    fn = torch.compile(lambda *t: lora_linear_torch(*t, 0.5, 0.2, True, (0, 48)), backend="aot_eager", fullgraph=True)
     torch.manual_seed(5)
     y = fn(x, w, b, a, bb)
     grads = torch.autograd.grad(y.square().sum(), [x, a, bb])
@@ -142,8 +146,10 @@ def test_allocates_a_fraction_of_the_reference_memory():
     dy = torch.randn(256, 384)
     figures = {}
     for name, fn in (("torch", lora_linear_torch), ("reference", lora_linear_reference)):
+
         def step(fn=fn):
             torch.autograd.grad(fn(x, w, b, a, bb, 2.0, 0.0, True, (0, 256)), [x, a, bb], dy)
+
         step()
         figures[name] = measure_memory(step, "cpu")
     (alloc, peak), (ref_alloc, ref_peak) = figures["torch"], figures["reference"]

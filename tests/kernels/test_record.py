@@ -1,5 +1,6 @@
 """The kernel record and how ``auto`` uses it: Triton only where a record for this device model,
 these versions and this shape class says the kernel passed and was faster (fake records, no GPU)."""
+
 import json
 import logging
 
@@ -29,6 +30,7 @@ def machine(monkeypatch, tmp_path):
     def write(entries, info=H200):
         path.write_text(json.dumps(record.merge_entries(record.load_record(path), info, entries, "now")))
         dispatch._records.clear()
+
     return write
 
 
@@ -56,16 +58,19 @@ def test_auto_picks_triton_only_where_the_record_says_passed_and_faster(machine)
     assert dispatch.resolve("lora_linear", torch.device("cpu"), QV) == "torch"  # never on CPU
 
 
-@pytest.mark.parametrize("entry", [_entry(passed=False), _entry(speedup=1.01), _entry(speedup=0.7),
-                                   {"speedup": 2.0}, "garbage"])
+@pytest.mark.parametrize(
+    "entry", [_entry(passed=False), _entry(speedup=1.01), _entry(speedup=0.7), {"speedup": 2.0}, "garbage"]
+)
 def test_failed_slower_or_malformed_entries_keep_the_default(machine, entry):
     machine({QV: entry, ATTN: entry})
     assert dispatch.resolve("lora_linear", CUDA0, QV) == "torch"
     assert dispatch.resolve("attention", CUDA0, ATTN) == "sdpa"
 
 
-@pytest.mark.parametrize("field, value", [("device", "NVIDIA A100-SXM4-80GB"), ("capability", [8, 0]),
-                                          ("torch", "2.0.0"), ("triton", "3.0.0")])
+@pytest.mark.parametrize(
+    "field, value",
+    [("device", "NVIDIA A100-SXM4-80GB"), ("capability", [8, 0]), ("torch", "2.0.0"), ("triton", "3.0.0")],
+)
 def test_a_record_for_another_device_or_version_does_not_count(machine, field, value):
     machine({QV: _entry()}, info={**H200, field: value})
     assert dispatch.resolve("lora_linear", CUDA0, QV) == "torch"

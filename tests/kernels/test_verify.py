@@ -1,4 +1,5 @@
 """kernels.verify: the command that fills the kernel record (its plumbing, on CPU under the interpreter)."""
+
 import json
 
 import pytest
@@ -14,7 +15,7 @@ def test_interpret_run_checks_parity_and_writes_a_record(tmp_path, capsys):
     assert verify.main(["--interpret", "--record", str(path)]) == 0
     data = json.loads(path.read_text())
     assert record.machine_key(other) in data["machines"]  # other machines' entries survive
-    (key, machine), = [(k, m) for k, m in data["machines"].items() if k != record.machine_key(other)]
+    ((key, machine),) = [(k, m) for k, m in data["machines"].items() if k != record.machine_key(other)]
     assert machine["device"] == "cpu (Triton interpreter)"
     entries = machine["entries"]
     assert sum(c.startswith("lora_linear|float32|") for c in entries) == 4  # qkv(q,v), proj, fc1, fc2

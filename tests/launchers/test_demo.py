@@ -1,4 +1,5 @@
 """The README's main command, end to end in its reduced size, as a user runs it (a subprocess)."""
+
 import json
 import os
 import subprocess
@@ -15,8 +16,13 @@ def test_demo_quick_end_to_end(tmp_path):
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(ROOT / "launchers" / "demo.py"), "--quick", "--out", str(out)],
-                          capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "launchers" / "demo.py"), "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     wall = time.perf_counter() - t0
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
@@ -35,7 +41,12 @@ def test_demo_quick_end_to_end(tmp_path):
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "keep.txt").write_text("x")
-    bad = subprocess.run([sys.executable, str(ROOT / "launchers" / "demo.py"), "--quick", "--out", str(foreign)],
-                         capture_output=True, text=True, env=env, timeout=120)
+    bad = subprocess.run(
+        [sys.executable, str(ROOT / "launchers" / "demo.py"), "--quick", "--out", str(foreign)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert bad.returncode == 2 and "not a previous demo run" in bad.stderr
     assert (foreign / "keep.txt").is_file()

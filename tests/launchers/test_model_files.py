@@ -1,6 +1,7 @@
 """The shipped presets name weight files users do not have yet: ``--print-config`` of every preset
 works without overrides, while a real run (or a preflight) still stops at the launcher's input check,
 before any process group, with one line naming the flag, and exit 2."""
+
 import pytest
 import torch.distributed as dist
 import yaml
@@ -39,16 +40,25 @@ def test_evaluate_prints_a_config_naming_missing_files(tmp_path, capsys):
     assert e.value.code == 0 and yaml.safe_load(capsys.readouterr().out)["model"]["weights"] == argv[1]
 
 
-@pytest.mark.parametrize("launcher, argv, line", [
-    (pretrain, ["--config", "explora_dinov2_vitb14_fmow_rgb"], MISSING_WEIGHTS),
-    (pretrain, ["--config", "explora_dinov2_vitb14_fmow_rgb", "--preflight"], MISSING_WEIGHTS),
-    (finetune, ["--config", "finetune_tiny_cpu", "--model.adapter", "adapter.safetensors"],
-     "error: --model.adapter: file 'adapter.safetensors' not found"),
-    (finetune, ["--config", "finetune_tiny_cpu", "--model.weights", "base.pth", "--preflight"],
-     _missing_weights("base.pth")),
-    (evaluate, ["--model.name", "tiny", "--model.weights", "base.pth"],
-     _missing_weights("base.pth")),
-], ids=["pretrain", "pretrain-preflight", "finetune-adapter", "finetune-preflight", "evaluate"])
+@pytest.mark.parametrize(
+    "launcher, argv, line",
+    [
+        (pretrain, ["--config", "explora_dinov2_vitb14_fmow_rgb"], MISSING_WEIGHTS),
+        (pretrain, ["--config", "explora_dinov2_vitb14_fmow_rgb", "--preflight"], MISSING_WEIGHTS),
+        (
+            finetune,
+            ["--config", "finetune_tiny_cpu", "--model.adapter", "adapter.safetensors"],
+            "error: --model.adapter: file 'adapter.safetensors' not found",
+        ),
+        (
+            finetune,
+            ["--config", "finetune_tiny_cpu", "--model.weights", "base.pth", "--preflight"],
+            _missing_weights("base.pth"),
+        ),
+        (evaluate, ["--model.name", "tiny", "--model.weights", "base.pth"], _missing_weights("base.pth")),
+    ],
+    ids=["pretrain", "pretrain-preflight", "finetune-adapter", "finetune-preflight", "evaluate"],
+)
 def test_a_run_checks_the_model_files_first(launcher, argv, line, tmp_path, monkeypatch, capsys):
     """No shards, no output directory given: the missing file is what the run reports."""
     monkeypatch.chdir(tmp_path)

@@ -13,6 +13,7 @@ while LoRA B is still zero when there is no weight decay) and no frozen tensor c
 The ViT-L DINOv2 preset (2 x 224 + 8 x 98 crops, 65536 prototypes) dominates the time; figures are
 in the README (Testing).
 """
+
 import json
 import os
 import re
@@ -39,17 +40,36 @@ def _is_finetune(name: str) -> bool:
 
 
 def _load(name: str):
-    return load_config(FinetuneRunConfig if _is_finetune(name) else RunConfig, str(REPO / "engine" / "presets" / name), OVERRIDES)
+    return load_config(
+        FinetuneRunConfig if _is_finetune(name) else RunConfig, str(REPO / "engine" / "presets" / name), OVERRIDES
+    )
 
 
 def _run(name: str) -> tuple[dict, float, subprocess.CompletedProcess]:
     launcher = REPO / "launchers" / ("finetune.py" if _is_finetune(name) else "pretrain.py")
-    env = dict(os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1",
-               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(
+        os.environ,
+        DS_ACCELERATOR="cpu",
+        HF_HUB_OFFLINE="1",
+        PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
     env.pop("RANK", None)
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(launcher), "--config", str(REPO / "engine" / "presets" / name), "--preflight=2",
-                           *OVERRIDES], cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(launcher),
+            "--config",
+            str(REPO / "engine" / "presets" / name),
+            "--preflight=2",
+            *OVERRIDES,
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
     wall = time.perf_counter() - t0
     assert proc.returncode == 0, f"{name}: rc {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return json.loads(proc.stdout.strip().splitlines()[-1]), wall, proc
@@ -112,5 +132,8 @@ def test_preset_takes_one_real_size_step(name):
     if not _is_finetune(name) and cfg.objective.name == "dino" and cfg.objective.dino.freeze_last_layer_steps:
         assert set(report["frozen_until"]) == {"dino_head.prototypes", "dino_head.prototype_gain"}
     peak = max(report["peak_memory_bytes"]) / 2**30
-    print(f"\n{name}: wall {wall:.0f} s (build {report['build_s']:.0f} s, step {report['step_s']:.0f} s), "
-          f"peak RSS {peak:.2f} GiB, {report['trainable_numel']:,} trainable", flush=True)
+    print(
+        f"\n{name}: wall {wall:.0f} s (build {report['build_s']:.0f} s, step {report['step_s']:.0f} s), "
+        f"peak RSS {peak:.2f} GiB, {report['trainable_numel']:,} trainable",
+        flush=True,
+    )

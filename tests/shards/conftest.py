@@ -1,5 +1,6 @@
 """Helpers for converter tests: run a conversion in-process, read shards back with plain tarfile
 (tests/faults imports them too)."""
+
 import io
 import json
 import tarfile

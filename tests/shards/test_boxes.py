@@ -1,4 +1,5 @@
 """fMoW bounding boxes: one sample per box, grown by the fMoW baseline's context margin."""
+
 import json
 
 import numpy as np
@@ -19,8 +20,8 @@ def test_fmow_context_schedule_and_clipping():
     assert box_window([300, 200, 100, 40], 1000, 400, None) == (250, 180, 200, 80)
     # a fixed margin of 0.15: int(15 / 2) = 7, int(6 / 2) = 3; clipped at the image's top-left corner
     assert box_window([2, 1, 100, 40], 1000, 400, 0.15) == (0, 0, 109, 44)
-    assert box_window([5, 5, 2, 50], 100, 100, None) is None            # tiny: width <= 2
-    assert box_window([200, 5, 10, 10], 100, 100, 0.0) is None          # outside the image
+    assert box_window([5, 5, 2, 50], 100, 100, None) is None  # tiny: width <= 2
+    assert box_window([200, 5, 10, 10], 100, 100, 0.0) is None  # outside the image
 
 
 def _sidecar(path, boxes):
@@ -30,9 +31,11 @@ def _sidecar(path, boxes):
 def test_crop_boxes_end_to_end(tmp_path, run_convert, read_shards):
     arc = generate_archive(tmp_path / "in", 2, (120, 160), kind="rgb", fmt="jpg", classes=["port", "zoo"])
     boxes = {
-        arc.files[0].relpath: [{"box": [40, 30, 60, 50], "category": "port", "ID": 7},
-                               {"box": [0, 0, 1, 1], "category": "port", "ID": 8}],          # tiny: skipped
-        arc.files[1].relpath: {"box": [100, 70, 50, 40], "category": "zoo", "ID": 9},         # a single object
+        arc.files[0].relpath: [
+            {"box": [40, 30, 60, 50], "category": "port", "ID": 7},
+            {"box": [0, 0, 1, 1], "category": "port", "ID": 8},
+        ],  # tiny: skipped
+        arc.files[1].relpath: {"box": [100, 70, 50, 40], "category": "zoo", "ID": 9},  # a single object
     }
     for f in arc.files:
         _sidecar(tmp_path / "in" / f.relpath, boxes[f.relpath])

@@ -1,4 +1,5 @@
 """Bad inputs are skipped and reported; user mistakes are one line and exit code 2."""
+
 import json
 import subprocess
 import sys
@@ -73,13 +74,16 @@ def test_foreign_or_previous_output_dir_is_refused(tmp_path, capsys):
     assert main([str(tmp_path / "in"), "--out", str(out2), "--overwrite"]) == 0
 
 
-@pytest.mark.parametrize("argv,needle", [
-    (["--chip-size", "0"], "--chip-size"),
-    (["--stride", "8"], "--stride needs --chip-size"),
-    (["--max-shard-bytes", "lots"], "--max-shard-bytes"),
-    (["--max-nodata", "2"], "--max-nodata"),
-    (["--labels", "nowhere.csv"], "--labels"),
-])
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["--chip-size", "0"], "--chip-size"),
+        (["--stride", "8"], "--stride needs --chip-size"),
+        (["--max-shard-bytes", "lots"], "--max-shard-bytes"),
+        (["--max-nodata", "2"], "--max-nodata"),
+        (["--labels", "nowhere.csv"], "--labels"),
+    ],
+)
 def test_bad_flags_are_one_line_errors(tmp_path, capsys, argv, needle):
     generate_archive(tmp_path / "in", 1, 16, kind="rgb")
     assert needle in _fail(capsys, [tmp_path / "in", "--out", tmp_path / "out", *argv])
@@ -87,10 +91,14 @@ def test_bad_flags_are_one_line_errors(tmp_path, capsys, argv, needle):
 
 def test_python_dash_m_entry_point(tmp_path):
     generate_archive(tmp_path / "in", 2, 16, kind="rgb")
-    r = subprocess.run([sys.executable, "-m", "shards.convert", str(tmp_path / "in"), "-o", str(tmp_path / "o")],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "shards.convert", str(tmp_path / "in"), "-o", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("done: 2 files -> 2 chips in 1 shards")
-    r = subprocess.run([sys.executable, "-m", "shards.convert", "verify", str(tmp_path / "o")],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "shards.convert", "verify", str(tmp_path / "o")], capture_output=True, text=True
+    )
     assert r.returncode == 0 and "2 samples: OK" in r.stdout

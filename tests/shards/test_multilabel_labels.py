@@ -1,4 +1,5 @@
 """Multi-label CSV cells ("a;b") through the converter: sample json and manifest classes."""
+
 import csv
 
 import pytest
@@ -18,14 +19,17 @@ def write_csv(path, rows):
     return path
 
 
-@pytest.mark.parametrize("cell,canon,names", [
-    ("Pastures", "Pastures", ["Pastures"]),
-    (" a b ", "a b", ["a b"]),
-    ("a;b", "a;b", ["a", "b"]),
-    (" b ; a;b;", "b;a", ["b", "a"]),
-    ("a;", "a", ["a"]),
-    ("", "", [""]),
-])
+@pytest.mark.parametrize(
+    "cell,canon,names",
+    [
+        ("Pastures", "Pastures", ["Pastures"]),
+        (" a b ", "a b", ["a b"]),
+        ("a;b", "a;b", ["a", "b"]),
+        (" b ; a;b;", "b;a", ["b", "a"]),
+        ("a;", "a", ["a"]),
+        ("", "", [""]),
+    ],
+)
 def test_canonical_label_and_names(cell, canon, names):
     assert canonical_label(cell) == canon
     assert label_names(canon) == names
@@ -33,8 +37,9 @@ def test_canonical_label_and_names(cell, canon, names):
 
 
 def test_csv_reader_canonicalises_cells(tmp_path):
-    table = read_label_csv(str(write_csv(tmp_path / "l.csv", [("x.tif", c) for c in CELLS[:1]] +
-                                         [("y.tif", CELLS[2])])))
+    table = read_label_csv(
+        str(write_csv(tmp_path / "l.csv", [("x.tif", c) for c in CELLS[:1]] + [("y.tif", CELLS[2])]))
+    )
     assert table == {"x.tif": "Pastures;Sea and ocean", "y.tif": "Sea and ocean;Pastures"}
 
 
@@ -59,8 +64,7 @@ def test_multilabel_csv_to_json_and_manifest(tmp_path, run_convert, read_shards)
 
 
 def test_single_label_csv_unchanged(tmp_path, run_convert, read_shards):
-    arc = generate_archive(tmp_path / "in", 3, 16, kind="rgb", classes=["farm", "port"], labels_csv=True,
-                           layout="flat")
+    arc = generate_archive(tmp_path / "in", 3, 16, kind="rgb", classes=["farm", "port"], labels_csv=True, layout="flat")
     run_convert(tmp_path / "in", tmp_path / "out", "--labels", arc.labels_csv)
     samples, m = read_shards(tmp_path / "out")
     assert m["classes"] == ["farm", "port"] and "multilabel" not in m

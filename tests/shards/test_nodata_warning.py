@@ -1,4 +1,5 @@
 """A zero border in files without a nodata value is reported, with the flag that fixes the stats."""
+
 import logging
 
 import numpy as np

@@ -1,4 +1,5 @@
 """--part K/N + merge == one run, byte for byte; shards are full after the nodata filter."""
+
 import json
 import os
 from pathlib import Path
@@ -22,21 +23,40 @@ def _float_archive(root, n=7):
     root.mkdir(parents=True)
     for i in range(n):
         data = np.random.default_rng(i).normal(0.2, 0.05, (2, 24, 32)).astype(np.float32)
-        data[:, :10 + i] = np.nan  # top rows missing: the nodata filter drops some chips
-        with rasterio.open(root / f"f{i}.tif", "w", driver="GTiff", width=32, height=24, count=2, dtype="float32",
-                           crs="EPSG:32633", transform=Affine(10, 0, 0, 0, -10, 0)) as dst:
+        data[:, : 10 + i] = np.nan  # top rows missing: the nodata filter drops some chips
+        with rasterio.open(
+            root / f"f{i}.tif",
+            "w",
+            driver="GTiff",
+            width=32,
+            height=24,
+            count=2,
+            dtype="float32",
+            crs="EPSG:32633",
+            transform=Affine(10, 0, 0, 0, -10, 0),
+        ) as dst:
             dst.write(data)
 
 
-@pytest.mark.parametrize("kind,flags", [
-    ("s2", ["--max-samples-per-shard", "5"]),                                     # shards as planned
-    ("s2", ["--max-samples-per-shard", "5", "--max-nodata", "0.3"]),              # repacked after the filter
-    ("float", ["--max-samples-per-shard", "3", "--max-nodata", "0.5"]),          # float moments, plan order
-])
+@pytest.mark.parametrize(
+    "kind,flags",
+    [
+        ("s2", ["--max-samples-per-shard", "5"]),  # shards as planned
+        ("s2", ["--max-samples-per-shard", "5", "--max-nodata", "0.3"]),  # repacked after the filter
+        ("float", ["--max-samples-per-shard", "3", "--max-nodata", "0.5"]),  # float moments, plan order
+    ],
+)
 def test_three_parts_merged_are_byte_identical_to_one_run(tmp_path, kind, flags):
     if kind == "s2":
-        generate_archive(tmp_path / "in", 7, (40, 32), kind="s2", nodata_fraction=0.3, classes=["a", "b", "c"],
-                         bad_files=["truncated", "garbage"])
+        generate_archive(
+            tmp_path / "in",
+            7,
+            (40, 32),
+            kind="s2",
+            nodata_fraction=0.3,
+            classes=["a", "b", "c"],
+            bad_files=["truncated", "garbage"],
+        )
         flags = flags + ["--labels", "folder", "--chip-size", "16", "--edge", "pad"]
     else:
         _float_archive(tmp_path / "in")
@@ -67,8 +87,18 @@ def test_three_parts_merged_are_byte_identical_to_one_run(tmp_path, kind, flags)
 def test_balanced_shards_after_nodata_filter(tmp_path, run_convert):
     # 6 files x 9 chips of 16 px; the top 40 % of every image is nodata, so row 0 of chips is dropped
     generate_archive(tmp_path / "in", 6, 48, kind="s2", nodata_fraction=0.4)
-    s = run_convert(tmp_path / "in", tmp_path / "out", "--chip-size", "16", "--max-nodata", "0.5",
-                    "--max-samples-per-shard", "4", "--workers", "2")
+    s = run_convert(
+        tmp_path / "in",
+        tmp_path / "out",
+        "--chip-size",
+        "16",
+        "--max-nodata",
+        "0.5",
+        "--max-samples-per-shard",
+        "4",
+        "--workers",
+        "2",
+    )
     m = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert s.dropped == 18 and m["total_samples"] == 36
     assert [sh["count"] for sh in m["shards"]] == [4] * 9 and not (tmp_path / "out" / ".convert-state").exists()
@@ -106,15 +136,19 @@ def test_merge_refuses_parts_that_do_not_fit_and_finishes_an_interrupted_merge(t
         return err[0]
 
     assert "missing 3/3" in fail(["merge", str(tmp_path / "p1"), str(tmp_path / "p2"), "--out", str(tmp_path / "m")])
-    assert "chip" in fail(["merge", str(tmp_path / "p1"), str(tmp_path / "q2"), str(tmp_path / "p3"),
-                           "--out", str(tmp_path / "m")])
+    assert "chip" in fail(
+        ["merge", str(tmp_path / "p1"), str(tmp_path / "q2"), str(tmp_path / "p3"), "--out", str(tmp_path / "m")]
+    )
     assert "no part.json" in fail(["merge", str(tmp_path / "in"), "--out", str(tmp_path / "m")])
     # a merge killed after linking some shards: the same command completes it
     (tmp_path / "m").mkdir()
     first = sorted(p.name for p in (tmp_path / "p1").glob("*.tar"))[0]
     os.link(tmp_path / "p1" / first, tmp_path / "m" / first)
-    assert main(["merge", str(tmp_path / "p1"), str(tmp_path / "p2"), str(tmp_path / "p3"),
-                 "--out", str(tmp_path / "m")]) == 0
+    assert (
+        main(["merge", str(tmp_path / "p1"), str(tmp_path / "p2"), str(tmp_path / "p3"), "--out", str(tmp_path / "m")])
+        == 0
+    )
     assert main(["verify", str(tmp_path / "m")]) == 0
-    assert "already holds a finished archive" in fail(["merge", str(tmp_path / "p1"), str(tmp_path / "p2"),
-                                                       str(tmp_path / "p3"), "--out", str(tmp_path / "m")])
+    assert "already holds a finished archive" in fail(
+        ["merge", str(tmp_path / "p1"), str(tmp_path / "p2"), str(tmp_path / "p3"), "--out", str(tmp_path / "m")]
+    )

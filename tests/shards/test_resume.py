@@ -1,4 +1,5 @@
 """Interrupted runs resume to exactly the uninterrupted output; output is independent of --workers."""
+
 import json
 import os
 from pathlib import Path
@@ -70,8 +71,8 @@ def test_resume_after_kill_leftovers(tmp_path, archive, run_convert):
         run_convert(tmp_path / "in", out, *FLAGS, on_shard=stop_after_shard_4)
     state = out / STATE_DIR
     assert sorted(p.name for p in state.glob("*.done.json")) == [f"shard-00000{i}.tar.done.json" for i in range(5)]
-    (state / "shard-000004.tar.done.json").unlink()               # killed before its commit
-    with open(out / "shard-000001.tar", "r+b") as f:               # torn / tampered
+    (state / "shard-000004.tar.done.json").unlink()  # killed before its commit
+    with open(out / "shard-000001.tar", "r+b") as f:  # torn / tampered
         f.seek(700)
         f.write(b"\xff\xff")
     (out / ".tmp-shard-000005.tar.x1y2").write_bytes(b"partial")  # killed mid-write

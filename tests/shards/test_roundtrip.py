@@ -1,4 +1,5 @@
 """Every chip equals a direct rasterio windowed read: pixels, dtype, band order, transform."""
+
 import numpy as np
 import pytest
 import rasterio
@@ -9,8 +10,9 @@ from shards.synthetic import generate_archive
 
 # the reference reads below go through rasterio's own window_transform (Affine `*`) and open
 # PNG/JPEG previews that have no georeferencing by design
-pytestmark = pytest.mark.filterwarnings("ignore::PendingDeprecationWarning",
-                                        "ignore::rasterio.errors.NotGeoreferencedWarning")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore::PendingDeprecationWarning", "ignore::rasterio.errors.NotGeoreferencedWarning"
+)
 
 
 def _direct(path, window, indexes=None, fill=None):
@@ -24,8 +26,18 @@ def _direct(path, window, indexes=None, fill=None):
 
 def test_s2_chips_with_stride_and_pad_match_rasterio(tmp_path, run_convert, read_shards):
     arc = generate_archive(tmp_path / "in", 3, (70, 52), kind="s2", seed=1)
-    s = run_convert(tmp_path / "in", tmp_path / "out", "--chip-size", "32", "--stride", "24", "--edge", "pad",
-                    "--max-samples-per-shard", "5")
+    s = run_convert(
+        tmp_path / "in",
+        tmp_path / "out",
+        "--chip-size",
+        "32",
+        "--stride",
+        "24",
+        "--edge",
+        "pad",
+        "--max-samples-per-shard",
+        "5",
+    )
     samples, m = read_shards(tmp_path / "out")
     # rows 0,24,48 (48+32 >= 70) x cols 0,24 (24+32 >= 52) = 6 windows per file
     assert s.chips == len(samples) == 18 and m["total_samples"] == 18 and len(m["shards"]) == 4
@@ -45,8 +57,12 @@ def test_edge_drop_keeps_only_inside_windows(tmp_path, run_convert, read_shards)
     generate_archive(tmp_path / "in", 2, (70, 52), kind="rgb")
     run_convert(tmp_path / "in", tmp_path / "out", "--chip-size", "32")
     samples, _ = read_shards(tmp_path / "out")
-    assert sorted(tuple(m["window"]) for _, m in samples.values()) == [(0, 0, 32, 32), (0, 0, 32, 32),
-                                                                       (0, 32, 32, 32), (0, 32, 32, 32)]
+    assert sorted(tuple(m["window"]) for _, m in samples.values()) == [
+        (0, 0, 32, 32),
+        (0, 0, 32, 32),
+        (0, 32, 32, 32),
+        (0, 32, 32, 32),
+    ]
 
 
 def test_max_nodata_drops_mostly_empty_chips(tmp_path, run_convert, read_shards):
@@ -87,8 +103,9 @@ def test_resize_changes_shape_and_transform_not_dtype(tmp_path, run_convert, rea
     with rasterio.open(arc.files[0].path) as ds:
         for arr, meta in samples.values():
             col, row, w, h = meta["window"]
-            ref = ds.read(window=Window(col, row, w, h), out_shape=(13, 10, 10),
-                          resampling=rasterio.enums.Resampling.average)
+            ref = ds.read(
+                window=Window(col, row, w, h), out_shape=(13, 10, 10), resampling=rasterio.enums.Resampling.average
+            )
             assert arr.dtype == np.uint16 and arr.shape == (13, 10, 10)
             np.testing.assert_array_equal(arr, ref)
             t = ds.window_transform(Window(col, row, w, h))
@@ -111,8 +128,9 @@ def test_png_and_jpeg_previews(tmp_path, run_convert, read_shards, fmt):
 
 
 def test_labels_from_folder_csv_and_sidecars(tmp_path, run_convert, read_shards):
-    arc = generate_archive(tmp_path / "in", 4, 16, kind="rgb", classes=["farm", "port"], sidecars=True,
-                           labels_csv=True, layout="flat")
+    arc = generate_archive(
+        tmp_path / "in", 4, 16, kind="rgb", classes=["farm", "port"], sidecars=True, labels_csv=True, layout="flat"
+    )
     # flat layout: every parent folder is 'in', so folder labels give one class; the CSV gives the truth
     run_convert(tmp_path / "in", tmp_path / "f", "--labels", "folder")
     run_convert(tmp_path / "in", tmp_path / "c", "--labels", arc.labels_csv)

@@ -1,4 +1,5 @@
 """Streaming statistics equal numpy's over the same valid pixels."""
+
 import numpy as np
 import pytest
 
@@ -122,16 +123,35 @@ def test_sparse_state_round_trip_and_order_free_merge(dtype):
 def test_empty_band_reports_nulls():
     s = BandStats(1, "uint16")
     s.add(np.zeros((1, 4, 4), np.uint16), 0.0)
-    assert s.result() == {"count": [0], "mean": [None], "std": [None], "min": [None], "max": [None],
-                          "p2": [None], "p98": [None]}
+    assert s.result() == {
+        "count": [0],
+        "mean": [None],
+        "std": [None],
+        "min": [None],
+        "max": [None],
+        "p2": [None],
+        "p98": [None],
+    }
 
 
 def test_manifest_stats_equal_numpy_over_the_written_chips(tmp_path, run_convert, read_shards):
     from shards.synthetic import generate_archive
 
     generate_archive(tmp_path / "in", 5, (40, 36), kind="s2", nodata_fraction=0.3)
-    run_convert(tmp_path / "in", tmp_path / "out", "--chip-size", "16", "--stride", "12", "--edge", "pad",
-                "--bands", "B2,B8A,B12", "--max-samples-per-shard", "7")
+    run_convert(
+        tmp_path / "in",
+        tmp_path / "out",
+        "--chip-size",
+        "16",
+        "--stride",
+        "12",
+        "--edge",
+        "pad",
+        "--bands",
+        "B2,B8A,B12",
+        "--max-samples-per-shard",
+        "7",
+    )
     samples, m = read_shards(tmp_path / "out")
     stack = [a for a, _ in samples.values()]
     valid = [np.concatenate([a[b].ravel() for a in stack]) for b in range(3)]
@@ -151,9 +171,18 @@ def test_float_archive_with_nan_nodata_and_padding(tmp_path, run_convert, read_s
     for i in range(2):
         data = rng.normal(0.2, 0.05, (4, 30, 26)).astype(np.float32)
         data[:, :3, :5] = np.nan
-        with rasterio.open(tmp_path / "in" / f"f{i}.tif", "w", driver="GTiff", width=26, height=30, count=4,
-                           dtype="float32", nodata=float("nan"), crs="EPSG:4326",
-                           transform=Affine(0.001, 0, 10, 0, -0.001, 50)) as dst:
+        with rasterio.open(
+            tmp_path / "in" / f"f{i}.tif",
+            "w",
+            driver="GTiff",
+            width=26,
+            height=30,
+            count=4,
+            dtype="float32",
+            nodata=float("nan"),
+            crs="EPSG:4326",
+            transform=Affine(0.001, 0, 10, 0, -0.001, 50),
+        ) as dst:
             dst.write(data)
     run_convert(tmp_path / "in", tmp_path / "out", "--chip-size", "16", "--edge", "pad")
     samples, m = read_shards(tmp_path / "out")

@@ -1,4 +1,5 @@
 """verify re-reads everything and fails (exit 1) on any mismatch with the manifest."""
+
 import json
 import tarfile
 
@@ -49,7 +50,11 @@ def test_undecodable_sample_is_reported_even_with_matching_checksum(converted):
     # rebuild shard 0 with a wrong-dtype array and re-sign the manifest, so only decoding can tell
     with ShardWriter(converted, "shard-000000.tar") as w:
         w.write("x", np.zeros((13, 4, 4), np.float32), {"source": "x"})
-        w.write("y", np.zeros((13, 4, 4), np.uint16), dict.fromkeys(("source", "window", "crs", "transform", "band_names", "nodata", "dtype", "label")))
+        w.write(
+            "y",
+            np.zeros((13, 4, 4), np.uint16),
+            dict.fromkeys(("source", "window", "crs", "transform", "band_names", "nodata", "dtype", "label")),
+        )
     m = json.loads((converted / "manifest.json").read_text())
     m["shards"][0].update(bytes=w.bytes, sha256=w.sha256)
     (converted / "manifest.json").write_text(json.dumps(m))
@@ -65,8 +70,9 @@ def test_no_manifest_is_a_user_error(tmp_path, capsys):
     assert e.value.code == 2 and "no manifest.json" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("dtype,shape", [("uint8", (3, 1, 7)), ("int16", (1, 33, 2)), ("float32", (13, 5, 5)),
-                                         ("uint16", (2, 0, 3))])
+@pytest.mark.parametrize(
+    "dtype,shape", [("uint8", (3, 1, 7)), ("int16", (1, 33, 2)), ("float32", (13, 5, 5)), ("uint16", (2, 0, 3))]
+)
 def test_writer_npy_and_tar_are_standard(tmp_path, dtype, shape):
     import io
 

@@ -1,4 +1,5 @@
 """The converter's pool: a worker that dies costs exactly the item it was on; errors come back."""
+
 import os
 import signal
 import subprocess
@@ -61,10 +62,17 @@ def _alive(pid: int) -> bool:
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc (Linux)")
 def test_workers_die_with_their_parent():
     """kill -9 of the converter alone (not its process group) takes its workers with it."""
-    code = ("import os, signal\nfrom shards.workers import WorkerPool\np = WorkerPool(2)\n"
-            "print(' '.join(str(w.proc.pid) for w in p.workers), flush=True)\nos.kill(os.getpid(), signal.SIGKILL)\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                       env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2])))
+    code = (
+        "import os, signal\nfrom shards.workers import WorkerPool\np = WorkerPool(2)\n"
+        "print(' '.join(str(w.proc.pid) for w in p.workers), flush=True)\nos.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2])),
+    )
     assert r.returncode == -signal.SIGKILL
     pids = [int(p) for p in r.stdout.split()]
     assert len(pids) == 2

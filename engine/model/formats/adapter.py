@@ -14,6 +14,7 @@ run's ``seed`` as a hint): a base that does not reproduce it -- another seed, an
 version -- is refused too, and :func:`rebuild_config` (for ``engine.model.vit.build_from_adapter``)
 asks for the seed or a base file instead of building a new random base.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -72,8 +73,12 @@ def save_adapter(vit: VisionTransformer, path: str | Path, seed: int | None = No
     base = base_meta(info)
     if not info.weights:
         base.update(frozen_sha256=frozen_fingerprint(vit, set(state)), seed=seed)
-    meta = {"format": ADAPTER_FORMAT, "recipe": json.dumps(recipe), "model": json.dumps(info.model),
-            "base": json.dumps(base)}
+    meta = {
+        "format": ADAPTER_FORMAT,
+        "recipe": json.dumps(recipe),
+        "model": json.dumps(info.model),
+        "base": json.dumps(base),
+    }
     out = write_safetensors(state, path, meta)
     log.info("adapter saved to %s (%d tensors)", out, len(state))
     return out
@@ -88,55 +93,81 @@ def read_adapter(path: str | Path, flag: str = "--model.adapter") -> tuple[dict[
     except Exception as e:  # noqa: BLE001 - report any unreadable file the same way
         raise UserError(f"{flag} '{path}': not a safetensors file ({e.__class__.__name__})") from None
     if meta.get("format") != ADAPTER_FORMAT:
-        raise UserError(f"{flag} '{path}': not a geoexplora adapter (format {meta.get('format')!r}, "
-                        f"expected {ADAPTER_FORMAT!r})")
+        raise UserError(
+            f"{flag} '{path}': not a geoexplora adapter (format {meta.get('format')!r}, expected {ADAPTER_FORMAT!r})"
+        )
     return tensors, {k: json.loads(meta[k]) for k in ("recipe", "model", "base")}
 
 
 def _check_base(info: BaseInfo, base: dict, path: str | Path, flag: str) -> None:
     if base.get("arch") and base["arch"] != info.arch:
-        raise UserError(f"{flag} '{path}' was trained on {base['arch']}, the model is {info.arch}; "
-                        f"set --model.name {base['name']}")
+        raise UserError(
+            f"{flag} '{path}' was trained on {base['arch']}, the model is {info.arch}; set --model.name {base['name']}"
+        )
     want = base.get("weights_sha256")
     if want is None:
         return
     have = info.weights_sha256()
     if have != want:
-        raise UserError(f"{flag} '{path}' was trained on base weights '{base.get('weights')}' (sha256 {want[:12]}...), "
-                        f"but the model was built from {repr(info.weights) if info.weights else 'random init'}"
-                        f"{f' (sha256 {have[:12]}...)' if have else ''}; give that file in --model.weights")
+        raise UserError(
+            f"{flag} '{path}' was trained on base weights '{base.get('weights')}' (sha256 {want[:12]}...), "
+            f"but the model was built from {repr(info.weights) if info.weights else 'random init'}"
+            f"{f' (sha256 {have[:12]}...)' if have else ''}; give that file in --model.weights"
+        )
 
 
-def _check_frozen(vit: VisionTransformer, tensors: dict[str, torch.Tensor], base: dict, path: str | Path, flag: str) -> None:
+def _check_frozen(
+    vit: VisionTransformer, tensors: dict[str, torch.Tensor], base: dict, path: str | Path, flag: str
+) -> None:
     """An adapter trained on a random-init base: ``vit``'s frozen tensors must be that base's."""
     want = base.get("frozen_sha256")
     if want is None or frozen_fingerprint(vit, set(tensors)) == want:
         return
     seed = base.get("seed")
-    todo = ("use the run's export/vit_merged.safetensors as --model.weights instead (it holds the whole model)"
-            if flag.startswith("--") else
-            f"pass the seed it was built under ({f'seed={seed}, the run' if seed is not None else 'the run'}'s "
-            "train.seed; the same torch and timm versions) or weights= a file holding it")
-    raise UserError(f"{flag} '{path}' was trained on a random-init base{f' (seed {seed})' if seed is not None else ''}"
-                    f" and this model's frozen weights are not that base; {todo}")
+    todo = (
+        "use the run's export/vit_merged.safetensors as --model.weights instead (it holds the whole model)"
+        if flag.startswith("--")
+        else f"pass the seed it was built under ({f'seed={seed}, the run' if seed is not None else 'the run'}'s "
+        "train.seed; the same torch and timm versions) or weights= a file holding it"
+    )
+    raise UserError(
+        f"{flag} '{path}' was trained on a random-init base{f' (seed {seed})' if seed is not None else ''}"
+        f" and this model's frozen weights are not that base; {todo}"
+    )
 
 
-def _load_tensors(vit: VisionTransformer, tensors: dict[str, torch.Tensor], path: str | Path, flag: str,
-                  required: set[str] | None = None) -> None:
+def _load_tensors(
+    vit: VisionTransformer,
+    tensors: dict[str, torch.Tensor],
+    path: str | Path,
+    flag: str,
+    required: set[str] | None = None,
+) -> None:
     own = vit.state_dict()
     unexpected = [k for k in tensors if k not in own]
-    mismatched = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-                  for k, v in tensors.items() if k in own and v.shape != own[k].shape]
+    mismatched = [
+        f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in tensors.items()
+        if k in own and v.shape != own[k].shape
+    ]
     missing = sorted((required or set()) - set(tensors))
     if unexpected or mismatched or missing:
-        parts = [f"{len(x)} {what} {x[:6]}" for what, x in (("missing", missing), ("unexpected", unexpected),
-                                                            ("mismatched", mismatched)) if x]
-        raise UserError(f"{flag} '{path}' does not fit the model: " + "; ".join(parts)
-                        + ". Build the base with the adapter's model settings (--model.*)")
+        parts = [
+            f"{len(x)} {what} {x[:6]}"
+            for what, x in (("missing", missing), ("unexpected", unexpected), ("mismatched", mismatched))
+            if x
+        ]
+        raise UserError(
+            f"{flag} '{path}' does not fit the model: "
+            + "; ".join(parts)
+            + ". Build the base with the adapter's model settings (--model.*)"
+        )
     vit.load_state_dict(tensors, strict=False)
 
 
-def load_adapter(vit: VisionTransformer, path: str | Path, check_base: bool = True, flag: str = "--model.adapter") -> dict:
+def load_adapter(
+    vit: VisionTransformer, path: str | Path, check_base: bool = True, flag: str = "--model.adapter"
+) -> dict:
     """Apply the file's recipe to ``vit`` (a base from ``build_vit``, no recipe yet) and load its
     tensors; every trainable tensor must come from the file. Returns the recipe."""
     tensors, meta = read_adapter(path, flag)
@@ -161,8 +192,10 @@ def rebuild_config(path: str | Path, weights: str | None = None, seed: int | Non
         model["weights"] = weights
     if not model.get("weights") and seed is None and base.get("frozen_sha256", "") != _NOTHING_FROZEN:
         hint = f"seed={base['seed']} (the run's train.seed)" if base.get("seed") is not None else "seed=<train.seed>"
-        raise UserError(f"build_from_adapter: '{path}' was trained on a random-init base, which the file does not "
-                        f"hold; pass {hint} to rebuild that base, or weights= a file holding it")
+        raise UserError(
+            f"build_from_adapter: '{path}' was trained on a random-init base, which the file does not "
+            f"hold; pass {hint} to rebuild that base, or weights= a file holding it"
+        )
     if seed is not None and base.get("frozen_sha256") is None:
         log.warning("%s records no base fingerprint: the base rebuilt with seed %d cannot be verified", path, seed)
     return model
@@ -176,8 +209,13 @@ def merge_adapter_file(vit: VisionTransformer, path: str | Path, info: BaseInfo,
     recipe = meta["recipe"]
     unfrozen = set(recipe.get("unfrozen_block_indices", []))
     if recipe.get("lora_targets"):
-        add_lora(vit, [i for i in range(len(vit.blocks)) if i not in unfrozen], recipe["lora_targets"],
-                 int(recipe["lora_rank"]), float(recipe["lora_alpha"]))
+        add_lora(
+            vit,
+            [i for i in range(len(vit.blocks)) if i not in unfrozen],
+            recipe["lora_targets"],
+            int(recipe["lora_rank"]),
+            float(recipe["lora_alpha"]),
+        )
     if "mask_token" in tensors and not isinstance(getattr(vit, "mask_token", None), torch.Tensor):
         vit.mask_token = nn.Parameter(torch.zeros_like(tensors["mask_token"]))
     _load_tensors(vit, tensors, path, flag)

@@ -12,6 +12,7 @@
 The mask token is kept as ``vit.mask_token`` (1, D) for the iBOT objective
 (``engine.model.state_fit.fit_mask_token``).
 """
+
 from __future__ import annotations
 
 import re
@@ -29,7 +30,7 @@ def take_backbone(sd: StateDict) -> StateDict | None:
     """The backbone of a DINOv2 training checkpoint (prefix removed), or None when there is none."""
     for prefix in BACKBONE_PREFIXES:
         if any(k.startswith(prefix) for k in sd):
-            return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+            return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
     return None
 
 

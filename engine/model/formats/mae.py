@@ -2,6 +2,7 @@
 are timm's; the decoder (``decoder_*`` and the decoder's ``mask_token``) is not part of the ViT and
 is kept for the MAE objective (``BaseInfo.extra``, read back with :func:`mae_decoder_state`).
 """
+
 from __future__ import annotations
 
 from timm.models.vision_transformer import VisionTransformer

@@ -7,6 +7,7 @@ export loads with ``build_vit`` and the same model config. Metadata: ``format`` 
 Read back as ``--model.weights`` it is a timm file (``engine.model.weights`` reports it as
 'geoexplora'): timm's names need no filter.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,6 +36,11 @@ def merged_state_dict(vit: VisionTransformer) -> dict[str, torch.Tensor]:
 def export_merged(vit: VisionTransformer, path: str | Path) -> Path:
     """Write :func:`merged_state_dict` as .safetensors (metadata: format, arch, model config, base)."""
     info = base_info(vit)
-    meta = {"format": MERGED_FORMAT, "arch": info.arch, "model": json.dumps(info.model),
-            "base": json.dumps(base_meta(info)), "recipe": json.dumps(getattr(vit, "geoexplora_recipe", {}))}
+    meta = {
+        "format": MERGED_FORMAT,
+        "arch": info.arch,
+        "model": json.dumps(info.model),
+        "base": json.dumps(base_meta(info)),
+        "recipe": json.dumps(getattr(vit, "geoexplora_recipe", {})),
+    }
     return write_safetensors(merged_state_dict(vit), path, meta)

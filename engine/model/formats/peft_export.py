@@ -10,6 +10,7 @@ Root parameters (pos_embed, cls/register tokens) and group-channel embeds have n
 exporting them raises. ``geoexplora_mapping.json`` beside the two files records this mapping and
 the base identity.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,12 +36,15 @@ def _peft_tensors(vit: VisionTransformer) -> tuple[dict[str, torch.Tensor], list
     """(tensors, target modules, modules_to_save, rank_pattern, alpha_pattern) in PEFT's layout."""
     recipe = applied_recipe(vit)
     if isinstance(vit.patch_embed, GroupChannelPatchEmbed):
-        raise UserError("PEFT export: a group-channel patch embed is not a timm module; "
-                        "use the adapter file or the merged export")
+        raise UserError(
+            "PEFT export: a group-channel patch embed is not a timm module; use the adapter file or the merged export"
+        )
     root = [n for n, p in vit.named_parameters(recurse=False) if p.requires_grad and n not in NOT_TIMM]
     if root:
-        raise UserError(f"PEFT export: trained root parameters {root} have no PEFT place (modules_to_save takes "
-                        "modules); use the adapter file or the merged export")
+        raise UserError(
+            f"PEFT export: trained root parameters {root} have no PEFT place (modules_to_save takes "
+            "modules); use the adapter file or the merged export"
+        )
     tensors: dict[str, torch.Tensor] = {}
     targets, rank_pattern, alpha_pattern = [], {}, {}
     for name, m in lora_modules(vit):
@@ -52,7 +56,7 @@ def _peft_tensors(vit: VisionTransformer) -> tuple[dict[str, torch.Tensor], list
             big_b = torch.zeros(m.out_features, S * r, dtype=b.dtype)
             n = m.segment_width
             for s, off in enumerate(m.segments):
-                big_b[off:off + n, s * r:(s + 1) * r] = b[s * n:(s + 1) * n]
+                big_b[off : off + n, s * r : (s + 1) * r] = b[s * n : (s + 1) * n]
             if S > 1:
                 leaf = name.rsplit(".", 1)[-1]
                 rank_pattern[leaf], alpha_pattern[leaf] = S * r, S * m.alpha
@@ -71,9 +75,12 @@ def _peft_tensors(vit: VisionTransformer) -> tuple[dict[str, torch.Tensor], list
     for mname in to_save:
         for pname, p in vit.get_submodule(mname).named_parameters():
             tensors[f"{PREFIX}{mname}.{pname}"] = p.detach()
-    covered = {k[len(PREFIX):] for k in tensors}
-    lost = [n for n, p in vit.named_parameters() if p.requires_grad and n not in NOT_TIMM
-            and not is_lora_param(n) and n not in covered]
+    covered = {k[len(PREFIX) :] for k in tensors}
+    lost = [
+        n
+        for n, p in vit.named_parameters()
+        if p.requires_grad and n not in NOT_TIMM and not is_lora_param(n) and n not in covered
+    ]
     if lost:
         raise UserError(f"PEFT export: trained tensors {lost[:6]} are not in a PEFT-mappable module")
     return tensors, targets, to_save, rank_pattern, alpha_pattern
@@ -87,20 +94,33 @@ def export_peft(vit: VisionTransformer, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = {
-        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": f"timm/{info.arch}",
-        "r": int(recipe["lora_rank"]), "lora_alpha": float(recipe["lora_alpha"]),
-        "lora_dropout": float(recipe["lora_dropout"]), "target_modules": targets, "modules_to_save": to_save,
-        "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "bias": "none",
-        "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True, "use_rslora": False,
-        "use_dora": False, "revision": None,
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": f"timm/{info.arch}",
+        "r": int(recipe["lora_rank"]),
+        "lora_alpha": float(recipe["lora_alpha"]),
+        "lora_dropout": float(recipe["lora_dropout"]),
+        "target_modules": targets,
+        "modules_to_save": to_save,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "use_rslora": False,
+        "use_dora": False,
+        "revision": None,
     }
     write_safetensors(tensors, out / "adapter_model.safetensors", {"format": "pt"})
     atomic_write_text(out / "adapter_config.json", json.dumps(config, indent=2))
     mapping = {
-        "base": base_meta(info), "model": info.model, "recipe": recipe,
+        "base": base_meta(info),
+        "model": info.model,
+        "recipe": recipe,
         "qkv": "q/k/v adapters inside timm's fused attn.qkv are one PEFT LoRA of rank S*r on qkv: lora_A = "
-               "[A_q; A_k; A_v] (targets only), lora_B block-diagonal over the (q, k, v) row blocks, "
-               "alpha S*alpha (rank_pattern / alpha_pattern), so alpha/r is unchanged",
+        "[A_q; A_k; A_v] (targets only), lora_B block-diagonal over the (q, k, v) row blocks, "
+        "alpha S*alpha (rank_pattern / alpha_pattern), so alpha/r is unchanged",
         "not_exported": [n for n in NOT_TIMM if isinstance(getattr(vit, n, None), torch.Tensor)],
     }
     atomic_write_text(out / "geoexplora_mapping.json", json.dumps(mapping, indent=2))

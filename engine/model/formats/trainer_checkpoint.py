@@ -6,6 +6,7 @@ names under ``decoder.``, comes along: :func:`take_objective_vit`). Its LoRA ten
 the base with the recipe recorded in ``meta.json`` (:func:`load_merging_lora`). A ZeRO-3
 checkpoint (weights split over the ranks) is refused with the way out.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,11 +30,14 @@ def read_checkpoint_dir(p: Path, flag: str) -> tuple[Any, dict]:
     """(DeepSpeed model states, ``{"geoexplora_meta": meta.json}``) of a checkpoint directory."""
     meta_file, states = p / "meta.json", p / DS_MODEL_STATES
     if meta_file.is_file() and not states.is_file() and any(p.glob("zero_pp_rank_*_model_states.pt")):
-        raise UserError(f"{flag} '{p}' is a DeepSpeed ZeRO-3 checkpoint (the weights are split over the "
-                        f"ranks). Consolidate it with {p.parent / 'zero_to_fp32.py'}, or use the run's export/ files")
+        raise UserError(
+            f"{flag} '{p}' is a DeepSpeed ZeRO-3 checkpoint (the weights are split over the "
+            f"ranks). Consolidate it with {p.parent / 'zero_to_fp32.py'}, or use the run's export/ files"
+        )
     if not meta_file.is_file() or not states.is_file():
-        raise UserError(f"{flag} '{p}' is a directory but not a geoexplora checkpoint "
-                        f"(needs meta.json and {DS_MODEL_STATES})")
+        raise UserError(
+            f"{flag} '{p}' is a directory but not a geoexplora checkpoint (needs meta.json and {DS_MODEL_STATES})"
+        )
     return torch_load(states, flag, trusted=True), {"geoexplora_meta": json.loads(meta_file.read_text())}
 
 
@@ -46,9 +50,14 @@ def take_objective_vit(sd: StateDict) -> StateDict | None:
     """
     if not any(k.startswith(OBJECTIVE_PREFIX) for k in sd):
         return None
-    inner = {k[len(OBJECTIVE_PREFIX):]: v for k, v in sd.items() if k.startswith(OBJECTIVE_PREFIX)}
-    inner.update({k[len("decoder."):]: v for k, v in sd.items()
-                  if k.startswith("decoder.decoder_") or k == "decoder.mask_token"})
+    inner = {k[len(OBJECTIVE_PREFIX) :]: v for k, v in sd.items() if k.startswith(OBJECTIVE_PREFIX)}
+    inner.update(
+        {
+            k[len("decoder.") :]: v
+            for k, v in sd.items()
+            if k.startswith("decoder.decoder_") or k == "decoder.mask_token"
+        }
+    )
     return inner
 
 
@@ -62,8 +71,10 @@ def load_merging_lora(vit: VisionTransformer, sd: StateDict, meta: dict, flag: s
     strictly, merge, unwrap: ``vit`` ends with timm's modules holding the merged weights."""
     rec = ((meta.get("geoexplora_meta") or {}).get("config") or {}).get("explora")
     if not isinstance(rec, dict):
-        raise UserError(f"{flag} '{path}': holds LoRA tensors but no recipe (meta.json config.explora); "
-                        "use the run's export/ files instead")
+        raise UserError(
+            f"{flag} '{path}': holds LoRA tensors but no recipe (meta.json config.explora); "
+            "use the run's export/ files instead"
+        )
     blocks = sorted({int(k.split(".")[1]) for k in sd if k.startswith("blocks.") and k.endswith(".lora_a")})
     defaults = ExploraConfig()  # a recipe written before a field existed has that field's default
     rank = int(rec.get("lora_rank", defaults.lora_rank))

@@ -7,6 +7,7 @@ config refuses a logger whose package is not installed). All of them work offlin
 writes files, W&B runs in offline mode unless WANDB_MODE says otherwise, and MLflow writes a
 SQLite store in the run directory unless MLFLOW_TRACKING_URI names another.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence

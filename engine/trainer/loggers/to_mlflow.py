@@ -7,6 +7,7 @@ resolved config is logged once as dotted params (``optim.lr``); the MLflow run i
 ``<output_dir>/mlflow_run_id``, so a resumed run continues the same MLflow run. A client object
 is used, not mlflow's module-level active run, so the caller's own MLflow state is left alone.
 """
+
 from __future__ import annotations
 
 import os
@@ -45,13 +46,16 @@ class MlflowLogger:
             return
         name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or "geoexplora"
         exp = self.client.get_experiment_by_name(name)
-        exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(
-            name, artifact_location=(out / "mlartifacts").as_uri())
+        exp_id = (
+            exp.experiment_id
+            if exp is not None
+            else self.client.create_experiment(name, artifact_location=(out / "mlartifacts").as_uri())
+        )
         self.run_id = self.client.create_run(exp_id, run_name=Path(output_dir).name).info.run_id
         save_run_id(output_dir, "mlflow", self.run_id)
         params = [Param(k, v) for k, v in flat_params(config).items()]
         for i in range(0, len(params), MAX_PARAMS_PER_BATCH):
-            self.client.log_batch(self.run_id, params=params[i:i + MAX_PARAMS_PER_BATCH])
+            self.client.log_batch(self.run_id, params=params[i : i + MAX_PARAMS_PER_BATCH])
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
         from mlflow.entities import Metric

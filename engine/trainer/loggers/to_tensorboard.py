@@ -1,4 +1,5 @@
 """Metrics to TensorBoard event files in ``<output_dir>/tb`` (``tensorboard --logdir runs``)."""
+
 from __future__ import annotations
 
 from pathlib import Path

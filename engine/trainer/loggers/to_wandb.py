@@ -7,6 +7,7 @@ is the run's config. The W&B run id is kept in ``<output_dir>/wandb_run_id``, so
 continues the same W&B run (steps redone after the last checkpoint are dropped by W&B, which only
 accepts increasing steps; metrics.jsonl keeps them).
 """
+
 from __future__ import annotations
 
 import os
@@ -22,9 +23,15 @@ class WandbLogger:
 
         rid = saved_run_id(output_dir, "wandb") or uuid.uuid4().hex[:12]
         save_run_id(output_dir, "wandb", rid)
-        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT") or "geoexplora", name=Path(output_dir).name,
-                              id=rid, resume="allow", dir=str(output_dir), config=config,
-                              mode=os.environ.get("WANDB_MODE") or "offline")
+        self.run = wandb.init(
+            project=os.environ.get("WANDB_PROJECT") or "geoexplora",
+            name=Path(output_dir).name,
+            id=rid,
+            resume="allow",
+            dir=str(output_dir),
+            config=config,
+            mode=os.environ.get("WANDB_MODE") or "offline",
+        )
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
         self.run.log(scalars, step=step)

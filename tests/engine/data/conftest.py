@@ -1,4 +1,5 @@
 """Fixtures for the data-pipeline tests: tiny shard archives written in the binding format."""
+
 from __future__ import annotations
 
 import sys
@@ -21,4 +22,3 @@ def shard_dir(tmp_path):
         return root
 
     return make
-

@@ -1,4 +1,5 @@
 """iBOT block masks: shape, per-crop ratio within the range, masked fraction, group layout."""
+
 import numpy as np
 import pytest
 

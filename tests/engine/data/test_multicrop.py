@@ -1,4 +1,5 @@
 """Multi-crop, MAE and eval views: shapes, dtypes, crop-major order, spectral safety."""
+
 import numpy as np
 import pytest
 import torch
@@ -25,11 +26,17 @@ def test_dino_batch_shapes_and_dtypes(shard_dir, bands, dtype):
 
 def test_crop_major_order_and_bands_never_mixed():
     """13-band uint16: band b of sample i is constant 1000*i + b; every crop keeps that exactly."""
-    view = DinoMultiCrop(CropConfig(global_size=16, local_size=8, num_local=2), patch_size=8, num_groups=3,
-                         photometric=build_photometric(CropConfig(), {"dtype": "uint16", "num_bands": 13}, None))
+    view = DinoMultiCrop(
+        CropConfig(global_size=16, local_size=8, num_local=2),
+        patch_size=8,
+        num_groups=3,
+        photometric=build_photometric(CropConfig(), {"dtype": "uint16", "num_bands": 13}, None),
+    )
     rng = np.random.default_rng(0)
-    arrs = [np.broadcast_to((1000 * i + np.arange(13, dtype=np.uint16))[:, None, None], (13, 24, 30)).copy()
-            for i in range(3)]
+    arrs = [
+        np.broadcast_to((1000 * i + np.arange(13, dtype=np.uint16))[:, None, None], (13, 24, 30)).copy()
+        for i in range(3)
+    ]
     batch = view.collate([view(a, rng) for a in arrs], rng)
     assert batch["masks"].shape == (6, 3 * 4)
     for key, n in (("global_crops", 2), ("local_crops", 2)):
@@ -42,8 +49,9 @@ def test_crop_major_order_and_bands_never_mixed():
 def test_rgb_colour_augmentation_only_on_three_bands():
     rng = np.random.default_rng(1)
     rgb = np.random.default_rng(2).integers(0, 255, (3, 32, 32), dtype=np.uint8)
-    crops = CropConfig(global_size=32, local_size=16, num_local=0, global_scale=(1.0, 1.0), ratio=(1.0, 1.0),
-                       dihedral=False)
+    crops = CropConfig(
+        global_size=32, local_size=16, num_local=0, global_scale=(1.0, 1.0), ratio=(1.0, 1.0), dihedral=False
+    )
     manifest = {"dtype": "uint8", "num_bands": 3}
     view = DinoMultiCrop(crops, patch_size=8, photometric=build_photometric(crops, manifest, None))
     outs = [view(rgb, rng)["global"][0][0] for _ in range(4)]

@@ -1,5 +1,6 @@
 """Multi-label archives (BigEarthNet-style CSV cells "a;b") from the converter through the loaders:
 MultiLabelIndex, (B, C) float32 multi-hot batches, skip accounting for unknown labels."""
+
 import csv
 import json
 
@@ -17,8 +18,15 @@ from shards.synthetic import generate_archive
 
 CLASSES = ["Forest", "Pastures", "Sea and ocean", "Urban"]
 # file i -> its class names; the CSV cell joins them with ';'
-NAMES = [["Pastures", "Sea and ocean"], ["Forest"], ["Urban", "Forest", "Pastures"], ["Sea and ocean"],
-         ["Pastures"], ["Forest", "Sea and ocean"], ["Urban"]]
+NAMES = [
+    ["Pastures", "Sea and ocean"],
+    ["Forest"],
+    ["Urban", "Forest", "Pastures"],
+    ["Sea and ocean"],
+    ["Pastures"],
+    ["Forest", "Sea and ocean"],
+    ["Urban"],
+]
 
 
 def multi_hot(names, classes=CLASSES):
@@ -37,8 +45,15 @@ def archive(tmp_path_factory):
         wr = csv.writer(f)
         wr.writerow(["path", "label"])
         wr.writerows((rel, ";".join(names)) for rel, names in truth.items())
-    argv = [str(tmp / "in"), "--out", str(tmp / "out"), "--labels", str(tmp / "labels.csv"),
-            "--max-samples-per-shard", "3"]
+    argv = [
+        str(tmp / "in"),
+        "--out",
+        str(tmp / "out"),
+        "--labels",
+        str(tmp / "labels.csv"),
+        "--max-samples-per-shard",
+        "3",
+    ]
     convert(options_from_args(convert_parser().parse_args(argv)))
     return tmp / "out", truth
 
@@ -62,8 +77,14 @@ def test_multilabel_index():
     assert got.dtype == np.float32 and got.shape == (4,)
     np.testing.assert_array_equal(got, multi_hot(["Pastures", "Sea and ocean"]))
     np.testing.assert_array_equal(idx({"label": "Urban"}), multi_hot(["Urban"]))
-    for bad in ({"label": None}, {}, {"label": ""}, {"labels": []}, {"label": "Urban;Glacier"},
-                {"labels": ["Forest", "Glacier"]}):
+    for bad in (
+        {"label": None},
+        {},
+        {"label": ""},
+        {"labels": []},
+        {"label": "Urban;Glacier"},
+        {"labels": ["Forest", "Glacier"]},
+    ):
         with pytest.raises(CorruptSample):
             idx(bad)
     assert isinstance(MultiLabelIndex.from_manifest({"classes": CLASSES}), MultiLabelIndex)

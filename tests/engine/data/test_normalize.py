@@ -1,4 +1,5 @@
 """Device-side normalisation uses the manifest's per-band statistics."""
+
 import numpy as np
 import pytest
 import torch
@@ -14,8 +15,9 @@ def test_loader_normalizer_uses_manifest_stats(shard_dir):
     import json
 
     m = json.loads((root / "manifest.json").read_text())
-    loader = build_eval_loader(DataConfig(shards=str(root), batch_size=8, num_workers=0, bands=[3, 1]), 8,
-                               rank=0, world_size=1)
+    loader = build_eval_loader(
+        DataConfig(shards=str(root), batch_size=8, num_workers=0, bands=[3, 1]), 8, rank=0, world_size=1
+    )
     batch = next(iter(loader))
     assert batch["images"].dtype == torch.uint16 and batch["images"].shape == (8, 2, 8, 8)
     out = to_device(batch, "cpu", loader.normalizer)
@@ -26,12 +28,16 @@ def test_loader_normalizer_uses_manifest_stats(shard_dir):
 
 
 def test_percentile_clip_nodata_and_overrides():
-    manifest = {"num_bands": 2, "nodata": 0, "stats": {"mean": [10.0, 100.0], "std": [2.0, 50.0],
-                                                       "p2": [5.0, 20.0], "p98": [15.0, 180.0]}}
+    manifest = {
+        "num_bands": 2,
+        "nodata": 0,
+        "stats": {"mean": [10.0, 100.0], "std": [2.0, 50.0], "p2": [5.0, 20.0], "p98": [15.0, 180.0]},
+    }
     x = torch.tensor([[[0, 4], [12, 40]], [[0, 10], [100, 300]]], dtype=torch.uint16)[None]  # (1, 2, 2, 2)
     y = Normalizer.from_manifest(manifest, clip=True)(x)
-    expect = torch.tensor([[[0.0, (5 - 10) / 2], [(12 - 10) / 2, (15 - 10) / 2]],
-                           [[0.0, (20 - 100) / 50], [0.0, (180 - 100) / 50]]])[None]
+    expect = torch.tensor(
+        [[[0.0, (5 - 10) / 2], [(12 - 10) / 2, (15 - 10) / 2]], [[0.0, (20 - 100) / 50], [0.0, (180 - 100) / 50]]]
+    )[None]
     assert torch.allclose(y, expect)
     z = Normalizer.from_manifest(manifest, bands=[1], mean=[0.0], std=[1.0])(x[:, 1:])
     assert z[0, 0, 1, 1] == 300.0 and z[0, 0, 0, 0] == 0.0

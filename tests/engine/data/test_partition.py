@@ -1,4 +1,5 @@
 """Rank x worker partitioning: exact epochs are disjoint and complete; fixed-length epochs agree."""
+
 from collections import Counter
 
 import pytest
@@ -29,8 +30,9 @@ def test_exact_epoch_disjoint_and_complete_per_rank_and_worker(shard_dir, per_sh
     total = sum(per_shard)
     shard_of = [s for s, c in enumerate(per_shard) for _ in range(c)]
     cfg = _cfg(root, resampled=False)
-    streams = [build_pretrain_loader(cfg, CROPS, "mae", patch_size=8, rank=r, world_size=2, seed=3).dataset
-               for r in range(2)]
+    streams = [
+        build_pretrain_loader(cfg, CROPS, "mae", patch_size=8, rank=r, world_size=2, seed=3).dataset for r in range(2)
+    ]
     for s in streams:
         s.plan.drop_last = False  # count every sample; the training cut is tested below
     for epoch in (0, 1):

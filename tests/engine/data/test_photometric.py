@@ -1,4 +1,5 @@
 """Photometric augmentation: the worker and device paths agree, per op and over a whole pipeline."""
+
 import numpy as np
 import pytest
 import torch
@@ -32,29 +33,44 @@ def test_batched_apply_equals_one_crop_at_a_time(mode):
     """The device path (all crops at once) computes what the worker path (one crop) computes."""
     bands = 3 if mode == "colour" else 5
     rng_range = BandRange([10.0] * bands, [900.0] * bands)
-    ph = Photometric(rng_range, rgb=mode == "colour", spectral=mode if mode in ("shared", "per_band") else "none",
-                     blur_all_bands=True)
+    ph = Photometric(
+        rng_range,
+        rgb=mode == "colour",
+        spectral=mode if mode in ("shared", "per_band") else "none",
+        blur_all_bands=True,
+    )
     n = 24
     params = _rows(ph, n, bands)
     x = torch.from_numpy(np.stack(_smooth_images(n, bands, 40, np.float32, 1000.0)))
     batched = ph.apply(x.clone(), params)
-    single = torch.cat([ph.apply(x[i:i + 1].clone(), params[i:i + 1]) for i in range(n)])
+    single = torch.cat([ph.apply(x[i : i + 1].clone(), params[i : i + 1]) for i in range(n)])
     torch.testing.assert_close(batched, single, atol=2e-4, rtol=1e-5)
     assert not torch.allclose(batched, x)  # something happened
 
 
-@pytest.mark.parametrize("bands, dtype, manifest_extra", [
-    (3, np.uint8, {}),
-    (3, np.uint16, {"p2": [80.0, 60.0, 50.0], "p98": [3000.0, 2600.0, 2500.0]}),
-    (6, np.uint16, {"p2": [50.0] * 6, "p98": [2000.0] * 6}),
-])
+@pytest.mark.parametrize(
+    "bands, dtype, manifest_extra",
+    [
+        (3, np.uint8, {}),
+        (3, np.uint16, {"p2": [80.0, 60.0, 50.0], "p98": [3000.0, 2600.0, 2500.0]}),
+        (6, np.uint16, {"p2": [50.0] * 6, "p98": [2000.0] * 6}),
+    ],
+)
 def test_worker_and_device_paths_agree_per_crop(bands, dtype, manifest_extra):
     """Same sample, same generator: identical geometry and parameters; with identity geometry the
     two paths differ only by the worker's final rounding (dtype tolerance: half a level)."""
     hi = 255.0 if dtype == np.uint8 else 4000.0
     manifest = {"dtype": np.dtype(dtype).name, "num_bands": bands, "stats": manifest_extra}
-    crops = CropConfig(global_size=40, local_size=40, num_local=3, global_scale=(1.0, 1.0), local_scale=(1.0, 1.0),
-                       ratio=(1.0, 1.0), spectral_jitter="shared" if bands != 3 else "none", blur_all_bands=True)
+    crops = CropConfig(
+        global_size=40,
+        local_size=40,
+        num_local=3,
+        global_scale=(1.0, 1.0),
+        local_scale=(1.0, 1.0),
+        ratio=(1.0, 1.0),
+        spectral_jitter="shared" if bands != 3 else "none",
+        blur_all_bands=True,
+    )
     ph = build_photometric(crops, manifest, None)
     worker = DinoMultiCrop(crops, patch_size=8, photometric=ph)
     device = DinoMultiCrop(crops, patch_size=8, photometric=ph, on_device=True)
@@ -73,8 +89,9 @@ def test_worker_and_device_paths_agree_per_crop(bands, dtype, manifest_extra):
 
 
 def _normalised_crops(root, augment_on, steps=12):
-    cfg = DataConfig(shards=str(root), batch_size=8, num_workers=0, shuffle_buffer=16, steps_per_epoch=steps,
-                     augment_on=augment_on)
+    cfg = DataConfig(
+        shards=str(root), batch_size=8, num_workers=0, shuffle_buffer=16, steps_per_epoch=steps, augment_on=augment_on
+    )
     crops = CropConfig(global_size=32, local_size=16, num_local=4)
     loader = build_pretrain_loader(cfg, crops, "dino", patch_size=8, rank=0, world_size=1, seed=5)
     assert (loader.photometric is not None) == (augment_on == "device")
@@ -131,9 +148,15 @@ def test_sixteen_bit_crops_stay_within_documented_range(tmp_path):
 
 def _stats(scenes):
     px = np.concatenate([s.reshape(s.shape[0], -1).astype(np.float64) for s in scenes], axis=1)
-    return {"count": [px.shape[1]] * px.shape[0], "mean": px.mean(1).tolist(), "std": px.std(1).tolist(),
-            "min": px.min(1).tolist(), "max": px.max(1).tolist(),
-            "p2": np.percentile(px, 2, axis=1).tolist(), "p98": np.percentile(px, 98, axis=1).tolist()}
+    return {
+        "count": [px.shape[1]] * px.shape[0],
+        "mean": px.mean(1).tolist(),
+        "std": px.std(1).tolist(),
+        "min": px.min(1).tolist(),
+        "max": px.max(1).tolist(),
+        "p2": np.percentile(px, 2, axis=1).tolist(),
+        "p98": np.percentile(px, 98, axis=1).tolist(),
+    }
 
 
 def _archive(root, scenes, dtype):
@@ -148,8 +171,9 @@ def _archive(root, scenes, dtype):
     from fake_shards import npy_bytes, write_shards
 
     half = len(scenes) // 2
-    manifest = write_shards(root, per_shard=[half, len(scenes) - half], bands=scenes[0].shape[0],
-                            size=scenes[0].shape[1], dtype=dtype)
+    manifest = write_shards(
+        root, per_shard=[half, len(scenes) - half], bands=scenes[0].shape[0], size=scenes[0].shape[1], dtype=dtype
+    )
     it = iter(scenes)
     for entry in manifest["shards"]:
         path = root / entry["name"]
@@ -190,10 +214,18 @@ def test_device_resume_is_the_continuation(shard_dir):
     root = shard_dir(per_shard=[5, 4, 6], size=12, dtype="uint8")
 
     def make():
-        cfg = DataConfig(shards=str(root), batch_size=2, num_workers=2, shuffle_buffer=4, steps_per_epoch=5,
-                         augment_on="device")
-        return build_pretrain_loader(cfg, CropConfig(global_size=8, local_size=8, num_local=2), "dino",
-                                     patch_size=8, rank=0, world_size=1, seed=3)
+        cfg = DataConfig(
+            shards=str(root), batch_size=2, num_workers=2, shuffle_buffer=4, steps_per_epoch=5, augment_on="device"
+        )
+        return build_pretrain_loader(
+            cfg,
+            CropConfig(global_size=8, local_size=8, num_local=2),
+            "dino",
+            patch_size=8,
+            rank=0,
+            world_size=1,
+            seed=3,
+        )
 
     full = list(itertools.islice(make().infinite(), 7))
     first = make()
@@ -209,8 +241,10 @@ def test_device_resume_is_the_continuation(shard_dir):
 
 
 def test_to_device_refuses_parameters_without_photometric():
-    batch = {"global_crops": torch.zeros(2, 3, 4, 4, dtype=torch.uint8),
-             "global_crops" + PARAMS_SUFFIX: torch.zeros(2, 15)}
+    batch = {
+        "global_crops": torch.zeros(2, 3, 4, 4, dtype=torch.uint8),
+        "global_crops" + PARAMS_SUFFIX: torch.zeros(2, 15),
+    }
     with pytest.raises(ValueError, match="photometric"):
         to_device(batch, "cpu", build_normalizer(DataConfig(mean=[0, 0, 0], std=[1, 1, 1]), None))
 
@@ -235,11 +269,27 @@ def test_pretrain_runs_with_device_augmentation(shard_dir, tmp_path):
     tiny = repo / "engine" / "presets" / "tiny_cpu.yaml"
     root = shard_dir(per_shard=[8, 8], size=64, dtype="uint8")
     env = dict(os.environ, PYTHONPATH=str(repo), HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "launchers/pretrain.py", "--config", str(tiny), "--data.shards", str(root),
-           "--data.augment_on", "device", "--train.max_steps", "2", "--train.log_every", "1",
-           "--train.output_dir", str(tmp_path / "run"), "--train.export", "false"]
-    proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    cmd = [
+        sys.executable,
+        "launchers/pretrain.py",
+        "--config",
+        str(tiny),
+        "--data.shards",
+        str(root),
+        "--data.augment_on",
+        "device",
+        "--train.max_steps",
+        "2",
+        "--train.log_every",
+        "1",
+        "--train.output_dir",
+        str(tmp_path / "run"),
+        "--train.export",
+        "false",
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         _, err = proc.communicate(timeout=300)
     except subprocess.TimeoutExpired:
@@ -265,10 +315,21 @@ def test_band_range_from_manifest():
 def test_nodata_pixels_stay_masked_on_both_paths():
     """16-bit RGB with nodata 0 (a scene border): colour ops clip to [p2, p98], which would lift the
     border off 0; after normalisation the border is still 0 ("no information") on both paths."""
-    manifest = {"dtype": "uint16", "num_bands": 3, "nodata": 0,
-                "stats": {"mean": [2000.0] * 3, "std": [500.0] * 3, "p2": [900.0] * 3, "p98": [3100.0] * 3}}
-    crops = CropConfig(global_size=24, local_size=24, num_local=1, global_scale=(1.0, 1.0), local_scale=(1.0, 1.0),
-                       ratio=(1.0, 1.0), dihedral=False)
+    manifest = {
+        "dtype": "uint16",
+        "num_bands": 3,
+        "nodata": 0,
+        "stats": {"mean": [2000.0] * 3, "std": [500.0] * 3, "p2": [900.0] * 3, "p98": [3100.0] * 3},
+    }
+    crops = CropConfig(
+        global_size=24,
+        local_size=24,
+        num_local=1,
+        global_scale=(1.0, 1.0),
+        local_scale=(1.0, 1.0),
+        ratio=(1.0, 1.0),
+        dihedral=False,
+    )
     ph = build_photometric(crops, manifest, None)
     normalizer = build_normalizer(DataConfig(), manifest)
     img = _smooth_images(1, 3, 24, np.uint16, 4000.0, seed=2)[0]

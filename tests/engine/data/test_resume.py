@@ -1,4 +1,5 @@
 """Position state: a restored loader continues exactly where the saved one stopped."""
+
 import itertools
 import logging
 

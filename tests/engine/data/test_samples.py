@@ -1,4 +1,5 @@
 """Shard reading: the tar reader (ustar, pax, GNU long names), zero-copy decode, pipe: URLs."""
+
 import io
 import tarfile
 
@@ -32,9 +33,11 @@ def test_tar_reader_long_names_and_grouping(tmp_path, fmt):
 def test_tar_reader_rejects_garbage_truncation_and_gzip(tmp_path, shard_dir):
     root = shard_dir(per_shard=[2], size=8)
     good = (root / "shard-000000.tar").read_bytes()
-    for name, data, needle in (("garbage.tar", b"\1" * 2048, "checksum"),
-                               ("cut.tar", good[:1500], "end"),
-                               ("gz.tar", b"\x1f\x8b" + b"\0" * 1022, "gzip")):
+    for name, data, needle in (
+        ("garbage.tar", b"\1" * 2048, "checksum"),
+        ("cut.tar", good[:1500], "end"),
+        ("gz.tar", b"\x1f\x8b" + b"\0" * 1022, "gzip"),
+    ):
         (tmp_path / name).write_bytes(data)
         with pytest.raises(TarFormatError, match=needle):
             list(iter_shard(str(tmp_path / name), ShardOpener()))

@@ -1,4 +1,5 @@
 """Shard spec resolution: every accepted form, and one-line UserErrors for the bad ones."""
+
 import json
 
 import pytest
@@ -33,11 +34,14 @@ def test_remote_urls_are_not_checked_and_use_given_manifest(shard_dir):
     assert resolve_shards("https://example.org/shard-000000.tar").counts == [None]
 
 
-@pytest.mark.parametrize("spec, needle", [
-    ("", "empty shard spec"),
-    ("/nonexistent/dir", "no such file or directory"),
-    ("/nonexistent/shard-*.tar", "matched no files"),
-])
+@pytest.mark.parametrize(
+    "spec, needle",
+    [
+        ("", "empty shard spec"),
+        ("/nonexistent/dir", "no such file or directory"),
+        ("/nonexistent/shard-*.tar", "matched no files"),
+    ],
+)
 def test_bad_specs(spec, needle):
     with pytest.raises(UserError, match=needle):
         resolve_shards(spec)

@@ -1,4 +1,5 @@
 """The shuffle buffer: a permutation, deterministic, warm start, capped in samples and in bytes."""
+
 import itertools
 
 import numpy as np
@@ -52,8 +53,9 @@ def test_loader_state_changes_with_the_byte_cap(shard_dir):
     crops = CropConfig(global_size=8, local_size=8, num_local=0)
 
     def make(buffer_bytes):
-        data = DataConfig(shards=str(root), batch_size=2, num_workers=0, shuffle_buffer_bytes=buffer_bytes,
-                          steps_per_epoch=2)
+        data = DataConfig(
+            shards=str(root), batch_size=2, num_workers=0, shuffle_buffer_bytes=buffer_bytes, steps_per_epoch=2
+        )
         return build_pretrain_loader(data, crops, "dino", patch_size=8, rank=0, world_size=1)
 
     assert make(2**20).state_dict()["topology"] != make(2**21).state_dict()["topology"]

@@ -1,4 +1,5 @@
 """Bad data: corrupt samples and shards are logged with their key, skipped and counted; too many abort."""
+
 import logging
 
 import numpy as np
@@ -41,8 +42,9 @@ def test_all_corrupt_resampled_stream_aborts_instead_of_spinning(shard_dir, monk
     for name in ("shard-000000.tar", "shard-000001.tar"):
         (root / name).write_bytes(b"\0garbage" * 100)
     cfg = DataConfig(shards=str(root), batch_size=2, num_workers=2, max_skip_rate=1.0, steps_per_epoch=3)
-    loader = build_pretrain_loader(cfg, CropConfig(global_size=8, local_size=4, num_local=0), "mae",
-                                   patch_size=4, rank=0, world_size=1)
+    loader = build_pretrain_loader(
+        cfg, CropConfig(global_size=8, local_size=4, num_local=0), "mae", patch_size=4, rank=0, world_size=1
+    )
     with pytest.raises(SkipRateExceeded) as err:
         list(loader)
     assert "Traceback" not in str(err.value) and "re-convert the bad shards" in str(err.value)

@@ -1,4 +1,5 @@
 """Geometric transforms, colour ops and class labels."""
+
 import numpy as np
 import pytest
 import torch

@@ -1,5 +1,6 @@
 """DataLoader workers ignore SIGINT, and SIGTERM until their loader closes: the main process
 (PreemptionGuard) owns the stop; the loader's own shutdown still ends them."""
+
 import multiprocessing as mp
 import os
 import signal
@@ -38,8 +39,9 @@ def test_signalled_worker_keeps_serving_and_shuts_down(shard_dir):
     nor break the epoch; the worker still exits when the epoch ends."""
     root = shard_dir(per_shard=[7, 1, 2, 6, 3], size=8, classes=["x", "y"])
     cfg = DataConfig(shards=str(root), batch_size=2, num_workers=1)
-    expected = len(list(build_eval_loader(DataConfig(shards=str(root), batch_size=2, num_workers=0), 8,
-                                          rank=0, world_size=1)))
+    expected = len(
+        list(build_eval_loader(DataConfig(shards=str(root), batch_size=2, num_workers=0), 8, rank=0, world_size=1))
+    )
     before = set(mp.active_children())
     it = iter(build_eval_loader(cfg, 8, rank=0, world_size=1))
     batches = [next(it)]
@@ -60,8 +62,9 @@ def test_persistent_workers_survive_epochs_and_close(shard_dir):
     root = shard_dir(per_shard=[5, 4, 6], size=12, dtype="uint8")
     cfg = DataConfig(shards=str(root), batch_size=2, num_workers=2, shuffle_buffer=4, steps_per_epoch=3)
     before = set(mp.active_children())
-    loader = build_pretrain_loader(cfg, CropConfig(global_size=8, local_size=8, num_local=0), "dino",
-                                   patch_size=8, rank=0, world_size=1)
+    loader = build_pretrain_loader(
+        cfg, CropConfig(global_size=8, local_size=8, num_local=0), "dino", patch_size=8, rank=0, world_size=1
+    )
     assert len(list(loader)) == 3
     first = {p.pid for p in _new_children(before)}
     assert len(first) == 2

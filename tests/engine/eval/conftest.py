@@ -1,6 +1,7 @@
 """A small labelled shard set with one sub-directory per split whose two classes differ in
 brightness (easy on purpose: these tests check that the machinery learns and counts right, not
 that a method is good)."""
+
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +19,18 @@ def write_labelled_splits(root: Path, sizes: dict[str, int], per_shard: int = 16
     from shards.synthetic import generate_archive
 
     for seed, (split, n) in enumerate(sizes.items(), start=5):
-        generate_archive(root / "src" / split, n, 32, classes=["dark", "bright"], pixel_fn=two_level_pixels,
-                         seed=seed)
-        run_convert([str(root / "src" / split), "-o", str(root / "shards" / split), "--labels", "folder",
-                     "--max-samples-per-shard", str(per_shard)])
+        generate_archive(root / "src" / split, n, 32, classes=["dark", "bright"], pixel_fn=two_level_pixels, seed=seed)
+        run_convert(
+            [
+                str(root / "src" / split),
+                "-o",
+                str(root / "shards" / split),
+                "--labels",
+                "folder",
+                "--max-samples-per-shard",
+                str(per_shard),
+            ]
+        )
     return root / "shards"
 
 

@@ -1,4 +1,5 @@
 """The fine-tuning model: which tensors train in each mode, layer-wise lr decay, losses."""
+
 import pytest
 import torch
 
@@ -9,8 +10,9 @@ from engine.trainer.deepspeed_setup import param_groups
 
 
 def _cfg(*over):
-    return load_config(FinetuneRunConfig, None, ["--model.name", "tiny", "--model.img_size", "28",
-                                                 "--model.depth", "3", *over])
+    return load_config(
+        FinetuneRunConfig, None, ["--model.name", "tiny", "--model.img_size", "28", "--model.depth", "3", *over]
+    )
 
 
 def test_lora_mode_trains_only_lora_and_head():
@@ -35,11 +37,11 @@ def test_layer_decay_multipliers_and_groups():
     m = model.lr_multiplier
     assert m("head.weight") == 1.0 and m("vit.norm.weight") == 1.0
     assert m("vit.blocks.2.mlp.fc1.weight") == 0.5
-    assert m("vit.blocks.0.attn.qkv.weight") == 0.5 ** 3
-    assert m("vit.patch_embed.proj.weight") == m("vit.cls_token") == 0.5 ** 4
+    assert m("vit.blocks.0.attn.qkv.weight") == 0.5**3
+    assert m("vit.patch_embed.proj.weight") == m("vit.cls_token") == 0.5**4
     groups = param_groups(model.trainable_parameters(), lr_mult=m)
     mults = sorted({g["lr_mult"] for g in groups})
-    assert mults == [0.5 ** 4, 0.5 ** 3, 0.5 ** 2, 0.5, 1.0]
+    assert mults == [0.5**4, 0.5**3, 0.5**2, 0.5, 1.0]
     assert all(g["wd_mult"] == 0.0 for g in groups if g["group"].startswith("no_decay"))
     seen = [id(p) for g in groups for p in g["params"]]
     assert len(seen) == len(set(seen)) == len(list(model.trainable_parameters()))

@@ -26,7 +26,13 @@ def test_average_precision_matches_hand_computation():
     targets = torch.tensor([[1], [0], [1], [0]])
     # precision at the positives: 1/1, 2/3 -> AP = (1 + 2/3) / 2
     assert abs(average_precision(scores, targets)[0].item() - (1 + 2 / 3) / 2) < 1e-6
-    assert abs(mean_average_precision(torch.cat([scores, scores], 1), torch.cat([targets, targets], 1)) - 100 * (1 + 2 / 3) / 2) < 1e-4
+    assert (
+        abs(
+            mean_average_precision(torch.cat([scores, scores], 1), torch.cat([targets, targets], 1))
+            - 100 * (1 + 2 / 3) / 2
+        )
+        < 1e-4
+    )
 
 
 def test_knn_separable_reaches_100():
@@ -58,6 +64,7 @@ def test_linear_probe_multilabel_map():
     g = torch.Generator().manual_seed(0)
     feats = torch.randn(300, 8, generator=g)
     targets = torch.stack([feats[:, 0] > 0, feats[:, 1] > 0.5, feats[:, 2] < 0], 1).long()
-    res = linear_probe(feats[:200], targets[:200], feats[200:], targets[200:], num_classes=3,
-                       multilabel=True, epochs=30)
+    res = linear_probe(
+        feats[:200], targets[:200], feats[200:], targets[200:], num_classes=3, multilabel=True, epochs=30
+    )
     assert res.val["mAP"] > 95.0

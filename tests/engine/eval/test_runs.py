@@ -1,4 +1,5 @@
 """Fine-tuning and frozen evaluation end to end on a single gloo rank (the CPU form of the GPU runs)."""
+
 import json
 
 import pytest
@@ -14,14 +15,38 @@ def test_finetune_learns_and_keeps_best(labelled_shards, tmp_path, single_rank_e
     from engine.eval.finetune import load_best, run_finetune
 
     out = tmp_path / "ft"
-    cfg = load_config(FinetuneRunConfig, None, [*TINY, "--data.shards", str(labelled_shards),
-                                                "--data.batch_size", "8", "--train.output_dir", str(out),
-                                                "--train.max_steps", "24", "--train.precision", "fp32",
-                                                "--train.logger", "", "--train.save_every", "0",
-                                                "--optim.lr", "0.01", "--optim.lr_scaling", "none",
-                                                "--finetune.lora_rank", "4", "--zero.stage", "2",
-                                                # a random-init cls token is nearly input-independent
-                                                "--finetune.pool", "cls_avgpool"])
+    cfg = load_config(
+        FinetuneRunConfig,
+        None,
+        [
+            *TINY,
+            "--data.shards",
+            str(labelled_shards),
+            "--data.batch_size",
+            "8",
+            "--train.output_dir",
+            str(out),
+            "--train.max_steps",
+            "24",
+            "--train.precision",
+            "fp32",
+            "--train.logger",
+            "",
+            "--train.save_every",
+            "0",
+            "--optim.lr",
+            "0.01",
+            "--optim.lr_scaling",
+            "none",
+            "--finetune.lora_rank",
+            "4",
+            "--zero.stage",
+            "2",
+            # a random-init cls token is nearly input-independent
+            "--finetune.pool",
+            "cls_avgpool",
+        ],
+    )
     res = run_finetune(cfg, single_rank_env)
     # 48 train samples / batch 8 = 6 steps an epoch -> validated at 6, 12, 18, 24
     assert [v["step"] for v in res["validations"]] == [6, 12, 18, 24]
@@ -39,8 +64,19 @@ def test_finetune_learns_and_keeps_best(labelled_shards, tmp_path, single_rank_e
 def test_finetune_missing_split_is_one_line_error(labelled_shards, tmp_path, single_rank_env):
     from engine.eval.finetune import run_finetune
 
-    cfg = load_config(FinetuneRunConfig, None, [*TINY, "--data.shards", str(labelled_shards),
-                                                "--finetune.val_split", "nope", "--train.output_dir", str(tmp_path)])
+    cfg = load_config(
+        FinetuneRunConfig,
+        None,
+        [
+            *TINY,
+            "--data.shards",
+            str(labelled_shards),
+            "--finetune.val_split",
+            "nope",
+            "--train.output_dir",
+            str(tmp_path),
+        ],
+    )
     with pytest.raises(UserError, match="no 'nope' sub-directory"):
         run_finetune(cfg, single_rank_env)
 
@@ -49,8 +85,11 @@ def test_frozen_eval_writes_results_and_reuses_features(labelled_shards, tmp_pat
     from engine.eval.frozen import evaluate_frozen
 
     out = tmp_path / "ev"
-    cfg = load_config(EvalRunConfig, None, [*TINY, "--data.shards", str(labelled_shards), "--eval.output_dir",
-                                            str(out), "--eval.probe_epochs", "30"])
+    cfg = load_config(
+        EvalRunConfig,
+        None,
+        [*TINY, "--data.shards", str(labelled_shards), "--eval.output_dir", str(out), "--eval.probe_epochs", "30"],
+    )
     res = evaluate_frozen(cfg, single_rank_env)
     assert res["num_samples"] == {"train": 48, "val": 24} and set(res["pools"]) == {"cls", "cls_avgpool"}
     for pool in res["pools"].values():

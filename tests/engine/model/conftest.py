@@ -1,4 +1,5 @@
 """Tiny ViTs and weight files for the engine/model tests (width 64, depth 2-3, 28-56 px)."""
+
 import pytest
 import torch
 from safetensors.torch import save_file

@@ -1,5 +1,6 @@
 """The architectures (engine/model/architecture.py): names, shape overrides and their errors, drop
 path, the token assembly; built through build_vit as users build them."""
+
 import pytest
 import torch
 
@@ -50,7 +51,15 @@ def test_token_assembly_is_a_parameter_free_submodule(images):
     vit = build_vit(tiny_cfg()).eval()
     assert isinstance(vit.token_assembly, TokenAssembly)
     assert not any("token_assembly" in k for k in vit.state_dict())
-    plain = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=56, dynamic_img_size=True,
-                              num_classes=0, embed_dim=64, depth=2, num_heads=2).eval()
+    plain = timm.create_model(
+        "vit_small_patch14_dinov2",
+        pretrained=False,
+        img_size=56,
+        dynamic_img_size=True,
+        num_classes=0,
+        embed_dim=64,
+        depth=2,
+        num_heads=2,
+    ).eval()
     plain.load_state_dict(vit.state_dict())
     torch.testing.assert_close(forward_tokens(vit, images)["patch"], forward_tokens(plain, images)["patch"])

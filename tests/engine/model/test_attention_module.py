@@ -1,4 +1,5 @@
 """DispatchAttention inside a tiny timm ViT: same state dict, same outputs and gradients as timm."""
+
 import copy
 
 import pytest
@@ -14,8 +15,7 @@ from kernels import dispatch
 def _tiny_vit(**kw):
     # 32 px / patch 8 -> 16 patches + cls = 17 tokens: not a multiple of any kernel block.
     torch.manual_seed(0)
-    args = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=0,
-                dynamic_img_size=True)
+    args = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=0, dynamic_img_size=True)
     args.update(kw)
     return timm.create_model("vit_base_patch16_224", pretrained=False, **args)
 
@@ -113,8 +113,9 @@ def test_attn_mask_is_honoured(backend):
     x = torch.randn(2, 17, 64)
     mask = torch.ones(2, 1, 17, 17, dtype=torch.bool)
     mask[..., 12:] = False
-    torch.testing.assert_close(ours.blocks[0].attn(x, attn_mask=mask), ref.blocks[0].attn(x, attn_mask=mask),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        ours.blocks[0].attn(x, attn_mask=mask), ref.blocks[0].attn(x, attn_mask=mask), atol=1e-5, rtol=1e-5
+    )
 
 
 class _CountingWrapper(nn.Module):

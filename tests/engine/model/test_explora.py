@@ -45,16 +45,20 @@ def _expected_trainable(depth, unfrozen, targets, norms=True):
     return names | {"cls_token"}  # ExPLoRA's unfreeze_cls_token (explora.train_tokens, default on)
 
 
-@pytest.mark.parametrize("blocks, targets, norms", [
-    ([-1], ["q", "v"], True),
-    ([0, -1], ["q", "v"], True),
-    ([-1], ["q", "k", "v", "proj", "fc1", "fc2"], True),
-    ([], ["v", "fc1"], False),
-])
+@pytest.mark.parametrize(
+    "blocks, targets, norms",
+    [
+        ([-1], ["q", "v"], True),
+        ([0, -1], ["q", "v"], True),
+        ([-1], ["q", "k", "v", "proj", "fc1", "fc2"], True),
+        ([], ["v", "fc1"], False),
+    ],
+)
 def test_requires_grad_exactly_per_recipe(blocks, targets, norms):
     vit = _vit()
-    apply_explora(vit, ExploraConfig(unfreeze_blocks=blocks, lora_rank=2, lora_alpha=2, lora_targets=targets,
-                                     train_norms=norms))
+    apply_explora(
+        vit, ExploraConfig(unfreeze_blocks=blocks, lora_rank=2, lora_alpha=2, lora_targets=targets, train_norms=norms)
+    )
     depth = len(vit.blocks)
     unfrozen = {b % depth for b in blocks}
     block_params = {n for n, _ in vit.named_parameters() if any(n.startswith(f"blocks.{i}.") for i in unfrozen)}
@@ -67,8 +71,16 @@ def test_requires_grad_exactly_per_recipe(blocks, targets, norms):
 
 def test_optional_unfreeze_flags():
     vit = _vit(name="tiny_reg4")
-    apply_explora(vit, unfreeze_blocks=[], lora_rank=2, lora_targets=["q"], train_layerscale=True,
-                  train_patch_embed=True, train_pos_embed=True, train_tokens=True)
+    apply_explora(
+        vit,
+        unfreeze_blocks=[],
+        lora_rank=2,
+        lora_targets=["q"],
+        train_layerscale=True,
+        train_patch_embed=True,
+        train_pos_embed=True,
+        train_tokens=True,
+    )
     got = {n for n, p in vit.named_parameters() if p.requires_grad}
     assert {"pos_embed", "cls_token", "reg_token", "patch_embed.proj.weight", "blocks.0.ls1.gamma"} <= got
     report = param_report(vit)

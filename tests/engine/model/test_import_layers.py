@@ -2,6 +2,7 @@
 adapters -> build. Checked on the source (``ast``), every import statement counted, also those
 inside functions, and through the first-party modules in between (``engine.config``, ``kernels``),
 so neither a lazy import nor a detour can bring the old vit <-> adapters knot back."""
+
 import ast
 from pathlib import Path
 
@@ -12,8 +13,19 @@ FIRST_PARTY = ("engine", "kernels", "shards", "launchers")
 LAYERS = {
     "architecture": ["patch_embed", "attention", "tokens", "layer_decay", "architecture"],
     "recipe": ["lora", "explora"],
-    "files": ["tensor_files", "base_identity", "state_fit", "formats", "formats.dinov2", "formats.mae",
-              "formats.trainer_checkpoint", "formats.adapter", "formats.merged", "formats.peft_export", "weights"],
+    "files": [
+        "tensor_files",
+        "base_identity",
+        "state_fit",
+        "formats",
+        "formats.dinov2",
+        "formats.mae",
+        "formats.trainer_checkpoint",
+        "formats.adapter",
+        "formats.merged",
+        "formats.peft_export",
+        "weights",
+    ],
     "build": ["vit"],
 }
 RANK = {f"engine.model.{m}": i for i, mods in enumerate(LAYERS.values()) for m in mods}
@@ -41,7 +53,7 @@ def _imports(path: Path, name: str, known: set[str]) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join(anchor + ([base] if base else []))
             out.add(base)
             out.update(f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in known)
@@ -83,8 +95,12 @@ def test_imports_only_run_down_the_layers():
 
 def test_no_cycle_among_model_modules():
     graph = _graph()
-    cycles = [f"{name} <-> {dep}" for name in RANK for dep in graph[name]
-              if dep in RANK and dep != name and name in _reachable(graph, dep)]
+    cycles = [
+        f"{name} <-> {dep}"
+        for name in RANK
+        for dep in graph[name]
+        if dep in RANK and dep != name and name in _reachable(graph, dep)
+    ]
     assert not cycles, cycles
 
 

@@ -32,7 +32,7 @@ def test_segments_equal_separate_q_and_v_adapters():
     b_q, b_v = m.lora_b[:dim], m.lora_b[dim:]
     expect = base(x).detach().clone()
     expect[:, :dim] += m.scale * (x @ a_q.T @ b_q.T)
-    expect[:, 2 * dim:] += m.scale * (x @ a_v.T @ b_v.T)
+    expect[:, 2 * dim :] += m.scale * (x @ a_v.T @ b_v.T)
     torch.testing.assert_close(m(x), expect)
 
 
@@ -90,8 +90,7 @@ def test_module_helpers_and_unwrap():
         with torch.no_grad():
             m.lora_b.normal_()
     mark_only_lora_as_trainable(seq)
-    assert {n for n, p in seq.named_parameters() if p.requires_grad} == {
-        "0.lora_a", "0.lora_b", "2.lora_a", "2.lora_b"}
+    assert {n for n, p in seq.named_parameters() if p.requires_grad} == {"0.lora_a", "0.lora_b", "2.lora_a", "2.lora_b"}
     x = torch.randn(3, 16)
     y = seq(x)
     assert unwrap_lora(seq) == 2

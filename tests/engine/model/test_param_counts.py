@@ -1,5 +1,6 @@
 """Trainable-parameter counts of the real timm architectures (meta device, no weights) against the
 closed form of a DINOv2 block and against the paper's ~18M (ViT-L) / ~9M (ViT-B)."""
+
 import json
 
 import pytest
@@ -19,10 +20,13 @@ def _closed_form(dim: int, depth: int, rank: int, n_unfrozen: int = 1, cls_token
     return n_unfrozen * block + lora_blocks * (4 * rank * dim + 4 * dim) + 2 * dim + (dim if cls_token else 0)
 
 
-@pytest.mark.parametrize("name, dim, depth, paper", [
-    ("vit_large_patch14_dinov2", 1024, 24, 18e6),
-    ("vit_base_patch14_dinov2", 768, 12, 9e6),
-])
+@pytest.mark.parametrize(
+    "name, dim, depth, paper",
+    [
+        ("vit_large_patch14_dinov2", 1024, 24, 18e6),
+        ("vit_base_patch14_dinov2", 768, 12, 9e6),
+    ],
+)
 def test_paper_settings(name, dim, depth, paper):
     vit = build_vit(ModelConfig(name=name, img_size=224), device="meta")
     assert vit.pos_embed.is_meta
@@ -32,16 +36,32 @@ def test_paper_settings(name, dim, depth, paper):
     assert report.groups["unfrozen_blocks"].trainable == 12 * dim * dim + 15 * dim
     assert report.groups["tokens"].trainable == dim
     frozen_cls = build_vit(ModelConfig(name=name, img_size=224), device="meta")
-    without = apply_explora(frozen_cls, unfreeze_blocks=[-1], lora_rank=64, lora_alpha=64, lora_targets=["q", "v"],
-                            train_tokens=False)
+    without = apply_explora(
+        frozen_cls, unfreeze_blocks=[-1], lora_rank=64, lora_alpha=64, lora_targets=["q", "v"], train_tokens=False
+    )
     assert without.trainable == _closed_form(dim, depth, 64, cls_token=False) == report.trainable - dim
 
 
 def test_params_cli_json_last_line(capsys):
     from launchers.params import main
 
-    rc = main(["--model", "vit_base_patch14_dinov2", "--unfreeze-blocks", "-1", "--lora-rank", "64",
-               "--lora-targets", "q,v", "--img-size", "224", "--in-chans", "3", "--json"])
+    rc = main(
+        [
+            "--model",
+            "vit_base_patch14_dinov2",
+            "--unfreeze-blocks",
+            "-1",
+            "--lora-rank",
+            "64",
+            "--lora-targets",
+            "q,v",
+            "--img-size",
+            "224",
+            "--in-chans",
+            "3",
+            "--json",
+        ]
+    )
     assert rc == 0
     out = capsys.readouterr().out.strip().splitlines()
     data = json.loads(out[-1])
@@ -54,8 +74,9 @@ def test_params_cli_json_last_line(capsys):
 
 
 def test_group_channel_counts_on_meta():
-    vit = build_vit(ModelConfig(name="vit_large_patch16_224", img_size=96, in_chans=10, patch_embed="group"),
-                    device="meta")
+    vit = build_vit(
+        ModelConfig(name="vit_large_patch16_224", img_size=96, in_chans=10, patch_embed="group"), device="meta"
+    )
     report = apply_explora(vit, unfreeze_blocks=[-1], lora_rank=8, lora_targets=["q", "v"])
     # 3 group convs (4, 4, 2 bands) + bias each + a (3, D) group embedding, all new -> trainable
     d, p = 1024, 16

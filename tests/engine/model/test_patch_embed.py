@@ -56,8 +56,9 @@ def test_group_channel_vit_forward_backward_with_masking_and_lora():
     vis = forward_tokens(vit, x, ids_keep=ids_keep)
     assert vis["patch"].shape == (2, 5, 64)
     full = embed(vit, x)
-    torch.testing.assert_close(embed(vit, x, ids_keep=ids_keep)[:, 1:],
-                               torch.gather(full[:, 1:], 1, ids_keep[..., None].expand(-1, -1, 64)))
+    torch.testing.assert_close(
+        embed(vit, x, ids_keep=ids_keep)[:, 1:], torch.gather(full[:, 1:], 1, ids_keep[..., None].expand(-1, -1, 64))
+    )
     mask = torch.zeros(2, L, dtype=torch.bool)
     mask[:, ::3] = True
     masked = forward_tokens(vit, x, mask=mask, mask_token=torch.zeros(64))

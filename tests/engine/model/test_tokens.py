@@ -5,11 +5,14 @@ import torch
 from engine.model.tokens import embed, forward_tokens
 
 
-@pytest.mark.parametrize("name, kw", [
-    ("vit_small_patch14_dinov2", dict(embed_dim=64, depth=2, num_heads=2)),
-    ("vit_small_patch14_reg4_dinov2", dict(embed_dim=64, depth=2, num_heads=2)),
-    ("vit_base_patch16_224.mae", dict(embed_dim=64, depth=2, num_heads=2)),
-])
+@pytest.mark.parametrize(
+    "name, kw",
+    [
+        ("vit_small_patch14_dinov2", dict(embed_dim=64, depth=2, num_heads=2)),
+        ("vit_small_patch14_reg4_dinov2", dict(embed_dim=64, depth=2, num_heads=2)),
+        ("vit_base_patch16_224.mae", dict(embed_dim=64, depth=2, num_heads=2)),
+    ],
+)
 def test_matches_timm_forward_features(name, kw):
     torch.manual_seed(0)
     m = timm.create_model(name, pretrained=False, img_size=112, dynamic_img_size=True, **kw).eval()
@@ -25,8 +28,15 @@ def test_matches_timm_forward_features(name, kw):
 
 def test_mask_and_visible_tokens():
     torch.manual_seed(0)
-    m = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=56, dynamic_img_size=True,
-                          embed_dim=32, depth=1, num_heads=2).eval()
+    m = timm.create_model(
+        "vit_small_patch14_dinov2",
+        pretrained=False,
+        img_size=56,
+        dynamic_img_size=True,
+        embed_dim=32,
+        depth=1,
+        num_heads=2,
+    ).eval()
     x = torch.randn(2, 3, 56, 56)
     L = 16
     mask = torch.zeros(2, L, dtype=torch.bool)

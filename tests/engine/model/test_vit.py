@@ -1,5 +1,6 @@
 """build_vit (engine/model/vit.py): dispatch attention, any size and band count, gradient
 checkpointing, the meta device."""
+
 import pytest
 import torch
 
@@ -44,7 +45,9 @@ def test_weight_files_are_checked_where_they_are_read(tmp_path):
     """A config may name files the user does not have yet (presets do): build_vit checks them before
     reading, with the launchers' one-line error; the meta device reads nothing and checks nothing."""
     missing = str(tmp_path / "dinov2_vitl14_pretrain.pth")
-    with pytest.raises(UserError, match=r"^--model.weights: file '.*dinov2_vitl14_pretrain.pth' not found; give a local"):
+    with pytest.raises(
+        UserError, match=r"^--model.weights: file '.*dinov2_vitl14_pretrain.pth' not found; give a local"
+    ):
         build_vit(tiny_cfg(weights=missing))
     with pytest.raises(UserError, match=r"^--model.adapter: file '.*adapter.safetensors' not found$"):
         build_vit(tiny_cfg(adapter=str(tmp_path / "adapter.safetensors")))

@@ -1,6 +1,7 @@
 """Reading weight files (engine/model/weights.py) and fitting them to the model
 (engine/model/state_fit.py): timm files, heads, the errors that name the file and the keys. The
 other layouts are tested per format in tests/engine/model/formats/."""
+
 import pytest
 import torch
 from safetensors.torch import save_file

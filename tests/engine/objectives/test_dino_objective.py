@@ -1,4 +1,5 @@
 """DinoObjective end to end on a tiny ViT: interface, logs, EMA, optimisation, state."""
+
 import pytest
 import torch
 
@@ -32,12 +33,26 @@ def test_forward_logs_each_term_as_floats(tiny_vit):
     obj = _objective(tiny_vit)
     loss, logs = obj(_batch(0), step=0)
     assert loss.dim() == 0 and torch.isfinite(loss)
-    for k in ("loss", "dino_global", "dino_local", "ibot", "koleo", "teacher_temp", "momentum",
-              "teacher_entropy", "teacher_mean_entropy", "student_cls_feature_std", "teacher_cls_feature_std"):
+    for k in (
+        "loss",
+        "dino_global",
+        "dino_local",
+        "ibot",
+        "koleo",
+        "teacher_temp",
+        "momentum",
+        "teacher_entropy",
+        "teacher_mean_entropy",
+        "student_cls_feature_std",
+        "teacher_cls_feature_std",
+    ):
         assert isinstance(logs[k], float), k
     c = obj.cfg
-    total = c.dino_loss_weight * (logs["dino_global"] + logs["dino_local"]) + c.ibot_loss_weight * logs["ibot"] \
+    total = (
+        c.dino_loss_weight * (logs["dino_global"] + logs["dino_local"])
+        + c.ibot_loss_weight * logs["ibot"]
         + c.koleo_loss_weight * logs["koleo"]
+    )
     assert logs["loss"] == pytest.approx(total, rel=1e-5)
     assert logs["loss"] == pytest.approx(loss.item(), rel=1e-6)
     assert 0.0 <= logs["teacher_mean_entropy"] <= 1.0 + 1e-6
@@ -115,8 +130,12 @@ def test_prototype_layer_frozen_for_n_steps_as_dinov2(tiny_vit):
 
     obj = _objective(tiny_vit, freeze_last_layer_steps=2, ibot_separate_head=True)
     frozen = {n for n, _ in obj.trainable_parameters() if obj.frozen_steps(n)}
-    assert frozen == {"dino_head.prototypes", "dino_head.prototype_gain", "ibot_head.prototypes",
-                      "ibot_head.prototype_gain"}
+    assert frozen == {
+        "dino_head.prototypes",
+        "dino_head.prototype_gain",
+        "ibot_head.prototypes",
+        "ibot_head.prototype_gain",
+    }
     groups = param_groups(obj.trainable_parameters(), frozen_steps=obj.frozen_steps)
     opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups])
     sched = OptimSchedule.from_config(OptimConfig(lr=1e-2, lr_scaling="none", weight_decay=0.1), 32, 10)

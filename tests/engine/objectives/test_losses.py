@@ -1,4 +1,5 @@
 """Each loss / target rule against a plain loop-by-loop reference on fixed small tensors."""
+
 import math
 
 import pytest
@@ -97,8 +98,7 @@ def test_dino_cross_entropy_without_local_crops():
     t = torch.softmax(torch.randn(3, 2, 5, generator=g), -1)
     s = torch.randn(3, 2, 5, generator=g)
     glob, loc = loss(s, None, t)
-    ref = [sum(ref_ce(t[ti, b], s[si, b], 0.1) for b in range(2)) / 2
-           for si in range(3) for ti in range(3) if si != ti]
+    ref = [sum(ref_ce(t[ti, b], s[si, b], 0.1) for b in range(2)) / 2 for si in range(3) for ti in range(3) if si != ti]
     assert glob.item() == pytest.approx(sum(ref) / 6, rel=1e-5)
     assert loc.item() == 0.0
 

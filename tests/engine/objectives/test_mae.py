@@ -1,4 +1,5 @@
 """MAE objective: masking, patch order, masked loss, decoder loading, group-channel shapes, optimisation."""
+
 import numpy as np
 import pytest
 import torch
@@ -80,10 +81,12 @@ def test_objective_loss_ignores_visible_patch_targets(tiny_vit):
 
 def _mae_sincos_reference(dim, size):
     """MAE's published numpy construction (meshgrid of (w, h); first half encodes grid[0])."""
+
     def one_d(d, pos):
         omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
         out = np.einsum("m,d->md", pos.reshape(-1), omega)
         return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
     grid = np.stack(np.meshgrid(np.arange(size, dtype=np.float32), np.arange(size, dtype=np.float32)), 0)
     emb = np.concatenate([one_d(dim // 2, grid[0]), one_d(dim // 2, grid[1])], axis=1)
     return np.concatenate([np.zeros((1, dim)), emb], axis=0)
@@ -97,8 +100,13 @@ def test_sincos_table_matches_mae():
 def test_decoder_loads_official_keys_and_rejects_mismatch(tiny_vit):
     torch.manual_seed(0)
     src = MAEDecoder(64, (2, 2), 16, [3], **CFG)
-    state = {"model": {**{k: v.clone() for k, v in src.state_dict().items()},
-                       "cls_token": torch.zeros(1, 1, 64), "blocks.0.norm1.weight": torch.ones(64)}}
+    state = {
+        "model": {
+            **{k: v.clone() for k, v in src.state_dict().items()},
+            "cls_token": torch.zeros(1, 1, 64),
+            "blocks.0.norm1.weight": torch.ones(64),
+        }
+    }
     torch.manual_seed(1)
     obj = MAEObjective(tiny_vit("mae", img_size=32), MAEConfig(**CFG), decoder_state=state)
     assert obj.decoder_loaded
@@ -112,8 +120,11 @@ def test_decoder_loads_official_keys_and_rejects_mismatch(tiny_vit):
     enc_only = MAEObjective(tiny_vit("mae", img_size=32), MAEConfig(**CFG), decoder_state={"cls_token": torch.zeros(1)})
     assert not enc_only.decoder_loaded
     with pytest.raises(UserError, match="decoder_embed_dim"):
-        MAEObjective(tiny_vit("mae", img_size=32), MAEConfig(decoder_embed_dim=16, decoder_depth=1,
-                                                             decoder_num_heads=4), decoder_state=state)
+        MAEObjective(
+            tiny_vit("mae", img_size=32),
+            MAEConfig(decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=4),
+            decoder_state=state,
+        )
 
 
 def test_decoder_pos_embed_from_other_grid_is_resampled(tiny_vit):
@@ -135,8 +146,10 @@ class GroupPatchEmbed(nn.Module):
         self.group_embed = nn.Parameter(torch.randn(len(band_groups), dim) * 0.02)
 
     def forward(self, x):
-        outs = [p(x[:, g]).permute(0, 2, 3, 1) + self.group_embed[i] for i, (g, p) in
-                enumerate(zip(self.band_groups, self.proj))]
+        outs = [
+            p(x[:, g]).permute(0, 2, 3, 1) + self.group_embed[i]
+            for i, (g, p) in enumerate(zip(self.band_groups, self.proj))
+        ]
         return torch.stack(outs, dim=1)
 
 
@@ -186,14 +199,21 @@ def test_decoder_lora_freezes_the_loaded_decoder(tiny_vit):
     from engine.model.lora import LoRALinear
 
     state, src = _official_decoder_state()
-    obj = MAEObjective(tiny_vit("mae", img_size=32), MAEConfig(**CFG, decoder_lora_rank=2, decoder_lora_alpha=1.0),
-                       decoder_state=state)
+    obj = MAEObjective(
+        tiny_vit("mae", img_size=32), MAEConfig(**CFG, decoder_lora_rank=2, decoder_lora_alpha=1.0), decoder_state=state
+    )
     dec = {n: p for n, p in obj.named_parameters() if n.startswith("decoder.")}
     trained = {n for n, p in dec.items() if p.requires_grad}
-    assert trained == {"decoder.decoder_blocks.0.attn.qkv.lora_a", "decoder.decoder_blocks.0.attn.qkv.lora_b",
-                       "decoder.decoder_blocks.0.norm1.weight", "decoder.decoder_blocks.0.norm1.bias",
-                       "decoder.decoder_blocks.0.norm2.weight", "decoder.decoder_blocks.0.norm2.bias",
-                       "decoder.decoder_norm.weight", "decoder.decoder_norm.bias"}
+    assert trained == {
+        "decoder.decoder_blocks.0.attn.qkv.lora_a",
+        "decoder.decoder_blocks.0.attn.qkv.lora_b",
+        "decoder.decoder_blocks.0.norm1.weight",
+        "decoder.decoder_blocks.0.norm1.bias",
+        "decoder.decoder_blocks.0.norm2.weight",
+        "decoder.decoder_blocks.0.norm2.bias",
+        "decoder.decoder_norm.weight",
+        "decoder.decoder_norm.bias",
+    }
     qkv = obj.decoder.decoder_blocks[0].attn.qkv
     assert isinstance(qkv, LoRALinear) and qkv.rank == 2 and qkv.scale == 0.5 and qkv.segments == (0, 64)
     # LoRA B starts at zero: the decoder computes exactly the loaded one
@@ -201,16 +221,22 @@ def test_decoder_lora_freezes_the_loaded_decoder(tiny_vit):
     ids = torch.arange(4).expand(2, 4)
     torch.testing.assert_close(obj.decoder(x, ids, (2, 2)), src(x, ids, (2, 2)))
     # without the decoder norms (explora.train_norms false) only the adapters train
-    no_norms = MAEObjective(tiny_vit("mae", img_size=32), MAEConfig(**CFG, decoder_lora_rank=2),
-                            decoder_state=state, train_norms=False)
+    no_norms = MAEObjective(
+        tiny_vit("mae", img_size=32), MAEConfig(**CFG, decoder_lora_rank=2), decoder_state=state, train_norms=False
+    )
     assert {n for n, p in no_norms.decoder.named_parameters() if p.requires_grad} == {
-        "decoder_blocks.0.attn.qkv.lora_a", "decoder_blocks.0.attn.qkv.lora_b"}
+        "decoder_blocks.0.attn.qkv.lora_a",
+        "decoder_blocks.0.attn.qkv.lora_b",
+    }
 
 
 def test_decoder_from_scratch_trains_fully_and_says_so(tiny_vit, caplog):
     with caplog.at_level("WARNING", logger="engine.objectives.mae"):
-        obj = MAEObjective(tiny_vit("mae", img_size=32), MAEConfig(**CFG, decoder_lora_rank=8),
-                           decoder_state={"cls_token": torch.zeros(1)})
+        obj = MAEObjective(
+            tiny_vit("mae", img_size=32),
+            MAEConfig(**CFG, decoder_lora_rank=8),
+            decoder_state={"cls_token": torch.zeros(1)},
+        )
     assert not obj.decoder_loaded and all(p.requires_grad for p in obj.decoder.parameters())
     assert "starts from scratch" in caplog.text and "decoder_lora_rank is ignored" in caplog.text
 
@@ -233,14 +259,20 @@ def test_group_decoder_loads_an_rgb_decoder_except_its_new_layers(tiny_vit):
 def test_decoder_mismatch_names_what_does_not_fit(tiny_vit):
     state, _ = _official_decoder_state()
     with pytest.raises(UserError) as e:
-        MAEObjective(tiny_vit("mae", img_size=32), MAEConfig(decoder_embed_dim=32, decoder_depth=2,
-                                                             decoder_num_heads=4), decoder_state=state)
+        MAEObjective(
+            tiny_vit("mae", img_size=32),
+            MAEConfig(decoder_embed_dim=32, decoder_depth=2, decoder_num_heads=4),
+            decoder_state=state,
+        )
     msg = str(e.value)
     assert "missing" in msg and "decoder_blocks.1." in msg  # the block the file lacks is named
     assert "width 32 and 1 blocks" in msg and "configured: width 32, 2 blocks" in msg
     with pytest.raises(UserError) as e:
-        MAEObjective(tiny_vit("mae", img_size=32), MAEConfig(decoder_embed_dim=16, decoder_depth=1,
-                                                             decoder_num_heads=4), decoder_state=state)
+        MAEObjective(
+            tiny_vit("mae", img_size=32),
+            MAEConfig(decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=4),
+            decoder_state=state,
+        )
     assert "decoder_embed.weight: file (32, 64) vs configured (16, 64)" in str(e.value)
 
 
@@ -307,6 +339,7 @@ def test_sincos_group_encoding_matches_satmae():
     torch.testing.assert_close(pe.group_embed, table)
     # the decoder's: 128 of 512 channels, one more row (index G) for the prefix tokens
     dec = MAEDecoder(1024, (2, 2), 16, [4, 4, 2], 512, 1, 16, group_encoding="sincos")
-    torch.testing.assert_close(dec.decoder_group_embed[:, 384:],
-                               torch.from_numpy(_satmae_1d_sincos(128, [0, 1, 2, 3])).float())
+    torch.testing.assert_close(
+        dec.decoder_group_embed[:, 384:], torch.from_numpy(_satmae_1d_sincos(128, [0, 1, 2, 3])).float()
+    )
     assert not any("group_embed" in n for n, _ in dec.named_parameters())

@@ -1,4 +1,5 @@
 """The collapse monitor: values, and warnings only on every warn_every-th call."""
+
 import logging
 
 import torch

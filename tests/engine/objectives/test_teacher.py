@@ -1,4 +1,5 @@
 """Shared-base EMA teacher: only trainable tensors have EMA copies, frozen ones are the student's own."""
+
 import pytest
 import torch
 from torch import nn
@@ -28,8 +29,9 @@ def _perturb_trainable(*modules):
 def test_ema_tracks_only_trainable_tensors(tiny_vit):
     vit, head, teacher = _setup(tiny_vit)
     teacher.ensure_initialized()
-    trainable = [f"vit.{n}" for n, p in vit.named_parameters() if p.requires_grad] + \
-                [f"head.{n}" for n, _ in head.named_parameters()]
+    trainable = [f"vit.{n}" for n, p in vit.named_parameters() if p.requires_grad] + [
+        f"head.{n}" for n, _ in head.named_parameters()
+    ]
     assert teacher.names == trainable
     n_train = sum(p.numel() for m in (vit, head) for p in m.parameters() if p.requires_grad)
     n_all = sum(p.numel() for m in (vit, head) for p in m.parameters())
@@ -87,7 +89,7 @@ def test_teacher_pass_equals_functional_call_with_ema_values(tiny_vit):
         got = head(forward_tokens(vit, x)["cls"])
     # reference: the student modules called with the EMA tensors substituted (names "vit.*", "head.*")
     ema = dict(zip(teacher.names, teacher.ema))
-    head_over = {n[len("head."):]: v for n, v in ema.items() if n.startswith("head.")}
+    head_over = {n[len("head.") :]: v for n, v in ema.items() if n.startswith("head.")}
     with torch.no_grad(), eval_mode([vit, head]):
         cls = torch.func.functional_call(ClsToken(vit), {n: v for n, v in ema.items() if n.startswith("vit.")}, (x,))
         ref = torch.func.functional_call(head, head_over, (cls,))
@@ -159,8 +161,9 @@ def test_state_dict_roundtrip_before_and_after_init(tiny_vit):
     teacher.ensure_initialized()
     _perturb_trainable(vit, head)
     teacher.update(0.0)  # EMA := student
-    state = {k: ({n: t.clone() for n, t in v.items()} if isinstance(v, dict) else v)
-             for k, v in teacher.state_dict().items()}
+    state = {
+        k: ({n: t.clone() for n, t in v.items()} if isinstance(v, dict) else v) for k, v in teacher.state_dict().items()
+    }
 
     torch.manual_seed(1)
     vit2, head2 = tiny_vit(), DINOHead(vit.embed_dim, out_dim=16, hidden_dim=32, bottleneck_dim=8)

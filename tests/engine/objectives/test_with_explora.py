@@ -1,4 +1,5 @@
 """The objectives on engine/model's real pieces: build_vit, apply_explora (LoRA), group-channel embed."""
+
 import pytest
 import torch
 
@@ -24,9 +25,11 @@ def _explora_vit(**model_kw):
 
 def _dino_batch(seed: int) -> dict:
     g = torch.Generator().manual_seed(seed)
-    return {"global_crops": torch.randn(2 * B, 3, 28, 28, generator=g),
-            "local_crops": torch.randn(2 * B, 3, 14, 14, generator=g),
-            "masks": torch.rand(2 * B, 4, generator=g) < 0.5}
+    return {
+        "global_crops": torch.randn(2 * B, 3, 28, 28, generator=g),
+        "local_crops": torch.randn(2 * B, 3, 14, 14, generator=g),
+        "masks": torch.rand(2 * B, 4, generator=g) < 0.5,
+    }
 
 
 def test_teacher_tracks_lora_and_shares_the_frozen_base():

@@ -57,8 +57,11 @@ def test_optimizer_on_cpu_is_torch_adamw_without_frozen_state():
 
 
 def test_ds_config_stages_precision_and_overrides():
-    cfg = load_config(RunConfig, None, ["--data.batch_size", "4", "--train.grad_accum_steps", "3",
-                                        "--zero.stage", "3", "--optim.clip_grad", "1.5"])
+    cfg = load_config(
+        RunConfig,
+        None,
+        ["--data.batch_size", "4", "--train.grad_accum_steps", "3", "--zero.stage", "3", "--optim.clip_grad", "1.5"],
+    )
     ds = build_ds_config(cfg, world_size=8, device_type="cuda", zero_overrides={"stage3_max_reuse_distance": 0})
     assert ds["train_batch_size"] == 4 * 3 * 8 and ds["gradient_accumulation_steps"] == 3
     assert ds["gradient_clipping"] == 1.5
@@ -79,13 +82,16 @@ def test_ds_config_stages_precision_and_overrides():
         build_ds_config(load_config(RunConfig, None, ["--train.precision", "fp16"]), 1, "cpu")
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["--zero.offload_param"], "--zero.offload_param"),
-    (["--zero.offload_optimizer"], "--zero.offload_optimizer"),
-    (["--train.keep_last", "0"], "--train.keep_last"),
-    (["--optim.betas", "0.9,1.5"], "--optim.betas"),
-    (["--train.resume", "/no/such/ckpt"], "--train.resume"),
-])
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--zero.offload_param"], "--zero.offload_param"),
+        (["--zero.offload_optimizer"], "--zero.offload_optimizer"),
+        (["--train.keep_last", "0"], "--train.keep_last"),
+        (["--optim.betas", "0.9,1.5"], "--optim.betas"),
+        (["--train.resume", "/no/such/ckpt"], "--train.resume"),
+    ],
+)
 def test_config_errors_name_the_field(argv, needle):
     with pytest.raises(UserError, match=needle.replace(".", r"\.")):
         load_config(RunConfig, None, argv)

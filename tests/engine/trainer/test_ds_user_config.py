@@ -1,5 +1,6 @@
 """--deepspeed.config FILE: merged over the generated DeepSpeed config, conflicting keys refused with
 one line naming them, DeepSpeed's own parser run before any process group, saved in the run dir."""
+
 import json
 
 import pytest
@@ -18,23 +19,31 @@ def _cfg(tmp_path, user: dict, *extra, name="ds.json"):
 
 
 def test_new_keys_are_merged(tmp_path):
-    cfg = _cfg(tmp_path, {"zero_optimization": {"round_robin_gradients": True}, "comms_logger": {"enabled": False}},
-               "--zero.stage", "2", name="ds.yaml")
+    cfg = _cfg(
+        tmp_path,
+        {"zero_optimization": {"round_robin_gradients": True}, "comms_logger": {"enabled": False}},
+        "--zero.stage",
+        "2",
+        name="ds.yaml",
+    )
     check_user_config(cfg)
     ds = build_ds_config(cfg, 2, "cpu")
     assert ds["zero_optimization"]["round_robin_gradients"] is True and ds["zero_optimization"]["stage"] == 2
     assert ds["comms_logger"] == {"enabled": False} and ds["train_batch_size"] == 2 * cfg.data.batch_size
 
 
-@pytest.mark.parametrize("user, needle", [
-    ({"zero_optimization": {"stage": 3}}, "'zero_optimization.stage' conflicts with --zero.stage"),
-    ({"train_micro_batch_size_per_gpu": 4}, "conflicts with --data.batch_size"),
-    ({"optimizer": {"type": "Adam", "params": {"lr": 1e-3}}}, "'optimizer.type' conflicts with --optim"),
-    ({"bf16": {"enabled": True}}, "conflicts with --train.precision"),
-    ({"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}, "--zero.offload_optimizer"),
-    ({"steps_per_print": 10}, "'steps_per_print' is set by geoexplora"),
-    ({"zero_optimization": 2}, "'zero_optimization' conflicts with 'zero_optimization.stage'"),
-])
+@pytest.mark.parametrize(
+    "user, needle",
+    [
+        ({"zero_optimization": {"stage": 3}}, "'zero_optimization.stage' conflicts with --zero.stage"),
+        ({"train_micro_batch_size_per_gpu": 4}, "conflicts with --data.batch_size"),
+        ({"optimizer": {"type": "Adam", "params": {"lr": 1e-3}}}, "'optimizer.type' conflicts with --optim"),
+        ({"bf16": {"enabled": True}}, "conflicts with --train.precision"),
+        ({"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}, "--zero.offload_optimizer"),
+        ({"steps_per_print": 10}, "'steps_per_print' is set by geoexplora"),
+        ({"zero_optimization": 2}, "'zero_optimization' conflicts with 'zero_optimization.stage'"),
+    ],
+)
 def test_conflicting_keys_are_refused_naming_the_key(tmp_path, user, needle):
     cfg = _cfg(tmp_path, user, "--zero.stage", "2")
     with pytest.raises(UserError, match="--deepspeed.config") as e:

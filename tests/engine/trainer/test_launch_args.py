@@ -34,8 +34,9 @@ def test_kernel_config_reaches_dispatch(monkeypatch):
     for var in ("GEOEXPLORA_KERNELS", "GEOEXPLORA_ATTENTION"):
         monkeypatch.delenv(var, raising=False)
     try:
-        apply_kernel_config(load_config(RunConfig, None, ["--kernels.lora", "reference",
-                                                          "--kernels.attention", "reference"]))
+        apply_kernel_config(
+            load_config(RunConfig, None, ["--kernels.lora", "reference", "--kernels.attention", "reference"])
+        )
         assert dispatch.requested_backend("lora_linear") == "reference"
         assert dispatch.requested_backend("attention") == "reference"
         monkeypatch.setenv("GEOEXPLORA_ATTENTION", "sdpa")  # the environment wins over the config

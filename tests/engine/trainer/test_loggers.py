@@ -1,6 +1,7 @@
 """--train.logger tensorboard,wandb,mlflow: every logger gets the metrics of metrics.jsonl; wandb and
 mlflow run against fake modules here (offline mode, a local store in the run directory, the run
 id kept across a resume); a logger whose package is not installed is refused at config time."""
+
 import sys
 import types
 from types import SimpleNamespace
@@ -21,8 +22,10 @@ class FakeWandb(types.ModuleType):
 
     def init(self, **kw):
         self.inits.append(kw)
-        return SimpleNamespace(log=lambda data, step: self.logged.append((step, dict(data))),
-                               finish=lambda: setattr(self, "finished", self.finished + 1))
+        return SimpleNamespace(
+            log=lambda data, step: self.logged.append((step, dict(data))),
+            finish=lambda: setattr(self, "finished", self.finished + 1),
+        )
 
 
 class FakeMlflowClient:
@@ -81,8 +84,12 @@ def _fit(env, out, steps, loggers="tensorboard,wandb,mlflow"):
     from engine.trainer.loop import Trainer
     from tests.engine.trainer.test_loop import Stream, ToyObjective, _cfg
 
-    Trainer(_cfg(out, "--train.max_steps", str(steps), "--train.logger", loggers, "--train.save_every", "2"),
-            ToyObjective(), Stream(), env).fit()
+    Trainer(
+        _cfg(out, "--train.max_steps", str(steps), "--train.logger", loggers, "--train.save_every", "2"),
+        ToyObjective(),
+        Stream(),
+        env,
+    ).fit()
 
 
 def test_every_logger_gets_the_metrics_and_a_resume_continues_the_run(single_rank_env, tmp_path, fakes):
@@ -93,7 +100,9 @@ def test_every_logger_gets_the_metrics_and_a_resume_continues_the_run(single_ran
     init = wandb.inits[0]
     assert init["mode"] == "offline" and init["dir"] == str(tmp_path) and init["project"] == "geoexplora"
     assert init["id"] == (tmp_path / "wandb_run_id").read_text().strip() and init["config"]["train"]["max_steps"] == 2
-    assert [(s, d["train/mse"], d["train/lr"]) for s, d in wandb.logged] == [(r["step"], r["mse"], r["lr"]) for r in rows]
+    assert [(s, d["train/mse"], d["train/lr"]) for s, d in wandb.logged] == [
+        (r["step"], r["mse"], r["lr"]) for r in rows
+    ]
     assert wandb.finished == 1
     assert client.calls[0] == ("client", f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}")
     assert ("create_experiment", "geoexplora", (tmp_path / "mlartifacts").resolve().as_uri()) in client.calls

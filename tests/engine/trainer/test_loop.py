@@ -1,5 +1,6 @@
 """The Trainer on a real single-rank DeepSpeed engine (gloo, CPU) with a toy objective: what goes
 into the optimizer, the lr schedule, NaN/inf skipping and halting, and resume equality."""
+
 import math
 import os
 import signal
@@ -65,9 +66,27 @@ class Stream:
 
 
 def _cfg(tmp_path, *extra):
-    return load_config(RunConfig, None, [
-        "--train.precision", "fp32", "--data.batch_size", "4", "--optim.lr", "0.05", "--optim.warmup_steps", "2",
-        "--train.log_every", "1", "--train.logger", "", "--train.output_dir", str(tmp_path), *extra])
+    return load_config(
+        RunConfig,
+        None,
+        [
+            "--train.precision",
+            "fp32",
+            "--data.batch_size",
+            "4",
+            "--optim.lr",
+            "0.05",
+            "--optim.warmup_steps",
+            "2",
+            "--train.log_every",
+            "1",
+            "--train.logger",
+            "",
+            "--train.output_dir",
+            str(tmp_path),
+            *extra,
+        ],
+    )
 
 
 def test_optimizer_holds_only_trainable_and_schedule_is_applied(env, tmp_path):
@@ -103,15 +122,43 @@ def test_nonfinite_micro_batch_is_skipped_then_halts(env, tmp_path):
 
 def test_resume_continues_exactly(env, tmp_path):
     full = ToyObjective()
-    Trainer(_cfg(tmp_path / "full", "--train.max_steps", "6", "--train.save_every", "3", "--train.grad_accum_steps",
-                 "2", "--zero.stage", "2"), full, Stream(), env).fit()
+    Trainer(
+        _cfg(
+            tmp_path / "full",
+            "--train.max_steps",
+            "6",
+            "--train.save_every",
+            "3",
+            "--train.grad_accum_steps",
+            "2",
+            "--zero.stage",
+            "2",
+        ),
+        full,
+        Stream(),
+        env,
+    ).fit()
     first = resolve_resume(str(tmp_path / "full"), tmp_path)
     assert first.name == "step_00000006"
     part = ToyObjective()
     stream = Stream()
     ckpt3 = tmp_path / "full" / "checkpoints" / "step_00000003"
-    Trainer(_cfg(tmp_path / "part", "--train.max_steps", "6", "--train.resume", str(ckpt3), "--train.grad_accum_steps",
-                 "2", "--zero.stage", "2"), part, stream, env).fit()
+    Trainer(
+        _cfg(
+            tmp_path / "part",
+            "--train.max_steps",
+            "6",
+            "--train.resume",
+            str(ckpt3),
+            "--train.grad_accum_steps",
+            "2",
+            "--zero.stage",
+            "2",
+        ),
+        part,
+        stream,
+        env,
+    ).fit()
     assert stream.pos == 12  # 3 steps x 2 micro-batches restored + 3 x 2 more
     for a, b in zip(full.parameters(), part.parameters()):
         torch.testing.assert_close(a, b)

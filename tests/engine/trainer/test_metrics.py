@@ -24,8 +24,9 @@ def test_jsonl_records_events_and_last_record_wins(tmp_path):
 
 
 def test_throughput_split_and_mfu():
-    m = ThroughputMeter(images_per_step=64, world_size=4, device=torch.device("cpu"),
-                        flops_per_image=1e9, peak_flops=1e12)
+    m = ThroughputMeter(
+        images_per_step=64, world_size=4, device=torch.device("cpu"), flops_per_image=1e9, peak_flops=1e12
+    )
     m.t0 -= 2.0  # pretend the interval took 2 s
     m.add_data_wait(0.5)
     m.step_done()

@@ -1,5 +1,6 @@
 """Every preset in engine/presets/ loads, names the fields the issue fixes, and builds (meta device) into a
 ViT + recipe + objective whose FLOPs and trainable set make sense."""
+
 from pathlib import Path
 
 import pytest
@@ -18,8 +19,13 @@ def _load(name, *extra):
 
 
 def test_expected_presets_exist():
-    assert {"explora_dinov2_vitl14_fmow_rgb.yaml", "explora_dinov2_vitb14_fmow_rgb.yaml",
-            "explora_mae_vitl16_fmow_rgb.yaml", "explora_mae_vitl16_sentinel.yaml", "tiny_cpu.yaml"} <= set(PRESETS)
+    assert {
+        "explora_dinov2_vitl14_fmow_rgb.yaml",
+        "explora_dinov2_vitb14_fmow_rgb.yaml",
+        "explora_mae_vitl16_fmow_rgb.yaml",
+        "explora_mae_vitl16_sentinel.yaml",
+        "tiny_cpu.yaml",
+    } <= set(PRESETS)
 
 
 def test_paper_recipe():
@@ -56,8 +62,11 @@ def test_mae_recipe():
     s2 = _load("explora_mae_vitl16_sentinel.yaml")
     assert s2.objective.mae.norm_pix_scope == "all_bands" and s2.model.group_embed == "sincos"
     assert cfg.model.weights == ""  # our override; the preset itself names the DINOv2 file:
-    named = load_config(RunConfig, str(CONFIGS / "explora_dinov2_vitl14_fmow_rgb.yaml"),
-                        ["--model.weights", "/no/such/dinov2_vitl14_pretrain.pth"])
+    named = load_config(
+        RunConfig,
+        str(CONFIGS / "explora_dinov2_vitl14_fmow_rgb.yaml"),
+        ["--model.weights", "/no/such/dinov2_vitl14_pretrain.pth"],
+    )
     with pytest.raises(UserError, match="--model.weights"):
         named.model.check_files()
 

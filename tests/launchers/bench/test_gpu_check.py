@@ -1,4 +1,5 @@
 """launchers/bench/gpu_check.sh, the one-shot GPU check: its plumbing, without a GPU."""
+
 import json
 import os
 import subprocess
@@ -16,8 +17,9 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the 
 def _run(out: Path, **env) -> subprocess.CompletedProcess:
     full = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "OUT")}
     full.update(GX_PYTHON=sys.executable, PYTHONPATH=str(REPO), GX_WHEELS=str(out / "no-wheels"), **env)
-    return subprocess.run(["bash", str(SCRIPT), str(out)], cwd=REPO, env=full, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        ["bash", str(SCRIPT), str(out)], cwd=REPO, env=full, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_without_cuda_it_stops_cleanly(tmp_path):

@@ -1,4 +1,5 @@
 """launchers/bench/harness.py: tables, the result file and its environment record, interleaved timing."""
+
 import json
 import re
 import subprocess
@@ -14,13 +15,19 @@ from launchers.bench import harness
 from launchers.bench.harness import Column
 
 REPO = Path(__file__).resolve().parents[3]
-ROWS = [{"provider": "torch", "layer": "fc1", "ms": 1.23456, "alloc_mb": None},
-        {"provider": "reference", "layer": "fc1", "ms": 12.5, "alloc_mb": 3.0},
-        {"provider": "peft", "layer": "qkv", "error": "ValueError: no slices"}]
-COLUMNS = [Column("provider", "provider", left=True), Column("layer", "layer", left=True),
-           Column("ms", "ms", "{:.2f}"), Column("alloc MB", "alloc_mb", "{:.1f}"),
-           Column("x2", lambda r: 2 * r["ms"] if "ms" in r else None, "{:.1f}x"),
-           Column("graph", "graph_ms", optional=True)]
+ROWS = [
+    {"provider": "torch", "layer": "fc1", "ms": 1.23456, "alloc_mb": None},
+    {"provider": "reference", "layer": "fc1", "ms": 12.5, "alloc_mb": 3.0},
+    {"provider": "peft", "layer": "qkv", "error": "ValueError: no slices"},
+]
+COLUMNS = [
+    Column("provider", "provider", left=True),
+    Column("layer", "layer", left=True),
+    Column("ms", "ms", "{:.2f}"),
+    Column("alloc MB", "alloc_mb", "{:.1f}"),
+    Column("x2", lambda r: 2 * r["ms"] if "ms" in r else None, "{:.1f}x"),
+    Column("graph", "graph_ms", optional=True),
+]
 
 
 def test_text_table_aligns_formats_and_shows_errors_after_the_lead_cells():
@@ -80,6 +87,7 @@ def test_rounds_call_providers_in_turn_and_drop_the_warmup_rounds():
         def run():
             calls.append(name)
             return len(calls)
+
         return run
 
     runs = harness.rounds({"a": provider("a"), "b": provider("b")}, repeat=2, warmup=1)
@@ -98,6 +106,7 @@ def test_measure_providers_gives_interleaved_medians_per_provider(monkeypatch):
             clock.now += next(durations) / 1e3
             clock.order.append(name)
             return torch.zeros(2)
+
         return lambda: (forward, [])
 
     # per provider: 1 error check + 1 warm-up + 1 memory call before the 5 timed ones
@@ -106,8 +115,17 @@ def test_measure_providers_gives_interleaved_medians_per_provider(monkeypatch):
 
     slow = iter([3, 3, 3, 3, 100, 3, 3, 3])
     builders = {"fast": build("fast", iter([1] * 8)), "slow": build("slow", slow), "broken": broken}
-    rows = harness.measure_providers(builders, {"case": "c"}, mode="fwd", grad_out=torch.zeros(2),
-                                     reference=torch.zeros(2), device="cpu", warmup=0, iters=5, flops=2e9)
+    rows = harness.measure_providers(
+        builders,
+        {"case": "c"},
+        mode="fwd",
+        grad_out=torch.zeros(2),
+        reference=torch.zeros(2),
+        device="cpu",
+        warmup=0,
+        iters=5,
+        flops=2e9,
+    )
     by = {r["provider"]: r for r in rows}
     assert by["fast"]["ms"] == pytest.approx(1.0) and by["slow"]["ms"] == pytest.approx(3.0)
     assert by["fast"]["tflops"] == pytest.approx(2e9 / 1e-3 / 1e12)

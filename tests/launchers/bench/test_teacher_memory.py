@@ -1,4 +1,5 @@
 """launchers/bench/teacher_memory.py: the counts with the real recipe, and its command on the harness."""
+
 import json
 
 from engine.config import DinoConfig, ExploraConfig, ModelConfig, RunConfig
@@ -25,9 +26,25 @@ def test_teacher_memory_report_with_the_real_recipe():
 
 def test_command_writes_the_rows_and_passes_config_overrides(tmp_path, capsys):
     out = tmp_path / "mem.json"
-    assert main(["--models", "tiny", "--json", str(out), "--explora.lora_rank", "4",
-                 "--objective.dino.head_n_prototypes", "32", "--objective.dino.head_hidden_dim", "16",
-                 "--objective.dino.head_bottleneck_dim", "8"]) == 0
+    assert (
+        main(
+            [
+                "--models",
+                "tiny",
+                "--json",
+                str(out),
+                "--explora.lora_rank",
+                "4",
+                "--objective.dino.head_n_prototypes",
+                "32",
+                "--objective.dino.head_hidden_dim",
+                "16",
+                "--objective.dino.head_bottleneck_dim",
+                "8",
+            ]
+        )
+        == 0
+    )
     result = json.loads(out.read_text())
     cfg = RunConfig()
     cfg.objective.dino = DinoConfig(**HEAD)

@@ -1,4 +1,5 @@
 """A trained tiny model for the adapter and export tests."""
+
 import pytest
 
 from engine.model.explora import apply_explora

@@ -1,5 +1,6 @@
 """geoexplora adapter files (engine/model/formats/adapter.py): exact round trip onto a fresh base,
 refusal of another base, group-channel models; build_from_adapter (engine/model/vit.py)."""
+
 import pytest
 import torch
 

@@ -1,5 +1,6 @@
 """DINOv2's released layouts (engine/model/formats/dinov2.py), written by the tests at tiny size with
 remapped keys: the hub file with registers, ViT-g's SwiGLU names and a training checkpoint."""
+
 import re
 
 import torch
@@ -27,7 +28,9 @@ def test_dinov2_hub_layout_with_registers(tiny_weights, tmp_path):
     assert vit.base_info.format == "dinov2_hub"
     torch.testing.assert_close(vit.cls_token, sd["cls_token"])
     torch.testing.assert_close(vit.reg_token, sd["reg_token"])
-    torch.testing.assert_close(vit.pos_embed, resample_abs_pos_embed(sd["pos_embed"], [2, 2], [4, 4], num_prefix_tokens=0))
+    torch.testing.assert_close(
+        vit.pos_embed, resample_abs_pos_embed(sd["pos_embed"], [2, 2], [4, 4], num_prefix_tokens=0)
+    )
     torch.testing.assert_close(vit.mask_token, off["mask_token"])
     torch.testing.assert_close(vit.blocks[1].ls2.gamma, sd["blocks.1.ls2.gamma"])
     assert forward_tokens(vit, torch.randn(1, 3, 56, 42))["reg"].shape == (1, 4, 64)

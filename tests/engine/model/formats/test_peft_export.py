@@ -1,5 +1,6 @@
 """The PEFT layout (engine/model/formats/peft_export.py) reproduces the merged weights under PEFT's
 rules and refuses what PEFT cannot hold."""
+
 import json
 
 import pytest
@@ -40,7 +41,7 @@ def test_peft_layout_reproduces_the_merged_weights(tiny_weights, tmp_path):
         rebuilt[f"{name}.weight"] = base[f"{name}.weight"] + alpha / r * (b @ a)
     for k, v in tensors.items():
         if ".lora_" not in k:
-            rebuilt[k[len(pre):]] = v
+            rebuilt[k[len(pre) :]] = v
     merged = merged_state_dict(vit)
     assert set(rebuilt) == set(merged)
     for k in merged:

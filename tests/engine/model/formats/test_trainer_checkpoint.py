@@ -1,5 +1,6 @@
 """A geoexplora trainer checkpoint directory as base weights (engine/model/formats/trainer_checkpoint.py):
 the ViT under ``vit.``, its LoRA merged with the recipe of meta.json."""
+
 import json
 
 import torch
@@ -21,8 +22,9 @@ def test_geoexplora_trainer_checkpoint_merges_lora(tiny_weights, tmp_path, image
     module = {"vit." + k: v for k, v in vit.state_dict().items()}
     module["dino_head.mlp.0.weight"] = torch.zeros(4, 64)
     torch.save({"module": module, "global_steps": 10}, step / "mp_rank_00_model_states.pt")
-    (step / "meta.json").write_text(json.dumps({"format": "geoexplora-ckpt/1", "step": 10, "complete": True,
-                                                "config": {"explora": recipe}}))
+    (step / "meta.json").write_text(
+        json.dumps({"format": "geoexplora-ckpt/1", "step": 10, "complete": True, "config": {"explora": recipe}})
+    )
     again = build_vit(tiny_cfg(weights=str(step)))
     assert again.base_info.format == "geoexplora"
     assert not any(k.endswith("lora_a") for k in again.state_dict())
