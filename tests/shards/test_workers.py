@@ -1,5 +1,7 @@
-"""The converter's pool: a worker that dies costs exactly the item it was on; errors come back."""
+"""The converter's pool: a worker that dies costs exactly the item it was on; errors come back; a conversion
+whose worker is killed by an input skips that input and goes on (issue 15's converter faults, item 9)."""
 
+import json
 import os
 import signal
 import subprocess
@@ -9,7 +11,15 @@ from pathlib import Path
 
 import pytest
 
+from shards.build import ShardWriter
+from shards.convert import main
+from shards.synthetic import generate_archive
+from shards.verify import verify
 from shards.workers import Crash, WorkerCrashed, WorkerPool
+from tests.shards.conftest import read_samples
+from tests.shards.conftest import run as run_convert
+
+FLAGS = ("--max-samples-per-shard", "1")
 
 
 def _pool_item(x):
@@ -80,3 +90,89 @@ def test_workers_die_with_their_parent():
     while any(map(_alive, pids)) and time.monotonic() < until:
         time.sleep(0.05)
     assert not any(map(_alive, pids))
+
+
+@pytest.fixture
+def s2_archive(tmp_path):
+    """6 s2 files (13 x uint16, 32 px), a reference conversion of them one shard each."""
+    generate_archive(tmp_path / "in", 6, 32, kind="s2")
+    run_convert(tmp_path / "in", tmp_path / "ref", *FLAGS)
+    return tmp_path
+
+
+def _one_error_line(stderr: str) -> str:
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in stderr and "usage:" not in stderr, stderr
+    return errors[0]
+
+
+def _die_on(relpath, sig):
+    """A read_rows that kills its own process when it reads ``relpath`` (in a forked worker)."""
+    import shards.build as build
+
+    read = build.read_rows
+
+    def patched(ds, info, *a, **k):
+        if info.relpath == relpath:
+            os.kill(os.getpid(), sig)
+        return read(ds, info, *a, **k)
+
+    return patched
+
+
+@pytest.mark.parametrize("sig", [signal.SIGSEGV, signal.SIGKILL])
+def test_worker_killed_by_an_input_is_skipped_and_the_run_goes_on(s2_archive, monkeypatch, fork_workers, deadline, sig):
+    deadline(60)
+    import shards.build as build
+
+    monkeypatch.setattr(build, "read_rows", _die_on("img_00003.tif", sig))
+    s = run_convert(s2_archive / "in", s2_archive / "out", *FLAGS, "--workers", "2")
+    skipped = [json.loads(x) for x in (s2_archive / "out" / "skipped.jsonl").read_text().splitlines()]
+    assert [e["source"] for e in skipped] == ["img_00003.tif"]
+    assert skipped[0]["reason"].startswith(f"the converter worker reading it died from {sig.name}")
+    assert s.skipped == 1 and s.files == 5
+    got, ref = read_samples(s2_archive / "out")[0], read_samples(s2_archive / "ref")[0]
+    assert sorted(got) == sorted(k for k in ref if not k.endswith("img_00003"))
+    assert verify(str(s2_archive / "out")).ok
+
+
+def test_worker_killed_while_scanning_headers(s2_archive, monkeypatch, fork_workers, deadline):
+    deadline(60)
+    import shards.build as build
+
+    scan = build.scan_source
+
+    def patched(index, path, relpath, *a):
+        if relpath == "img_00001.tif":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return scan(index, path, relpath, *a)
+
+    monkeypatch.setattr(build, "scan_source", patched)
+    s = run_convert(s2_archive / "in", s2_archive / "out", *FLAGS, "--workers", "2")
+    entry = json.loads((s2_archive / "out" / "skipped.jsonl").read_text())
+    assert entry["source"] == "img_00001.tif" and "reading its header died from SIGKILL" in entry["reason"]
+    assert s.chips == 5
+
+
+def test_worker_crash_with_strict_or_outside_any_input_stops(s2_archive, monkeypatch, fork_workers, deadline, capsys):
+    deadline(60)
+    import shards.build as build
+
+    monkeypatch.setattr(build, "read_rows", _die_on("img_00003.tif", signal.SIGSEGV))
+    with pytest.raises(SystemExit) as e:
+        main([str(s2_archive / "in"), "--out", str(s2_archive / "strict"), *FLAGS, "--workers", "2", "--strict"])
+    assert e.value.code == 2 and "img_00003.tif" in _one_error_line(capsys.readouterr().err)
+
+    monkeypatch.setattr(build, "read_rows", _die_on("nothing", signal.SIGSEGV))
+    close = ShardWriter.close
+
+    def crash_on_close(self):
+        if self.final.name == "shard-000001.tar":
+            os.kill(os.getpid(), signal.SIGSEGV)
+        close(self)
+
+    monkeypatch.setattr(ShardWriter, "close", crash_on_close)
+    rc = main([str(s2_archive / "in"), "--out", str(s2_archive / "w"), *FLAGS, "--workers", "2"])
+    assert rc == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert "died from SIGSEGV" in line and "while building shard-000001.tar, not while reading an input" in line
