@@ -9,7 +9,7 @@ import torch
 from engine.config import RunConfig, load_config
 from engine.errors import UserError
 
-CONFIGS = Path(__file__).resolve().parents[3] / "engine" / "presets"
+CONFIGS = Path(__file__).resolve().parents[2] / "engine" / "presets"
 # pre-training presets (finetune_*.yaml are FinetuneRunConfig presets, tested in tests/engine/eval)
 PRESETS = sorted(p.name for p in CONFIGS.glob("*.yaml") if not p.name.startswith("finetune_"))
 
