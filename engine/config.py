@@ -12,6 +12,7 @@ docstring (the string literal under it) so that ``describe(RunConfig)`` can docu
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
@@ -36,6 +37,9 @@ __all__ = [
     "TrainConfig",
     "RunConfig",
     "TrainingRun",
+    "LORA_TARGETS",
+    "DEFAULT_LORA_TARGETS",
+    "check_lora_targets",
     "describe",
     "from_dict",
     "load_config",
@@ -43,6 +47,18 @@ __all__ = [
     "save_config",
     "to_dict",
 ]
+
+# The linear layers of a timm ViT block LoRA can wrap: the q/k/v segments of the fused attn.qkv,
+# attn.proj, mlp.fc1 and mlp.fc2.
+LORA_TARGETS = ("q", "k", "v", "proj", "fc1", "fc2")
+# LoRA's own choice (Hu et al. 2021), and ExPLoRA's for the encoder and the MAE decoder.
+DEFAULT_LORA_TARGETS = ("q", "v")
+
+
+def check_lora_targets(targets: Sequence[str], field_name: str) -> None:
+    """Every name in ``targets`` is one of :data:`LORA_TARGETS`; else a UserError naming ``--field_name``."""
+    bad = sorted(set(targets) - set(LORA_TARGETS))
+    _check(not bad, field_name, f"unknown target(s) {bad}; use any of {','.join(LORA_TARGETS)}")
 
 
 @dataclass
@@ -238,7 +254,7 @@ class ExploraConfig:
     """LoRA alpha; the update is scaled by alpha / r."""
     lora_dropout: float = 0.0
     """Dropout on the LoRA branch input."""
-    lora_targets: list[str] = field(default_factory=lambda: ["q", "v"])
+    lora_targets: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
     """Linear layers that get LoRA in frozen blocks: any of q, k, v, proj, fc1, fc2."""
     train_norms: bool = True
     """Train every LayerNorm (blocks' norm1/norm2 and the final norm)."""
@@ -261,8 +277,7 @@ class ExploraConfig:
             f"lists a block twice: {self.unfreeze_blocks}",
         )
         _check(0.0 <= self.lora_dropout < 1.0, "explora.lora_dropout", "must be in [0, 1)")
-        bad = sorted(set(self.lora_targets) - {"q", "k", "v", "proj", "fc1", "fc2"})
-        _check(not bad, "explora.lora_targets", f"unknown target(s) {bad}; use any of q,k,v,proj,fc1,fc2")
+        check_lora_targets(self.lora_targets, "explora.lora_targets")
 
 
 @dataclass

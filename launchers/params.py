@@ -42,14 +42,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--model", default="vit_large_patch14_dinov2", help="architecture (see --model.name in configs)")
+    recipe = ExploraConfig()
     p.add_argument(
-        "--unfreeze-blocks", nargs="+", default=["-1"], help="blocks trained fully, e.g. -1 or 0,-1 ('none' = no block)"
+        "--unfreeze-blocks",
+        nargs="+",
+        default=[str(b) for b in recipe.unfreeze_blocks],
+        help="blocks trained fully, e.g. -1 or 0,-1 ('none' = no block)",
     )
-    p.add_argument("--lora-rank", type=int, default=64)
+    p.add_argument("--lora-rank", type=int, default=recipe.lora_rank)
     p.add_argument("--lora-alpha", type=float, default=None, help="default: the rank (scale 1)")
-    p.add_argument("--lora-targets", default="q,v", help="comma list of q,k,v,proj,fc1,fc2 ('' = no LoRA)")
-    p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--in-chans", type=int, default=3)
+    p.add_argument(
+        "--lora-targets", default=",".join(recipe.lora_targets), help="comma list of q,k,v,proj,fc1,fc2 ('' = no LoRA)"
+    )
+    p.add_argument("--img-size", type=int, default=ModelConfig.img_size)
+    p.add_argument("--in-chans", type=int, default=ModelConfig.in_chans)
     p.add_argument(
         "--patch-embed",
         choices=("plain", "group"),

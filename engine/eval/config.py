@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from engine.config import (
+    DEFAULT_LORA_TARGETS,
     CropConfig,
     DataConfig,
     DeepSpeedFileConfig,
@@ -16,6 +17,7 @@ from engine.config import (
     OptimConfig,
     TrainConfig,
     ZeroConfig,
+    check_lora_targets,
 )
 from engine.config_io import check_field as _check
 from engine.model_names import check_image_sizes
@@ -30,7 +32,7 @@ class FinetuneConfig:
     """LoRA rank of the fine-tuning adapter (a new one, on top of any merged ExPLoRA adapter)."""
     lora_alpha: float = 8.0
     """LoRA alpha (update scaled by alpha / r)."""
-    lora_targets: list[str] = field(default_factory=lambda: ["q", "v"])
+    lora_targets: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
     """Linear layers that get LoRA in every block: any of q, k, v, proj, fc1, fc2."""
     lora_dropout: float = 0.0
     """Dropout on the LoRA branch input."""
@@ -60,8 +62,7 @@ class FinetuneConfig:
 
     def validate(self) -> None:
         _check(self.lora_rank > 0, "finetune.lora_rank", "must be > 0")
-        bad = sorted(set(self.lora_targets) - {"q", "k", "v", "proj", "fc1", "fc2"})
-        _check(not bad, "finetune.lora_targets", f"unknown target(s) {bad}; use any of q,k,v,proj,fc1,fc2")
+        check_lora_targets(self.lora_targets, "finetune.lora_targets")
         _check(
             self.mode == "full" or bool(self.lora_targets),
             "finetune.lora_targets",

@@ -24,13 +24,12 @@ from timm.layers import LayerScale
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from engine.config import ExploraConfig
+from engine.config import LORA_TARGETS, ExploraConfig
 from engine.errors import UserError
 from engine.model.lora import LoRALinear, is_lora_param, lora_modules
 
 log = logging.getLogger(__name__)
 
-LORA_TARGETS = ("q", "k", "v", "proj", "fc1", "fc2")
 GROUPS = (
     "unfrozen_blocks",
     "lora",

@@ -31,15 +31,15 @@ def _mlp(in_dim: int, hidden_dim: int, bottleneck_dim: int, nlayers: int) -> nn.
 
 
 class DINOHead(nn.Module):
-    """x: (N, in_dim) -> scores (N, out_dim) = gain_k * cos(bottleneck(x), prototype_k)."""
+    """x: (N, in_dim) -> scores (N, out_dim) = gain_k * cos(bottleneck(x), prototype_k). Sizes: DinoConfig.head_*."""
 
     def __init__(
         self,
         in_dim: int,
-        out_dim: int = 65536,
-        hidden_dim: int = 2048,
-        bottleneck_dim: int = 256,
-        nlayers: int = 3,
+        out_dim: int,
+        hidden_dim: int,
+        bottleneck_dim: int,
+        nlayers: int,
     ):
         super().__init__()
         self.mlp = _mlp(in_dim, hidden_dim, bottleneck_dim, max(nlayers, 1))

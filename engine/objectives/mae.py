@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from engine.config import MAEConfig
+from engine.config import DEFAULT_LORA_TARGETS, MAEConfig
 from engine.model.explora import NORM_TYPES, add_lora_to_blocks
 from engine.model.layer_decay import LayerDecay
 from engine.model.tokens import forward_tokens, num_groups
@@ -173,7 +173,7 @@ class MAEObjective(Objective):
         dec = self.decoder
         dec.requires_grad_(False)
         add_lora_to_blocks(
-            list(dec.decoder_blocks), ["q", "v"], self.cfg.decoder_lora_rank, self.cfg.decoder_lora_alpha
+            list(dec.decoder_blocks), DEFAULT_LORA_TARGETS, self.cfg.decoder_lora_rank, self.cfg.decoder_lora_alpha
         )
         for m in dec.modules():
             if train_norms and isinstance(m, NORM_TYPES):

@@ -275,9 +275,9 @@ def parser():
         choices=["none", "shared", "per_band"],
         help="photometric ops of non-RGB chips (--crops.spectral_jitter)",
     )
-    p.add_argument("--global-size", type=int, default=224)
-    p.add_argument("--local-size", type=int, default=98)
-    p.add_argument("--num-local", type=int, default=8)
+    p.add_argument("--global-size", type=int, default=CropConfig.global_size)
+    p.add_argument("--local-size", type=int, default=CropConfig.local_size)
+    p.add_argument("--num-local", type=int, default=CropConfig.num_local)
     p.add_argument("--patch-size", type=int, default=14)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--repeat", type=int, default=5)

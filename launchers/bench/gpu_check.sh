@@ -126,7 +126,7 @@ fi
 
 # ---- 1. gpu-marked tests -----------------------------------------------------------------------
 if ! skipped tests; then
-  PT=(-m pytest -q -m gpu -p no:cacheprovider -rfE --durations=8 tests/kernels tests/engine/model/test_attention_module.py)
+  PT=(-m pytest -q -m gpu -p no:cacheprovider -rfE --durations=8 tests/kernels tests/engine/model/test_attention.py)
   if [ "$SMOKE" != 1 ]; then  # compile-bound: Triton/Inductor compiles run in parallel
     "$PY" -c "import xdist" 2>/dev/null && PT+=(-n 8)
     "$PY" -c "import pytest_timeout" 2>/dev/null && PT+=(--timeout 100)

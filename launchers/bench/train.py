@@ -239,12 +239,7 @@ def memory_rows(models: Sequence[str], zero_ranks: int) -> list[dict]:
         for regime in ("explora", "full"):
             vit = build_vit(ModelConfig(name=name), device="meta")
             if regime == "explora":
-                apply_explora(
-                    vit,
-                    ExploraConfig(
-                        unfreeze_blocks=[-1], lora_rank=64, lora_alpha=64.0, lora_targets=["q", "v"], train_norms=True
-                    ),
-                )
+                apply_explora(vit, ExploraConfig())  # the default recipe: block -1, LoRA r=64 on q,v, norms
             else:
                 vit.requires_grad_(True)
             trainable = sum(p.numel() for p in vit.parameters() if p.requires_grad)

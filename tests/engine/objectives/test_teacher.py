@@ -14,7 +14,7 @@ from tests.engine.objectives.conftest import ClsToken
 def _setup(tiny_vit):
     torch.manual_seed(0)
     vit = tiny_vit()
-    head = DINOHead(vit.embed_dim, out_dim=16, hidden_dim=32, bottleneck_dim=8)
+    head = DINOHead(vit.embed_dim, out_dim=16, hidden_dim=32, bottleneck_dim=8, nlayers=3)
     return vit, head, EMATeacher({"vit": vit, "head": head})
 
 
@@ -166,7 +166,7 @@ def test_state_dict_roundtrip_before_and_after_init(tiny_vit):
     }
 
     torch.manual_seed(1)
-    vit2, head2 = tiny_vit(), DINOHead(vit.embed_dim, out_dim=16, hidden_dim=32, bottleneck_dim=8)
+    vit2, head2 = tiny_vit(), DINOHead(vit.embed_dim, out_dim=16, hidden_dim=32, bottleneck_dim=8, nlayers=3)
     fresh = EMATeacher({"vit": vit2, "head": head2})
     fresh.load_state_dict(state)  # before the first use: applied at initialisation
     fresh.ensure_initialized()
