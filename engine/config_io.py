@@ -6,11 +6,16 @@ preset in ``engine/presets`` or a path), applies overrides (``--a.b value`` or `
 values parsed as YAML scalars, lists also as ``a,b,c``), converts every field to its annotated type
 and runs each section's ``validate()``. Every error is a :class:`~engine.errors.UserError` naming
 the dotted field, e.g. ``--optim.lr: expected float, got 'fast'``.
+
+YAML is read with YAML 1.2's booleans: only true/false are booleans, so ``--x off`` gives a string
+field or a ``Literal[..., "off"]`` the word "off" (YAML 1.1 would make it False); a bool field still
+takes yes/no/on/off.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -21,6 +26,26 @@ import yaml
 from engine.atomic import atomic_write_text
 from engine.errors import UserError
 from engine.presets import resolve_preset
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 booleans (true/false only); yes/no/on/off stay strings."""
+
+
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _BOOL_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver(_BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+# what a bool field takes as text (case-insensitive)
+_TRUE_WORDS = ("true", "1", "yes", "on")
+_FALSE_WORDS = ("false", "0", "no", "off")
+
+
+def read_yaml(text: str) -> Any:
+    """``text`` as YAML with YAML 1.2 booleans (see the module docstring)."""
+    return yaml.load(text, Loader=_Yaml12Loader)  # a SafeLoader: no arbitrary objects
 
 
 def check_field(ok: bool, name: str, msg: str) -> None:
@@ -57,7 +82,7 @@ def _convert(value: Any, tp: Any, name: str) -> Any:
         return from_dict(tp, value, prefix=name + ".")
     if origin in (list, tuple):
         if isinstance(value, str):
-            value = [yaml.safe_load(v) for v in value.split(",")] if value else []
+            value = [read_yaml(v) for v in value.split(",")] if value else []
         if not isinstance(value, (list, tuple)):
             value = [value]
         if origin is tuple:
@@ -75,8 +100,8 @@ def _convert(value: Any, tp: Any, name: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
+        if isinstance(value, str) and value.lower() in _TRUE_WORDS + _FALSE_WORDS:
+            return value.lower() in _TRUE_WORDS
         raise UserError(f"--{name}: expected true/false, got {value!r}")
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, (int, str)):
@@ -147,7 +172,7 @@ def parse_overrides(argv: list[str]) -> dict:
             raw = "true"
         i += 1
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = read_yaml(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
         if isinstance(value, str) and value != raw:
@@ -180,7 +205,7 @@ def load_config(cls: type, path: str | None = None, overrides: list[str] | None 
     if path:
         p = resolve_preset(path)
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = read_yaml(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise UserError(f"--config: '{path}' is not valid YAML ({e.__class__.__name__})") from None
         if not isinstance(data, dict):

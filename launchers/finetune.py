@@ -30,7 +30,7 @@ from collections.abc import Sequence
 
 from engine.errors import UserError, cli_entry
 from engine.eval.config import FinetuneRunConfig
-from engine.trainer.launch import check_output_dir, exit_fast, run_cli
+from engine.trainer.launch import check_output_dir, exit_fast, run_cli, take_preflight_flag
 
 
 def check_inputs(cfg: FinetuneRunConfig) -> None:
@@ -115,9 +115,7 @@ def check_preflight(cfg: FinetuneRunConfig) -> None:
 
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
-    from engine.trainer.preflight import take_flag
-
-    argv, samples = take_flag(sys.argv[1:] if argv is None else argv)
+    argv, samples = take_preflight_flag(sys.argv[1:] if argv is None else argv)
     if samples:
         return run_cli(FinetuneRunConfig, argv, lambda cfg, env: preflight(cfg, env, samples), check_preflight, __doc__)
     return run_cli(FinetuneRunConfig, argv, run, check_inputs, __doc__)

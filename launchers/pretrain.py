@@ -29,7 +29,7 @@ from pathlib import Path
 
 from engine.config import RunConfig, save_config
 from engine.errors import UserError, cli_entry
-from engine.trainer.launch import check_output_dir, exit_fast, run_cli
+from engine.trainer.launch import check_output_dir, exit_fast, run_cli, take_preflight_flag
 
 log = logging.getLogger("geoexplora.pretrain")
 
@@ -149,9 +149,7 @@ def run(cfg: RunConfig, env) -> int:
 
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
-    from engine.trainer.preflight import take_flag
-
-    argv, samples = take_flag(sys.argv[1:] if argv is None else argv)
+    argv, samples = take_preflight_flag(sys.argv[1:] if argv is None else argv)
     if samples:
         return run_cli(RunConfig, argv, lambda cfg, env: preflight(cfg, env, samples), check_preflight, __doc__)
     return run_cli(RunConfig, argv, run, check_inputs, __doc__)

@@ -23,6 +23,60 @@ from engine.trainer.supervise import register_rank, report_exit
 log = logging.getLogger(__name__)
 
 
+def launcher_rank() -> int:
+    """Global rank from the launcher's environment, before any process group exists (0 if none)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+# Runner options that reach the script when written after it (``deepspeed x.py --num_gpus 8``): the
+# runner then used every visible GPU, and the script has nothing to do with them.
+RUNNER_OPTIONS = ("--num_gpus", "--num_nodes", "--num-gpus", "--num-nodes")
+
+
+def strip_launcher_args(argv: list[str]) -> list[str]:
+    """Drop ``--local_rank N`` / ``--local_rank=N``, which the deepspeed launcher appends (LOCAL_RANK
+    in the environment carries the same information), and deepspeed runner options written after
+    the script (``--num_gpus 8``; see :data:`RUNNER_OPTIONS`)."""
+    out, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if a in ("--local_rank", "--local-rank") + RUNNER_OPTIONS:
+            skip = i + 1 < len(argv) and not argv[i + 1].startswith("--")
+            continue
+        if a.startswith(tuple(f"{o}=" for o in ("--local_rank", "--local-rank") + RUNNER_OPTIONS)):
+            continue
+        out.append(a)
+    return out
+
+
+PREFLIGHT_FLAG = "--preflight"
+
+
+def take_preflight_flag(argv: Sequence[str]) -> tuple[list[str], int]:
+    """Remove ``--preflight``, ``--preflight=N`` or ``--preflight N`` from ``argv``; returns
+    (remaining argv, samples per rank, 0 = no preflight)."""
+    rest, samples, i = [], 0, 0
+    argv = list(argv)
+    while i < len(argv):
+        a = argv[i]
+        if a == PREFLIGHT_FLAG:
+            samples = 1
+            if i + 1 < len(argv) and argv[i + 1].isdigit():
+                samples = int(argv[i + 1])
+                i += 1
+        elif a.startswith(PREFLIGHT_FLAG + "="):
+            value = a.split("=", 1)[1]
+            if not value.isdigit() or int(value) < 1:
+                raise UserError(f"{PREFLIGHT_FLAG}: expected a number of samples per rank >= 1, got {value!r}")
+            samples = int(value)
+        else:
+            rest.append(a)
+        i += 1
+    return rest, samples
+
+
 def apply_kernel_config(cfg) -> None:
     """Hand ``cfg.kernels`` (``--kernels.lora``, ``--kernels.attention``) to ``kernels.dispatch``;
     the GEOEXPLORA_KERNELS / GEOEXPLORA_ATTENTION environment variables still take precedence."""
@@ -85,15 +139,6 @@ def run_cli(
     written (a UserError: ``error: ...``), 130 Ctrl-C twice. Local rank 0 reports the code to
     :mod:`engine.trainer.supervise` when one runs the launcher.
     """
-    from engine.trainer.loop import NonFiniteLoss
-    from engine.trainer.process_group import (
-        RUNNER_OPTIONS,
-        init_distributed,
-        launcher_rank,
-        shutdown,
-        strip_launcher_args,
-    )
-
     register_rank()
     raw = list(sys.argv[1:] if argv is None else argv)
     argv = strip_launcher_args(raw)
@@ -114,6 +159,10 @@ def run_cli(
         if rank != 0:  # every rank found the same problem; rank 0 prints it
             sys.exit(2)
         raise
+    # torch and the process group only now: --help and --print-config (handled above) stay fast
+    from engine.trainer.loop import NonFiniteLoss
+    from engine.trainer.process_group import init_distributed, shutdown
+
     apply_kernel_config(cfg)
     env = init_distributed()
     setup_logging(env.rank)

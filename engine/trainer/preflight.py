@@ -27,36 +27,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from engine.errors import UserError
 from engine.objectives.objective import Objective
 from engine.trainer import deepspeed_setup
 from engine.trainer.schedules import OptimSchedule
 
 log = logging.getLogger(__name__)
-FLAG = "--preflight"
-
-
-def take_flag(argv: Sequence[str]) -> tuple[list[str], int]:
-    """Remove ``--preflight``, ``--preflight=N`` or ``--preflight N`` from ``argv``; returns
-    (remaining argv, samples per rank, 0 = no preflight)."""
-    rest, samples, i = [], 0, 0
-    argv = list(argv)
-    while i < len(argv):
-        a = argv[i]
-        if a == FLAG:
-            samples = 1
-            if i + 1 < len(argv) and argv[i + 1].isdigit():
-                samples = int(argv[i + 1])
-                i += 1
-        elif a.startswith(FLAG + "="):
-            value = a.split("=", 1)[1]
-            if not value.isdigit() or int(value) < 1:
-                raise UserError(f"{FLAG}: expected a number of samples per rank >= 1, got {value!r}")
-            samples = int(value)
-        else:
-            rest.append(a)
-        i += 1
-    return rest, samples
 
 
 # ---------------------------------------------------------------------------------------------

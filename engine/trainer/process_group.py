@@ -36,34 +36,6 @@ class DistEnv:
         return self.rank == 0
 
 
-def launcher_rank() -> int:
-    """Global rank from the launcher's environment, before any process group exists (0 if none)."""
-    return int(os.environ.get("RANK", "0"))
-
-
-# Runner options that reach the script when written after it (``deepspeed x.py --num_gpus 8``): the
-# runner then used every visible GPU, and the script has nothing to do with them.
-RUNNER_OPTIONS = ("--num_gpus", "--num_nodes", "--num-gpus", "--num-nodes")
-
-
-def strip_launcher_args(argv: list[str]) -> list[str]:
-    """Drop ``--local_rank N`` / ``--local_rank=N``, which the deepspeed launcher appends (LOCAL_RANK
-    in the environment carries the same information), and deepspeed runner options written after
-    the script (``--num_gpus 8``; see :data:`RUNNER_OPTIONS`)."""
-    out, skip = [], False
-    for i, a in enumerate(argv):
-        if skip:
-            skip = False
-            continue
-        if a in ("--local_rank", "--local-rank") + RUNNER_OPTIONS:
-            skip = i + 1 < len(argv) and not argv[i + 1].startswith("--")
-            continue
-        if a.startswith(tuple(f"{o}=" for o in ("--local_rank", "--local-rank") + RUNNER_OPTIONS)):
-            continue
-        out.append(a)
-    return out
-
-
 def free_port() -> int:
     """A TCP port free on this host now (a rendezvous / master port)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

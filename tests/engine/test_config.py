@@ -1,3 +1,6 @@
+from dataclasses import dataclass
+from typing import Literal
+
 import pytest
 import yaml
 
@@ -81,3 +84,31 @@ def test_every_field_documented():
         name for cls in (RunConfig, FinetuneRunConfig, EvalRunConfig) for name, _, doc in describe(cls) if not doc
     ]
     assert not undocumented, undocumented
+
+
+@dataclass
+class _Switches:
+    mode: Literal["auto", "on", "off"] = "auto"
+    """A literal whose choices are YAML 1.1 boolean words."""
+    name: str = ""
+    """A free string."""
+    flag: bool = True
+    """A boolean."""
+    maybe: bool | None = None
+    """An optional boolean."""
+
+
+@pytest.mark.parametrize("word, flag", [("off", False), ("on", True), ("no", False), ("yes", True)])
+def test_yaml_11_boolean_words_reach_strings_and_literals_as_written(tmp_path, word, flag):
+    """``--mode off`` is the literal "off" (YAML 1.1 made it False: "expected one of [...], got False"),
+    ``--name no`` the string "no" (it was "False"); bool fields still read every spelling."""
+    cfg = load_config(_Switches, None, ["--name", word, "--flag", word, "--maybe", word])
+    assert (cfg.name, cfg.flag, cfg.maybe) == (word, flag, flag)
+    if word in ("on", "off"):
+        assert load_config(_Switches, None, ["--mode", word]).mode == word
+        preset = tmp_path / "switches.yaml"
+        preset.write_text(f"mode: {word}\nname: {word}\nflag: {word}\n")
+        cfg = load_config(_Switches, str(preset))
+        assert (cfg.mode, cfg.name, cfg.flag) == (word, word, flag)
+    with pytest.raises(UserError, match=r"--mode: expected one of \['auto', 'on', 'off'\], got 'maybe'"):
+        load_config(_Switches, None, ["--mode", "maybe"])

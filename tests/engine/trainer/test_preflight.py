@@ -6,20 +6,7 @@ import pytest
 import torch
 
 from engine.config import RunConfig, load_config
-from engine.errors import UserError
-from engine.trainer.preflight import fingerprint, pretrain_batch, take_flag
-
-
-def test_take_flag_forms():
-    plain = ["--config", "x.yaml", "--data.batch_size", "4"]
-    assert take_flag(plain) == (plain, 0)
-    assert take_flag(["--preflight", "--config", "x.yaml"]) == (["--config", "x.yaml"], 1)
-    assert take_flag(["--config", "x.yaml", "--preflight=3"]) == (["--config", "x.yaml"], 3)
-    assert take_flag(["--preflight", "2", "--zero.stage", "3"]) == (["--zero.stage", "3"], 2)
-    with pytest.raises(UserError, match="--preflight"):
-        take_flag(["--preflight=0"])
-    with pytest.raises(UserError, match="--preflight"):
-        take_flag(["--preflight=many"])
+from engine.trainer.preflight import fingerprint, pretrain_batch
 
 
 @pytest.mark.parametrize(

@@ -1,8 +1,13 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from engine.config_cli import split_config_arg
 from engine.errors import UserError
-from engine.trainer.process_group import strip_launcher_args
+from engine.trainer.launch import strip_launcher_args, take_preflight_flag
 
 # Bad flags and values, one error line each, before any process group: tests/faults/test_runtime_faults.py
 
@@ -44,3 +49,38 @@ def test_kernel_config_reaches_dispatch(monkeypatch):
     finally:
         apply_kernel_config(load_config(RunConfig, None, []))
     assert dispatch.requested_backend("lora_linear") == "auto"
+
+
+def test_take_preflight_flag_forms():
+    plain = ["--config", "x.yaml", "--data.batch_size", "4"]
+    assert take_preflight_flag(plain) == (plain, 0)
+    assert take_preflight_flag(["--preflight", "--config", "x.yaml"]) == (["--config", "x.yaml"], 1)
+    assert take_preflight_flag(["--config", "x.yaml", "--preflight=3"]) == (["--config", "x.yaml"], 3)
+    assert take_preflight_flag(["--preflight", "2", "--zero.stage", "3"]) == (["--zero.stage", "3"], 2)
+    with pytest.raises(UserError, match="--preflight"):
+        take_preflight_flag(["--preflight=0"])
+    with pytest.raises(UserError, match="--preflight"):
+        take_preflight_flag(["--preflight=many"])
+
+
+REPO = Path(__file__).resolve().parents[3]
+# Runs each launcher's --help and --print-config in a fresh interpreter, then reports whether torch was imported.
+_HELP_WITHOUT_TORCH = """
+import contextlib, io, sys
+from launchers import evaluate, finetune, pretrain
+for main, argv in ((pretrain.main, ["--help"]), (pretrain.main, ["--config", "tiny_cpu", "--print-config"]),
+                   (finetune.main, ["--help"]), (evaluate.main, ["--print-config"])):
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):
+        main(argv)
+print("torch" in sys.modules)
+"""
+
+
+def test_help_and_print_config_do_not_import_torch():
+    """--help and --print-config answer before torch loads (seconds of import on a cold start)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    got = subprocess.run(
+        [sys.executable, "-c", _HELP_WITHOUT_TORCH], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert got.returncode == 0, got.stderr[-2000:]
+    assert got.stdout.strip() == "False", got.stdout
