@@ -226,6 +226,21 @@ def _plan(
     )
 
 
+def _training_plan(data_cfg: DataConfig, shards: ShardSet, rank: int, world: int, seed: int) -> StreamPlan:
+    """The plan of a training loader: shuffled, full batches only, resampled as ``--data.resampled`` says."""
+    return _plan(
+        data_cfg,
+        shards,
+        rank=rank,
+        world=world,
+        seed=seed,
+        resampled=data_cfg.resampled,
+        batch_size=data_cfg.batch_size,
+        drop_last=True,
+        shuffle=True,
+    )
+
+
 def _loader(
     data_cfg: DataConfig,
     shards: ShardSet,
@@ -315,17 +330,7 @@ def build_pretrain_loader(
         photometric = photometric if on_device else None
     else:
         view = SingleCrop(crops_cfg.global_size, crops_cfg, bands)
-    plan = _plan(
-        data_cfg,
-        shards,
-        rank=rank,
-        world=world,
-        seed=seed,
-        resampled=data_cfg.resampled,
-        batch_size=data_cfg.batch_size,
-        drop_last=True,
-        shuffle=True,
-    )
+    plan = _training_plan(data_cfg, shards, rank, world, seed)
     return _loader(data_cfg, shards, view, plan, None, equalize=True, opener=opener, photometric=photometric)
 
 
@@ -372,17 +377,7 @@ def build_finetune_loader(
     classes = _label_index(data_cfg, ss.manifest, multilabel)
     rank, world = rank_and_world(rank, world_size)
     view = SingleCrop(img_size, crops_cfg, data_cfg.bands)
-    plan = _plan(
-        data_cfg,
-        ss,
-        rank=rank,
-        world=world,
-        seed=seed,
-        resampled=data_cfg.resampled,
-        batch_size=data_cfg.batch_size,
-        drop_last=True,
-        shuffle=True,
-    )
+    plan = _training_plan(data_cfg, ss, rank, world, seed)
     return _loader(data_cfg, ss, view, plan, classes, equalize=True, opener=opener, classes=classes)
 
 

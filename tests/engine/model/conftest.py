@@ -1,6 +1,7 @@
 """Tiny ViTs and weight files for the engine/model tests (width 64, depth 2-3, 28-56 px)."""
 
 import pytest
+import timm
 import torch
 from safetensors.torch import save_file
 
@@ -13,6 +14,20 @@ def tiny_cfg(**kw) -> ModelConfig:
     base = dict(name="tiny", img_size=56)
     base.update(kw)
     return ModelConfig(**base)
+
+
+def plain_dinov2(embed_dim: int = 64, depth: int = 2, img_size: int = 56, **kw) -> torch.nn.Module:
+    """timm's own DINOv2-style ViT (none of our pieces), the reference a tiny model is compared with."""
+    return timm.create_model(
+        "vit_small_patch14_dinov2",
+        pretrained=False,
+        img_size=img_size,
+        dynamic_img_size=True,
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=2,
+        **kw,
+    )
 
 
 def prenorm(vit: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ from engine.errors import UserError
 from engine.model.architecture import resolve_arch, set_drop_path
 from engine.model.tokens import TokenAssembly, forward_tokens
 from engine.model.vit import build_vit
-from tests.engine.model.conftest import tiny_cfg
+from tests.engine.model.conftest import plain_dinov2, tiny_cfg
 
 
 def test_overrides_and_names():
@@ -45,21 +45,11 @@ def test_drop_path_uniform_like_dinov2_and_off_in_eval(images):
 def test_token_assembly_is_a_parameter_free_submodule(images):
     """The ViT's own tensors are read inside vit.token_assembly (a module, so ZeRO-3 gathers and
     releases them around it); it adds no state-dict keys and changes no output."""
-    import timm
 
     torch.manual_seed(0)
     vit = build_vit(tiny_cfg()).eval()
     assert isinstance(vit.token_assembly, TokenAssembly)
     assert not any("token_assembly" in k for k in vit.state_dict())
-    plain = timm.create_model(
-        "vit_small_patch14_dinov2",
-        pretrained=False,
-        img_size=56,
-        dynamic_img_size=True,
-        num_classes=0,
-        embed_dim=64,
-        depth=2,
-        num_heads=2,
-    ).eval()
+    plain = plain_dinov2(num_classes=0).eval()
     plain.load_state_dict(vit.state_dict())
     torch.testing.assert_close(forward_tokens(vit, images)["patch"], forward_tokens(plain, images)["patch"])

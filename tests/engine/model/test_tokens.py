@@ -3,6 +3,7 @@ import timm
 import torch
 
 from engine.model.tokens import embed, forward_tokens
+from tests.engine.model.conftest import plain_dinov2
 
 
 @pytest.mark.parametrize(
@@ -28,15 +29,7 @@ def test_matches_timm_forward_features(name, kw):
 
 def test_mask_and_visible_tokens():
     torch.manual_seed(0)
-    m = timm.create_model(
-        "vit_small_patch14_dinov2",
-        pretrained=False,
-        img_size=56,
-        dynamic_img_size=True,
-        embed_dim=32,
-        depth=1,
-        num_heads=2,
-    ).eval()
+    m = plain_dinov2(embed_dim=32, depth=1).eval()
     x = torch.randn(2, 3, 56, 56)
     L = 16
     mask = torch.zeros(2, L, dtype=torch.bool)

@@ -1,29 +1,19 @@
 """The merged export (engine/model/formats/merged.py): a plain timm state dict, loadable by timm and
 as --model.weights, equal to the adapter merged at build time."""
 
-import timm
 import torch
 from safetensors.torch import load_file
 
 from engine.model.formats.adapter import save_adapter
 from engine.model.formats.merged import export_merged, merged_state_dict
 from engine.model.vit import build_vit
-from tests.engine.model.conftest import prenorm, tiny_cfg
+from tests.engine.model.conftest import plain_dinov2, prenorm, tiny_cfg
 
 
 def test_merged_state_dict_loads_into_plain_timm(trained, tmp_path, images):
     path, vit = trained
     sd = merged_state_dict(vit)
-    plain = timm.create_model(
-        "vit_small_patch14_dinov2",
-        pretrained=False,
-        img_size=56,
-        dynamic_img_size=True,
-        num_classes=0,
-        embed_dim=64,
-        depth=3,
-        num_heads=2,
-    )
+    plain = plain_dinov2(depth=3, num_classes=0)
     plain.load_state_dict(sd, strict=True)
     plain.eval()
     with torch.no_grad():
