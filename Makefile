@@ -1,5 +1,5 @@
 # The commands of the README: `make demo`, `make lint` and `make test` (.ci/run runs lint, then test).
-# Each creates .venv (Python 3.10+) and install the package once, with the exact dependency set
+# Each creates .venv (Python 3.10+) and installs the package once, with the exact dependency set
 # it was tested with (constraints.txt; setup.py itself only asks for compatible ranges).
 PYTHON ?= python3
 VENV ?= .venv

@@ -128,9 +128,8 @@ def build_provider(name: str, case: Case, inputs, scale: float, p: float) -> tup
     base.bias.data.copy_(b)
     base.requires_grad_(False)
     alpha = scale * case.r  # PEFT's scaling is lora_alpha / r
-    # PEFT annotates lora_alpha as int; it only divides by r, and our scale * r is fractional
-    config = LoraConfig(r=case.r, lora_alpha=alpha, lora_dropout=p)  # type: ignore[arg-type]
-    layer = PeftLinear(base, "default", config, r=case.r, lora_alpha=alpha)  # type: ignore[arg-type]
+    config = LoraConfig(r=case.r, lora_alpha=alpha, lora_dropout=p)
+    layer = PeftLinear(base, "default", config, r=case.r, lora_alpha=alpha)
     layer = layer.to(device=x.device, dtype=x.dtype).train()
     layer.get_parameter("lora_A.default.weight").data.copy_(a)
     layer.get_parameter("lora_B.default.weight").data.copy_(bb)
