@@ -167,9 +167,12 @@ def run_cli(
     env = init_distributed()
     setup_logging(env.rank)
     code: int | None = None
+    together = False  # every rank ends here at once: finished, stopped at an agreed step, or NaN halt
     try:
         code = int(run(cfg, env) or 0)
-    except NonFiniteLoss as e:
+        together = True
+    except NonFiniteLoss as e:  # decided from an all-reduced flag: the same step on every rank
+        together = True
         if env.is_main:
             print(f"error: {e}", file=sys.stderr)
         code = 1
@@ -188,7 +191,7 @@ def run_cli(
         code = 130
         raise
     finally:
-        shutdown()
+        shutdown(clean=together)
         if code is not None:
             report_exit(code)
     return code

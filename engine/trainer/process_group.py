@@ -9,6 +9,7 @@ the same code path everywhere.
 from __future__ import annotations
 
 import datetime
+import gc
 import logging
 import os
 import socket
@@ -114,8 +115,26 @@ def _forget_deepspeed_groups() -> None:
             value.clear()
 
 
-def shutdown() -> None:
-    """Leave the process group (all ranks) so the launcher sees a clean exit."""
+def shutdown(clean: bool = False, barrier_s: float = 120.0) -> None:
+    """Leave the process group so the launcher sees a clean exit.
+
+    ``clean``: every rank reached the end of its work together (a finished or preempted run).
+    The ranks then meet at a barrier (bounded by ``barrier_s`` on gloo) before tearing the group
+    down: a rank that destroys its group while a peer still drains the last collective's sends
+    can die in gloo's teardown with SIGABRT ("terminate called without an active exception").
+    On an error path a peer may be dead or stuck elsewhere, so no barrier is tried (torchtitan
+    does the same). Afterwards a collection pass frees the backend objects that reference cycles
+    (engines, hooks) still hold, while the interpreter is whole.
+    """
     if dist.is_available() and dist.is_initialized():
+        if clean and dist.get_world_size() > 1:
+            try:
+                if dist.get_backend() == "gloo":
+                    dist.monitored_barrier(timeout=datetime.timedelta(seconds=barrier_s))
+                else:
+                    dist.barrier()
+            except RuntimeError as e:  # a peer left early: tear down anyway, the run's work is done
+                log.warning("process group: exit barrier failed (%s); leaving anyway", str(e).splitlines()[0])
         dist.destroy_process_group()
     _forget_deepspeed_groups()
+    gc.collect()

@@ -220,7 +220,7 @@ def worker(args: argparse.Namespace) -> int:
             "mfu": rows[-1].get("mfu"),
         }
         (run_dir / "bench.json").write_text(json.dumps(result))
-    shutdown()
+    shutdown(clean=True)
     return 0
 
 

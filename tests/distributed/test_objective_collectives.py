@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from engine.trainer.process_group import free_port
+from engine.trainer.process_group import free_port, shutdown
 
 WORLD = 2
 
@@ -97,6 +97,7 @@ def _worker(rank: int, port: int) -> None:
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    clean = False
     try:
         from engine.trainer.collectives import all_reduce_sum, world_size
         from engine.trainer.collectives import rank as get_rank
@@ -105,8 +106,9 @@ def _worker(rank: int, port: int) -> None:
         _check_primitives(rank, all_reduce_sum)
         for centering in ("sinkhorn_knopp", "centering"):
             _check_objective(rank, all_reduce_sum, centering)
+        clean = True
     finally:
-        dist.destroy_process_group()
+        shutdown(clean=clean)  # what the launchers do: barrier on a clean exit, then teardown
 
 
 @pytest.mark.distributed
