@@ -291,34 +291,24 @@ def _finish(opts, tasks, mine, sources, results, skipped, fingerprint, label_kin
     # writes the same file)
     if opts.part is not None:
         write_part(out, opts.part, fingerprint, plan_digest(tasks), len(tasks), records, load, stats, skipped, fallback)
-        manifest = assemble(
-            out,
-            records,
-            stats,
-            skipped,
-            fingerprint,
-            label_kind != "none",
-            "built",
-            [],
-            fallback,
-            opts,
-            extra=part_manifest_entry(opts.part, len(tasks)),
-        )
+        how, dirs, extra = "built", [], part_manifest_entry(opts.part, len(tasks))
     else:
         how = "repack" if repacked(opts) else "built"
-        manifest = assemble(
-            out,
-            records,
-            stats,
-            skipped,
-            fingerprint,
-            label_kind != "none",
-            how,
-            [task_dir(t, out) for t in mine],
-            fallback,
-            opts,
-            imap=_Ordered(pool),
-        )
+        dirs, extra = [task_dir(t, out) for t in mine], None
+    manifest = assemble(
+        out,
+        records,
+        stats,
+        skipped,
+        fingerprint,
+        label_kind != "none",
+        how,
+        dirs,
+        fallback,
+        opts,
+        imap=_Ordered(pool),
+        extra=extra,
+    )
     state.remove()
     planned = {seg.source.relpath for t in mine for seg in t.segments}
     built = [r for r in ordered if not r.kept]
