@@ -4,17 +4,19 @@ and the optional hooks it looks up by name (``lr_multiplier(name)``, ``frozen_st
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 
 
-class Objective(nn.Module):
+class Objective(nn.Module, ABC):
     """``loss, logs = objective(batch, step)``: a scalar loss to backpropagate and floats to log."""
 
+    @abstractmethod
     def forward(self, batch: dict, step: int) -> tuple[torch.Tensor, dict]:
-        raise NotImplementedError
+        """The loss for ``batch`` at optimizer step ``step`` and the floats to log."""
 
     def trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """(name, parameter) of everything the optimizer updates: every tensor that requires grad."""
