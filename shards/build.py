@@ -30,7 +30,7 @@ from shards.raster import (
 )
 from shards.state import RunState, chunk_dir
 from shards.stats import BandStats
-from shards.workers import note
+from shards.workers import note, tick
 from shards.writer import ShardWriter, file_sha256
 
 log = logging.getLogger(__name__)
@@ -178,6 +178,7 @@ def _build(task: ShardTask, opts, dead: dict) -> ShardResult:
             written = pixels = 0
             zeros = stats.zero_counts() if info.nodata is None else None
             for done, got in enumerate(chips):
+                tick()  # a long input is not a hung one (the pool's --stall-timeout)
                 if isinstance(got, _Failed):  # this input fails from window ``done`` on: record, go on
                     at = f" at window {list(windows[done])}" if done < len(windows) else ""
                     kept = f"; {written} earlier window(s) of it kept" if written else ""

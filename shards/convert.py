@@ -135,6 +135,14 @@ def convert_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-samples-per-shard", type=int, default=10000)
     g.add_argument("--max-shard-bytes", default="1GiB", help="planned shard size limit (default 1GiB)")
     g.add_argument("--workers", type=int, default=1, help="parallel processes, one shard each at a time")
+    g.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=600.0,
+        metavar="S",
+        help="kill a worker that shows no progress for S seconds (a read hung on a stalled file system) "
+        "and skip the input it was on; 0 waits without a bound (default 600; needs --workers >= 2)",
+    )
     g.add_argument("--resume", action="store_true", help="continue an interrupted run into the same --out")
     g.add_argument("--overwrite", action="store_true", help="replace a previous conversion in --out")
     g.add_argument("--strict", action="store_true", help="stop at the first bad input instead of skipping it")
@@ -170,6 +178,7 @@ def options_from_args(a: argparse.Namespace) -> ConvertOptions:
         max_samples=a.max_samples_per_shard,
         max_bytes=parse_size(a.max_shard_bytes, "--max-shard-bytes"),
         workers=a.workers,
+        stall_timeout=a.stall_timeout,
         resume=a.resume,
         overwrite=a.overwrite,
         strict=a.strict,

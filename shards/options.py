@@ -76,6 +76,7 @@ class ConvertOptions:
     max_samples: int = 10000
     max_bytes: int = 1 << 30
     workers: int = 1
+    stall_timeout: float = 600.0  # seconds a busy worker may send nothing before it is killed; 0: never
     resume: bool = False
     overwrite: bool = False
     strict: bool = False
@@ -99,6 +100,8 @@ class ConvertOptions:
             raise UserError(f"--max-samples-per-shard {self.max_samples}: must be >= 1")
         if self.workers < 1:
             raise UserError(f"--workers {self.workers}: must be >= 1")
+        if not self.stall_timeout >= 0:  # NaN too
+            raise UserError(f"--stall-timeout {self.stall_timeout:g}: use seconds >= 0 (0 waits without a bound)")
         if self.bands and self.drop_bands:
             # --bands lists every band kept, in order; a drop list beside it is redundant at best and
             # contradicts it at worst (--bands 1,2 --drop-bands 2), so the two never combine
@@ -147,7 +150,7 @@ class ConvertOptions:
     def fingerprint(self) -> dict:
         """The settings that determine the output (a resumed run must match them exactly)."""
         d = asdict(self)
-        for k in ("workers", "resume", "overwrite", "strict", "fsync", "out"):
+        for k in ("workers", "stall_timeout", "resume", "overwrite", "strict", "fsync", "out"):
             d.pop(k)
         d["inputs"] = list(self.inputs)
         if self.part is not None:

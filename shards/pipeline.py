@@ -82,7 +82,7 @@ def convert(opts: ConvertOptions, on_shard: Callable[[ShardResult], None] | None
         done = _already_complete(out, state, fingerprint, t0)
         if done is not None:
             return done
-    pool = WorkerPool(opts.workers, initializer=worker_init)
+    pool = WorkerPool(opts.workers, initializer=worker_init, stall_s=opts.stall_timeout)
     try:
         summary = _run(opts, files, label_kind, label_arg, fingerprint, out, state, pool, on_shard, t0)
     except BaseException:

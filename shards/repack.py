@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shards.plan import shard_name
+from shards.workers import tick
 from shards.writer import ShardWriter
 
 
@@ -66,6 +67,7 @@ def write_repacked(task: RepackTask, out_dir: str, fsync: bool) -> dict:
     """Write one shard of ``plan_repack`` -> its manifest row {name, count, bytes, sha256}."""
     with ShardWriter(out_dir, task.name, fsync=fsync, size_hint=task.data_bytes + 20480) as writer:
         for piece in task.pieces:
+            tick()  # the pool's --stall-timeout counts only silence
             with open(piece.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
                 if len(mm) < piece.stop:
                     raise OSError(f"'{piece.path}' is shorter than its record ({len(mm)} < {piece.stop} bytes)")

@@ -27,9 +27,10 @@ from engine.progress import progress
 from shards.manifest import NAME as MANIFEST_NAME
 from shards.manifest import read_manifest
 from shards.state import classify
-from shards.workers import Crash, WorkerPool
+from shards.workers import Crash, WorkerPool, tick
 from shards.writer import IMAGE_EXT, META_EXT
 
+STALL_S = 600.0  # a verify worker that shows no progress this long (a hung read) is killed; reported
 REQUIRED_META = ("source", "window", "crs", "transform", "band_names", "nodata", "dtype", "label")
 
 
@@ -83,6 +84,7 @@ def check_shard(entry: dict, out_dir: str, dtype: str, num_bands: int) -> tuple[
             order: list[str] = []
             with tarfile.open(fileobj=io.BufferedReader(reader, 1 << 20), mode="r|") as tar:
                 for info in tar:
+                    tick()  # moving (a pool worker that goes silent for STALL_S is killed)
                     if not info.isreg():
                         continue
                     key, _, ext = info.name.partition(".")
@@ -195,7 +197,7 @@ def verify(out_dir: str, workers: int = 1) -> VerifyReport:
     if listed_total != m.get("total_samples"):
         rep.problems.append(f"manifest: total_samples {m.get('total_samples')}, its shards list {listed_total}")
     fn = functools.partial(check_shard, out_dir=str(out_dir), dtype=m["dtype"], num_bands=nb)
-    pool = WorkerPool(workers if len(m["shards"]) > 1 else 1)
+    pool = WorkerPool(workers if len(m["shards"]) > 1 else 1, stall_s=STALL_S)
     results: list = [None] * len(m["shards"])
     try:
         for i, got in progress(pool.run(fn, m["shards"]), total=len(m["shards"]), desc="verify", unit="shard"):

@@ -8,10 +8,17 @@ caller decides what a crash means (the converter skips that input and records it
 
 One duplex pipe per worker. Parent -> worker: ``("fn", fn)`` once per :meth:`WorkerPool.run`,
 ``("task", [(index, item), ...])``, ``None`` to exit. Worker -> parent: ``("note", text)``,
-``("result", index, value)`` after each item, ``("error", index, exc, traceback)``, ``("idle",)``.
+``("result", index, value)`` after each item, ``("error", index, exc, traceback)``, ``("idle",)``,
+``("alive",)`` from :func:`tick`.
 A worker holds at most one task (a chunk of items), so a crash blames exactly one item. Workers
 that keep dying with no item finishing in between (2 per worker + 4 in a row: a broken
 environment, not a bad input) stop the run with :class:`WorkerCrashed`.
+
+A worker that hangs instead of dying (a read stuck on a stalled network file system, a driver that
+loops) is bounded too: with ``stall_s`` set, a worker that holds an item and sends nothing for that
+long -- no note, no result, no :func:`tick` ping -- is killed, and its item comes back as a
+:class:`Crash` that says so. Work that takes long but moves calls :func:`tick` (the converter
+does once per chip), so only silence counts.
 
 Workers ignore SIGINT and SIGTERM: stopping is the parent's job. Ctrl-C or ``kill -TERM`` (to the
 parent or its whole process group) unwinds the parent, which kills its workers and removes partial
@@ -30,6 +37,7 @@ import multiprocessing as mp
 import os
 import signal
 import threading
+import time
 import traceback
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -42,7 +50,9 @@ log = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
 _JOIN_S = 10.0  # bound on waiting for a worker to exit after it was told to (or killed)
 _MAX_DEATHS = 4  # deaths in a row (no result between them) allowed beyond 2 per worker
+_PING_S = 1.0  # tick() sends at most one ping per this many seconds
 _CONN = None  # in a worker: the pipe to the parent (note() writes to it)
+_LAST_PING = 0.0
 
 _SIGNAL_HINTS = {
     "SIGSEGV": "segmentation fault, e.g. in GDAL or a codec",
@@ -58,9 +68,15 @@ class Crash:
 
     exitcode: int | None
     note: str | None = None  # the last note() the worker sent for this item, if any
+    stalled_s: float | None = None  # set when the pool killed the worker for sending nothing that long
 
     def how(self) -> str:
-        """'died from SIGSEGV (segmentation fault, ...)' / 'exited with code 3'."""
+        """'died from SIGSEGV (segmentation fault, ...)' / 'exited with code 3' / 'sent no sign of ...'."""
+        if self.stalled_s is not None:
+            return (
+                f"showed no progress for {self.stalled_s:g} s and was killed (a read hung on a stalled "
+                "network file system, or a stuck driver?)"
+            )
         code = self.exitcode
         if code is not None and code < 0:
             try:
@@ -88,6 +104,18 @@ def note(text: str | None) -> None:
     next; None when it reads none), so that a crash is blamed on it. No-op outside a pool worker."""
     if _CONN is not None:
         _CONN.send(("note", text))
+
+
+def tick() -> None:
+    """From inside an item's work: tell the parent this worker is moving (at most one message per
+    second), so that long but healthy work is not taken for a hang. No-op outside a pool worker."""
+    global _LAST_PING
+    if _CONN is None:
+        return
+    now = time.monotonic()
+    if now - _LAST_PING >= _PING_S:
+        _LAST_PING = now
+        _CONN.send(("alive",))
 
 
 def _context():
@@ -157,6 +185,8 @@ class _Worker:
         child.close()
         self.task: list | None = None  # [(index, item), ...] not yet answered; None when idle
         self.note: str | None = None
+        self.heard = time.monotonic()  # when it was last given a task or last sent anything
+        self.stalled = False
 
     def send(self, msg) -> bool:
         try:
@@ -180,8 +210,9 @@ class _Worker:
 class WorkerPool:
     """``workers`` processes (none when 1) running :meth:`run`'s items; see the module docstring."""
 
-    def __init__(self, workers: int, initializer: Callable[[], None] | None = None):
+    def __init__(self, workers: int, initializer: Callable[[], None] | None = None, stall_s: float | None = None):
         self.initializer = initializer
+        self.stall_s = stall_s or None  # seconds of silence after which a busy worker is killed; None: never
         self.ctx = _context() if workers > 1 else None
         self.workers = [_Worker(self.ctx, initializer) for _ in range(workers)] if self.ctx else []
         self.deaths = 0  # in a row, since the last result
@@ -204,14 +235,27 @@ class WorkerPool:
         while queue or any(w.task is not None for w in self.workers):
             for k, w in enumerate(self.workers):
                 while w.task is None and queue:
-                    w.task, w.note = queue.popleft(), None
+                    w.task, w.note, w.heard = queue.popleft(), None, time.monotonic()
                     if not w.send(("task", w.task)):
                         w = self.workers[k] = self._replace(w, queue)
             busy = [w for w in self.workers if w.task is not None]
-            ready = set(wait([w.conn for w in busy] + [w.proc.sentinel for w in busy]))
+            ready = set(wait([w.conn for w in busy] + [w.proc.sentinel for w in busy], self._time_left(busy)))
+            for w in busy:
+                if self.stall_s is not None and w.conn not in ready and w.proc.sentinel not in ready:
+                    if time.monotonic() - w.heard >= self.stall_s:
+                        w.stalled = True
+                        w.proc.kill()
+                        w.proc.join(_JOIN_S)
+                        ready.add(w.proc.sentinel)
             for k, w in enumerate(self.workers):
                 if w.task is not None and (w.conn in ready or w.proc.sentinel in ready):
                     yield from self._serve(k, w, queue)
+
+    def _time_left(self, busy: list[_Worker]) -> float | None:
+        """Seconds until the first busy worker's silence reaches ``stall_s`` (None: wait without bound)."""
+        if self.stall_s is None or not busy:
+            return None
+        return max(0.0, min(w.heard for w in busy) + self.stall_s - time.monotonic())
 
     def _serve(self, k: int, w: _Worker, queue: deque) -> Iterator[tuple[int, object]]:
         """Read what ``w`` sent; when it died meanwhile, yield its item's Crash and replace it."""
@@ -222,6 +266,9 @@ class WorkerPool:
             except (EOFError, OSError):
                 alive = False
                 break
+            w.heard = time.monotonic()
+            if msg[0] == "alive":
+                continue
             if msg[0] == "note":
                 w.note = msg[1]
             elif msg[0] == "result":
@@ -238,7 +285,7 @@ class WorkerPool:
             return
         w.proc.join(_JOIN_S)
         (index, _), rest = w.task[0], w.task[1:]
-        crash = Crash(w.proc.exitcode, w.note)
+        crash = Crash(w.proc.exitcode, w.note, self.stall_s if w.stalled else None)
         w.task = rest or None
         self.workers[k] = self._replace(w, queue)
         log.warning("a converter worker (pid %d) %s; starting another", w.proc.pid, crash.how())

@@ -406,6 +406,7 @@ def test_signal_mid_run_stops_cleanly_and_resumes(archive, fault, nworkers, code
         (["--nodata", "abc"], "error: --nodata: invalid float value: 'abc'; see 'geoexplora-convert --help'"),
         (["--workers", "two"], "error: --workers: invalid int value: 'two'"),
         (["--edge", "wrap"], "error: --edge: invalid choice: 'wrap'"),
+        (["--stall-timeout", "-1"], "error: --stall-timeout -1: use seconds >= 0"),
     ],
 )
 def test_bad_flag_value_is_one_line(tmp_path, capsys, flags, needle):

@@ -47,6 +47,36 @@ def test_pool_blames_exactly_the_item_a_worker_died_on(deadline, fork_workers):
         pool.close(abort=True)
 
 
+def _hangs_or_ticks(x):
+    from shards.workers import tick
+
+    if x == 2:  # silent: a read stuck in the kernel
+        time.sleep(3600)
+    if x == 4:  # slow but moving: longer than the stall limit, ticking all along
+        end = time.monotonic() + 3.0
+        while time.monotonic() < end:
+            tick()
+            time.sleep(0.05)
+    return x
+
+
+def test_a_silent_worker_is_killed_and_a_slow_ticking_one_is_not(deadline, fork_workers, monkeypatch):
+    import shards.workers
+
+    deadline(60)
+    monkeypatch.setattr(shards.workers, "_PING_S", 0.1)
+    pool = WorkerPool(2, stall_s=1.5)
+    t0 = time.monotonic()
+    try:
+        got = dict(pool.run(_hangs_or_ticks, range(6)))
+    finally:
+        pool.close(abort=True)
+    assert time.monotonic() - t0 < 20
+    assert {i: v for i, v in got.items() if i != 2} == {0: 0, 1: 1, 3: 3, 4: 4, 5: 5}
+    assert isinstance(got[2], Crash) and got[2].stalled_s == 1.5
+    assert got[2].how().startswith("showed no progress for 1.5 s and was killed")
+
+
 def _always_dies(x):
     os._exit(3)
 
@@ -176,3 +206,24 @@ def test_worker_crash_with_strict_or_outside_any_input_stops(s2_archive, monkeyp
     assert rc == 1
     line = _one_error_line(capsys.readouterr().err)
     assert "died from SIGSEGV" in line and "while building shard-000001.tar, not while reading an input" in line
+
+
+def test_hung_input_is_skipped_after_the_stall_timeout(s2_archive, monkeypatch, fork_workers, deadline):
+    deadline(90)
+    import shards.build as build
+
+    read = build.read_rows
+
+    def hangs(ds, info, *a, **k):
+        if info.relpath == "img_00003.tif":
+            time.sleep(3600)
+        return read(ds, info, *a, **k)
+
+    monkeypatch.setattr(build, "read_rows", hangs)
+    s = run_convert(s2_archive / "in", s2_archive / "out", *FLAGS, "--workers", "2", "--stall-timeout", "2")
+    entry = json.loads((s2_archive / "out" / "skipped.jsonl").read_text())
+    assert entry["source"] == "img_00003.tif"
+    assert entry["reason"].startswith("the converter worker reading it showed no progress for 2 s and was killed")
+    assert s.skipped == 1 and s.files == 5 and verify(str(s2_archive / "out")).ok
+    # the limit decides nothing in the output: not part of the manifest's settings
+    assert "stall_timeout" not in json.loads((s2_archive / "out" / "manifest.json").read_text())["converter"]["args"]
