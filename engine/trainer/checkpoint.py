@@ -265,7 +265,7 @@ class CheckpointManager:
         (tmp / META).write_text(json.dumps(body, indent=1, default=str))
         _fsync_tree(tmp)
         old = final.with_name(TMP_PREFIX + "old-" + final.name)
-        if final.exists():  # re-saving a step (e.g. --train.resume none in an old run dir): replace it
+        if final.exists():  # re-saving a step (a run resumed from an older checkpoint path): replace it
             os.replace(final, old)
         os.replace(tmp, final)
         fsync_dir(self.dir)

@@ -110,6 +110,17 @@ def check_output_dir(cfg) -> None:
         raise fs_user_error(cause, out, flag, "creating the run directory") or UserError(
             f"{flag} '{out}': cannot write there ({cause.strerror}); choose another directory"
         )
+    train = getattr(cfg, "train", None)
+    if train is not None and getattr(train, "resume", None) == "none":
+        from engine.trainer.checkpoint import complete_checkpoints
+
+        old = complete_checkpoints(Path(out) / "checkpoints")
+        if old:  # a fresh run would interleave its steps with these: 'auto' and pruning go by step
+            raise UserError(
+                f"--train.resume none: {flag} '{out}' holds {len(old)} checkpoint(s) of an earlier run "
+                f"(newest step {old[-1][0]}); a fresh run there would mix its checkpoints with them. "
+                "Use a new --train.output_dir, delete its checkpoints/ folder, or --train.resume auto to continue it"
+            )
 
 
 def _run_dir_error(err: Exception, cfg) -> UserError | None:

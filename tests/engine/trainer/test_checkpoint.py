@@ -55,6 +55,20 @@ def test_save_is_complete_and_resume_picks_newest(tmp_path):
     assert resolve_resume(str(tmp_path), tmp_path) == ckdir / tag_for(9)  # a run dir
     assert resolve_resume(str(ckdir / tag_for(6)), tmp_path) == ckdir / tag_for(6)
     assert resolve_resume("none", tmp_path) is None
+    # a fresh run into this directory would interleave its steps with these: refused before it starts
+    from engine.config import RunConfig
+    from engine.trainer.launch import check_output_dir
+
+    cfg = RunConfig()
+    cfg.train.output_dir, cfg.train.resume = str(tmp_path), "none"
+    with pytest.raises(
+        UserError, match=r"--train.resume none: --train.output_dir '.*' holds 2 checkpoint\(s\) .*step 9"
+    ):
+        check_output_dir(cfg)
+    cfg.train.resume = "auto"
+    check_output_dir(cfg)
+    cfg.train.output_dir, cfg.train.resume = str(tmp_path / "new"), "none"
+    check_output_dir(cfg)
     eng = FakeEngine()
     meta, state = mgr.load(eng, ckdir / tag_for(6))
     assert eng.value == 6.0 and meta["step"] == 6 and state["data"] == {"pos": 6}
