@@ -120,6 +120,8 @@ def _convert(value: Any, tp: Any, name: str) -> Any:
     if tp is str:
         if isinstance(value, (dict, list)):
             raise UserError(f"--{name}: expected a string, got {value!r}")
+        if isinstance(value, bool):  # YAML read `false` as a boolean; the field wants the word back
+            return "true" if value else "false"
         return "" if value is None else str(value)
     return value
 

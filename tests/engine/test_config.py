@@ -110,5 +110,7 @@ def test_yaml_11_boolean_words_reach_strings_and_literals_as_written(tmp_path, w
         preset.write_text(f"mode: {word}\nname: {word}\nflag: {word}\n")
         cfg = load_config(_Switches, str(preset))
         assert (cfg.mode, cfg.name, cfg.flag) == (word, word, flag)
+    # YAML 1.2's own booleans reach a string field as the word (they were "False"/"True")
+    assert load_config(_Switches, None, ["--name", "false"]).name == "false"
     with pytest.raises(UserError, match=r"--mode: expected one of \['auto', 'on', 'off'\], got 'maybe'"):
         load_config(_Switches, None, ["--mode", "maybe"])
