@@ -81,12 +81,12 @@ class BestKeeper:
         tensors = _gathered_trainable(model, self.is_main)
         self.best = {"step": step, **record}
         if tensors is not None:  # the main rank
-            from safetensors.torch import save
+            from engine.model.tensor_files import safetensors_bytes
 
             self.dir.mkdir(parents=True, exist_ok=True)
             meta = {k: json.dumps(v) for k, v in {**self.meta, **self.best}.items()}
             with atomic_write(self.dir / "classifier.safetensors") as fh:
-                fh.write(save(tensors, metadata=meta))
+                fh.write(safetensors_bytes(tensors, meta))
             atomic_write_text(self.dir / "meta.json", json.dumps(self.best, indent=1))
         return True
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +44,25 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
         return {k: f.get_tensor(k) for k in f.keys()}, meta
 
 
-def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, meta: dict[str, str]) -> Path:
-    """Write ``tensors`` (copied to CPU, contiguous) with string metadata ``meta``, atomically."""
+def safetensors_bytes(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> bytes:
+    """The safetensors file of ``tensors`` (copied to CPU, contiguous) with string metadata ``meta``,
+    byte-identical for identical inputs.
+
+    The safetensors library writes its JSON header from a hash map, so the order of the metadata
+    keys -- and with it the file's bytes and sha256 -- changes from one process to the next. The
+    header is rewritten here with sorted keys (padded to 8 bytes with spaces, as the library does);
+    the tensor offsets are relative to the end of the header, so the data part is unchanged.
+    """
     data = save({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, metadata=meta)
+    n = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8 : 8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    return len(header).to_bytes(8, "little") + header + data[8 + n :]
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, meta: dict[str, str]) -> Path:
+    """Write :func:`safetensors_bytes` of ``tensors`` and ``meta`` to ``path``, atomically."""
+    data = safetensors_bytes(tensors, meta)
     with atomic_write(path) as f:
         f.write(data)
     return Path(path)
