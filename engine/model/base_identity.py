@@ -11,7 +11,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from engine.model.architecture import arch_of
-from engine.model.tensor_files import file_sha256
+from engine.model.tensor_files import path_sha256
 
 
 @dataclass
@@ -31,7 +31,7 @@ class BaseInfo:
     extra: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def weights_sha256(self) -> str | None:
-        return file_sha256(self.weights) if self.weights else None
+        return path_sha256(self.weights) if self.weights else None
 
 
 def base_info(vit: VisionTransformer) -> BaseInfo:

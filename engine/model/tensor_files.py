@@ -37,6 +37,18 @@ def file_sha256(path: str | Path) -> str:
     return _SHA_CACHE[key]
 
 
+def path_sha256(path: str | Path) -> str:
+    """:func:`file_sha256` of a file; of a directory (a trainer checkpoint used as weights), the
+    sha256 of its files' relative paths and digests, in sorted order."""
+    p = Path(path)
+    if not p.is_dir():
+        return file_sha256(p)
+    h = hashlib.sha256()
+    for f in sorted(x for x in p.rglob("*") if x.is_file()):
+        h.update(f"{f.relative_to(p).as_posix()}\0{file_sha256(f)}\n".encode())
+    return h.hexdigest()
+
+
 def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, string metadata) of a safetensors file."""
     with safe_open(str(path), framework="pt", device="cpu") as f:

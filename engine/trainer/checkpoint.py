@@ -131,6 +131,12 @@ def load_extra_state(module: nn.Module, state: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------------------------
 # Save / load
 # --------------------------------------------------------------------------------------------
+class ResumeWorldSizeError(UserError):
+    """A ZeRO checkpoint met a different number of ranks; every rank finds the same (``all_ranks``)."""
+
+    all_ranks = True
+
+
 class CheckpointWriteError(UserError):
     """A checkpoint could not be written (disk full, read-only, quota). Every rank raises it with
     the same message (``all_ranks``), so one rank -- rank 0 -- is enough to print it."""
@@ -300,6 +306,20 @@ class CheckpointManager:
         meta = read_meta(path)
         if meta is None:
             raise UserError(f"--train.resume: '{path}' is not a complete checkpoint")
+        saved_ranks, stage = int(meta["world_size"]), int(meta.get("zero_stage") or 0)
+        if saved_ranks != self.world_size and stage >= 1:
+            # DeepSpeed would stop deep inside load_checkpoint: it cannot re-partition ZeRO state
+            raise ResumeWorldSizeError(
+                f"--train.resume: '{path}' was written by {saved_ranks} rank(s) with ZeRO-{stage}, this run has "
+                f"{self.world_size}; ZeRO's optimizer state is split per rank and DeepSpeed cannot re-split it. "
+                f"Resume with {saved_ranks} rank(s) (deepspeed --num_gpus/--num_nodes)"
+                + (
+                    ", or start a new --train.output_dir from its weights with --model.weights (LoRA merged, "
+                    "optimizer restarts)"
+                    if stage < 3
+                    else ""
+                )
+            )
         load_path, _ = engine.load_checkpoint(
             str(path.parent),
             tag=path.name,

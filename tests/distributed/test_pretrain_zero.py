@@ -20,6 +20,8 @@ on the weights at step 6), so a cross-stage comparison could not be tight.
 
 import json
 import signal
+import subprocess
+import sys
 import time
 
 import psutil
@@ -28,7 +30,7 @@ import torch
 
 from engine.trainer.checkpoint import complete_checkpoints, read_meta
 from engine.trainer.metrics import read_metrics
-from tests.distributed.conftest import TINY, run_pretrain, start_pretrain
+from tests.distributed.conftest import LAUNCHER, REPO, TINY, launch_env, run_pretrain, start_pretrain
 
 pytestmark = pytest.mark.distributed
 STEPS = 6
@@ -185,6 +187,35 @@ def test_zero3_checkpoint_as_weights_is_refused_with_a_hint(runs):
     cfg = load_config(RunConfig, str(TINY), ["--model.weights", str(_step(runs[0], "z3"))])
     with pytest.raises(UserError, match="ZeRO-3 checkpoint.*zero_to_fp32.py"):
         build_vit(cfg.model)
+
+
+def test_zero_checkpoint_on_another_world_size_is_one_line_and_its_weights_go_on(runs, tiny_shards, tmp_path):
+    """2-rank ZeRO-2 checkpoint, 1-rank run: DeepSpeed cannot re-split the optimizer state, so the
+    resume stops with one line before loading; the suggested way on (its weights) runs."""
+    ckpt = _step(runs[0], "z2")
+    one_rank = [sys.executable, str(LAUNCHER), "--config", str(TINY), "--data.shards", str(tiny_shards)]
+    one_rank += ["--data.num_workers", "0", "--train.logger", "", "--zero.stage", "2", "--train.max_steps", "1"]
+    env = launch_env()
+    p = subprocess.run(
+        [*one_rank, "--train.output_dir", str(tmp_path / "r"), "--train.resume", str(ckpt)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    errors = [x for x in p.stderr.splitlines() if x.startswith("error: ")]
+    assert p.returncode == 2 and len(errors) == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert "was written by 2 rank(s) with ZeRO-2, this run has 1" in errors[0] and "--model.weights" in errors[0]
+    p = subprocess.run(
+        [*one_rank, "--train.output_dir", str(tmp_path / "w"), "--model.weights", str(ckpt)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
 
 
 def _features(vit, x):
