@@ -74,10 +74,17 @@ def assemble(
         write = _Repack(str(out), opts.fsync)
         rows = list(imap(write, tasks))
     else:
+        # a shard all of whose inputs were skipped holds no sample: not listed, and its file goes
+        # (the loader would only warn about it); a --resume rebuilds it the same way
+        kept = [(d, r) for d, r in zip(dirs or [None] * len(records), records) if r["count"] > 0]
         if how == "link":
-            for d, r in zip(dirs, records):
+            for d, r in kept:
                 link_or_copy(Path(d) / r["name"], Path(out) / r["name"], r)
-        rows = [{k: r[k] for k in ("name", "count", "bytes", "sha256")} for r in records]
+        else:
+            for r in records:
+                if r["count"] == 0:
+                    (Path(out) / r["name"]).unlink(missing_ok=True)
+        rows = [{k: r[k] for k in ("name", "count", "bytes", "sha256")} for _, r in kept]
     manifest = build_manifest(
         args,
         rows,

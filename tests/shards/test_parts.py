@@ -42,6 +42,7 @@ def _float_archive(root, n=7):
     "kind,flags",
     [
         ("s2", ["--max-samples-per-shard", "5"]),  # shards as planned
+        ("s2", ["--max-samples-per-shard", "1"]),  # the truncated input's shards end up empty: not listed
         ("s2", ["--max-samples-per-shard", "5", "--max-nodata", "0.3"]),  # repacked after the filter
         ("float", ["--max-samples-per-shard", "3", "--max-nodata", "0.5"]),  # float moments, plan order
     ],
@@ -66,6 +67,9 @@ def test_three_parts_merged_are_byte_identical_to_one_run(tmp_path, kind, flags)
     for k in (1, 2, 3):
         assert main(common + ["--out", str(tmp_path / f"p{k}"), "--part", f"{k}/3"]) == 0
     one = _files(tmp_path / "one")
+    listed = json.loads(one["manifest.json"])["shards"]
+    assert all(s["count"] > 0 for s in listed), "a shard without samples is listed"
+    assert sorted(n for n in one if n.endswith(".tar")) == sorted(s["name"] for s in listed)
     part_shards = [n for k in (1, 2, 3) for n in _files(tmp_path / f"p{k}") if n.endswith(".tar")]
     if "--max-nodata" not in flags:
         assert sorted(part_shards) == sorted(n for n in one if n.endswith(".tar"))  # global numbers, no gaps
