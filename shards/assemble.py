@@ -76,15 +76,15 @@ def assemble(
     else:
         # a shard all of whose inputs were skipped holds no sample: not listed, and its file goes
         # (the loader would only warn about it); a --resume rebuilds it the same way
-        kept = [(d, r) for d, r in zip(dirs or [None] * len(records), records) if r["count"] > 0]
+        kept = [i for i, r in enumerate(records) if r["count"] > 0]
         if how == "link":
-            for d, r in kept:
-                link_or_copy(Path(d) / r["name"], Path(out) / r["name"], r)
+            for i in kept:
+                link_or_copy(Path(dirs[i]) / records[i]["name"], Path(out) / records[i]["name"], records[i])
         else:
             for r in records:
                 if r["count"] == 0:
                     (Path(out) / r["name"]).unlink(missing_ok=True)
-        rows = [{k: r[k] for k in ("name", "count", "bytes", "sha256")} for _, r in kept]
+        rows = [{k: records[i][k] for k in ("name", "count", "bytes", "sha256")} for i in kept]
     manifest = build_manifest(
         args,
         rows,
