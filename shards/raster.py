@@ -65,8 +65,12 @@ class SourceInfo:
 # copies pixels straight out of the mapping instead of through GDAL's block cache: measured on
 # 512x512x13 uint16 pixel-interleaved files (idle 2-core VM), 7.5-10 ms a file instead of 18-20.
 # GDAL checks the file size first, so a truncated file still fails cleanly; compressed files
-# take the normal path. A value the user exports in the environment wins.
-READ_OPTIONS = {"GTIFF_VIRTUAL_MEM_IO": "IF_ENOUGH_RAM"}
+# take the normal path. GDAL_DISABLE_READDIR_ON_OPEN=TRUE: GDAL stops listing the input's folder
+# (up to 1000 entries) on every open to look for sidecars and probes the sidecars it wants by name
+# instead, so world files and .aux.xml are still found: 0.55 instead of 0.9-1.0 ms an open in a
+# folder of 5,000 or 50,000 GeoTIFFs (EMPTY_DIR would lose the sidecars). A value the user exports
+# in the environment wins.
+READ_OPTIONS = {"GTIFF_VIRTUAL_MEM_IO": "IF_ENOUGH_RAM", "GDAL_DISABLE_READDIR_ON_OPEN": "TRUE"}
 
 
 def reading_env() -> rasterio.Env:

@@ -127,6 +127,20 @@ def test_png_and_jpeg_previews(tmp_path, run_convert, read_shards, fmt):
         assert meta["label"] == f.label
 
 
+def test_world_file_sidecar_georeferences_a_png(tmp_path, run_convert, read_shards):
+    """GDAL still finds sidecars by name with folder listing off (GDAL_DISABLE_READDIR_ON_OPEN=TRUE in
+    raster.READ_OPTIONS; EMPTY_DIR would lose them)."""
+    generate_archive(tmp_path / "in", 1, (30, 40), kind="rgb", fmt="png")
+    png = next((tmp_path / "in").rglob("*.png"))
+    png.with_suffix(".pgw").write_text("10\n0\n0\n-10\n500000\n4000000\n")  # pixel 10 m, top-left corner
+    run_convert(tmp_path / "in", tmp_path / "out", "--chip-size", "10")
+    samples, _ = read_shards(tmp_path / "out")
+    metas = sorted((meta["transform"][2], meta["transform"][5]) for _, meta in samples.values())
+    # world files name the centre of the top-left pixel: corner = centre - half a pixel
+    assert metas[0] == (499995.0, 3999805.0) and metas[-1] == (500295.0, 4000005.0)
+    assert all(meta["transform"][0] == 10.0 for _, meta in samples.values())
+
+
 def test_labels_from_folder_csv_and_sidecars(tmp_path, run_convert, read_shards):
     arc = generate_archive(
         tmp_path / "in", 4, 16, kind="rgb", classes=["farm", "port"], sidecars=True, labels_csv=True, layout="flat"
