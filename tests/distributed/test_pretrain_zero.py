@@ -195,26 +195,17 @@ def test_zero_checkpoint_on_another_world_size_is_one_line_and_its_weights_go_on
     ckpt = _step(runs[0], "z2")
     one_rank = [sys.executable, str(LAUNCHER), "--config", str(TINY), "--data.shards", str(tiny_shards)]
     one_rank += ["--data.num_workers", "0", "--train.logger", "", "--zero.stage", "2", "--train.max_steps", "1"]
-    env = launch_env()
-    p = subprocess.run(
-        [*one_rank, "--train.output_dir", str(tmp_path / "r"), "--train.resume", str(ckpt)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+
+    def launch(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [*one_rank, *args], cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=300
+        )
+
+    p = launch("--train.output_dir", str(tmp_path / "r"), "--train.resume", str(ckpt))
     errors = [x for x in p.stderr.splitlines() if x.startswith("error: ")]
     assert p.returncode == 2 and len(errors) == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
     assert "was written by 2 rank(s) with ZeRO-2, this run has 1" in errors[0] and "--model.weights" in errors[0]
-    p = subprocess.run(
-        [*one_rank, "--train.output_dir", str(tmp_path / "w"), "--model.weights", str(ckpt)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    p = launch("--train.output_dir", str(tmp_path / "w"), "--model.weights", str(ckpt))
     assert p.returncode == 0, p.stderr[-3000:]
 
 
