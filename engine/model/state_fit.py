@@ -188,16 +188,23 @@ def fit_patch_embed(
     return sd, False
 
 
-def strict_load(vit: VisionTransformer, sd: StateDict, flag: str, path: str) -> None:
-    """``vit.load_state_dict(sd, strict=True)``, or one UserError listing what does not fit."""
-    own = vit.state_dict()
+def state_diff(own: StateDict, sd: StateDict, target: str = "model") -> tuple[list[str], list[str], list[str]]:
+    """What keeps ``sd`` (a file's tensors) from loading strictly into a module whose state is ``own``:
+    (missing keys, unexpected keys, "key: file (shape) vs <target> (shape)" for shape mismatches)."""
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
     mismatched = [
-        f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+        f"{k}: file {tuple(sd[k].shape)} vs {target} {tuple(own[k].shape)}"
         for k in own
         if k in sd and sd[k].shape != own[k].shape
     ]
+    return missing, unexpected, mismatched
+
+
+def strict_load(vit: VisionTransformer, sd: StateDict, flag: str, path: str) -> None:
+    """``vit.load_state_dict(sd, strict=True)``, or one UserError listing what does not fit."""
+    own = vit.state_dict()
+    missing, unexpected, mismatched = state_diff(own, sd)
     if missing or unexpected or mismatched:
         raise fit_error(
             flag, path, getattr(vit, "geoexplora_name", type(vit).__name__), sd, missing, unexpected, mismatched

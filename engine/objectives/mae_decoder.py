@@ -29,6 +29,7 @@ from torch import nn
 
 from engine.errors import UserError
 from engine.model.patch_embed import SATMAE_DECODER_GROUP_CHANNELS, GroupEncoding, sincos_group_encoding
+from engine.model.state_fit import state_diff
 
 log = logging.getLogger(__name__)
 
@@ -223,13 +224,7 @@ def load_mae_decoder(decoder: MAEDecoder, state: dict | None) -> list[str] | Non
     for k in fresh:
         sd[k] = own[k]
     sd = {k: v for k, v in sd.items() if not (k.startswith("decoder_pred") and k not in own)}
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    mismatched = [
-        f"{k}: file {tuple(sd[k].shape)} vs configured {tuple(own[k].shape)}"
-        for k in own
-        if k in sd and sd[k].shape != own[k].shape
-    ]
+    missing, unexpected, mismatched = state_diff(own, sd, "configured")
     if missing or unexpected or mismatched:
         width = sd["decoder_embed.weight"].shape[0] if "decoder_embed.weight" in sd else "?"
         depth = len({k.split(".")[1] for k in sd if k.startswith("decoder_blocks.")})
